@@ -1,0 +1,76 @@
+"""Quantized layers: a float layer plus the quantizers of its weight and input.
+
+Only inputs and weights are quantized (SPEC §1): outputs, biases and everything between
+layers stay float. Each module keeps the original float parameters, so switching its
+quantizers off gives back the float layer exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import Quantizer, UniformQuantizer
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with a (grouped) weight quantizer and an optional input quantizer."""
+
+    def __init__(self, linear: nn.Linear, w_quant: UniformQuantizer, a_quant: Optional[Quantizer]):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.w_quant = w_quant
+        self.a_quant = a_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_quant is not None:
+            x = self.a_quant(x)
+        return F.linear(x, self.w_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantConv2d(nn.Module):
+    """``nn.Conv2d`` with a weight quantizer (the patch embedding; its image input stays float)."""
+
+    def __init__(self, conv: nn.Conv2d, w_quant: UniformQuantizer):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("QuantConv2d supports numeric zero padding only")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.conv_groups = conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.w_quant = w_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w_quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.conv_groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` between two activations (the attention matmuls), both operands quantized."""
+
+    def __init__(self, a_quant: Quantizer, b_quant: Quantizer):
+        super().__init__()
+        self.a_quant = a_quant
+        self.b_quant = b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quant(a) @ self.b_quant(b)
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMatMul)

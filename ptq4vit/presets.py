@@ -1,0 +1,122 @@
+"""Presets: the quantization methods ptq4vit offers, as plain data.
+
+A preset fixes how sites are quantized (twins, granularity) and how scales are searched
+(metric, gradient source, candidate grid, rounds). Every ablation is a preset plus
+overrides, e.g. ``get_preset("official", metric="cosine", softmax_twin=False)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Metric = Literal["cosine", "mse", "hessian"]
+GradSource = Literal["kl-official", "ce-fp-label"]
+
+METRICS = ("cosine", "mse", "hessian")
+GRAD_SOURCES = ("kl-official", "ce-fp-label")
+SOFTMAX_TWIN_FORMS = ("select", "sum")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    #: Score of a candidate scale (SPEC §2).
+    metric: Metric = "hessian"
+    #: Where ``g = dL/dO`` of the hessian metric comes from (SPEC §5).
+    grad_source: GradSource = "ce-fp-label"
+    #: Candidate grid ``Δ0 · (α + i(β-α)/n)``, i = 0..n-1.
+    alpha: float = 0.01
+    beta: float = 1.2
+    n_candidates: int = 100
+    #: Alternating weight/input search rounds (stops early once a round changes nothing).
+    rounds: int = 3
+    #: Twin uniform quantizer on the post-softmax operand of softmax @ v.
+    softmax_twin: bool = True
+    #: ``"select"`` (the paper's twin) or ``"sum"`` (the released code's hi + lo).
+    softmax_twin_form: Literal["select", "sum"] = "select"
+    #: Quantize v while searching the softmax split (the released code leaves it float).
+    split_search_quantized_b: bool = True
+    #: Twin uniform quantizer on the post-GELU input of fc2.
+    gelu_twin: bool = True
+    #: Restrict Δ+ of the GELU twin to ``2^m Δ-`` (needed for integer kernels).
+    gelu_pow2: bool = True
+    #: Patch-embedding weight: one scale per output channel (else one per tensor).
+    conv_per_channel: bool = True
+    #: Images per backward pass for ``kl-official`` gradients (the released code's 4).
+    grad_chunk: int = 4
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.grad_source not in GRAD_SOURCES:
+            raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {self.grad_source!r}")
+        if self.softmax_twin_form not in SOFTMAX_TWIN_FORMS:
+            raise ValueError(f"softmax_twin_form must be one of {SOFTMAX_TWIN_FORMS}, got {self.softmax_twin_form!r}")
+        if not 0 < self.alpha < self.beta:
+            raise ValueError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
+        if self.n_candidates < 1 or self.rounds < 1 or self.grad_chunk < 1:
+            raise ValueError("n_candidates, rounds and grad_chunk must be positive")
+
+    def overrides(self) -> dict:
+        """Fields that differ from the named preset this one was derived from."""
+        base = PRESETS.get(self.name)
+        if base is None:
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("name", "description") and getattr(self, f.name) != getattr(base, f.name)}
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="base",
+        description="BasePTQ as the released scripts run it: no twins, hessian metric with the released "
+                    "(zero-loss) gradients, alpha=0.5, one round, per-tensor patch-embedding weight",
+        metric="hessian", grad_source="kl-official", alpha=0.5, beta=1.2, rounds=1,
+        softmax_twin=False, gelu_twin=False, gelu_pow2=False, conv_per_channel=False,
+        split_search_quantized_b=False),
+    Preset(
+        name="base-cosine",
+        description="BasePTQ as the paper's README table reports it: PTQ4ViT's grid and rounds, cosine metric, no twins",
+        metric="cosine", grad_source="kl-official", softmax_twin=False, gelu_twin=False, gelu_pow2=False,
+        split_search_quantized_b=False),
+    Preset(
+        name="official",
+        description="PTQ4ViT exactly as released: hessian metric on kl(p||p) gradients, hi+lo softmax twin, "
+                    "split searched with v float, free GELU twin",
+        metric="hessian", grad_source="kl-official", softmax_twin_form="sum",
+        split_search_quantized_b=False, gelu_pow2=False),
+    Preset(
+        name="ptq4vit",
+        description="PTQ4ViT with the released code's defects mended: cross-entropy gradients on the float "
+                    "model's labels, region-select softmax twin, v quantized in the split search, "
+                    "power-of-two GELU twin",
+    ),
+)}
+
+#: The six ablation rows of the paper's README: (label, overrides).
+ABLATION_ROWS: dict[int, tuple[str, dict]] = {
+    1: ("cosine, no twin", dict(metric="cosine", softmax_twin=False, gelu_twin=False)),
+    2: ("hessian, no twin", dict(metric="hessian", softmax_twin=False, gelu_twin=False)),
+    3: ("hessian, softmax twin", dict(metric="hessian", softmax_twin=True, gelu_twin=False)),
+    4: ("hessian, GELU twin", dict(metric="hessian", softmax_twin=False, gelu_twin=True)),
+    5: ("cosine, both twins", dict(metric="cosine", softmax_twin=True, gelu_twin=True)),
+    6: ("hessian, both twins", dict(metric="hessian", softmax_twin=True, gelu_twin=True)),
+}
+
+
+def get_preset(preset: "str | Preset", **overrides) -> Preset:
+    """A preset by name (or a Preset), with fields overridden; unknown names and fields raise ValueError."""
+    if isinstance(preset, Preset):
+        base = preset
+    else:
+        try:
+            base = PRESETS[preset]
+        except KeyError:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    fields = {f.name for f in dataclasses.fields(Preset)} - {"name", "description"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+    return dataclasses.replace(base, **overrides) if overrides else base

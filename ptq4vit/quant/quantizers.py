@@ -1,0 +1,129 @@
+"""Quantizer modules: the calibrated parameters of one operand, applied as fake quantization.
+
+A quantizer owns its scales (buffers, so they travel with ``state_dict``) and knows how they
+map onto the operand it quantizes; the arithmetic lives in :mod:`.uniform` and :mod:`.twin`.
+``enabled = False`` makes a quantizer the identity (the float model); calibration writes the
+scales and sets ``calibrated``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .twin import SoftmaxTwinForm, gelu_twin_fake_quant, gelu_twin_neg_step, softmax_twin_fake_quant
+from .uniform import check_bits, uniform_fake_quant
+
+
+def group_view(x: torch.Tensor, axis: Optional[int], groups: int) -> torch.Tensor:
+    """View ``x`` with dim ``axis`` split into ``(groups, size // groups)`` (unchanged if axis is None)."""
+    if axis is None:
+        return x
+    axis = axis % x.dim()
+    size = x.shape[axis]
+    if size % groups:
+        raise ValueError(f"cannot split dim {axis} of size {size} into {groups} equal quantization groups")
+    return x.reshape(*x.shape[:axis], groups, size // groups, *x.shape[axis + 1:])
+
+
+def scale_view(scale: torch.Tensor, axis: Optional[int], ndim: int) -> torch.Tensor:
+    """Shape a ``(groups,)`` scale to broadcast against ``group_view(x, axis, groups)`` of an ``ndim``-dim x."""
+    if axis is None:
+        return scale
+    axis = axis % ndim
+    return scale.reshape(*([1] * axis), -1, *([1] * (ndim - axis)))
+
+
+class Quantizer(nn.Module):
+    """Base class: identity while disabled, an error if enabled before calibration."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+        self.calibrated = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.calibrated:
+            raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated; run ptq4vit.quantize first")
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UniformQuantizer(Quantizer):
+    """Symmetric uniform quantizer with ``groups`` scales along dim ``axis`` of its operand.
+
+    ``axis=None``: one scale for the tensor. ``axis=0`` on a weight: contiguous blocks of output
+    rows (``groups=3`` gives the q/k/v blocks of a fused qkv projection; ``groups=out`` is per
+    channel). ``axis=1`` on a ``(B, heads, ...)`` attention operand: one scale per head.
+    """
+
+    def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None):
+        super().__init__(bits)
+        if axis is None and groups != 1:
+            raise ValueError("a per-tensor quantizer (axis=None) has exactly one group")
+        self.groups = groups
+        self.axis = axis
+        self.register_buffer("scale", torch.ones(groups))
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.groups))
+        self.calibrated = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        xg = group_view(x, self.axis, self.groups)
+        s = scale_view(self.scale, self.axis, x.dim())
+        return uniform_fake_quant(xg, s, self.bits).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.groups}, axis={self.axis}"
+
+
+class TwinSoftmaxQuantizer(Quantizer):
+    """Twin uniform quantizer for post-softmax values; one split ``s = 2^-i`` per layer."""
+
+    def __init__(self, bits: int, form: SoftmaxTwinForm = "select"):
+        super().__init__(bits)
+        if form not in ("select", "sum"):
+            raise ValueError(f"softmax twin form must be 'select' or 'sum', got {form!r}")
+        self.form = form
+        self.register_buffer("split", torch.ones(()))
+
+    def set_split(self, split: torch.Tensor) -> None:
+        self.split.copy_(split.reshape(()))
+        self.calibrated = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return softmax_twin_fake_quant(x, self.split, self.bits, self.form)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, form={self.form}"
+
+
+class TwinGeluQuantizer(Quantizer):
+    """Twin uniform quantizer for post-GELU values: fixed Δ- and a searched Δ+.
+
+    With ``pow2=True`` the search only considers ``Δ+ = 2^m Δ-``, so integer kernels can
+    align the two parts with a shift.
+    """
+
+    def __init__(self, bits: int, pow2: bool = False):
+        super().__init__(bits)
+        self.pow2 = pow2
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits)))
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(1))
+        self.calibrated = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_twin_fake_quant(x, self.scale, self.neg_scale, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, pow2={self.pow2}"

@@ -1,0 +1,92 @@
+"""Twin uniform quantizers (PTQ4ViT §3.2): two uniform ranges whose steps differ by a power of two.
+
+* After softmax (values in [0, 1]): ``R1 = [0, s)`` with step ``s / (qmax-1)`` and
+  ``R2 = [s, 1]`` with step ``1 / (qmax-1)``, ``s = 2^-i``.
+* After GELU: a fixed negative range (GELU's minimum is about -0.17) and a searched
+  positive range.
+
+Both softmax forms are here: ``"select"`` (each value quantized in its own region, what the
+paper describes) and ``"sum"`` (the released code's ``hi + lo``, which offsets every value;
+kept so the ``official`` preset reproduces the published numbers).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .uniform import qmax
+
+SoftmaxTwinForm = Literal["select", "sum"]
+
+#: |min GELU(x)| over the reals, the fixed negative range of the post-GELU twin quantizer.
+GELU_NEG_RANGE = 0.16997124254703522
+
+#: Splits ``s = 2^-i`` tried for the softmax twin quantizer, i = 0..19.
+SOFTMAX_SPLIT_EXPONENTS = tuple(range(20))
+
+
+def softmax_split_candidates() -> torch.Tensor:
+    return torch.tensor([2.0 ** -i for i in SOFTMAX_SPLIT_EXPONENTS], dtype=torch.float32)
+
+
+def softmax_twin_steps(split: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ_R1, Δ_R2) for a split ``s``: ``s / (qmax-1)`` and ``1 / (qmax-1)``."""
+    levels = qmax(bits) - 1
+    return split / levels, torch.ones_like(split) / levels
+
+
+def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region-selected codes ``(lo, hi)``: ``lo`` counts Δ_R1 steps where ``x < s`` (else 0),
+    ``hi`` counts Δ_R2 steps where ``x >= s`` (else 0). Both lie in ``[0, qmax-1]``.
+
+    The dequantized value is ``lo·Δ_R1 + hi·Δ_R2``; since ``Δ_R2 = 2^i Δ_R1`` it is also
+    ``(lo + (hi << i))·Δ_R1``, which is what integer kernels use.
+    """
+    levels = qmax(bits) - 1
+    step_lo, step_hi = softmax_twin_steps(split, bits)
+    below = x < split
+    lo = torch.round(x / step_lo).clamp_(0, levels)
+    hi = torch.round(x * levels).clamp_(0, levels)
+    return lo.masked_fill_(~below, 0), hi.masked_fill_(below, 0)
+
+
+def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select") -> torch.Tensor:
+    """Fake-quantize post-softmax values with the twin uniform quantizer (SPEC §3)."""
+    levels = qmax(bits) - 1
+    step_lo, step_hi = softmax_twin_steps(split, bits)
+    if form == "select":
+        lo, hi = softmax_twin_codes(x, split, bits)
+        return lo.mul_(step_lo).add_(hi.mul_(step_hi))
+    if form == "sum":
+        zero = torch.zeros_like(split)
+        one = torch.ones_like(split)
+        hi = torch.round(torch.clamp(x, split, one) * levels) / levels
+        lo = torch.round(torch.clamp(x, zero, split) / step_lo).clamp_(0, levels).mul_(step_lo)
+        return hi.add_(lo)
+    raise ValueError(f"softmax twin form must be 'select' or 'sum', got {form!r}")
+
+
+def gelu_twin_neg_step(bits: int) -> float:
+    """Δ- of the post-GELU twin quantizer: the fixed negative range over qmax codes."""
+    return GELU_NEG_RANGE / qmax(bits)
+
+
+def gelu_twin_codes(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, neg)`` codes: ``clamp(round(x/Δ+), 0, qmax-1)`` and ``clamp(round(x/Δ-), -qmax, 0)``."""
+    q = qmax(bits)
+    pos = torch.round(x / pos_step).clamp_(0, q - 1)
+    neg = torch.round(x / neg_step).clamp_(-q, 0)
+    return pos, neg
+
+
+def gelu_twin_fake_quant(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | torch.Tensor, bits: int) -> torch.Tensor:
+    """Positive part plus negative part (SPEC §4); exactly one of them is non-zero per value."""
+    pos, neg = gelu_twin_codes(x, pos_step, neg_step, bits)
+    return pos.mul_(pos_step).add_(neg.mul_(neg_step))
+
+
+def pow2_snap(pos_step: torch.Tensor, neg_step: float) -> torch.Tensor:
+    """The nearest (in log2) ``Δ+ = 2^m Δ-``, which lets integer kernels combine the two parts with a shift."""
+    m = torch.round(torch.log2(pos_step / neg_step))
+    return neg_step * torch.pow(2.0, m)
