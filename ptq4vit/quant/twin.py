@@ -46,9 +46,10 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
     levels = qmax(bits) - 1
     step_lo, step_hi = softmax_twin_steps(split, bits)
     below = x < split
-    lo = torch.round(x / step_lo).clamp_(0, levels)
-    hi = torch.round(x * levels).clamp_(0, levels)
-    return lo.masked_fill_(~below, 0), hi.masked_fill_(below, 0)
+    zero = x.new_zeros(())
+    lo = torch.where(below, torch.round(x / step_lo).clamp_(0, levels), zero)
+    hi = torch.where(below, zero, torch.round(x * levels).clamp_(0, levels))
+    return lo, hi
 
 
 def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select") -> torch.Tensor:

@@ -1,0 +1,5 @@
+"""Calibration: capture in one pass, batched scale search, metrics."""
+from .calibrate import calibrate_site
+from .capture import capture, default_memory_budget, estimate_site_bytes, plan_groups
+from .metrics import row_scores
+from .search import Product, score_a, score_b

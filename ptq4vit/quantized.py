@@ -1,0 +1,88 @@
+"""QuantizedModel: a timm model whose quantization sites carry calibrated quantizers."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .nn import QuantConv2d, QuantLinear, QuantMatMul
+from .presets import Preset
+from .quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+
+
+def model_name(model: nn.Module) -> str:
+    """``architecture.tag`` from timm's pretrained config (``architecture`` alone when untagged)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    tag = cfg.get("tag")
+    return f"{arch}.{tag}" if tag else arch
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.detach().reshape(-1).cpu()]
+
+
+class QuantizedModel(nn.Module):
+    """The quantized model: call it like the float one; ``qparams()`` reports its scales.
+
+    ``model`` is the timm model with its quantized layers in place, so module names (and the
+    keys of :meth:`qparams`) are timm's.
+    """
+
+    def __init__(self, model: nn.Module, preset: Preset, w_bits: int, a_bits: int, name: str):
+        super().__init__()
+        self.model = model
+        self.preset = preset
+        self.w_bits = w_bits
+        self.a_bits = a_bits
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def sites(self) -> dict[str, nn.Module]:
+        """Quantization sites by timm module name, in model order."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
+
+    def quantizers(self) -> Iterator[Quantizer]:
+        return (m for m in self.model.modules() if isinstance(m, Quantizer))
+
+    def set_quantization(self, enabled: bool) -> None:
+        for q in self.quantizers():
+            q.enabled = enabled
+
+    @contextmanager
+    def quantization_disabled(self) -> Iterator["QuantizedModel"]:
+        """Temporarily run the float model (all quantizers off)."""
+        previous = [(q, q.enabled) for q in self.quantizers()]
+        self.set_quantization(False)
+        try:
+            yield self
+        finally:
+            for q, enabled in previous:
+                q.enabled = enabled
+
+    def qparams(self) -> dict:
+        """The chosen parameters in the JSON layout of SPEC §8."""
+        modules = {}
+        for name, site in self.sites().items():
+            if isinstance(site, QuantMatMul):
+                entry = {"kind": "matmul"}
+                if isinstance(site.a_quant, TwinSoftmaxQuantizer):
+                    entry["split"] = float(site.a_quant.split)
+                else:
+                    entry["a_scale"] = _floats(site.a_quant.scale)
+                entry["b_scale"] = _floats(site.b_quant.scale)
+            elif isinstance(site, QuantConv2d):
+                entry = {"kind": "conv", "w_scale": _floats(site.w_quant.scale)}
+            else:
+                entry = {"kind": "linear", "w_scale": _floats(site.w_quant.scale)}
+                if site.a_quant is not None:
+                    entry["a_scale"] = _floats(site.a_quant.scale)
+                    if isinstance(site.a_quant, TwinGeluQuantizer):
+                        entry["a_neg_scale"] = float(site.a_quant.neg_scale)
+            modules[name] = entry
+        return {"model": self.name, "preset": self.preset.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
+                "overrides": self.preset.overrides(), "modules": modules}
