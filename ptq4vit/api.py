@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import calibrate_site, capture, default_memory_budget, estimate_site_bytes, plan_groups
+from .calib import SEARCH_CHUNK_BYTES, calibrate_site, capture, default_memory_budget, estimate_site_bytes, plan_groups
 from .models import insert_quant_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
@@ -68,7 +68,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             for n in group:
                 bar.set_postfix_str(n, refresh=False)
                 site_data = data.pop(n)
-                calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, budget // 2)
+                calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, min(budget // 2, SEARCH_CHUNK_BYTES))
                 bar.update()
             del data
         bar.close()

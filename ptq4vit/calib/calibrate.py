@@ -20,7 +20,7 @@ from ..presets import Preset
 from ..quant import (TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors, gelu_twin_fake_quant,
                      initial_scale, qmax, softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
 from ..quant.quantizers import group_view
-from .search import Product, best, score_a, score_b
+from .search import Product, best, score
 
 
 class _Grid:
@@ -87,23 +87,26 @@ def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     grid = _Grid(preset, x.device)
     w = site.weight.detach()
-    x = x.reshape(-1, x.shape[-1])
-    g = grad.reshape(-1, grad.shape[-1]) if grad is not None else None
-    p = Product(a=x, b=w.t(), bias=None if site.bias is None else site.bias.detach(), grad=g, metric=preset.metric)
+    x = x.reshape(1, -1, x.shape[-1])
+    g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
+    p = Product(a=x, b=w.t().unsqueeze(0), bias=None if site.bias is None else site.bias.detach(), grad=g,
+                metric=preset.metric)
     wq = site.w_quant
+    block = w.shape[0] // wq.groups
     w_start = initial_scale(_group_absmax(w, wq.groups), wq.bits)
-    w_cands = grid.around(w_start).repeat_interleave(w.shape[0] // wq.groups, dim=1)   # (n, out)
+    w_cands = grid.around(w_start).repeat_interleave(block, dim=1)   # (n, out): each column's candidate
+    first_col = torch.arange(wq.groups, device=x.device) * block
     inp = _InputSearch(site.a_quant, x, grid) if site.a_quant is not None else None
 
     w_scale = w_start
     for _ in range(preset.rounds):
         x_fixed = inp.apply(x) if inp is not None else x
-        idx = best(score_b(p, x_fixed, _uniform(wq.bits), w_cands, budget, feature_groups=wq.groups))
-        w_scale = w_cands[idx, torch.arange(wq.groups, device=x.device) * (w.shape[0] // wq.groups)]
+        idx = best(score(p, "b", x_fixed, _uniform(wq.bits), w_cands, budget, feature_groups=wq.groups))
+        w_scale = w_cands[idx, first_col]
         if inp is None:
             break  # nothing alternates with the weight: further rounds repeat this one
-        w_fixed = _fake_quant_weight(w, wq, w_scale).t()
-        new = inp.cands[best(score_a(p, w_fixed, inp.fn, inp.cands, budget))].reshape(1)
+        w_fixed = _fake_quant_weight(w, wq, w_scale).t().unsqueeze(0)
+        new = inp.cands[best(score(p, "a", w_fixed, inp.fn, inp.cands.reshape(-1, 1), budget))].reshape(1)
         converged = torch.equal(new, inp.scale)
         inp.scale = new
         if converged:
@@ -119,54 +122,64 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
     w = site.weight.detach()
     cout = w.shape[0]
     patches = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride).transpose(1, 2)  # (N, L, CKK)
-    g = grad.flatten(2).transpose(1, 2) if grad is not None else None                                  # (N, L, Cout)
-    p = Product(a=patches, b=w.reshape(cout, -1).t(), bias=None if site.bias is None else site.bias.detach(),
-                grad=g, metric=preset.metric)
+    positions = patches.shape[1]
+    g = grad.flatten(2).transpose(1, 2).reshape(1, -1, cout) if grad is not None else None
+    p = Product(a=patches.reshape(1, -1, patches.shape[-1]), b=w.reshape(cout, -1).t().unsqueeze(0),
+                bias=None if site.bias is None else site.bias.detach(), grad=g, metric=preset.metric)
     wq = site.w_quant
     w_start = initial_scale(_group_absmax(w, wq.groups), wq.bits)
-    cands = grid.around(w_start).repeat_interleave(cout // wq.groups, dim=1)
-    per_channel = wq.groups == cout and cout > 1
-    idx = best(score_b(p, patches, _uniform(wq.bits), cands, budget, rows_are_features=per_channel))
-    if per_channel:
+    cands = grid.around(w_start)                                     # (n, groups)
+    if wq.groups == cout and cout > 1:
+        # Each channel is its own group, scored over its positions in each image.
+        idx = best(score(p, "b", p.a, _uniform(wq.bits), cands, budget, rows_per_item=positions))
         wq.set_scale(cands[idx, torch.arange(cout, device=x.device)])
     else:
+        idx = best(score(p, "b", p.a, _uniform(wq.bits), cands, budget))
         wq.set_scale(cands[idx[0], :1])
+
+
+def _per_head_absmax(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).reshape(t.shape[1], -1).abs().amax(1)
 
 
 def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
                      budget: int) -> None:
+    """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
     grid = _Grid(preset, a.device)
-    p = Product(a=a, b=b, grad=grad, metric=preset.metric, head_axis=1)
+    heads = a.shape[1]
+    p = Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
+                metric=preset.metric, heads=heads)
+    per_head_view = (1, heads, 1, 1)
     bq: UniformQuantizer = site.b_quant
-    heads = b.shape[1]
-    b_start = initial_scale(b.transpose(0, 1).reshape(heads, -1).abs().amax(1), bq.bits)
-    b_cands = grid.around(b_start).reshape(-1, 1, heads, 1)
+    b_start = initial_scale(_per_head_absmax(b), bq.bits)
+    b_cands = grid.around(b_start)                                   # (n, heads)
     b_scale = b_start
     aq = site.a_quant
     twin = isinstance(aq, TwinSoftmaxQuantizer)
+    head_ids = torch.arange(heads, device=a.device)
     if twin:
         a_fn = lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form)
-        a_cands = softmax_split_candidates().to(a.device)
-        split_b_quantized = preset.split_search_quantized_b
+        a_cands = softmax_split_candidates().to(a.device).reshape(-1, 1)
+        b_quantized_in_a_search = preset.split_search_quantized_b
     else:
         a_fn = _uniform(aq.bits)
-        a_start = initial_scale(a.transpose(0, 1).reshape(heads, -1).abs().amax(1), aq.bits)
-        a_cands = grid.around(a_start).reshape(-1, 1, heads)
-        split_b_quantized = True
-    b_view = (1, heads, 1, 1)
+        a_cands = grid.around(initial_scale(_per_head_absmax(a), aq.bits))   # (n, heads)
+        b_quantized_in_a_search = True
 
     a_scale = None
     for _ in range(preset.rounds):
-        b_fixed = uniform_fake_quant(b, b_scale.reshape(b_view), bq.bits) if split_b_quantized else b
-        scores = score_a(p, b_fixed, a_fn, a_cands, budget)
+        b_fixed = uniform_fake_quant(b, b_scale.reshape(per_head_view), bq.bits) if b_quantized_in_a_search else b
+        scores = score(p, "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget, per_head=not twin)
         if twin:
-            a_scale = a_cands[best(scores)[0]]
+            a_scale = a_cands[best(scores)[0], 0]
             a_fixed = a_fn(a, a_scale)
         else:
-            a_scale = a_cands[best(scores), 0, torch.arange(heads, device=a.device)]
-            a_fixed = a_fn(a, a_scale.reshape(b_view))
-        new = b_cands[best(score_b(p, a_fixed, _uniform(bq.bits), b_cands, budget)), 0, torch.arange(heads, device=a.device), 0]
-        converged = torch.equal(new, b_scale) or not split_b_quantized
+            a_scale = a_cands[best(scores), head_ids]
+            a_fixed = a_fn(a, a_scale.reshape(per_head_view))
+        scores = score(p, "b", a_fixed.flatten(0, 1), _uniform(bq.bits), b_cands, budget, per_head=True)
+        new = b_cands[best(scores), head_ids]
+        # With v float in the split search (official), the next round would repeat this one.
+        converged = torch.equal(new, b_scale) or not b_quantized_in_a_search
         b_scale = new
         if converged:
             break

@@ -1,0 +1,48 @@
+"""Calibration wall time of vit_tiny_patch16_224 (random init, 32 images at 224), per preset.
+
+Usage: python benchmarks/calibration_speed.py [--presets base official ptq4vit] [--images 32]
+The released PTQ4ViT code needs about an hour for the ptq4vit W8A8 case on a 2-core CPU; the
+script prints our seconds and that ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+
+import ptq4vit
+
+RELEASED_SECONDS = 3600.0  # the released code on this 2-core machine (issue 2), PTQ4ViT W8A8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--presets", nargs="+", default=["base", "official", "ptq4vit"])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("W", "A"))
+    parser.add_argument("--memory-budget-mib", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    images = torch.randn(args.images, 3, 224, 224)
+    budget = args.memory_budget_mib << 20 if args.memory_budget_mib else None
+    print(f"{args.model} random init, {args.images} images, W{args.bits[0]}A{args.bits[1]}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| preset | calibration s | released-code s / ours |")
+    print("|---|---|---|")
+    for preset in args.presets:
+        start = time.perf_counter()
+        ptq4vit.quantize(model, images, preset, *args.bits, memory_budget=budget, progress=False)
+        seconds = time.perf_counter() - start
+        ratio = f"{RELEASED_SECONDS / seconds:.1f}x" if preset == "ptq4vit" else "-"
+        print(f"| {preset} | {seconds:.1f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

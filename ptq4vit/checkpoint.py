@@ -1,0 +1,480 @@
+"""Quantized checkpoints: one self-describing safetensors file per quantized model.
+
+What a checkpoint holds
+-----------------------
+* every quantized weight as its integer codes (``int8`` storage for any bit width up to 8),
+  under ``<site>.weight_codes``;
+* every other tensor of the model as saved: float parameters that stay float (norms,
+  biases, embeddings ...) and the quantizers' scales and twin parameters (``*.scale``,
+  ``*.split``, ``*.neg_scale`` buffers);
+* metadata (safetensors ``__metadata__``, JSON under the key ``ptq4vit``): the timm model name
+  and tag, the ``timm.create_model`` keyword arguments that rebuild the float architecture,
+  the full preset, the bit widths, a digest of the model structure, a digest of the float
+  weights the model was quantized from, and the versions that wrote it;
+* ``ptq4vit_content_sha256``: a digest of the metadata and of every tensor, checked on load.
+
+:func:`load` rebuilds the float architecture with ``timm.create_model(..., pretrained=False)``,
+inserts the quantization sites of the recorded preset, and loads the tensors; quantized
+weights become ``codes · Δ`` in float32, which is exactly the value fake quantization
+produces, so the loaded model's outputs are bit-identical to the model that was saved.
+(With quantization disabled the loaded model is therefore *not* the original float model:
+its weights are the dequantized ones.)
+
+Anything that does not fit raises :class:`CheckpointError`, a :class:`~ptq4vit.errors.UserError`
+with a one-line message: a file that is not safetensors or is truncated, a safetensors file
+that is not a ptq4vit checkpoint, a tensor or metadata changed after saving, a float model
+(``load(path, model=...)``) with other weights or another architecture than the checkpoint's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .nn import QuantConv2d, QuantLinear
+from .presets import Preset
+from .quant import Quantizer, UniformQuantizer, qmax
+from .quant.quantizers import group_view, scale_view
+from .quantized import QuantizedModel, model_name
+
+FORMAT = "ptq4vit-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "ptq4vit"
+DIGEST_KEY = "ptq4vit_content_sha256"
+CODES_SUFFIX = ".weight_codes"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "float_weights_digest", "structure_digest",
+           "derive_create_kwargs", "FORMAT", "FORMAT_VERSION"]
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or loaded faithfully (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# digests
+
+
+def _update_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(name.encode())
+    h.update(b"\0")
+    h.update(str(t.dtype).encode())
+    h.update(json.dumps(list(t.shape)).encode())
+    # view as bytes so that every dtype (bf16 included) hashes without numpy conversion
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, Quantizer))
+
+
+def float_weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's float weights: its state dict without quantizer buffers.
+
+    A float timm model and the :class:`QuantizedModel` calibrated from it have the same
+    digest (quantized layers keep the float weights under timm's names), so this identifies
+    the float weights a checkpoint came from.
+    """
+    if isinstance(model, QuantizedModel):
+        model = model.model
+    skip = _quantizer_prefixes(model)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not name.startswith(skip):
+            _update_tensor(h, name, t)
+    return h.hexdigest()
+
+
+#: Attributes that say nothing about what a module computes in eval mode.
+_IGNORED_ATTRS = {"training", "enabled", "calibrated", "grad_checkpointing", "weight_init_mode", "fix_init"}
+#: Modules that are the identity in eval mode.
+_EVAL_IDENTITY = ("Dropout", "DropPath", "Identity")
+
+
+def _primitive(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_primitive(x) for x in v)
+    return False
+
+
+def _structure_lines(model: nn.Module) -> list[str]:
+    lines = []
+    for name, m in model.named_modules():
+        tname = type(m).__name__
+        if any(k in tname for k in _EVAL_IDENTITY):
+            lines.append(f"{name}:Identity")
+            continue
+        attrs = sorted((k, repr(v)) for k, v in vars(m).items()
+                       if not k.startswith("_") and k not in _IGNORED_ATTRS and _primitive(v))
+        lines.append(f"{name}:{tname}:{attrs}")
+    for key, t in model.state_dict().items():
+        lines.append(f"{key}:{tuple(t.shape)}")
+    return lines
+
+
+def structure_digest(model: nn.Module) -> str:
+    """sha256 of what a (quantized) model computes, apart from its tensor values: module types,
+    their hyper-parameters (bits, groups, eps, head counts ...) and every tensor's name and shape."""
+    if isinstance(model, QuantizedModel):
+        model = model.model
+    return hashlib.sha256("\n".join(_structure_lines(model)).encode()).hexdigest()
+
+
+def _first_structure_difference(a: nn.Module, b: nn.Module) -> str:
+    la, lb = _structure_lines(a), _structure_lines(b)
+    for x, y in zip(la, lb):
+        if x != y:
+            return f"{x[:160]!r} vs {y[:160]!r}"
+    if len(la) != len(lb):
+        return f"{len(la)} vs {len(lb)} modules/tensors"
+    return "none"
+
+
+# --------------------------------------------------------------------------------------------
+# rebuilding the float architecture
+
+
+def _vit_kwargs(m: nn.Module) -> dict:
+    from timm.layers import LayerScale
+
+    blk = m.blocks[0]
+    fc1 = blk.mlp.fc1
+    kw = dict(
+        patch_size=list(m.patch_embed.patch_size), embed_dim=m.embed_dim, depth=len(m.blocks),
+        num_heads=blk.attn.num_heads, mlp_ratio=fc1.out_features / fc1.in_features,
+        qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
+        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+        init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
+        class_token=m.has_class_token, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
+        global_pool=m.global_pool, pre_norm=not isinstance(m.norm_pre, nn.Identity),
+        fc_norm=not isinstance(m.fc_norm, nn.Identity), final_norm=not isinstance(m.norm, nn.Identity),
+        dynamic_img_size=m.dynamic_img_size, pool_include_prefix=getattr(m, "pool_include_prefix", False),
+    )
+    return kw
+
+
+def _swin_kwargs(m: nn.Module) -> dict:
+    layers = list(m.layers)
+    blk = layers[0].blocks[0]
+    fc1 = blk.mlp.fc1
+    return dict(
+        patch_size=list(m.patch_embed.patch_size)[0], embed_dim=m.embed_dim if isinstance(m.embed_dim, int) else
+        layers[0].dim, depths=[len(l.blocks) for l in layers], num_heads=[l.blocks[0].attn.num_heads for l in layers],
+        window_size=list(blk.window_size), mlp_ratio=fc1.out_features / fc1.in_features,
+        qkv_bias=blk.attn.qkv.bias is not None, global_pool=m.global_pool,
+    )
+
+
+def _base_kwargs(m: nn.Module) -> dict:
+    kw: dict = {"num_classes": m.num_classes}
+    pe = getattr(m, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        kw["img_size"] = list(pe.img_size)
+        kw["in_chans"] = pe.proj.in_channels
+    return kw
+
+
+def _kwargs_from_json(kw: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+
+def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
+                     device: Optional[torch.device] = None) -> QuantizedModel:
+    import timm
+    from .models import insert_quant_sites
+
+    kwargs = _kwargs_from_json(create_kwargs)
+    if device is not None:
+        with torch.device(device):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    model.eval()
+    insert_quant_sites(model, preset, w_bits, a_bits)
+    return QuantizedModel(model, preset, w_bits, a_bits, name)
+
+
+def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -> dict:
+    """``timm.create_model`` keyword arguments that rebuild ``qmodel``'s architecture.
+
+    Tries the few arguments everyone changes (``num_classes``, ``img_size``, ``in_chans``),
+    then every architectural argument read off the model; each candidate is checked by
+    building it (on the meta device, no memory) and comparing :func:`structure_digest`.
+    ``extra`` is merged on top of each candidate (for arguments that cannot be read off a model).
+    Raises :class:`CheckpointError` when no candidate rebuilds the same structure.
+    """
+    from timm.models.swin_transformer import SwinTransformer
+
+    m = qmodel.model
+    base = _base_kwargs(m)
+    family = _swin_kwargs(m) if isinstance(m, SwinTransformer) else _vit_kwargs(m)
+    want = structure_digest(m)
+    candidates = [dict(base), dict(base, **family)]
+    last = None
+    for cand in candidates:
+        cand.update(extra or {})
+        try:
+            built = _build_quantized(qmodel.name, cand, qmodel.preset, qmodel.w_bits, qmodel.a_bits, torch.device("meta"))
+        except Exception as e:  # an argument this architecture does not take
+            last = f"timm.create_model({qmodel.name!r}, **{cand}) failed: {e}"
+            continue
+        if structure_digest(built) == want:
+            return cand
+        last = f"first difference: {_first_structure_difference(built.model, m)}"
+    raise CheckpointError(
+        f"cannot rebuild {qmodel.name!r} from timm.create_model keyword arguments read off the model ({last}); "
+        f"pass create_kwargs=... (the arguments the float model was created with) to save()")
+
+
+# --------------------------------------------------------------------------------------------
+# save
+
+
+def _weight_codes(site: nn.Module) -> torch.Tensor:
+    wq: UniformQuantizer = site.w_quant
+    w = site.weight.detach().float()
+    xg = group_view(w, wq.axis, wq.groups)
+    s = scale_view(wq.scale.detach().float(), wq.axis, w.dim())
+    q = qmax(wq.bits)
+    codes = torch.round(xg / s).clamp_(-q, q - 1).reshape(w.shape)
+    return codes.to(torch.int8)
+
+
+def _dequantize(codes: torch.Tensor, wq: UniformQuantizer, dtype: torch.dtype) -> torch.Tensor:
+    c = codes.to(torch.float32)
+    cg = group_view(c, wq.axis, wq.groups)
+    s = scale_view(wq.scale.detach().to(torch.float32), wq.axis, c.dim())
+    return (cg * s).reshape(codes.shape).to(dtype)
+
+
+def _quantized_weight_sites(qmodel: QuantizedModel) -> dict[str, nn.Module]:
+    return {n: s for n, s in qmodel.sites().items() if isinstance(s, (QuantLinear, QuantConv2d))}
+
+
+def _content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(meta_json.encode())
+    for name in sorted(tensors):
+        _update_tensor(h, name, tensors[name])
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import timm
+    from . import __version__
+    return {"ptq4vit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None) -> dict:
+    """Write ``qmodel`` as one safetensors checkpoint; return its metadata.
+
+    ``create_kwargs`` are extra ``timm.create_model`` arguments for architectures whose
+    constructor arguments cannot be read off the model (they are merged into what is derived;
+    the result is verified by rebuilding on the meta device before anything is written).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise CheckpointError(f"save() takes a QuantizedModel (from ptq4vit.quantize or ptq4vit.load), got {type(qmodel).__name__}")
+    uncalibrated = [n for n, m in qmodel.model.named_modules() if isinstance(m, Quantizer) and not m.calibrated]
+    if uncalibrated:
+        raise CheckpointError(f"the model has uncalibrated quantizers ({', '.join(uncalibrated[:3])}...); quantize it first")
+    model = qmodel.model
+    weight_sites = _quantized_weight_sites(qmodel)
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"the model mixes float dtypes {sorted(map(str, dtypes))}; cast it to one dtype first")
+    dtype = dtypes.pop()
+
+    kwargs = derive_create_kwargs(qmodel, create_kwargs)
+
+    tensors: dict[str, torch.Tensor] = {}
+    codes_keys = {f"{n}.weight" for n in weight_sites}
+    for key, t in model.state_dict().items():
+        if key not in codes_keys:
+            tensors[key] = t.detach().to("cpu").contiguous().clone()
+    quantized = {}
+    for n, site in weight_sites.items():
+        tensors[n + CODES_SUFFIX] = _weight_codes(site).cpu().contiguous()
+        wq = site.w_quant
+        quantized[n] = {"bits": wq.bits, "groups": wq.groups, "axis": wq.axis, "shape": list(site.weight.shape)}
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+        "model": {"name": qmodel.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
+                  "class": type(model).__name__, "create_kwargs": kwargs, "dtype": str(dtype).replace("torch.", "")},
+        "preset": dataclasses.asdict(qmodel.preset), "w_bits": qmodel.w_bits, "a_bits": qmodel.a_bits,
+        "quantized_weights": quantized,
+        "structure_sha256": structure_digest(model),
+        "float_weights_sha256": float_weights_digest(model),
+    }
+    meta_json = json.dumps(meta, sort_keys=True)
+    digest = _content_digest(meta_json, tensors)
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
+    os.replace(tmp, path)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load as st_load
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is not a safetensors file ({len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(data):
+        raise CheckpointError(f"{path} is not a safetensors file, or is truncated (header of {header_len} bytes, "
+                              f"file of {len(data)})")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError:
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+               and "data_offsets" in v), default=0)
+    if 8 + header_len + end > len(data):
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + end} bytes, "
+                              f"the file has {len(data)}")
+    file_meta = header.get("__metadata__") or {}
+    if META_KEY not in file_meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a ptq4vit checkpoint (no '{META_KEY}' metadata); "
+                              f"float timm weights are loaded with safetensors + load_state_dict, not ptq4vit.load")
+    try:
+        meta = json.loads(file_meta[META_KEY])
+    except ValueError:
+        raise CheckpointError(f"{path}: the ptq4vit metadata is not valid JSON (corrupt or edited)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {meta.get('format_version')}; this ptq4vit reads "
+                              f"up to version {FORMAT_VERSION} (upgrade ptq4vit)")
+    try:
+        tensors = st_load(data)
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt: safetensors cannot read it ({e})") from None
+    digest = _content_digest(file_meta[META_KEY], tensors)
+    if digest != file_meta.get(DIGEST_KEY):
+        raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
+                              f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
+    return meta, file_meta[META_KEY], tensors
+
+
+def read_metadata(path: PathLike) -> dict:
+    """The checkpoint's metadata (after checking its digest)."""
+    return _read(path)[0]
+
+
+def _preset_from(meta: dict) -> Preset:
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    stored = meta["preset"]
+    unknown = sorted(set(stored) - fields)
+    if unknown:
+        raise CheckpointError(f"the checkpoint's preset has fields this ptq4vit does not know ({', '.join(unknown)}); "
+                              f"upgrade ptq4vit")
+    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu") -> QuantizedModel:
+    """Rebuild the quantized model saved at ``path``.
+
+    Without ``model`` the float architecture is created with
+    ``timm.create_model(name, pretrained=False, **create_kwargs)`` from the checkpoint's
+    metadata. With ``model`` (the float timm model the checkpoint was quantized from; it is
+    not modified) that model is used as the skeleton instead: its float weights must be the
+    ones the checkpoint records, and its architecture the checkpoint's.
+
+    The result computes exactly what the saved model computed (bit-identical outputs).
+    """
+    meta, _, tensors = _read(path)
+    preset = _preset_from(meta)
+    w_bits, a_bits = meta["w_bits"], meta["a_bits"]
+    info = meta["model"]
+    name = info["name"]
+    if model is not None:
+        import copy
+        from .models import insert_quant_sites
+
+        if isinstance(model, QuantizedModel):
+            raise CheckpointError("load(path, model=...) takes the float timm model, not a QuantizedModel")
+        got = float_weights_digest(model)
+        if got != meta["float_weights_sha256"]:
+            raise CheckpointError(
+                f"{os.fspath(path)} was quantized from other float weights than the given model's "
+                f"({name}, float weights sha256 {meta['float_weights_sha256'][:16]}...; the given "
+                f"{type(model).__name__} has {got[:16]}...)")
+        skeleton = copy.deepcopy(model).eval()
+        try:
+            insert_quant_sites(skeleton, preset, w_bits, a_bits)
+        except ValueError as e:
+            raise CheckpointError(f"the given model cannot take this checkpoint: {e}") from None
+        qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, model_name(model))
+    else:
+        try:
+            qmodel = _build_quantized(name, info["create_kwargs"], preset, w_bits, a_bits)
+        except Exception as e:
+            raise CheckpointError(f"cannot rebuild {name!r} with timm.create_model(pretrained=False, "
+                                  f"**{info['create_kwargs']}): {e}") from None
+    if structure_digest(qmodel) != meta["structure_sha256"]:
+        raise CheckpointError(
+            f"the rebuilt {name!r} differs from the architecture that was saved (was it written by another timm or "
+            f"ptq4vit version? saved with {meta.get('versions')}); structure digest {structure_digest(qmodel)[:16]}... vs "
+            f"{meta['structure_sha256'][:16]}...")
+
+    dtype = getattr(torch, info.get("dtype", "float32"))
+    qmodel.model.to(dtype)
+    sites = _quantized_weight_sites(qmodel)
+    if set(sites) != set(meta["quantized_weights"]):
+        raise CheckpointError(f"the checkpoint's quantized weights do not match the rebuilt model's sites "
+                              f"({sorted(set(sites) ^ set(meta['quantized_weights']))[:4]})")
+    state = {}
+    for key, t in tensors.items():
+        if key.endswith(CODES_SUFFIX):
+            continue
+        state[key] = t
+    for n, site in sites.items():
+        codes = tensors.get(n + CODES_SUFFIX)
+        if codes is None or codes.dtype != torch.int8 or tuple(codes.shape) != tuple(site.weight.shape):
+            raise CheckpointError(f"the checkpoint's codes for {n} are missing or have the wrong type/shape")
+        state[n + ".weight"] = codes  # placeholder so strict loading sees every key; replaced below
+    expected = set(qmodel.model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"the checkpoint's tensors do not match the rebuilt model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]})")
+    for n in sites:
+        del state[n + ".weight"]
+    try:
+        qmodel.model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's tensors do not fit the rebuilt model: {e}") from None
+    with torch.no_grad():
+        for n, site in sites.items():  # scales are loaded now, so dequantize with them
+            site.weight.copy_(_dequantize(tensors[n + CODES_SUFFIX], site.w_quant, site.weight.dtype))
+    for q in qmodel.quantizers():
+        q.calibrated = True
+    qmodel.to(map_location)
+    qmodel.eval()
+    return qmodel

@@ -1,0 +1,148 @@
+"""ONNX Runtime sessions for exported models: run, time, profile, and check which kernels ran."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["available_providers", "make_session", "run_batches", "Timing", "time_session", "profile_ops",
+           "optimized_op_counts", "INTEGER_OPS"]
+
+#: ONNX / ORT operators that compute integer products.
+INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv", "ConvInteger",
+               "DynamicQuantizeMatMul", "QGemm")
+
+
+def available_providers() -> list[str]:
+    """CPU, plus CUDA when onnxruntime was built with it (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def make_session(path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None,
+                 profile: bool = False, optimized_model_path: Optional[str] = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise here
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ptq4vit-ort-"), "profile")
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(os.fspath(path), so, providers=providers)
+
+
+def run_batches(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for ``images`` (N, C, H, W float32), in batches."""
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+@dataclass
+class Timing:
+    batch: int
+    times_ms: list = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def best_ms(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / (self.median_ms / 1000)
+
+
+def time_session(session, input_shape: Sequence[int], batch: int, warmup: int = 3, repeats: int = 10,
+                 min_seconds: float = 0.0, seed: int = 0) -> Timing:
+    """Latency of ``session.run`` on a random batch: ``warmup`` untimed runs, then at least ``repeats``
+    timed runs (and at least ``min_seconds`` of them)."""
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(seed).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+    feed = {name: x}
+    for _ in range(warmup):
+        session.run(None, feed)
+    t = Timing(batch)
+    start = time.perf_counter()
+    while len(t.times_ms) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        t.times_ms.append((time.perf_counter() - t0) * 1000)
+    return t
+
+
+def time_callable(fn, batch: int, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0) -> Timing:
+    for _ in range(warmup):
+        fn()
+    t = Timing(batch)
+    start = time.perf_counter()
+    while len(t.times_ms) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        t.times_ms.append((time.perf_counter() - t0) * 1000)
+    return t
+
+
+def profile_ops(path: str, input_shape: Sequence[int], batch: int, runs: int = 5, threads: Optional[int] = None,
+                provider: str = "CPUExecutionProvider") -> dict:
+    """Time per operator type (ms per run, summed over nodes) from ORT's profiler, plus the
+    kernels that actually ran: ``{"ops": {op: ms}, "total_ms": ..., "providers": {op: [provider]}}``."""
+    sess = make_session(path, provider, threads, profile=True)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+    sess.run(None, {name: x})  # warm-up, excluded below
+    for _ in range(runs):
+        sess.run(None, {name: x})
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    run_idx = -1
+    per_op: dict = {}
+    providers: dict = {}
+    for ev in events:
+        if ev.get("cat") == "Session" and ev.get("name") == "model_run":
+            continue
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        args = ev.get("args", {})
+        op = args.get("op_name", "?")
+        per_op.setdefault(op, []).append(ev["dur"] / 1000.0)
+        providers.setdefault(op, set()).add(args.get("provider", "?"))
+    # the first run (warm-up) is included in the events: scale by runs / (runs + 1)
+    ops = {op: sum(v) / (runs + 1) for op, v in per_op.items()}
+    ops = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+    return {"ops": ops, "total_ms": sum(ops.values()), "providers": {k: sorted(v) for k, v in providers.items()}}
+
+
+def optimized_op_counts(path: str, provider: str = "CPUExecutionProvider") -> dict:
+    """Operator counts of the graph ORT actually runs (after its graph optimizations)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "optimized.onnx")
+        make_session(path, provider, optimized_model_path=out)
+        model = onnx.load(out)
+    counts: dict = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

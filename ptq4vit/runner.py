@@ -1,0 +1,495 @@
+"""Experiment runs: one (model, preset, bits, calibration) job → calibrate, evaluate, record.
+
+Used by the ``quantize``, ``sweep`` and ``ablation`` commands. A :class:`Runner` keeps the
+current model, its datasets, calibration batches and float accuracy between jobs, writes each
+finished run at once to the results JSONL (see :mod:`ptq4vit.results`) and its quantization
+parameters to ``<out>/qparams/``. Jobs whose key is already in the results file are skipped, so
+a killed sweep resumes where it stopped.
+
+Under ``torchrun`` every rank runs every job: calibration is repeated on each rank and rank 0's
+scales are broadcast (so all ranks hold the same quantized model), evaluation is sharded, and
+only rank 0 writes. :func:`run_parallel` instead spreads whole jobs over several devices (one
+worker process per GPU, or several CPU workers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import zoo
+from .data import ImageFolder, calibration_images, resolve_splits
+from .errors import UserError
+from .evaluate import barrier, broadcast_object, dist_info, evaluate
+from .results import ResultsFile, atomic_write_text, canonical, ensure_writable_dir, run_key
+
+BITS_RANGE = (2, 8)
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    preset: str
+    w_bits: int
+    a_bits: int
+    calib_size: int = 32
+    calib_seed: int = 3
+    overrides: dict = field(default_factory=dict)
+    ablation_row: Optional[int] = None
+
+    @property
+    def bits(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    def label(self) -> str:
+        ov = "".join(f" {k}={v}" for k, v in sorted(self.overrides.items()))
+        ab = f" (ablation row {self.ablation_row})" if self.ablation_row is not None else ""
+        return f"{self.model} {self.preset}{ov} {self.bits} calib {self.calib_size}{ab}"
+
+
+@dataclass
+class RunOptions:
+    data: Optional[str] = None
+    val_split: str = "val"
+    calib_split: str = "train"
+    val_dir: Optional[str] = None
+    calib_dir: Optional[str] = None
+    limit_per_class: Optional[int] = None
+    strict: bool = False
+    weights: Optional[str] = None
+    random_init: bool = False
+    init_seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    out: str = "runs"
+    results: Optional[str] = None
+    progress: bool = True
+    memory_budget: Optional[int] = None
+    reuse_float: bool = True
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results) if self.results else Path(self.out) / "results.jsonl"
+
+
+# --------------------------------------------------------------------------- validation and planning
+
+
+def check_bits(w_bits: int, a_bits: int) -> None:
+    lo, hi = BITS_RANGE
+    for what, b in (("weight", w_bits), ("activation", a_bits)):
+        if not isinstance(b, int) or not lo <= b <= hi:
+            raise UserError(f"{what} bits must be between {lo} and {hi}, got {b} (in W{w_bits}A{a_bits})")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"W6A6"``, ``"w8a6"``, ``"6"`` (both) or ``"8/6"`` → (w_bits, a_bits), checked to lie in 2..8."""
+    t = text.strip()
+    m = re.fullmatch(r"[wW](\d+)[aA](\d+)", t) or re.fullmatch(r"(\d+)[/,:x](\d+)", t)
+    if m:
+        w, a = int(m.group(1)), int(m.group(2))
+    elif re.fullmatch(r"\d+", t):
+        w = a = int(t)
+    else:
+        raise UserError(f"cannot read bit setting {text!r}: write it as W6A6 (or 6 for both)")
+    check_bits(w, a)
+    return w, a
+
+
+def check_preset(preset: str, overrides: dict) -> None:
+    from .presets import get_preset
+    try:
+        get_preset(preset, **overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@dataclass
+class Resolved:
+    """What a job's model and data resolve to, and the keys that identify the run."""
+    entry: zoo.ModelEntry
+    weights: str                      # "hub", "random-init" or an absolute file path
+    model_identity: dict
+    eval_dir: Optional[Path]
+    calib_dir: Optional[Path]
+    key: str
+    float_key: str
+    identity: dict
+
+
+class Planner:
+    """Resolves names, paths and keys without loading any model, so bad input fails before work starts."""
+
+    def __init__(self, opts: RunOptions, need_calib: bool = True):
+        self.opts = opts
+        splits = resolve_splits(opts.data, val_split=opts.val_split, calib_split=opts.calib_split,
+                                calib_dir=opts.calib_dir, val_dir=opts.val_dir, need_calib=need_calib)
+        self.eval_dir = splits.val_dir.resolve()
+        self.calib_dir = splits.calib_dir.resolve() if splits.calib_dir is not None else None
+        # Scan the folders now: a missing or empty class folder is reported before any model loads.
+        self.eval_set = ImageFolder(self.eval_dir, strict=opts.strict, limit_per_class=opts.limit_per_class,
+                                    what="evaluation folder")
+        self.calib_set = ImageFolder(self.calib_dir, strict=opts.strict, what="calibration folder") \
+            if self.calib_dir is not None else None
+
+    def model_identity(self, name: str) -> tuple[zoo.ModelEntry, str, dict]:
+        opts = self.opts
+        entry = zoo.resolve(name)
+        if opts.weights is not None:
+            weights = str(zoo.find_weights(entry, opts.weights).resolve())
+        elif opts.random_init:
+            weights = "random-init"
+        elif entry.local_only:
+            raise UserError(f"model {entry.short} has no hub weights: pass --weights FILE "
+                            f"({entry.weights_file} or the folder holding it)")
+        else:
+            weights = "hub"
+        ident = {"model": entry.short, "timm": entry.timm_name, "weights": weights,
+                 "model_kwargs": opts.model_kwargs or {}}
+        if weights == "random-init":
+            ident["init_seed"] = opts.init_seed
+        return entry, weights, ident
+
+    def resolve(self, job: Job) -> Resolved:
+        check_bits(job.w_bits, job.a_bits)
+        check_preset(job.preset, job.overrides)
+        entry, weights, mident = self.model_identity(job.model)
+        if self.calib_set is not None and job.calib_size > len(self.calib_set):
+            raise UserError(f"calibration size {job.calib_size} is larger than the {len(self.calib_set)} images "
+                            f"in {self.calib_dir}")
+        eval_ident = {"eval_dir": str(self.eval_dir), "limit_per_class": self.opts.limit_per_class}
+        identity = {**mident, **eval_ident, "preset": job.preset, "overrides": job.overrides,
+                    "w_bits": job.w_bits, "a_bits": job.a_bits, "calib_dir": str(self.calib_dir),
+                    "calib_size": job.calib_size, "calib_seed": job.calib_seed, "ablation_row": job.ablation_row}
+        return Resolved(entry, weights, mident, self.eval_dir, self.calib_dir, run_key(identity),
+                        run_key({**mident, **eval_ident, "float": True}), identity)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def versions() -> dict:
+    import timm
+    try:
+        from importlib.metadata import version
+        ptq = version("ptq4vit")
+    except Exception:
+        ptq = None
+    if ptq is None:
+        try:
+            import ptq4vit
+            ptq = getattr(ptq4vit, "__version__", "unknown")
+        except Exception:
+            ptq = "unknown"
+    return {"torch": torch.__version__, "timm": timm.__version__, "ptq4vit": ptq,
+            "python": platform.python_version()}
+
+
+def describe_device(device: torch.device, world: int = 1) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        d = f"cuda ({name})"
+    else:
+        d = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{world}x {d}" if world > 1 else d
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def sync_quantizers(qmodel) -> None:
+    """Give every rank rank 0's calibrated quantizer buffers (no-op outside torch.distributed)."""
+    rank, world = dist_info()
+    if world == 1:
+        return
+    from .quant import Quantizer
+    bufs = {f"{n}.{b}": t for n, m in qmodel.named_modules() if isinstance(m, Quantizer)
+            for b, t in m.named_buffers(recurse=False)}
+    src = broadcast_object({k: v.detach().cpu() for k, v in bufs.items()} if rank == 0 else None)
+    with torch.no_grad():
+        for k, v in src.items():
+            bufs[k].copy_(v.to(bufs[k].device))
+
+
+class Runner:
+    """Runs jobs in this process (all ranks of a torchrun group run the same jobs together)."""
+
+    def __init__(self, opts: RunOptions, planner: Optional[Planner] = None, device: Optional[torch.device] = None,
+                 log: Callable[[str], None] = None):
+        self.opts = opts
+        self.planner = planner or Planner(opts)
+        self.device = device if device is not None else torch.device("cpu")
+        self.results = ResultsFile(opts.results_path)
+        self.out = Path(opts.out)
+        self.rank, self.world = dist_info()
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._model_key = None
+        self._loaded: Optional[zoo.LoadedModel] = None
+        self._eval_set = None
+        self._calib_set = None
+        self._calib_cache: dict = {}
+        self._float_cache: dict = {}
+
+    # ---- caches
+    def _load_model(self, res: Resolved) -> zoo.LoadedModel:
+        mkey = canonical(res.model_identity)
+        if mkey != self._model_key:
+            self._loaded = None
+            self._calib_cache.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            opts = self.opts
+            lm = zoo.create(res.entry.short, weights=None if res.weights in ("hub", "random-init") else res.weights,
+                            pretrained=res.weights == "hub", model_kwargs=opts.model_kwargs, init_seed=opts.init_seed)
+            lm.model.to(self.device)
+            tf = lm.transform()
+            self._eval_set = self.planner.eval_set.with_transform(tf)
+            if lm.num_classes and len(self._eval_set.classes) > lm.num_classes:
+                raise UserError(f"evaluation folder {res.eval_dir} has {len(self._eval_set.classes)} classes but "
+                                f"model {lm.name} predicts {lm.num_classes}")
+            self._calib_set = self.planner.calib_set.with_transform(tf)
+            self._loaded, self._model_key = lm, mkey
+        return self._loaded
+
+    def _calibration(self, job: Job) -> torch.Tensor:
+        ck = (job.calib_size, job.calib_seed)
+        if ck not in self._calib_cache:
+            cal = calibration_images(self._calib_set, job.calib_size, job.calib_seed,
+                                     progress=self.opts.progress and self.rank == 0)
+            for p in cal.skipped:
+                self.log(f"warning: skipped unreadable calibration image {p}")
+            self._calib_cache[ck] = cal.images
+        return self._calib_cache[ck]
+
+    def _float_top1(self, res: Resolved, lm: zoo.LoadedModel):
+        if res.float_key in self._float_cache:
+            return self._float_cache[res.float_key]
+        found = None
+        if self.opts.reuse_float:
+            for r in self.results.rows():
+                if r.get("float_key") == res.float_key and r.get("float_top1") is not None:
+                    found = r
+            found = broadcast_object(found)
+        if found is not None:
+            val = (found["float_top1"], found.get("n_eval"), found.get("n_skipped", 0), found.get("float_eval_seconds"))
+        else:
+            r = evaluate(lm.model, self._eval_set, batch_size=self.opts.batch_size, num_workers=self.opts.num_workers,
+                         device=self.device, progress=self.opts.progress, desc=f"float {lm.name}")
+            for p in r.skipped_paths:
+                self.log(f"warning: skipped unreadable image {p}")
+            val = (r.top1, r.total, r.skipped, round(r.seconds, 3))
+        self._float_cache[res.float_key] = val
+        return val
+
+    # ---- one job
+    def run(self, job: Job, *, replace: bool = False) -> dict:
+        """Calibrate and evaluate one job; returns its results row (written on rank 0)."""
+        import ptq4vit
+        res = self.planner.resolve(job)
+        lm = self._load_model(res)
+        images = self._calibration(job)
+        float_top1, n_eval, n_skipped, float_secs = self._float_top1(res, lm)
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            qmodel = ptq4vit.quantize(lm.model, images.to(self.device), job.preset, job.w_bits, job.a_bits,
+                                      memory_budget=self.opts.memory_budget,
+                                      progress=self.opts.progress and self.rank == 0, **job.overrides)
+        except ValueError as e:
+            raise UserError(f"cannot quantize {lm.name}: {e}") from None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        calib_seconds = time.perf_counter() - t0
+        sync_quantizers(qmodel)
+        r = evaluate(qmodel, self._eval_set, batch_size=self.opts.batch_size, num_workers=self.opts.num_workers,
+                     device=self.device, progress=self.opts.progress,
+                     desc=f"{job.preset} {job.bits} {lm.name}")
+        qparams = qmodel.qparams()
+        del qmodel
+
+        row = {
+            "key": res.key,
+            "model": lm.name,
+            "timm_name": lm.timm_name,
+            "timm_tag": lm.tag,
+            "weights": res.weights,
+            "model_kwargs": self.opts.model_kwargs or {},
+            "init_seed": self.opts.init_seed if res.weights == "random-init" else None,
+            "preset": job.preset,
+            "overrides": dict(job.overrides),
+            "ablation_row": job.ablation_row,
+            "w_bits": job.w_bits,
+            "a_bits": job.a_bits,
+            "calib_size": job.calib_size,
+            "calib_seed": job.calib_seed,
+            "calib_dir": str(res.calib_dir),
+            "calib_seconds": round(calib_seconds, 3),
+            "eval_dir": str(res.eval_dir),
+            "limit_per_class": self.opts.limit_per_class,
+            "n_eval": r.total,
+            "n_skipped": r.skipped,
+            "float_top1": float_top1,
+            "quant_top1": r.top1,
+            "drop": None if float_top1 is None else float_top1 - r.top1,
+            "eval_seconds": round(r.seconds, 3),
+            "float_eval_seconds": float_secs,
+            "float_key": res.float_key,
+            **versions(),
+            "device": describe_device(self.device, self.world),
+            "world_size": self.world,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if self.rank == 0:
+            qdir = self.out / "qparams"
+            qdir.mkdir(parents=True, exist_ok=True)
+            qpath = qdir / f"{_slug(lm.name)}_{_slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
+            import json
+            atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n")
+            row["qparams"] = str(qpath)
+            self.results.append(row, replace=replace)
+        barrier()
+        return row
+
+
+# --------------------------------------------------------------------------- job lists
+
+
+def pending_jobs(planner: Planner, jobs: list[Job], results: ResultsFile, force: bool = False) -> list[tuple[Job, str]]:
+    """``(job, key)`` for the jobs not yet in ``results`` (all of them with ``force``); duplicates dropped."""
+    done = set() if force else results.keys()
+    seen, out = set(), []
+    for job in jobs:
+        key = planner.resolve(job).key
+        if key in done or key in seen:
+            continue
+        seen.add(key)
+        out.append((job, key))
+    return out
+
+
+def run_serial(runner: Runner, jobs: list[Job], *, replace: bool = False,
+               on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    rows = []
+    for i, job in enumerate(jobs, 1):
+        if runner.rank == 0:
+            runner.log(f"[{i}/{len(jobs)}] {job.label()}")
+        row = runner.run(job, replace=replace)
+        rows.append(row)
+        if on_row is not None and runner.rank == 0:
+            on_row(row)
+    return rows
+
+
+def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q) -> None:
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        runner = Runner(opts, device=dev, log=lambda m: print(f"[worker {wid} {device}] {m}", file=sys.stderr, flush=True))
+    except BaseException as e:  # report and stop
+        out_q.put(("fatal", wid, f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        item = jobs_q.get()
+        if item is None:
+            break
+        i, job = item
+        try:
+            runner.log(f"start {job.label()}")
+            row = runner.run(job)
+            out_q.put(("row", i, row))
+        except UserError as e:
+            out_q.put(("error", i, str(e)))
+        except BaseException as e:
+            out_q.put(("error", i, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    out_q.put(("done", wid, None))
+
+
+def run_parallel(opts: RunOptions, jobs: list[Job], devices: list[str],
+                 on_row: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], list[str]]:
+    """Run jobs over one worker process per entry of ``devices`` (e.g. every visible GPU); each worker takes
+    the next job from a shared queue, and appends its row to the results file as soon as it finishes."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    jobs_q, out_q = ctx.Queue(), ctx.Queue()
+    # keep jobs of one model together, so a worker reuses its loaded model
+    for item in enumerate(jobs):
+        jobs_q.put(item)
+    for _ in devices:
+        jobs_q.put(None)
+    n_cpu = sum(1 for d in devices if d.startswith("cpu"))
+    threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
+    wopts = dataclasses.replace(opts, progress=False)
+    procs = [ctx.Process(target=_worker, args=(w, d, threads if d.startswith("cpu") else 0, wopts, jobs_q, out_q),
+                         daemon=False) for w, d in enumerate(devices)]
+    for p in procs:
+        p.start()
+    rows, errors, finished = {}, [], 0
+    try:
+        while finished < len(procs):
+            try:
+                kind, i, payload = out_q.get(timeout=5)
+            except Exception:
+                if not any(p.is_alive() for p in procs):
+                    errors.append("a worker process died")
+                    break
+                continue
+            if kind == "row":
+                rows[i] = payload
+                if on_row is not None:
+                    on_row(payload)
+            elif kind == "error":
+                errors.append(f"{jobs[i].label()}: {payload}")
+            elif kind == "fatal":
+                errors.append(f"worker {i}: {payload}")
+                finished += 1
+            elif kind == "done":
+                finished += 1
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return [rows[i] for i in sorted(rows)], errors
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The small table ``quantize`` prints."""
+    header = ("model", "preset", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "calib s")
+    lines = [header]
+    for r in rows:
+        overrides = dict(r.get("overrides") or {})
+        preset = r["preset"]
+        if r.get("ablation_row") is not None:
+            from .presets import ABLATION_ROWS
+            label, row_ov = ABLATION_ROWS.get(r["ablation_row"], (f"row {r['ablation_row']}", {}))
+            preset += f" row {r['ablation_row']} ({label})"
+            overrides = {k: v for k, v in overrides.items() if row_ov.get(k, object()) != v}
+        preset += "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
+        lines.append((r["model"], preset, f"W{r['w_bits']}A{r['a_bits']}", str(r["calib_size"]), str(r["n_eval"]),
+                      f"{r['float_top1']:.2f}", f"{r['quant_top1']:.2f}", f"{r['drop']:+.2f}", f"{r['calib_seconds']:.1f}"))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    right = {3, 4, 5, 6, 7, 8}
+    out = []
+    for j, line in enumerate(lines):
+        out.append("  ".join(str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
+                             for i, c in enumerate(line)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,308 @@
+"""Model names: the paper's short names, pinned timm names, and local weights (SPEC §6).
+
+``resolve("ViT-S/224")`` gives the pinned timm name (``vit_small_patch16_224.augreg_in21k_ft_in1k``);
+any timm name, with or without a pretrained tag, works too. :func:`create` builds the model with
+hub weights, with a local ``weights`` file (safetensors or a torch state dict, no hub needed), or
+randomly initialised, and resolves the model's evaluation transform from timm's pretrained config.
+
+``vit_s14_cifar10`` is the real ViT-S/14 CIFAR-10 classifier of the shared test models: pass
+``weights=`` its safetensors file or the folder holding it.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model: the paper's short name, its pinned timm name, and what else it needs."""
+    short: str
+    timm_name: str
+    description: str = ""
+    aliases: tuple = ()
+    #: Extra ``timm.create_model`` kwargs (e.g. ``num_classes`` of a local classifier).
+    kwargs: dict = field(default_factory=dict)
+    #: Replaces timm's resolved data config keys (e.g. a squash resize for CIFAR).
+    data_config: dict = field(default_factory=dict)
+    #: File name looked up when ``weights`` is a folder.
+    weights_file: Optional[str] = None
+    #: No hub weights exist: a local weights file is required (or random init).
+    local_only: bool = False
+    #: The model appears in the paper's tables (SPEC §7).
+    in_paper: bool = False
+
+
+MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry("ViT-Ti/224", "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "ViT-Ti/16, AugReg in21k→in1k"),
+    ModelEntry("ViT-S/224/32", "vit_small_patch32_224.augreg_in21k_ft_in1k", "ViT-S/32, AugReg in21k→in1k",
+               in_paper=True),
+    ModelEntry("ViT-S/224", "vit_small_patch16_224.augreg_in21k_ft_in1k", "ViT-S/16, AugReg in21k→in1k",
+               in_paper=True),
+    ModelEntry("ViT-B/224", "vit_base_patch16_224.augreg_in21k_ft_in1k", "ViT-B/16, AugReg in21k→in1k",
+               in_paper=True),
+    ModelEntry("ViT-B/384", "vit_base_patch16_384.augreg_in21k_ft_in1k", "ViT-B/16 at 384, AugReg in21k→in1k",
+               in_paper=True),
+    ModelEntry("DeiT-Ti/224", "deit_tiny_patch16_224.fb_in1k", "DeiT-Ti"),
+    ModelEntry("DeiT-S/224", "deit_small_patch16_224.fb_in1k", "DeiT-S", in_paper=True),
+    ModelEntry("DeiT-B/224", "deit_base_patch16_224.fb_in1k", "DeiT-B", in_paper=True),
+    ModelEntry("DeiT-B/384", "deit_base_patch16_384.fb_in1k", "DeiT-B at 384", in_paper=True),
+    # The paper's Swin-T/S are the in1k models; its Swin-B numbers (85.27, 86.44) are the in22k→in1k ones.
+    ModelEntry("Swin-T/224", "swin_tiny_patch4_window7_224.ms_in1k", "Swin-T, in1k", in_paper=True),
+    ModelEntry("Swin-S/224", "swin_small_patch4_window7_224.ms_in1k", "Swin-S, in1k", in_paper=True),
+    ModelEntry("Swin-B/224", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", "Swin-B, in22k→in1k", in_paper=True),
+    ModelEntry("Swin-B/384", "swin_base_patch4_window12_384.ms_in22k_ft_in1k", "Swin-B at 384, in22k→in1k",
+               in_paper=True),
+    ModelEntry("ViT-S/14-CIFAR10", "vit_small_patch14_dinov2",
+               "real ViT-S/14 (DINOv2-derived) backbone + CIFAR-10 linear head; local weights only",
+               aliases=("vit_s14_cifar10", "vit_small_patch14_dinov2_focus_cifar10"),
+               kwargs=dict(img_size=224, num_classes=10),
+               data_config=dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
+                                crop_mode="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+               weights_file="vit_small_patch14_dinov2_focus_cifar10.safetensors", local_only=True),
+)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-/]", "", name.lower())
+
+
+_BY_KEY: dict[str, ModelEntry] = {}
+for _e in MODELS:
+    for _n in (_e.short, *_e.aliases):
+        _BY_KEY[_norm(_n)] = _e
+
+
+def paper_models() -> list[str]:
+    """Short names of the models in the paper's tables, in the paper's order."""
+    return [e.short for e in MODELS if e.in_paper]
+
+
+def lookup(name: str) -> Optional[ModelEntry]:
+    """The named entry for a short name or alias (case, ``-``, ``_`` and ``/`` ignored), or a pinned timm name."""
+    e = _BY_KEY.get(_norm(name))
+    if e is not None:
+        return e
+    for e in MODELS:
+        if name == e.timm_name:
+            return e
+    return None
+
+
+def resolve(name: str) -> ModelEntry:
+    """An entry for a short name, alias or timm name (``arch`` or ``arch.tag``); unknown names raise UserError."""
+    import timm
+    if not name or not name.strip():
+        raise UserError("empty model name")
+    name = name.strip()
+    e = lookup(name)
+    if e is not None:
+        return e
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch):
+        if tag and not timm.list_pretrained(name):
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
+            raise UserError(f"unknown pretrained tag {tag!r} for timm model {arch}"
+                            + (f"; known tags: {', '.join(tags)}" if tags else ""))
+        return ModelEntry(short=name, timm_name=name, description="timm model")
+    choices = [e.short for e in MODELS] + [a for e in MODELS for a in e.aliases]
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    close += [m for m in difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.8) if m not in close]
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `ptq4vit models` lists the short names"
+    raise UserError(f"unknown model {name!r}: neither a short name ({', '.join(e.short for e in MODELS[:3])}, ...) "
+                    f"nor a timm model name{hint}")
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def load_state_dict_file(path) -> dict:
+    """A state dict from a safetensors file or a torch checkpoint (``state_dict``/``model`` wrappers and
+    a ``module.`` prefix removed); floating tensors are cast to float32."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if isinstance(sd, nn.Module):
+        sd = sd.state_dict()
+    if isinstance(sd, dict):
+        for k in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if k in sd and isinstance(sd[k], dict) and not isinstance(sd[k], torch.Tensor):
+                sd = sd[k]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def find_weights(entry: ModelEntry, weights) -> Path:
+    """``weights`` as a file, or the entry's file inside ``weights`` when it is a folder."""
+    p = Path(weights).expanduser()
+    if p.is_dir():
+        arch = entry.timm_name.partition(".")[0]
+        names = [n for n in (entry.weights_file, f"{entry.timm_name}.safetensors", f"{arch}.safetensors",
+                             f"{entry.timm_name}.pth", f"{arch}.pth", f"{arch}.bin") if n]
+        for n in names:
+            if (p / n).is_file():
+                return p / n
+        raise UserError(f"weights folder {p} has no weights for {entry.short} (looked for {', '.join(names)})")
+    if not p.exists():
+        raise UserError(f"weights file {p} does not exist")
+    return p
+
+
+def _load_into(model: nn.Module, sd: dict, path: Path, name: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+        return
+    except RuntimeError as first:
+        # Original-format checkpoints (e.g. the DeiT/Swin releases): timm's own converter, if any.
+        filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filt is not None:
+            try:
+                model.load_state_dict(filt(sd, model), strict=True)
+                return
+            except Exception:
+                pass
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in sd and sd[k].shape != v.shape]
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else ""))
+        raise UserError(f"weights file {path} does not fit model {name}: {'; '.join(parts) or str(first).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- model creation
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    entry: ModelEntry
+    #: timm architecture and pretrained tag actually used (tag ``None`` for random init / local weights of a
+    #: model with no tag).
+    timm_name: str
+    tag: Optional[str]
+    #: ``"hub"``, ``"random-init"`` or the weights file path.
+    weights: str
+    kwargs: dict
+    data_config: dict
+
+    @property
+    def name(self) -> str:
+        return self.entry.short
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def transform(self):
+        from .data import eval_transform
+        return eval_transform(self.data_config)
+
+
+def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Optional[dict] = None,
+           init_seed: int = 0) -> LoadedModel:
+    """Build a model by name, in eval mode, with its evaluation data config.
+
+    ``weights``: a local state-dict file (or a folder holding the entry's file); no hub is contacted.
+    ``pretrained=False`` with no ``weights`` gives a randomly initialised model (tests, smoke runs).
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size``, ``depth`` for tiny test models).
+    ``init_seed`` seeds the random initialisation (without touching the global RNG), so a random-init
+    model can be re-created exactly.
+    """
+    import timm
+    entry = resolve(name)
+    kwargs = {**entry.kwargs, **(model_kwargs or {})}
+    if weights is None and pretrained and entry.local_only:
+        hint = f" ({entry.weights_file} or the folder holding it)" if entry.weights_file else ""
+        raise UserError(f"model {entry.short} has no hub weights: pass --weights FILE{hint}")
+    path = None
+    if weights is not None:
+        path = find_weights(entry, weights)
+    use_hub = pretrained and path is None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = timm.create_model(entry.timm_name, pretrained=use_hub, **kwargs)
+    except TypeError as e:
+        raise UserError(f"bad model options for {entry.timm_name}: {e}") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if use_hub:
+            raise UserError(f"cannot load pretrained weights for {entry.timm_name} ({first}); "
+                            f"pass --weights FILE to use a local checkpoint") from None
+        raise UserError(f"cannot create model {entry.timm_name}: {first}") from None
+    except Exception as e:  # hub/network errors come in many types
+        if use_hub:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load pretrained weights for {entry.timm_name} ({type(e).__name__}: {first}); "
+                            f"pass --weights FILE to use a local checkpoint") from None
+        raise
+    if path is not None:
+        _load_into(model, load_state_dict_file(path), path, entry.short)
+    model.eval()
+    arch = entry.timm_name.partition(".")[0]
+    tag = getattr(model, "pretrained_cfg", {}).get("tag") if (use_hub or (path is not None and not entry.local_only)) else None
+    return LoadedModel(model=model, entry=entry, timm_name=arch, tag=tag,
+                       weights="hub" if use_hub else ("random-init" if path is None else str(path)),
+                       kwargs=kwargs, data_config=data_config(model, entry, kwargs))
+
+
+def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Optional[dict] = None) -> dict:
+    """timm's evaluation data config for ``model`` (SPEC §6), with the entry's overrides and the input size
+    following an ``img_size`` model option."""
+    from timm.data import resolve_data_config
+    cfg = dict(resolve_data_config({}, model=model))
+    if entry is not None:
+        cfg.update(entry.data_config)
+    img_size = (kwargs or {}).get("img_size")
+    if img_size is not None:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        cfg["input_size"] = (3, *hw)
+    return cfg
+
+
+def describe_models() -> str:
+    """A text table of the named models."""
+    rows = [("short name", "timm name", "notes")]
+    for e in MODELS:
+        notes = e.description + (f" (aliases: {', '.join(e.aliases)})" if e.aliases else "")
+        rows.append((e.short, e.timm_name, notes))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def shared_dir() -> Path:
+    """The read-only shared data folder: ``$PTQ4VIT_SHARED`` or ``../shared`` next to the repository."""
+    env = os.environ.get("PTQ4VIT_SHARED")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared"

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-init timm models and the location of ../shared."""
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PTQ4VIT_SHARED", REPO.parent / "shared"))
+
+# Small configurations of each supported family: (timm name, create kwargs, image size).
+TINY_MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, num_classes=10), 32),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2, num_classes=10), 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                                                  num_classes=10), 56),
+}
+
+
+def make_tiny(kind: str, seed: int = 0):
+    name, kwargs, size = TINY_MODELS[kind]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return model, images
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} is absent (set PTQ4VIT_SHARED)")
+    return SHARED
+
+
+# ---- data / CLI fixtures (ptq4vit.data, zoo, evaluate, results, cli tests)
+
+#: A very small random-init ViT for command-line tests (fast to calibrate on CPU).
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2, num_classes=10)
+#: Preset overrides that make calibration of the tiny models take well under a second.
+FAST_OVERRIDES = ["--set", "n_candidates=10", "--set", "rounds=1"]
+
+
+@pytest.fixture
+def cifar_dir(shared_dir):
+    d = shared_dir / "data" / "cifar10"
+    if not (d / "test").is_dir() or not (d / "calib").is_dir():
+        pytest.skip(f"{d} (test/ and calib/) is absent")
+    return d
+
+
+@pytest.fixture
+def imagenet_sample_dir(shared_dir):
+    d = shared_dir / "data" / "imagenet-sample"
+    if not (d / "val").is_dir():
+        pytest.skip(f"{d}/val is absent")
+    return d
+
+
+@pytest.fixture
+def tiny_cli_args(cifar_dir):
+    """Common ``ptq4vit`` arguments: tiny random ViT, CIFAR-10 test (3 per class) and calib folders
+    (add ``--model``/``--models`` and ``--calib-size``/``--calib-sizes``)."""
+    import json as _json
+    return ["--model-kwargs", _json.dumps(TINY_VIT_KWARGS), "--random-init",
+            "--data", str(cifar_dir), "--val-split", "test", "--calib-dir", str(cifar_dir / "calib"),
+            "--limit", "3", "--workers", "0", "--no-progress", *FAST_OVERRIDES]

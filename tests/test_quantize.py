@@ -1,0 +1,107 @@
+"""quantize(): end-to-end properties on tiny random-init ViT, DeiT (distilled) and Swin."""
+import json
+
+import pytest
+import torch
+
+import ptq4vit
+from ptq4vit.calib import capture
+from ptq4vit.models import insert_quant_sites
+from ptq4vit.presets import get_preset
+
+from conftest import make_tiny
+
+FAST = dict(n_candidates=12, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["base", "official", "ptq4vit"])
+def test_every_family_quantizes_close_to_float_at_w8a8(tiny_model, preset):
+    model, images = tiny_model
+    q = ptq4vit.quantize(model, images, preset, 8, 8, **FAST)
+    with torch.no_grad():
+        ref, out = model(images), q(images)
+        with q.quantization_disabled():
+            assert torch.equal(q(images), ref) or torch.allclose(q(images), ref, atol=1e-4)
+    assert torch.isfinite(out).all()
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.2, f"relative logit error {rel:.3f}"
+    assert not torch.equal(out, ref)  # quantization is really on
+
+
+def test_calibration_is_bit_reproducible():
+    model, images = make_tiny("vit")
+    a = ptq4vit.quantize(model, images, "ptq4vit", 6, 6, **FAST)
+    b = ptq4vit.quantize(model, images, "ptq4vit", 6, 6, **FAST)
+    assert a.qparams() == b.qparams()
+    with torch.no_grad():
+        assert torch.equal(a(images), b(images))
+
+
+def test_capture_in_several_groups_gives_the_same_scales():
+    model, images = make_tiny("swin")
+    one = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, memory_budget=1 << 30, **FAST)
+    many = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, memory_budget=1 << 21, **FAST)
+    assert one.qparams() == many.qparams()
+
+
+def test_qparams_follow_the_spec_layout(tmp_path):
+    model, images = make_tiny("deit_distilled")
+    q = ptq4vit.quantize(model, images, "ptq4vit", 8, 6, **FAST)
+    path = tmp_path / "qparams.json"
+    ptq4vit.save_qparams(q, path)
+    doc = json.loads(path.read_text())
+    assert doc["preset"] == "ptq4vit" and doc["w_bits"] == 8 and doc["a_bits"] == 6
+    assert doc["model"].startswith("deit_tiny_distilled_patch16_224")
+    mods = doc["modules"]
+    heads = model.blocks[0].attn.num_heads
+    assert mods["blocks.0.attn.qkv"]["kind"] == "linear" and len(mods["blocks.0.attn.qkv"]["w_scale"]) == 3
+    assert len(mods["blocks.0.attn.qkv"]["a_scale"]) == 1
+    fc2 = mods["blocks.0.mlp.fc2"]
+    assert set(fc2) == {"kind", "w_scale", "a_scale", "a_neg_scale"}
+    assert fc2["a_neg_scale"] == pytest.approx(0.16997124254703522 / 32)
+    ratio = fc2["a_scale"][0] / fc2["a_neg_scale"]
+    assert ratio == 2.0 ** round(torch.log2(torch.tensor(ratio)).item())  # power-of-two twin in the ptq4vit preset
+    m1, m2 = mods["blocks.0.attn.matmul1"], mods["blocks.0.attn.matmul2"]
+    assert m1["kind"] == "matmul" and len(m1["a_scale"]) == heads and len(m1["b_scale"]) == heads
+    assert "a_scale" not in m2 and len(m2["b_scale"]) == heads
+    assert m2["split"] in [2.0 ** -i for i in range(20)]
+    assert mods["patch_embed.proj"]["kind"] == "conv"
+    assert len(mods["patch_embed.proj"]["w_scale"]) == model.patch_embed.proj.out_channels
+    assert "head_dist" in mods
+    assert all(v > 0 for m in mods.values() for k, s in m.items() if k.endswith("scale") for v in (s if isinstance(s, list) else [s]))
+
+
+def test_overrides_reach_the_sites():
+    model, images = make_tiny("vit")
+    q = ptq4vit.quantize(model, images, "official", 8, 8, softmax_twin=False, gelu_twin=False, metric="cosine", **FAST)
+    assert q.preset.overrides() == {"metric": "cosine", "softmax_twin": False, "gelu_twin": False, "n_candidates": 12}
+    mods = q.qparams()["modules"]
+    assert "a_scale" in mods["blocks.0.attn.matmul2"] and "a_neg_scale" not in mods["blocks.0.mlp.fc2"]
+
+
+def test_official_gradients_are_rounding_noise_and_ptq4vit_gradients_are_not():
+    model, images = make_tiny("vit")
+    sites = insert_quant_sites(model, get_preset("ptq4vit"), 8, 8)
+    for m in model.modules():
+        if hasattr(m, "enabled"):
+            m.enabled = False
+    name = "blocks.1.mlp.fc1"
+    kl = capture(model, images, {name: sites[name]}, "kl-official", batch_size=8)[name].grad
+    ce = capture(model, images, {name: sites[name]}, "ce-fp-label", batch_size=8)[name].grad
+    assert kl.shape == ce.shape == (6, 17, model.blocks[1].mlp.fc1.out_features)
+    assert kl.abs().max() < 1e-5 * ce.abs().max()
+    assert ce.abs().max() > 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(calib_images=torch.randn(2, 32, 32)), r"shape \(N, 3, H, W\)"),
+    (dict(preset="fancy"), "unknown preset 'fancy'"),
+    (dict(alpha_typo=1), "unknown preset field"),
+    (dict(w_bits=1), "w_bits must be an integer from 2 to 8"),
+])
+def test_bad_arguments_are_explained(bad, message):
+    model, images = make_tiny("vit")
+    kwargs = dict(calib_images=images, progress=False)
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=message):
+        ptq4vit.quantize(model, **kwargs)
