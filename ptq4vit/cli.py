@@ -323,7 +323,8 @@ def _run_sweep(args, jobs) -> int:
     opts = run_options(args)
     planner = Planner(opts)
     results = ResultsFile(opts.results_path)
-    _check_output(opts) if not args.dry_run else None
+    if not args.dry_run:
+        _check_output(opts)
     todo = pending_jobs(planner, jobs, results, force=args.force)
     devices = _devices(args)
     if os.environ.get("WORLD_SIZE", "1") != "1" and devices:

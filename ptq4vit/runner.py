@@ -428,7 +428,7 @@ def run_parallel(opts: RunOptions, jobs: list[Job], devices: list[str],
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     jobs_q, out_q = ctx.Queue(), ctx.Queue()
-    # keep jobs of one model together, so a worker reuses its loaded model
+    # jobs come in model order; a worker keeps its loaded model while consecutive jobs share it
     for item in enumerate(jobs):
         jobs_q.put(item)
     for _ in devices:
