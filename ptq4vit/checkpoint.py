@@ -51,7 +51,7 @@ CODES_SUFFIX = ".weight_codes"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointError", "save", "load", "read_metadata", "float_weights_digest", "structure_digest",
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "data_config", "float_weights_digest", "structure_digest",
            "derive_create_kwargs", "FORMAT", "FORMAT_VERSION"]
 
 
@@ -276,12 +276,15 @@ def _versions() -> dict:
     return {"ptq4vit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
 
 
-def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None) -> dict:
+def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None,
+         data_config: Optional[dict] = None) -> dict:
     """Write ``qmodel`` as one safetensors checkpoint; return its metadata.
 
     ``create_kwargs`` are extra ``timm.create_model`` arguments for architectures whose
     constructor arguments cannot be read off the model (they are merged into what is derived;
     the result is verified by rebuilding on the meta device before anything is written).
+    ``data_config`` (timm's evaluation data config: input size, interpolation, crop, mean/std)
+    is stored for tools that evaluate the checkpoint later.
     """
     from safetensors.torch import save_file
 
@@ -320,7 +323,13 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         "structure_sha256": structure_digest(model),
         "float_weights_sha256": float_weights_digest(model),
     }
-    meta_json = json.dumps(meta, sort_keys=True)
+    if data_config is not None:
+        meta["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint metadata cannot be written as JSON ({e}); pass plain values in "
+                              f"create_kwargs/data_config") from None
     digest = _content_digest(meta_json, tensors)
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -380,6 +389,34 @@ def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
                               f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
     return meta, file_meta[META_KEY], tensors
+
+
+def data_config(meta: dict, model: Optional[nn.Module] = None) -> dict:
+    """The evaluation data config of a checkpoint: the stored one, else the zoo's entry for its
+    architecture, else timm's for the model (input size from the model's patch embedding)."""
+    stored = meta.get("data_config")
+    if stored:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    from . import zoo
+
+    name = meta["model"]["name"]
+    entry = zoo.lookup(name) or zoo.lookup(name.partition(".")[0])
+    kwargs = dict(meta["model"].get("create_kwargs") or {})
+    img = kwargs.get("img_size")
+    if isinstance(img, list):
+        kwargs["img_size"] = tuple(img)
+    if model is None:
+        model = load_skeleton_float(meta)
+    return zoo.data_config(model.model if isinstance(model, QuantizedModel) else model, entry, kwargs)
+
+
+def load_skeleton_float(meta: dict) -> nn.Module:
+    """The float architecture of a checkpoint, on the meta device (no memory, no weights)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(meta["model"]["name"], pretrained=False,
+                                 **_kwargs_from_json(meta["model"]["create_kwargs"]))
 
 
 def read_metadata(path: PathLike) -> dict:

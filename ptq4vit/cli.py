@@ -482,6 +482,13 @@ def cmd_models(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export, bench, eval --checkpoint
+
+from .export.cli_commands import register as _register_export_commands  # noqa: E402
+
+_register_export_commands(command)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq4vit.calib.calibrate import calibrate_linear, calibrate_matmul
-from ptq4vit.calib.search import Product, score
+from ptq4vit.calib.search import Product, best_pruned, score
 from ptq4vit.nn import QuantLinear, QuantMatMul
 from ptq4vit.presets import get_preset
 from ptq4vit.quant import TwinSoftmaxQuantizer, UniformQuantizer, softmax_twin_fake_quant, uniform_fake_quant
@@ -62,7 +62,7 @@ def test_linear_search_matches_the_literal_spec(metric, groups):
     x = torch.randn(3, 7, 8)
     lin = nn.Linear(8, 6)
     grad = torch.randn(3, 7, 6)
-    preset = get_preset("ptq4vit", metric=metric, n_candidates=25, rounds=2)
+    preset = get_preset("ptq4vit", metric=metric, n_candidates=12, rounds=2)
     want_w, want_a = spec_linear(x, lin.weight.detach(), lin.bias.detach(), grad, metric, groups, preset, 4, 4)
     site = QuantLinear(lin, UniformQuantizer(4, groups, axis=0 if groups > 1 else None), UniformQuantizer(4))
     calibrate_linear(site, x, grad, preset, budget=1 << 20)
@@ -73,36 +73,29 @@ def test_linear_search_matches_the_literal_spec(metric, groups):
 @pytest.mark.parametrize("metric", ["cosine", "hessian"])
 def test_chunking_does_not_change_scores(metric):
     torch.manual_seed(0)
-    a = torch.randn(6, 16, 8)            # 2 images x 3 heads
-    b = torch.randn(6, 8, 12)
-    p = Product(a=a, b=b, grad=torch.randn(6, 16, 12), metric=metric, heads=3)
     q = lambda t, s: uniform_fake_quant(t, s, 4)
-    cands = torch.rand(10, 3) * 0.5 + 0.01
-    for side, fixed in (("a", b), ("b", a)):
-        big = score(p, side, fixed, q, cands, budget_bytes=1 << 30, per_head=True)
-        tiny = score(p, side, fixed, q, cands, budget_bytes=4096, per_head=True)
-        assert big.shape == (10, 3)
-        assert torch.allclose(big, tiny, rtol=1e-5, atol=0)
-        assert torch.equal(big.argmax(0), tiny.argmax(0))
+    cands = torch.rand(10, 1) * 0.5 + 0.01
+    att = Product(a=torch.randn(6, 16, 8), b=torch.randn(6, 8, 12), grad=torch.randn(6, 16, 12), metric=metric)
     lin = Product(a=torch.randn(1, 50, 8), b=torch.randn(1, 8, 12), bias=torch.randn(12), grad=torch.randn(1, 50, 12),
                   metric=metric)
-    wc = torch.rand(10, 12) * 0.5 + 0.01
-    big = score(lin, "b", lin.a, q, wc, 1 << 30, feature_groups=3)
-    tiny = score(lin, "b", lin.a, q, wc, 2048, feature_groups=3)
-    assert big.shape == (10, 3) and torch.allclose(big, tiny, rtol=1e-5, atol=0)
+    for p in (att, lin):
+        for side, fixed in (("a", p.b), ("b", p.a)):
+            big = score(p, side, fixed, q, cands, budget_bytes=1 << 30)
+            tiny = score(p, side, fixed, q, cands, budget_bytes=2048)
+            assert big.shape == (10, 1)
+            assert torch.allclose(big, tiny, rtol=1e-5, atol=0)
+            assert torch.equal(big.argmax(0), tiny.argmax(0))
 
 
-def test_per_head_scores_score_each_head_on_its_own_output():
+def test_batched_scores_sum_images_of_the_literal_metric():
     torch.manual_seed(0)
-    a, b = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 4, 6)
-    p = Product(a=a.flatten(0, 1), b=b.flatten(0, 1), metric="mse", heads=2)
-    cands = torch.tensor([[0.1, 0.1], [0.3, 0.3]])
-    scores = score(p, "a", p.b, lambda t, s: uniform_fake_quant(t, s, 4), cands, 1 << 20, per_head=True)
-    for h in range(2):
-        for i in range(2):
-            o_hat = uniform_fake_quant(a[:, h], cands[i, h], 4) @ b[:, h]
-            want = spec_score(o_hat, a[:, h] @ b[:, h], None, "mse")
-            assert scores[i, h].item() == pytest.approx(want * 5, rel=1e-5)  # sum over rows = 5 x mean
+    a, b = torch.randn(3, 5, 4), torch.randn(3, 4, 6)
+    p = Product(a=a, b=b, metric="mse")
+    cands = torch.tensor([[0.1], [0.3]])
+    scores = score(p, "a", p.b, lambda t, s: uniform_fake_quant(t, s, 4), cands, 1 << 20)
+    for i in range(2):
+        want = spec_score(uniform_fake_quant(a, cands[i, 0], 4) @ b, a @ b, None, "mse")
+        assert scores[i, 0].item() == pytest.approx(want * 5, rel=1e-5)  # sum over rows = 5 x mean
 
 
 def test_conv_channels_are_scored_over_their_positions():
@@ -136,3 +129,30 @@ def test_official_split_search_ignores_v_quantization_and_ptq4vit_does_not():
         best = max((spec_score((softmax_twin_fake_quant(attn, torch.tensor(2.0 ** -i), 4, form) @ b_fixed).flatten(0, 1),
                                out.flatten(0, 1), grad.flatten(0, 1), "hessian"), -i) for i in range(20))
         assert split.item() == 2.0 ** best[1]
+
+
+@pytest.mark.parametrize("metric", ["mse", "hessian"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_pruned_search_picks_the_exhaustive_argmax(metric, side):
+    torch.manual_seed(3)
+    q = lambda t, s: uniform_fake_quant(t, s, 4)
+    lin = Product(a=torch.randn(1, 300, 16), b=torch.randn(1, 16, 24) * 0.2, bias=torch.randn(24),
+                  grad=torch.randn(1, 300, 24), metric=metric)
+    fixed = lin.b if side == "a" else lin.a
+    absmax = (lin.a if side == "a" else lin.b).abs().max()
+    cands = (torch.linspace(0.01, 1.2, 60) * absmax / 7.5)[:, None]
+    for budget in (1 << 12, 1 << 14, 1 << 30):   # many blocks ... one block
+        want = int(score(lin, side, fixed, q, cands, budget).argmax(0)[0])
+        assert best_pruned(lin, side, fixed, q, cands, budget) == want
+    att = Product(a=torch.randn(8, 10, 6), b=torch.randn(8, 6, 10), grad=torch.randn(8, 10, 10), metric=metric)
+    fixed = att.b if side == "a" else att.a
+    cands = torch.linspace(0.02, 1.0, 30)[:, None]
+    for budget in (1 << 10, 1 << 30):
+        assert best_pruned(att, side, fixed, q, cands, budget) == int(score(att, side, fixed, q, cands, budget).argmax(0)[0])
+
+
+def test_pruning_keeps_the_first_of_tied_candidates():
+    q = lambda t, s: uniform_fake_quant(t, s, 8)
+    p = Product(a=torch.ones(1, 40, 4), b=torch.ones(1, 4, 3), metric="mse")
+    cands = torch.tensor([[10.0], [1.0], [1.0], [0.5], [1.0]])  # 1.0 and 0.5 are both exact
+    assert best_pruned(p, "a", p.b, q, cands, 1 << 9) == 1

@@ -2,4 +2,4 @@
 from .calibrate import calibrate_site
 from .capture import capture, default_memory_budget, estimate_site_bytes, plan_groups
 from .metrics import row_scores
-from .search import SEARCH_CHUNK_BYTES, Product, score
+from .search import SEARCH_CHUNK_BYTES, Product, best_index, best_pruned, score

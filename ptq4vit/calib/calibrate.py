@@ -2,10 +2,10 @@
 
 Per site, a round searches the weight (matmul: operand A) with the input (B) fixed at its
 current scale, then the input with the weight fixed at its new scale; round 1 starts from Δ0.
-Each search is an exhaustive batched scan of the candidate grid (see :mod:`.search`). A round
-is a deterministic function of the scale it starts from, so once a round ends where the
-previous one started, all later rounds would repeat it: the loop stops there with exactly
-the result the full number of rounds gives.
+Each group (a q/k/v block of a qkv weight, a head of an attention operand) has its own
+product, scored on its own outputs, and its own argmax. A round is a deterministic function
+of the scales it starts from, so once a round ends where the previous one started, every
+later round would repeat it: the loop stops there with the result all rounds would give.
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from torch import nn
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
 from ..quant import (TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors, gelu_twin_fake_quant,
-                     initial_scale, qmax, softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
-from ..quant.quantizers import group_view
-from .search import Product, best, score
+                     initial_scale, softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
+from .search import Product, best_index, score
 
 
 class _Grid:
@@ -38,19 +37,20 @@ def _uniform(bits: int):
     return lambda x, s: uniform_fake_quant(x, s, bits)
 
 
-def _group_absmax(w: torch.Tensor, groups: int) -> torch.Tensor:
-    return w.reshape(groups, -1).abs().amax(dim=1)
-
-
-def _fake_quant_weight(w: torch.Tensor, quant: UniformQuantizer, scale: torch.Tensor) -> torch.Tensor:
-    if quant.axis is None:
-        return uniform_fake_quant(w, scale, quant.bits)
-    shape = (quant.groups,) + (1,) * w.dim()
-    return uniform_fake_quant(group_view(w, 0, quant.groups), scale.reshape(shape), quant.bits).reshape(w.shape)
+def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The values ``2^m Δ-`` inside the grid's range (the nearest one if none is inside)."""
+    lo, hi = grid.min(), grid.max()
+    exps = torch.arange(int(torch.floor(torch.log2(lo / neg))), int(torch.ceil(torch.log2(hi / neg))) + 1,
+                        device=grid.device, dtype=grid.dtype)
+    cands = neg * torch.pow(2.0, exps)
+    inside = cands[(cands >= lo) & (cands <= hi)]
+    if inside.numel():
+        return inside
+    return cands[(torch.log2(cands) - torch.log2(grid.mean())).abs().argmin()].reshape(1)
 
 
 class _InputSearch:
-    """Search of a linear layer's input scale: a uniform or a post-GELU twin quantizer."""
+    """A linear layer's input quantizer during the search: uniform or post-GELU twin."""
 
     def __init__(self, quant, x: torch.Tensor, grid: _Grid):
         self.quant = quant
@@ -58,10 +58,11 @@ class _InputSearch:
         if isinstance(quant, TwinGeluQuantizer):
             neg = quant.neg_scale.to(x)
             self.fn = lambda t, s: gelu_twin_fake_quant(t, s, neg, bits)
-            start = initial_scale(x.max().reshape(1), bits)
+            start = initial_scale(x.max().reshape(1), bits)  # signed max: the positive range
             self.cands = grid.around(start).reshape(-1)
             if quant.pow2:
                 self.cands = _pow2_candidates(self.cands, neg)
+                start = self.cands[(self.cands - start).abs().argmin()].reshape(1)
         else:
             self.fn = _uniform(bits)
             start = initial_scale(x.abs().max().reshape(1), bits)
@@ -72,43 +73,35 @@ class _InputSearch:
         return self.fn(x, self.scale)
 
 
-def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Powers of two times Δ- inside the grid's range (the nearest one if none is inside)."""
-    lo = torch.ceil(torch.log2(grid.min() / neg))
-    hi = torch.ceil(torch.log2(grid.max() / neg))
-    exps = torch.arange(int(lo), int(hi) + 1, device=grid.device, dtype=grid.dtype)
-    cands = neg * torch.pow(2.0, exps)
-    cands = cands[(cands >= grid.min()) & (cands <= grid.max())]
-    if cands.numel() == 0:
-        cands = neg * torch.pow(2.0, torch.round(torch.log2(grid.mean() / neg))).reshape(1)
-    return cands
-
-
 def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     grid = _Grid(preset, x.device)
     w = site.weight.detach()
+    bias = site.bias.detach() if site.bias is not None else None
     x = x.reshape(1, -1, x.shape[-1])
     g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
-    p = Product(a=x, b=w.t().unsqueeze(0), bias=None if site.bias is None else site.bias.detach(), grad=g,
-                metric=preset.metric)
     wq = site.w_quant
-    block = w.shape[0] // wq.groups
-    w_start = initial_scale(_group_absmax(w, wq.groups), wq.bits)
-    w_cands = grid.around(w_start).repeat_interleave(block, dim=1)   # (n, out): each column's candidate
-    first_col = torch.arange(wq.groups, device=x.device) * block
+    size = w.shape[0] // wq.groups
+    blocks = [slice(i * size, (i + 1) * size) for i in range(wq.groups)]
+    # One product per weight block, scored on its own output columns; the whole layer for the input.
+    block_products = [Product(a=x, b=w[cols].t().unsqueeze(0), bias=bias[cols] if bias is not None else None,
+                              grad=g[..., cols] if g is not None else None, metric=preset.metric) for cols in blocks]
+    layer = block_products[0] if wq.groups == 1 else Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g,
+                                                              metric=preset.metric)
+    w_start = initial_scale(torch.stack([w[cols].abs().max() for cols in blocks]), wq.bits)
+    w_cands = grid.around(w_start)                                   # (n, groups)
     inp = _InputSearch(site.a_quant, x, grid) if site.a_quant is not None else None
 
     w_scale = w_start
     for _ in range(preset.rounds):
         x_fixed = inp.apply(x) if inp is not None else x
-        idx = best(score(p, "b", x_fixed, _uniform(wq.bits), w_cands, budget, feature_groups=wq.groups))
-        w_scale = w_cands[idx, first_col]
+        w_scale = torch.stack([w_cands[best_index(prod, "b", x_fixed, _uniform(wq.bits), w_cands[:, i:i + 1], budget), i]
+                               for i, prod in enumerate(block_products)])
         if inp is None:
             break  # nothing alternates with the weight: further rounds repeat this one
-        w_fixed = _fake_quant_weight(w, wq, w_scale).t().unsqueeze(0)
-        new = inp.cands[best(score(p, "a", w_fixed, inp.fn, inp.cands.reshape(-1, 1), budget))].reshape(1)
-        converged = torch.equal(new, inp.scale)
-        inp.scale = new
+        w_fixed = torch.cat([uniform_fake_quant(w[cols], w_scale[i], wq.bits) for i, cols in enumerate(blocks)])
+        new = inp.cands[best_index(layer, "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
+        converged = torch.equal(new.reshape(1), inp.scale)
+        inp.scale = new.reshape(1)
         if converged:
             break
     wq.set_scale(w_scale)
@@ -127,15 +120,14 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
     p = Product(a=patches.reshape(1, -1, patches.shape[-1]), b=w.reshape(cout, -1).t().unsqueeze(0),
                 bias=None if site.bias is None else site.bias.detach(), grad=g, metric=preset.metric)
     wq = site.w_quant
-    w_start = initial_scale(_group_absmax(w, wq.groups), wq.bits)
-    cands = grid.around(w_start)                                     # (n, groups)
     if wq.groups == cout and cout > 1:
         # Each channel is its own group, scored over its positions in each image.
-        idx = best(score(p, "b", p.a, _uniform(wq.bits), cands, budget, rows_per_item=positions))
+        cands = grid.around(initial_scale(w.reshape(cout, -1).abs().amax(1), wq.bits))   # (n, cout)
+        idx = score(p, "b", p.a, _uniform(wq.bits), cands, budget, rows_per_item=positions).argmax(0)
         wq.set_scale(cands[idx, torch.arange(cout, device=x.device)])
     else:
-        idx = best(score(p, "b", p.a, _uniform(wq.bits), cands, budget))
-        wq.set_scale(cands[idx[0], :1])
+        cands = grid.around(initial_scale(w.abs().max().reshape(1), wq.bits))             # (n, 1)
+        wq.set_scale(cands[best_index(p, "b", p.a, _uniform(wq.bits), cands, budget)])
 
 
 def _per_head_absmax(t: torch.Tensor) -> torch.Tensor:
@@ -147,17 +139,17 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
     grid = _Grid(preset, a.device)
     heads = a.shape[1]
-    p = Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
-                metric=preset.metric, heads=heads)
-    per_head_view = (1, heads, 1, 1)
+    per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
+                for h in range(heads)]
     bq: UniformQuantizer = site.b_quant
-    b_start = initial_scale(_per_head_absmax(b), bq.bits)
-    b_cands = grid.around(b_start)                                   # (n, heads)
-    b_scale = b_start
+    b_scale = initial_scale(_per_head_absmax(b), bq.bits)
+    b_cands = grid.around(b_scale)                                   # (n, heads)
     aq = site.a_quant
     twin = isinstance(aq, TwinSoftmaxQuantizer)
-    head_ids = torch.arange(heads, device=a.device)
     if twin:
+        # One split for the layer, scored over all heads at once.
+        whole = Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
+                        metric=preset.metric)
         a_fn = lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form)
         a_cands = softmax_split_candidates().to(a.device).reshape(-1, 1)
         b_quantized_in_a_search = preset.split_search_quantized_b
@@ -166,18 +158,21 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         a_cands = grid.around(initial_scale(_per_head_absmax(a), aq.bits))   # (n, heads)
         b_quantized_in_a_search = True
 
+    def quant_b(scale):
+        return uniform_fake_quant(b, scale.reshape(1, heads, 1, 1), bq.bits)
+
     a_scale = None
     for _ in range(preset.rounds):
-        b_fixed = uniform_fake_quant(b, b_scale.reshape(per_head_view), bq.bits) if b_quantized_in_a_search else b
-        scores = score(p, "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget, per_head=not twin)
+        b_fixed = quant_b(b_scale) if b_quantized_in_a_search else b
         if twin:
-            a_scale = a_cands[best(scores)[0], 0]
+            a_scale = a_cands[best_index(whole, "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget), 0]
             a_fixed = a_fn(a, a_scale)
         else:
-            a_scale = a_cands[best(scores), head_ids]
-            a_fixed = a_fn(a, a_scale.reshape(per_head_view))
-        scores = score(p, "b", a_fixed.flatten(0, 1), _uniform(bq.bits), b_cands, budget, per_head=True)
-        new = b_cands[best(scores), head_ids]
+            a_scale = torch.stack([a_cands[best_index(prod, "a", b_fixed[:, h], a_fn, a_cands[:, h:h + 1], budget), h]
+                                   for h, prod in enumerate(per_head)])
+            a_fixed = a_fn(a, a_scale.reshape(1, heads, 1, 1))
+        new = torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], _uniform(bq.bits), b_cands[:, h:h + 1], budget), h]
+                           for h, prod in enumerate(per_head)])
         # With v float in the split search (official), the next round would repeat this one.
         converged = torch.equal(new, b_scale) or not b_quantized_in_a_search
         b_scale = new

@@ -2,14 +2,15 @@
 
 Every quantization site computes a product ``O = A @ B (+ bias)``: a linear layer is
 ``X @ Wᵀ``, the patch-embedding conv is ``patches @ Wᵀ``, an attention matmul is itself
-(batched over images x heads). A :class:`Product` holds it in one canonical 3-d form,
-``A: (Bt, M, K)``, ``B: (Bt or 1, K, N)``, ``Bt`` = images x heads (1 for a linear layer).
+(batched over images, or images x heads). A :class:`Product` holds one quantization group's
+product in a canonical 3-d form, ``A: (Bt, M, K)``, ``B: (Bt or 1, K, N)``; the caller splits
+grouped scales (q/k/v blocks, heads) into one product per group.
 
-The quantized copies of the searched operand for ``c`` candidates are built in one
-broadcast op and multiplied in one batched GEMM that also subtracts the float output
-(``baddbmm(O, A, B, beta=-1)``), so the error ``Ô - O`` never needs a pass of its own. Rows
-and candidates are split into steps whose temporaries stay within a small working set
-(cache-friendly) and within the caller's byte budget; per-row scores are summed in float64.
+The quantized copies of the searched operand for ``c`` candidates are built in one broadcast
+op and multiplied in one batched GEMM that also subtracts the float output
+(``baddbmm(O, A, B, beta=-1)``), so the error ``Ô - O`` costs no pass of its own. Work is cut
+into blocks of rows (or batch entries) whose temporaries stay within a small, cache-friendly
+working set bounded by the caller's byte budget; per-row scores are summed in float64.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ import torch
 #: cache: on a 2-core CPU, 16-64 MiB steps score 2-4x faster than 1 GiB ones.
 SEARCH_CHUNK_BYTES = 64 << 20
 
-#: ``quant(x, scale) -> fake-quantized x``; ``scale`` carries a candidate dim into ``x``.
+#: Blocks a pruned search cuts its rows into: finer blocks drop hopeless candidates sooner.
+PRUNE_BLOCKS = 8
+
+#: ``quant(x, scale) -> fake-quantized x``; ``scale`` carries a leading candidate dim into ``x``.
 QuantFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _COSINE_EPS = 1e-8
@@ -30,15 +34,13 @@ _COSINE_EPS = 1e-8
 
 @dataclass
 class Product:
-    """The float operands of one site's product and what scoring needs of its output."""
+    """The float operands of one group's product and what scoring needs of its output."""
 
     a: torch.Tensor                      # (Bt, M, K)
     b: torch.Tensor                      # (Bt, K, N), or (1, K, N) shared by every batch entry
     bias: Optional[torch.Tensor] = None  # (N,)
     grad: Optional[torch.Tensor] = None  # dL/dO, (Bt, M, N); needed by the hessian metric
     metric: str = "cosine"
-    #: Bt = images x heads with the head index fastest; scales and scores may be per head.
-    heads: int = 1
 
     def __post_init__(self):
         if self.a.dim() != 3 or self.b.dim() != 3:
@@ -48,132 +50,159 @@ class Product:
         if self.metric == "hessian" and self.grad is None:
             raise ValueError("the hessian metric needs output gradients")
         out = self.a @ self.b
-        if self.bias is not None:
-            out = out + self.bias
-        self.out = out
+        self.out = out + self.bias if self.bias is not None else out
         # What baddbmm subtracts: A @ B - (O - bias) = Ô - O.
-        self._target = out - self.bias if self.bias is not None else out
+        self._target = out
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(Bt, M, K, N)."""
+        return (*self.a.shape, self.b.shape[2])
 
 
-def _blocks(p: Product, per_row_elems: int, budget_elems: int, n: int, align_rows: int):
-    """Yield (candidate count per step, [(bt0, bt1, m0, m1), ...]) for the step sizes."""
-    bt, m = p.a.shape[0], p.a.shape[1]
+Block = tuple[int, int, int, int]  # bt0, bt1, m0, m1
+
+
+def _plan(p: Product, side: str, n: int, budget_bytes: int, rows_per_item: int, min_blocks: int = 1):
+    """Candidates per step and the blocks of (batch entries, rows) each step covers."""
+    bt, m, K, N = p.shape
+    per_row = N * (3 if p.metric == "cosine" else 2) + (K if side == "a" else 0)
+    budget = max(1, budget_bytes // 4)
+    align = max(1, rows_per_item)
     if bt == 1:
-        c = max(1, min(n, budget_elems // max(1, m * per_row_elems)))
-        if c < min(n, 8):  # rather fewer rows than fewer candidates per step
-            c = min(n, 8)
-        rows = max(align_rows, (budget_elems // (c * per_row_elems)) // align_rows * align_rows)
+        c = min(n, max(8, budget // max(1, m * per_row)))
+        rows = max(align, min(budget // (c * per_row), -(-m // min_blocks)) // align * align)
+        if side == "b" and c * K * N > budget:  # the weight stack dominates
+            c = max(1, budget // (K * N))
         return c, [(0, 1, m0, min(m, m0 + rows)) for m0 in range(0, m, rows)]
-    # Batched products (attention): one candidate per step, whole head groups per block.
-    per_group = p.heads * m * per_row_elems
-    groups = max(1, budget_elems // per_group)
-    step = groups * p.heads
+    # Batched products: one candidate per step, whole batch entries per block.
+    step = max(1, min(budget // (m * per_row), -(-bt // min_blocks)))
     return 1, [(b0, min(bt, b0 + step), 0, m) for b0 in range(0, bt, step)]
 
 
-def _scale_for(cands: torch.Tensor, bt0: int, bt1: int, heads: int, side: str) -> torch.Tensor:
-    """Candidate scales ``(c, S)`` shaped to broadcast against the stacked operand.
+def _scale_for(chunk: torch.Tensor) -> torch.Tensor:
+    """``(c, S)`` candidates (S = 1, or N: one per output column of B) -> broadcastable ``(c, 1, 1, S)``."""
+    return chunk.reshape(chunk.shape[0], 1, 1, chunk.shape[1])
 
-    S = 1 (one scale), ``heads`` (per head, mapped onto batch entries) or N (per output column).
-    A stack is ``(c, bt, m, K)``; B stack is ``(c, bt, K, N)``.
+
+def _row_scores(x: torch.Tensor, p: Product, blk: Block, rows_per_item: int) -> torch.Tensor:
+    """Per-row scores of the candidates' errors (or outputs, for cosine) ``x: (c, bt, m, N)``.
+
+    Returns ``(c, bt, m)``, or ``(c, bt, items, N)`` when rows are the features.
     """
-    c, s = cands.shape
-    if s == 1:
-        return cands.reshape(c, 1, 1, 1)
-    if s == heads and heads > 1:
-        head_of = torch.arange(bt0, bt1, device=cands.device) % heads
-        return cands[:, head_of].reshape(c, bt1 - bt0, 1, 1)
-    if side == "b":
-        return cands.reshape(c, 1, 1, s)
-    raise ValueError(f"cannot lay out {s} scales per candidate on operand {side}")
-
-
-def _row_scores(err_or_out: torch.Tensor, p: Product, blk, metric: str, groups: int, rows_per_item: int) -> torch.Tensor:
-    """Per-row scores ``(c, bt, rows, G)``, or ``(c, bt, items, N)`` when rows are the features."""
     bt0, bt1, m0, m1 = blk
-    x = err_or_out
-    if metric == "hessian":
+    if p.metric == "hessian":
         x.mul_(p.grad[bt0:bt1, m0:m1])
-    if rows_per_item:
-        # A conv channel is scored over the positions of each image: features = rows.
-        x = x.unflatten(2, (-1, rows_per_item))
-        dim = -2
-    else:
-        x = x.unflatten(-1, (groups, -1))
-        dim = -1
-    if metric != "cosine":
-        return torch.linalg.vector_norm(x, dim=dim).square_().div_(x.shape[dim]).neg_()
     o = p.out[bt0:bt1, m0:m1]
-    o = o.unflatten(1, (-1, rows_per_item)) if rows_per_item else o.unflatten(-1, (groups, -1))
+    if rows_per_item:
+        # A conv channel is scored over the positions of each image: the features are rows.
+        x, o, dim = x.unflatten(2, (-1, rows_per_item)), o.unflatten(1, (-1, rows_per_item)), -2
+    else:
+        dim = -1
+    if p.metric != "cosine":
+        return torch.linalg.vector_norm(x, dim=dim).square_().div_(x.shape[dim]).neg_()
     o_sq = o.square().sum(dim)
     x_sq = torch.linalg.vector_norm(x, dim=dim).square_()
     dot = x.mul_(o).sum(dim)
     return dot.div_(torch.sqrt(torch.clamp_min(x_sq.mul_(o_sq), _COSINE_EPS ** 2)))
 
 
-def _reduce(r: torch.Tensor, heads: int, per_head: bool) -> torch.Tensor:
-    """``(c, bt, rows, G)`` -> ``(c, G')``: sum rows and images, keep heads if per_head."""
-    r = r.double().sum(dim=2)                   # (c, bt, G)
-    if per_head:
-        return r.unflatten(1, (-1, heads)).sum(dim=1).flatten(1)
-    return r.sum(dim=1)
+def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor, blk: Block,
+                 rows_per_item: int = 0, stack_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scores ``(c, G)`` of the candidates ``chunk`` over one block (G = 1, or N with rows_per_item)."""
+    bt0, bt1, m0, m1 = blk
+    bt, m = bt1 - bt0, m1 - m0
+    cc = chunk.shape[0]
+    _, _, K, N = p.shape
+    if cc > 1 and bt > 1:
+        raise ValueError("batched products are scored one candidate per step")
+    if side == "a":
+        stack = quant(p.a[bt0:bt1, m0:m1].unsqueeze(0), _scale_for(chunk))        # (c, bt, m, K)
+        b_fix = fixed[bt0:bt1] if fixed.shape[0] > 1 else fixed
+        lhs, rhs = stack.flatten(0, 1), b_fix.expand(max(bt, cc), K, N)
+    elif p.b.shape[0] == 1:
+        if stack_b is None:
+            stack_b = quant(p.b.unsqueeze(0), _scale_for(chunk)).flatten(0, 1)      # (c, K, N)
+        lhs, rhs = fixed[bt0:bt1, m0:m1].expand(cc, m, K), stack_b
+    else:
+        stack = quant(p.b[bt0:bt1].unsqueeze(0), _scale_for(chunk))               # (c, bt, K, N)
+        lhs, rhs = fixed[bt0:bt1, m0:m1], stack.flatten(0, 1)
+    if p.metric == "cosine":
+        res = torch.bmm(lhs, rhs)
+        if p.bias is not None:
+            res.add_(p.bias)
+    else:
+        res = torch.baddbmm(p._target[bt0:bt1, m0:m1], lhs, rhs, beta=-1)
+    r = _row_scores(res.unflatten(0, (cc, bt)), p, blk, rows_per_item).double()
+    return r.sum(dim=(1, 2)).reshape(cc, -1)
 
 
 def score(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor, budget_bytes: int,
-          feature_groups: int = 1, per_head: bool = False, rows_per_item: int = 0) -> torch.Tensor:
+          rows_per_item: int = 0) -> torch.Tensor:
     """Scores ``(n, G)`` (higher is better) of candidate scales of operand ``side`` (``"a"`` or ``"b"``).
 
     Args:
         fixed: the other operand as it is held fixed (already fake-quantized, or float).
         quant: fake quantization of the searched operand.
-        cands: ``(n, S)`` candidate scales, S = 1, ``p.heads`` or N (per output column, B only).
-        feature_groups: N is split into this many blocks, each scored on its own columns
-            (the q/k/v blocks of a fused qkv weight).
-        per_head: keep one score per head (G = heads) instead of summing heads.
-        rows_per_item: score each output column over consecutive runs of this many rows
-            (a conv output channel over the positions of one image); 0 for the feature dim.
+        cands: ``(n, S)`` candidate scales; S = 1, or N (one per output column, operand B only).
+        rows_per_item: score each output column separately over consecutive runs of this many
+            rows (a conv output channel over the positions of one image), G = N; else G = 1
+            and the metric reduces the feature dim.
     """
     n = cands.shape[0]
-    K, N = p.a.shape[2], p.b.shape[2]
-    per_row = N * (3 if p.metric == "cosine" else 2) + (K if side == "a" else 0)
-    budget = max(1, budget_bytes // 4)
-    c, blocks = _blocks(p, per_row, budget, n, max(1, rows_per_item))
-    if side == "b" and p.b.shape[0] == 1 and c * K * N > budget:  # the weight stack dominates
-        c = max(1, budget // (K * N))
+    c, blocks = _plan(p, side, n, budget_bytes, rows_per_item)
     total = []
     for c0 in range(0, n, c):
         chunk = cands[c0:c0 + c]
-        cc = chunk.shape[0]
         stack_b = None
-        if side == "b" and p.b.shape[0] == 1:
-            stack_b = quant(p.b.unsqueeze(0), _scale_for(chunk, 0, 1, p.heads, "b")).flatten(0, 1)  # (c, K, N)
+        if side == "b" and p.b.shape[0] == 1:  # the quantized weights serve every block
+            stack_b = quant(p.b.unsqueeze(0), _scale_for(chunk)).flatten(0, 1)
         acc = 0
         for blk in blocks:
-            bt0, bt1, m0, m1 = blk
-            bt, m = bt1 - bt0, m1 - m0
-            assert cc == 1 or bt == 1, "batched products are scored one candidate per step"
-            if side == "a":
-                stack = quant(p.a[bt0:bt1, m0:m1].unsqueeze(0), _scale_for(chunk, bt0, bt1, p.heads, "a"))  # (c, bt, m, K)
-                b_fix = fixed[bt0:bt1] if fixed.shape[0] > 1 else fixed
-                lhs, rhs = stack.flatten(0, 1), b_fix.expand(max(bt, cc), K, N)
-            elif stack_b is not None:
-                lhs, rhs = fixed[bt0:bt1, m0:m1].expand(cc, m, K), stack_b
-            else:
-                stack = quant(p.b[bt0:bt1].unsqueeze(0), _scale_for(chunk, bt0, bt1, p.heads, "b"))  # (c, bt, K, N)
-                lhs, rhs = fixed[bt0:bt1, m0:m1], stack.flatten(0, 1)
-            if p.metric == "cosine":
-                res = torch.bmm(lhs, rhs)
-                if p.bias is not None:
-                    res.add_(p.bias)
-            else:
-                res = torch.baddbmm(p._target[bt0:bt1, m0:m1], lhs, rhs, beta=-1)
-            res = res.unflatten(0, (cc, bt))                                    # (c, bt, m, N)
-            r = _row_scores(res, p, blk, p.metric, feature_groups, rows_per_item)
-            acc = acc + _reduce(r, p.heads, per_head)
+            acc = acc + _score_block(p, side, fixed, quant, chunk, blk, rows_per_item, stack_b)
         total.append(acc)
     return torch.cat(total)
 
 
-def best(scores: torch.Tensor) -> torch.Tensor:
-    """Index of the best candidate per group (first on ties)."""
-    return scores.argmax(dim=0)
+def best_pruned(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor,
+                budget_bytes: int) -> int:
+    """Index of the best candidate (first on ties), as ``score(...)``'s argmax but usually cheaper.
+
+    For ``mse`` and ``hessian`` every row adds a score <= 0, so a candidate's partial sum over
+    the blocks seen so far bounds its final score from above (float64 addition of non-positive
+    terms never increases a sum). The leader after the first block is scored in full; a
+    candidate whose partial sum falls strictly below that full score cannot win and is dropped.
+    """
+    if p.metric == "cosine":
+        raise ValueError("pruning needs a metric whose row scores are <= 0 (mse, hessian)")
+    n = cands.shape[0]
+    c, blocks = _plan(p, side, n, budget_bytes, 0, min_blocks=PRUNE_BLOCKS)
+
+    def run(idx: torch.Tensor, blk: Block) -> torch.Tensor:
+        return torch.cat([_score_block(p, side, fixed, quant, cands[idx[i:i + c]], blk)[:, 0]
+                          for i in range(0, len(idx), c)])
+
+    everyone = torch.arange(n, device=cands.device)
+    partial = run(everyone, blocks[0])
+    leader = int(partial.argmax())
+    leader_score = partial[leader].clone()
+    for blk in blocks[1:]:
+        leader_score += run(everyone[leader:leader + 1], blk)[0]
+    alive = everyone[(partial >= leader_score) & (everyone != leader)]
+    for blk in blocks[1:]:
+        if alive.numel() == 0:
+            break
+        partial[alive] += run(alive, blk)
+        alive = alive[partial[alive] >= leader_score]
+    final = torch.full_like(partial, float("-inf"))
+    final[alive] = partial[alive]
+    final[leader] = leader_score
+    return int(final.argmax())
+
+
+def best_index(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor,
+               budget_bytes: int) -> int:
+    """The best candidate of a one-group search, pruned where the metric allows it."""
+    if p.metric == "cosine":
+        return int(score(p, side, fixed, quant, cands, budget_bytes).argmax(0)[0])
+    return best_pruned(p, side, fixed, quant, cands, budget_bytes)

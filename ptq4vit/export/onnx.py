@@ -55,7 +55,7 @@ from ..quantized import QuantizedModel
 __all__ = ["export_onnx", "ExportReport", "SiteExport", "cpu_has_vnni", "GEMM_MODES", "TWIN_COMBINES"]
 
 GEMM_MODES = ("portable", "vnni", "auto")
-TWIN_COMBINES = ("auto", "shift", "float")
+TWIN_COMBINES = ("gemm", "int32")
 DEFAULT_OPSET = 17
 _INT32_LIMIT = 2 ** 31 - 1
 
@@ -271,15 +271,17 @@ class _LinearLowering(_Lowering):
             K = site.in_features
             qa = qmax(aq.bits)
             fits = m is not None and K * qw * ((qa - 1) * 2 ** abs(m) + qa) <= _INT32_LIMIT
-            if twin_combine == "shift" and not fits:
+            if twin_combine == "int32" and not fits:
                 why = "Δ+/Δ- is not a power of two" if m is None else "the shifted int32 sum could overflow"
-                raise ValueError(f"{name}: twin_combine='shift' impossible ({why}); use 'auto' or 'float'")
-            self.shift = m if (fits and twin_combine != "float") else None
+                raise ValueError(f"{name}: twin_combine='int32' is impossible here ({why}); use 'gemm'")
+            self.shift = m if twin_combine == "int32" else None
+            self.pow2 = m
             if self.shift is not None:
-                how = "GELU twin: 2 int8 MatMulInteger (u8 x s8), int32 shift-add"
+                how = "GELU twin: 2 MatMulInteger u8 x s8, int32 shift-add"
+            elif m is not None:
+                how = "GELU twin: 2 MatMulIntegerToFloat u8 x s8, output scales 2^m apart"
             else:
-                how = "GELU twin: 2 int8 MatMulIntegerToFloat (u8 x s8), float add" + (
-                    "" if m is not None else " (Δ+/Δ- not a power of two)")
+                how = "GELU twin: 2 MatMulIntegerToFloat u8 x s8, free Δ+ (not 2^m Δ-)"
         else:
             self.twin = False
             self.a_scale = float(aq.scale.detach().float().cpu()[0])
@@ -306,7 +308,7 @@ class _LinearLowering(_Lowering):
         pos = e.quantize(x, _f32(self.pos_step), np.uint8(0), clip=(0, q - 1))      # clamp(round(x/Δ+), 0, q-1)
         negm = e.quantize(x, _f32(-self.neg_step), np.uint8(0))                     # -clamp(round(x/Δ-), -q, 0)
         b = e.const(self.b)
-        if self.shift is None:
+        if self.shift is None:  # the two accumulators meet in the GEMMs' float output stage
             z8, zs = e.const(np.uint8(0)), e.const(self.b_zp)
             args = [pos, b, e.const(_f32(self.pos_step)), e.const(self.col_scale), z8, zs]
             if self.bias is not None:
@@ -354,13 +356,19 @@ class _MatMulLowering(_Lowering):
             self.lo_max = int(torch.round(split / (split / levels)).clamp(0, levels))         # sum form: lo at x >= s
             self.hi_min = int(torch.round(torch.clamp(split, split, torch.ones(())) * levels))  # sum form: hi at x <= s
             i = _pow2_exponent(self.step_hi / self.step_lo)
+            if i is None or i < 0:  # Δ_R2 / Δ_R1 = 1/s = 2^i by construction
+                raise NotImplementedError(f"softmax twin with a split that is not a power of two ({self.split})")
             narrow = True
-            fits = i is not None and i >= 0 and k_dim * levels * qb * (2 ** i + 1) <= _INT32_LIMIT
-            if twin_combine == "shift" and not fits:
-                raise ValueError(f"{name}: twin_combine='shift' impossible (split exponent {i}, {k_dim} tokens)")
-            self.shift = i if (fits and twin_combine != "float") else None
-            how = f"softmax twin ({self.form}): 2 MatMulInteger u8 x s8, " + (
-                "int32 shift-add" if self.shift is not None else "float add")
+            if twin_combine == "int32" and k_dim * levels * qb * (2 ** i + 1) > _INT32_LIMIT:
+                raise ValueError(f"{name}: twin_combine='int32' could overflow int32 (split 2^-{i}, {k_dim} tokens)")
+            self.shift = i
+            self.int32 = twin_combine == "int32"
+            # below 2^24 every accumulator is exact in float32, so scaling the hi GEMM's output by
+            # 2^i and adding is bit-identical to the int32 shift-add followed by one cast
+            self.exact_float = k_dim * levels * qb * (2 ** i + 1) < 2 ** 24
+            how = f"softmax twin ({self.form}): 2 " + (
+                "MatMulInteger u8 x s8, int32 shift-add" if self.int32 else
+                "MatMulIntegerToFloat u8 x s8, hi output scaled by 2^i")
         else:
             if not isinstance(aq, UniformQuantizer):
                 raise NotImplementedError(f"operand A quantizer {type(aq).__name__}")
@@ -369,7 +377,7 @@ class _MatMulLowering(_Lowering):
             self.a_zp, self.a_clip, narrow = _act_encoding(aq.bits)
             if aq.groups > 1:
                 self.a_zp = np.full(aq.groups, self.a_zp, np.uint8)
-            how = "MatMulInteger u8 x {} per head"
+            how = "MatMulIntegerToFloat u8 x {} per head"
         if narrow or gemm == "vnni":
             self.b_zp, self.b_clip, b_type = np.int8(0), (None if bq.bits == 8 else (-qb, qb - 1)), "s8"
         else:
@@ -399,29 +407,32 @@ class _MatMulLowering(_Lowering):
             aq = e.quantize(a, self.a_scale if self.a_axis is not None else self.a_scale.reshape(()), self.a_zp,
                             axis=self.a_axis, clip=self.a_clip)
             a_zp = e.const(self.a_zp if self.a_zp.ndim == 0 else self.a_zp[:1].reshape(()))
-            acc = e.op("MatMulInteger", aq, bq, a_zp, b_zp)
-            return e.op("Mul", e.cast_float(acc), e.const(self._head_shape(self.a_scale * self.b_scale)))
+            one = e.const(_f32(1.0))
+            acc = e.op("com.microsoft::MatMulIntegerToFloat", aq, bq, one, one, a_zp, b_zp)
+            return e.op("Mul", acc, e.const(self._head_shape(self.a_scale * self.b_scale)))
         u8 = np.uint8
+        lo_all = e.quantize(a, _f32(self.step_lo), u8(0))
+        hi_all = e.quantize(a, _f32(self.step_hi), u8(0))
         if self.form == "select":
-            below = e.op("Less", a, e.const(_f32(self.split)))
-            lo_all = e.quantize(a, _f32(self.step_lo), u8(0))
-            hi_all = e.quantize(a, _f32(self.step_hi), u8(0))
-            zero = e.const(u8(0))
-            lo = e.op("Where", below, lo_all, zero)
-            hi = e.op("Where", below, zero, hi_all)
-        else:  # "sum": lo = clamp(round(clamp(x,0,s)/Δ_R1)), hi = round(clamp(x,s,1)/Δ_R2), round is monotone
-            lo = e.op("Min", e.quantize(a, _f32(self.step_lo), u8(0)), e.const(u8(self.lo_max)))
-            hi = e.op("Max", e.quantize(a, _f32(self.step_hi), u8(0)), e.const(u8(self.hi_min)))
+            # codes of the region each value falls in; masks by multiplication (ORT's Where is slow)
+            below = e.op("Cast", e.op("Less", a, e.const(_f32(self.split))), to_i=2)  # TensorProto.UINT8
+            above = e.op("Sub", e.const(u8(1)), below)
+            lo = e.op("Mul", lo_all, below)
+            hi = e.op("Mul", hi_all, above)
+        else:  # "sum": lo = clamp(round(clamp(x,0,s)/Δ_R1)), hi = round(clamp(x,s,1)/Δ_R2); round is monotone
+            lo = e.op("Min", lo_all, e.const(u8(self.lo_max)))
+            hi = e.op("Max", hi_all, e.const(u8(self.hi_min)))
         z8 = e.const(u8(0))
-        acc_lo = e.op("MatMulInteger", lo, bq, z8, b_zp)
-        acc_hi = e.op("MatMulInteger", hi, bq, z8, b_zp)
-        if self.shift is not None:
+        unit = e.const(self._head_shape(self.b_scale * np.float32(self.step_lo)))
+        if self.int32:
+            acc_lo = e.op("MatMulInteger", lo, bq, z8, b_zp)
+            acc_hi = e.op("MatMulInteger", hi, bq, z8, b_zp)
             hi_s = e.op("Mul", acc_hi, e.const(np.int32(2 ** self.shift))) if self.shift else acc_hi
-            acc = e.op("Add", acc_lo, hi_s)
-            return e.op("Mul", e.cast_float(acc), e.const(self._head_shape(self.b_scale * np.float32(self.step_lo))))
-        y_lo = e.op("Mul", e.cast_float(acc_lo), e.const(self._head_shape(self.b_scale * np.float32(self.step_lo))))
-        y_hi = e.op("Mul", e.cast_float(acc_hi), e.const(self._head_shape(self.b_scale * np.float32(self.step_hi))))
-        return e.op("Add", y_lo, y_hi)
+            return e.op("Mul", e.cast_float(e.op("Add", acc_lo, hi_s)), unit)
+        one = e.const(_f32(1.0))
+        y_lo = e.op("com.microsoft::MatMulIntegerToFloat", lo, bq, one, one, z8, b_zp)
+        y_hi = e.op("com.microsoft::MatMulIntegerToFloat", hi, bq, e.const(_f32(2.0 ** self.shift)), one, z8, b_zp)
+        return e.op("Mul", e.op("Add", y_lo, y_hi), unit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,12 +536,54 @@ def _postprocess(path: str, meta: dict) -> None:
 
     model = onnx.load(path)
     _fold_constant_muls(model.graph)
+    _quantize_before_transpose(model.graph)
+    _drop_unused(model.graph)
     del model.metadata_props[:]
     for k, v in meta.items():
         p = model.metadata_props.add()
         p.key, p.value = k, str(v)
     onnx.checker.check_model(model)
     onnx.save(model, path)
+
+
+def _quantize_before_transpose(graph) -> None:
+    """``QuantizeLinear(Transpose(x))`` -> ``Transpose(QuantizeLinear(x))`` where the quantization
+    axis is not moved (kᵀ of q@kᵀ): the transpose then moves bytes instead of floats, and ORT's
+    QDQ propagation no longer wraps it in an extra DequantizeLinear/QuantizeLinear pair."""
+    from onnx import helper
+
+    consumers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in graph.node for o in n.output}
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        t = producer.get(q.input[0])
+        if t is None or t.op_type != "Transpose" or len(consumers.get(t.output[0], [])) != 1:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+        if perm is None or perm[axis] != axis:
+            continue
+        mid = q.output[0] + "_before_transpose"
+        new_q = helper.make_node("QuantizeLinear", [t.input[0], *q.input[1:]], [mid], name=q.name,
+                                 **({"axis": axis} if any(a.name == "axis" for a in q.attribute) else {}))
+        new_t = helper.make_node("Transpose", [mid], [q.output[0]], name=t.name, perm=perm)
+        idx = list(graph.node).index(q)
+        graph.node.remove(t)
+        graph.node.remove(q)
+        idx = min(idx, len(graph.node))
+        graph.node.insert(idx - 1 if idx else 0, new_q)
+        graph.node.insert(idx if idx else 1, new_t)
+
+
+def _drop_unused(graph) -> None:
+    """Remove Constant nodes and initializers nothing reads (left behind by the rewrites)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(n)
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
 
 
 def _fold_constant_muls(graph) -> None:
@@ -582,7 +635,7 @@ def _fold_constant_muls(graph) -> None:
 
 def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.PathLike], *, int8: bool = True,
                 batch_size: Optional[int] = None, input_size: Optional[tuple] = None, gemm: str = "portable",
-                twin_combine: str = "auto", opset: int = DEFAULT_OPSET) -> ExportReport:
+                twin_combine: str = "gemm", opset: int = DEFAULT_OPSET) -> ExportReport:
     """Write ``model`` as ONNX; return what was done (:class:`ExportReport`).
 
     Args:
@@ -591,9 +644,12 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
         batch_size: fixed batch size, or None for a dynamic batch dimension.
         input_size: ``(C, H, W)``; default: the model's patch embedding size.
         gemm: ``"portable"`` | ``"vnni"`` | ``"auto"`` (see the module docstring).
-        twin_combine: ``"auto"`` (int32 shift-add where the ranges are a power of two apart and
-            the int32 sum cannot overflow, float add elsewhere), ``"shift"`` (error where
-            impossible) or ``"float"``.
+        twin_combine: how the two integer products of a twin quantizer are combined.
+            ``"gemm"`` (default): two ``MatMulIntegerToFloat`` whose output scales carry the two
+            steps (for the softmax twin they are exactly ``2^i`` apart: the shift happens in the
+            float exponent, bit-identical to an int32 shift-add while accumulators stay below
+            2^24); ``"int32"``: two ``MatMulInteger``, an int32 multiply by ``2^i`` (``2^m``) and
+            add, one cast (needs power-of-two ranges; refused where int32 could overflow).
     """
     if gemm not in GEMM_MODES:
         raise ValueError(f"gemm must be one of {GEMM_MODES}, got {gemm!r}")

@@ -1,0 +1,249 @@
+"""``ptq4vit export``, ``ptq4vit bench`` and ``ptq4vit eval --checkpoint``.
+
+Registered into :mod:`ptq4vit.cli` by :func:`register` (cli.py imports this module); each command
+works on a checkpoint written by :func:`ptq4vit.checkpoint.save`.
+
+    ptq4vit export --checkpoint q.safetensors --out q_int8.onnx --float-out q_fp32.onnx
+    ptq4vit bench  --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 10
+    ptq4vit eval   --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _need_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"this command needs onnx and onnxruntime (pip install 'ptq4vit[export]'): {e}") from None
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a quantized checkpoint written by ptq4vit (safetensors)")
+
+
+def _load(path: str):
+    from ..checkpoint import load, read_metadata
+    qmodel = load(path)
+    return qmodel, read_metadata(path)
+
+
+def _images(meta: dict, qmodel, data_dir: str, limit: Optional[int], strict: bool = False):
+    """(dataset, images tensor, labels) of an image folder, with the checkpoint's eval transform."""
+    import torch
+    from ..checkpoint import data_config
+    from ..data import ImageFolder, eval_transform, make_loader
+
+    cfg = data_config(meta, qmodel)
+    ds = ImageFolder(data_dir, eval_transform(cfg), strict=strict, limit_per_class=limit, what="image folder")
+    xs, ys = [], []
+    for batch in make_loader(ds, batch_size=100):
+        if batch.images is not None:
+            xs.append(batch.images)
+            ys.append(batch.labels)
+    if not xs:
+        raise UserError(f"no readable images in {data_dir}")
+    return ds, torch.cat(xs), torch.cat(ys).numpy()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    from .onnx import GEMM_MODES, TWIN_COMBINES
+    _checkpoint_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="int8 ONNX file to write")
+    p.add_argument("--float-out", metavar="FILE", help="also write the float32 ONNX graph of the same model here")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic)")
+    p.add_argument("--gemm", choices=GEMM_MODES, default="portable",
+                   help="int8 GEMM flavour: portable (exact on every x86 CPU), vnni (u8 x s8 everywhere: exact and "
+                        "fastest with AVX512-VNNI/AVX-VNNI, wrong on AVX2-only CPUs), auto (vnni if this CPU has it) "
+                        "(default: %(default)s)")
+    p.add_argument("--twin-combine", choices=TWIN_COMBINES, default="gemm",
+                   help="how the two integer products of a twin quantizer meet: in the GEMMs' output scales, or an "
+                        "int32 shift-add (default: %(default)s)")
+    p.add_argument("--check", type=int, default=8, metavar="N",
+                   help="run N random inputs through ONNX Runtime and the torch model and print the difference "
+                        "(0: skip; default: %(default)s)")
+
+
+def cmd_export(args) -> int:
+    _need_onnx()
+    from .onnx import export_onnx
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    qmodel, _ = _load(args.checkpoint)
+    for f in (args.out, args.float_out):
+        if f:
+            Path(f).parent.mkdir(parents=True, exist_ok=True)
+    rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine)
+    print(rep.summary())
+    if args.float_out:
+        export_onnx(qmodel, args.float_out, int8=False, batch_size=args.batch_size)
+        print(f"{args.float_out}: float32 ONNX (quantizers off; weights are the checkpoint's dequantized ones)")
+    if args.check:
+        import numpy as np
+        import torch
+        from .bench import compare_outputs
+        from .ort import make_session, optimized_op_counts, INTEGER_OPS
+        n = args.batch_size or args.check
+        x = torch.randn(n, *rep.input_shape[1:], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = qmodel(x).numpy()
+        out = make_session(args.out).run(None, {"input": x.numpy()})[0]
+        c = compare_outputs(ref, out)
+        ops = optimized_op_counts(args.out)
+        ints = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+        print(f"check on {n} random inputs: max |logit error| vs the fake-quantized torch model "
+              f"{c['max_abs_logit_error']:.3g} (max |logit| {c['max_abs_logit']:.3g}), top-1 agreement "
+              f"{c['top1_agreement']:.1f}%; integer kernels ORT runs: {ints}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def bench_args(p: argparse.ArgumentParser) -> None:
+    from .onnx import GEMM_MODES
+    _checkpoint_args(p)
+    p.add_argument("--data-dir", metavar="DIR", help="class folders of evaluation images (top-1 and agreement)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N images of each class (default: all)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes to time (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for ORT and torch (default: theirs)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs of each variant (default: %(default)s)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated ORT providers: cpu, cuda (default: every one available)")
+    p.add_argument("--gemm", choices=GEMM_MODES, default="portable", help="int8 GEMM flavour (see export)")
+    p.add_argument("--onnx-dir", metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
+    p.add_argument("--no-torch", action="store_true", help="do not time the fake-quantized torch model")
+    p.add_argument("--profile", action="store_true", help="also print ORT's time per operator at the largest batch")
+    p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+
+
+def cmd_bench(args) -> int:
+    _need_onnx()
+    from .bench import benchmark, format_bench, op_breakdown
+    from .ort import available_providers
+    from ..cli import parse_int_list
+    sizes = parse_int_list(args.batch_sizes, "batch sizes")
+    if any(b < 1 for b in sizes):
+        raise UserError("batch sizes must be at least 1")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    names = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+    providers = None
+    if args.providers:
+        providers = []
+        for p in args.providers.split(","):
+            p = p.strip()
+            full = names.get(p.lower(), p)
+            if full not in available_providers():
+                raise UserError(f"ORT provider {p!r} is not available here (available: {', '.join(available_providers())})")
+            providers.append(full)
+    qmodel, meta = _load(args.checkpoint)
+    images = labels = None
+    if args.data_dir:
+        _, images, labels = _images(meta, qmodel, args.data_dir, args.limit)
+        _log(f"{len(images)} images from {args.data_dir}")
+    res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers, threads=args.threads,
+                    repeats=args.repeats, include_torch=not args.no_torch, workdir=args.onnx_dir, gemm=args.gemm,
+                    log=_log)
+    print(res.int8_report.summary())
+    print(format_bench(res))
+    if args.profile:
+        b = max(sizes)
+        for k, path in res.onnx_paths.items():
+            print(f"where the time goes, {k}, batch {b}:")
+            print(op_breakdown(path, res.int8_report.input_shape[1:], b, threads=args.threads))
+    if args.json:
+        out = {"model": res.model, "threads": res.threads, "timings": res.timings, "accuracy": res.accuracy,
+               "agreement": res.agreement, "fallbacks": [s.__dict__ for s in res.int8_report.fallbacks],
+               "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r['provider'], r['batch']) for r in res.timings})}}
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval --checkpoint
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    _checkpoint_args(p)
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="class folders of evaluation images")
+    p.add_argument("--limit", type=int, metavar="N", help="first N images of each class (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--onnx", metavar="FILE", help="evaluate this exported ONNX graph (ONNX Runtime, CPU) instead")
+
+
+def cmd_eval_checkpoint(args) -> int:
+    from ..checkpoint import data_config
+    from ..data import ImageFolder, eval_transform
+    from ..evaluate import evaluate
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    qmodel, meta = _load(args.checkpoint)
+    ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
+                     limit_per_class=args.limit, what="image folder")
+    model = qmodel
+    what = f"{qmodel.name} {meta['preset']['name']} W{qmodel.w_bits}A{qmodel.a_bits} (fake-quantized torch)"
+    if args.onnx:
+        _need_onnx()
+        model = _OrtModule(args.onnx)
+        what = f"{args.onnx} (ONNX Runtime)"
+    res = evaluate(model, ds, batch_size=args.batch_size, num_workers=max(0, args.workers), progress=False,
+                   desc="eval")
+    print(f"{what}: top-1 {res.top1:.2f}% on {res.total} images"
+          + (f" ({res.skipped} unreadable skipped)" if res.skipped else ""))
+    return 0
+
+
+class _OrtModule:
+    """Just enough of an nn.Module for :func:`ptq4vit.evaluate.evaluate`: an ORT session on CPU."""
+
+    def __init__(self, path: str):
+        import torch
+        from .ort import make_session
+        self.session = make_session(path)
+        self._dummy = torch.zeros(())
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter([self._dummy])
+
+    def buffers(self):
+        return iter([])
+
+    def __call__(self, x):
+        import torch
+        return torch.from_numpy(self.session.run(None, {"input": x.cpu().numpy()})[0])
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(command) -> None:
+    """Add the commands through cli.py's ``command`` decorator (``eval`` only if cli.py has none)."""
+    from .. import cli
+    command("export", "write a quantized checkpoint as ONNX with integer kernels (and its float32 graph)",
+            export_args)(cmd_export)
+    command("bench", "ONNX Runtime speed (float32 vs int8 vs fake-quant torch) and agreement of a checkpoint",
+            bench_args)(cmd_bench)
+    if "eval" not in cli.COMMANDS:
+        command("eval", "top-1 of a quantized checkpoint (torch, or its ONNX export) on an image folder",
+                eval_args)(cmd_eval_checkpoint)

@@ -1,0 +1,270 @@
+"""ONNX export with integer semantics, checked against the fake-quantized torch model in ONNX Runtime."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import timm
+from torch import nn
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import ptq4vit  # noqa: E402
+from ptq4vit import checkpoint as ck  # noqa: E402
+from ptq4vit.export import cpu_has_vnni, export_onnx  # noqa: E402
+from ptq4vit.export.bench import benchmark, compare_outputs  # noqa: E402
+from ptq4vit.export.ort import INTEGER_OPS, make_session, optimized_op_counts, profile_ops  # noqa: E402
+from ptq4vit.nn import QuantLinear, QuantMatMul  # noqa: E402
+from ptq4vit.presets import get_preset  # noqa: E402
+from ptq4vit.quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax  # noqa: E402
+from ptq4vit.quantized import QuantizedModel  # noqa: E402
+
+QUICK = dict(progress=False, n_candidates=8, rounds=1, metric="mse")
+
+
+def run_onnx(path, x):
+    return make_session(str(path)).run(None, {"input": x.numpy()})[0]
+
+
+def torch_out(model, x):
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+# ------------------------------------------------------------------ one site at a time: exact
+
+
+class _Wrap(QuantizedModel):
+    def __init__(self, module):
+        super().__init__(module, get_preset("ptq4vit"), 8, 8, "site")
+
+
+def _linear_site(bits, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) * 0.1)
+    wq = UniformQuantizer(bits, 3, axis=0)
+    wq.set_scale(lin.weight.detach().reshape(3, -1).abs().amax(1) / (qmax(bits) - 0.5) * 0.7)  # clipping: codes hit both ends
+    if kind == "uniform":
+        aq = UniformQuantizer(bits)
+        aq.set_scale(torch.tensor([3.0 / qmax(bits)]))
+        x = torch.randn(4, 10, 64, generator=g) * 2
+    else:
+        aq = TwinGeluQuantizer(bits, pow2=True)
+        aq.set_scale(aq.neg_scale * 16 if kind == "gelu-pow2" else aq.neg_scale * 13.7)
+        x = nn.functional.gelu(torch.randn(4, 10, 64, generator=g) * 3)
+    return nn.Sequential(QuantLinear(lin, wq, aq)), x
+
+
+class _MatMulNet(nn.Module):
+    def __init__(self, mm, softmax):
+        super().__init__()
+        self.mm, self.softmax = mm, softmax
+
+    def forward(self, x):
+        a, b = x[..., :20], x[..., 20:]
+        if self.softmax:
+            a = (a * 3).softmax(-1)
+        return self.mm(a, b)
+
+
+def _matmul_site(bits, form):
+    heads = 3
+    bq = UniformQuantizer(bits, heads, axis=1)
+    bq.set_scale(torch.tensor([2.0, 3.0, 4.0]) / qmax(bits))
+    if form is None:
+        aq = UniformQuantizer(bits, heads, axis=1)
+        aq.set_scale(torch.tensor([2.5, 3.5, 1.5]) / qmax(bits))
+    else:
+        aq = TwinSoftmaxQuantizer(bits, form)
+        aq.set_split(torch.tensor(2.0 ** -3))
+    x = torch.randn(2, heads, 20, 40, generator=torch.Generator().manual_seed(0)) * 2
+    return _MatMulNet(QuantMatMul(aq, bq), form is not None), x
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("kind", ["uniform", "gelu-pow2", "gelu-free"])
+@pytest.mark.parametrize("combine", ["gemm", "int32"])
+def test_linear_site_is_exact(bits, kind, combine, tmp_path):
+    mod, x = _linear_site(bits, kind)
+    if combine == "int32" and kind == "gelu-free":
+        with pytest.raises(ValueError, match="not a power of two"):
+            export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
+        return
+    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
+    assert rep.sites[0].integer
+    ref, out = torch_out(mod, x), run_onnx(tmp_path / "s.onnx", x)
+    # integer products are exact; only the float scaling of the int32 sums rounds differently
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("form", ["select", "sum", None])
+@pytest.mark.parametrize("combine", ["gemm", "int32"])
+def test_attention_matmul_site_is_exact(bits, form, combine, tmp_path):
+    mod, x = _matmul_site(bits, form)
+    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
+    assert rep.sites[0].integer
+    ref, out = torch_out(mod, x), run_onnx(tmp_path / "s.onnx", x)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_portable_gemm_is_exact_where_u8s8_saturates(tmp_path):
+    """Full-range 8-bit codes times extreme int8 weights: ORT's AVX2 u8 x s8 kernel saturates int16
+    pair sums; the portable graph (u8 x u8 there) stays exact."""
+    lin = nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    wq, aq = UniformQuantizer(8), UniformQuantizer(8)
+    wq.set_scale(torch.tensor([1.0 / 127]))
+    aq.set_scale(torch.tensor([1.0 / 127]))
+    mod = nn.Sequential(QuantLinear(lin, wq, aq))
+    x = torch.ones(2, 5, 64)  # codes 127 (uint8 255 with zero point 128) times weight codes 127
+    rep = export_onnx(_Wrap(mod), tmp_path / "p.onnx", input_size=(5, 64), gemm="portable")
+    assert "u8 x u8" in rep.sites[0].lowering
+    np.testing.assert_allclose(run_onnx(tmp_path / "p.onnx", x), torch_out(mod, x), rtol=1e-6)
+    export_onnx(_Wrap(mod), tmp_path / "v.onnx", input_size=(5, 64), gemm="vnni")
+    out = run_onnx(tmp_path / "v.onnx", x)
+    if not cpu_has_vnni():  # documents why "portable" is the default
+        assert not np.allclose(out, torch_out(mod, x), rtol=1e-3)
+
+
+# ------------------------------------------------------------------ whole models
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, num_classes=10)),
+    "deit": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=1, num_classes=10)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, depths=(1, 1), num_heads=(2, 4), window_size=4,
+                                                  embed_dim=32, num_classes=10)),
+}
+
+
+def quantized(key, preset="ptq4vit", bits=8, seed=0):
+    name, kw = MODELS[key]
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, **kw).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return m, ptq4vit.quantize(m, x, preset, bits, bits, **QUICK)
+
+
+def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
+    _, q = quantized("vit")
+    path = tmp_path / "vit.onnx"
+    rep = export_onnx(q, path)
+    # every site but the patch embedding (float image input, SPEC §1) runs in integers
+    assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
+    assert sum(s.integer for s in rep.sites) == len(rep.sites) - 1
+    assert "patch_embed.proj" in rep.summary()
+    ops = optimized_op_counts(str(path))
+    # 2 blocks: qkv, proj, fc1, 2 x fc2 twin, q@k, 2 x softmax twin; + head
+    assert ops.get("MatMulIntegerToFloat", 0) == 2 * 8 + 1
+    assert "MatMul" not in ops and "Gemm" not in ops and "FusedMatMul" not in ops
+    prof = profile_ops(str(path), (3, 32, 32), 2, runs=1)
+    assert prof["ops"].get("MatMulIntegerToFloat", 0) > 0
+    assert prof["providers"]["MatMulIntegerToFloat"] == ["CPUExecutionProvider"]
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    c = compare_outputs(torch_out(q, x), run_onnx(path, x))
+    assert c["top1_agreement"] >= 90.0
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+@pytest.mark.parametrize("key,preset,bits", [("deit", "official", 8), ("swin", "ptq4vit", 8), ("vit", "base", 6),
+                                             ("swin", "official", 6)])
+def test_other_models_and_presets(key, preset, bits, tmp_path):
+    _, q = quantized(key, preset, bits)
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(q, path)
+    assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
+    if preset == "official":  # hi+lo softmax twin and free Δ+: exact integer rewrites, listed as such
+        assert any("(sum)" in s.lowering for s in rep.sites)
+        assert any("free" in s.lowering for s in rep.sites)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    c = compare_outputs(torch_out(q, x), run_onnx(path, x))
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+def test_dynamic_and_fixed_batch(tmp_path):
+    _, q = quantized("vit")
+    export_onnx(q, tmp_path / "dyn.onnx")
+    sess = make_session(str(tmp_path / "dyn.onnx"))
+    for b in (1, 3):
+        assert sess.run(None, {"input": np.zeros((b, 3, 32, 32), np.float32)})[0].shape == (b, 10)
+    rep = export_onnx(q, tmp_path / "fixed.onnx", batch_size=2)
+    assert rep.input_shape == (2, 3, 32, 32)
+
+
+def test_float_export_and_disabled_site_fallback(tmp_path):
+    m, q = quantized("vit")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    x = torch.randn(4, 3, 32, 32)
+    with q.quantization_disabled():
+        ref = torch_out(q, x)
+    np.testing.assert_allclose(run_onnx(tmp_path / "f.onnx", x), ref, atol=1e-4)
+    q.model.blocks[0].mlp.fc2.a_quant.enabled = False
+    try:
+        rep = export_onnx(q, tmp_path / "part.onnx")
+        fb = {s.name: s.reason for s in rep.fallbacks}
+        assert "blocks.0.mlp.fc2" in fb and "disabled" in fb["blocks.0.mlp.fc2"]
+        c = compare_outputs(torch_out(q, x), run_onnx(tmp_path / "part.onnx", x))
+        assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+    finally:
+        q.model.blocks[0].mlp.fc2.a_quant.enabled = True
+
+
+def test_checkpoint_to_onnx(tmp_path):
+    _, q = quantized("deit")
+    ck.save(q, tmp_path / "q.safetensors")
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    export_onnx(q, tmp_path / "a.onnx")
+    export_onnx(q2, tmp_path / "b.onnx")
+    x = torch.randn(4, 3, 32, 32)
+    np.testing.assert_array_equal(run_onnx(tmp_path / "a.onnx", x), run_onnx(tmp_path / "b.onnx", x))
+
+
+def test_benchmark_reports_speed_accuracy_agreement(tmp_path):
+    _, q = quantized("vit")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch_out(q, x).argmax(1)
+    res = benchmark(q, images=x, labels=labels, batch_sizes=(1, 2), providers=["CPUExecutionProvider"], threads=1,
+                    repeats=2, warmup=1, workdir=str(tmp_path))
+    variants = {(r["batch"], r["variant"]) for r in res.timings}
+    assert variants == {(b, v) for b in (1, 2) for v in ("float32-onnx", "int8-onnx", "fakequant-torch")}
+    assert res.ratio("CPUExecutionProvider", 2) > 0
+    assert res.accuracy["fakequant-torch"] == 100.0
+    assert set(res.accuracy) == {"fakequant-torch", "float32-onnx", "int8-onnx"}
+    assert res.agreement["CPUExecutionProvider"]["n_images"] == 12
+    assert os.path.exists(res.onnx_paths["int8-onnx"])
+
+
+def test_cli_export_bench_eval(tmp_path, capsys):
+    from PIL import Image
+    from ptq4vit.cli import main
+    _, q = quantized("vit")
+    ckpt = tmp_path / "q.safetensors"
+    ck.save(q, ckpt, data_config={"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                                  "crop_mode": "squash", "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    data = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.onnx"),
+                 "--float-out", str(tmp_path / "f.onnx"), "--check", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "float fallback: patch_embed.proj" in out and "MatMulIntegerToFloat" in out
+    assert main(["bench", "--checkpoint", str(ckpt), "--data-dir", str(data), "--batch-sizes", "1",
+                 "--repeats", "1", "--threads", "1", "--providers", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "int8/float32 ONNX speed ratio" in out and "top-1 agreement" in out
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
+    torch_line = capsys.readouterr().out
+    assert "top-1" in torch_line and "6 images" in torch_line
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / "q.onnx")]) == 0
+    assert "ONNX Runtime" in capsys.readouterr().out
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(ckpt.read_bytes()[:1000])
+    assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "truncated" in capsys.readouterr().err
