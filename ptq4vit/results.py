@@ -370,7 +370,8 @@ def _markdown(header: list[str], table: list[list], paired: bool) -> str:
                 i += 1
     else:
         hdr, idx = header, [(i, None) for i in range(len(header))]
-    lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join("---" if j == 0 else "---:" for j in range(len(hdr))) + "|"]
+    numeric = [all(row[a] is None or isinstance(row[a], (int, float)) for row in table) for a, _ in idx]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
     for row in table:
         cells = []
         for a, b in idx:
@@ -428,9 +429,18 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _run_label(r: dict) -> str:
+    if r.get("ablation_row") is None:
+        return _method_label(r)
+    from .presets import ABLATION_ROWS
+    label, row_ov = ABLATION_ROWS.get(int(r["ablation_row"]), (f"row {r['ablation_row']}", {}))
+    extra = {k: v for k, v in (r.get("overrides") or {}).items() if row_ov.get(k, object()) != v}
+    return f"{r['preset']} ablation {r['ablation_row']}: {label}" + "".join(f", {k}={v}" for k, v in sorted(extra.items()))
+
+
 def _runs_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = ["model", "method", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "calib s", "device"]
-    table = [[r["model"], _method_label(r) + (f" (ablation {r['ablation_row']})" if r.get("ablation_row") else ""),
+    table = [[r["model"], _run_label(r),
               _bits(r), r.get("calib_size"), r.get("n_eval"), r.get("float_top1"), r.get("quant_top1"), r.get("drop"),
               r.get("calib_seconds"), r.get("device")] for r in rows]
     return header, table
