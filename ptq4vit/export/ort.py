@@ -74,10 +74,10 @@ class Timing:
 
 def time_session(session, input_shape: Sequence[int], batch: int, warmup: int = 3, repeats: int = 10,
                  min_seconds: float = 0.0, seed: int = 0) -> Timing:
-    """Latency of ``session.run`` on a random batch: ``warmup`` untimed runs, then at least ``repeats``
+    """Latency of ``session.run`` on a random batch of images of shape ``input_shape`` (C, H, W): ``warmup`` untimed runs, then at least ``repeats``
     timed runs (and at least ``min_seconds`` of them)."""
     name = session.get_inputs()[0].name
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
     feed = {name: x}
     for _ in range(warmup):
         session.run(None, feed)
@@ -108,7 +108,7 @@ def profile_ops(path: str, input_shape: Sequence[int], batch: int, runs: int = 5
     kernels that actually ran: ``{"ops": {op: ms}, "total_ms": ..., "providers": {op: [provider]}}``."""
     sess = make_session(path, provider, threads, profile=True)
     name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
     sess.run(None, {name: x})  # warm-up, excluded below
     for _ in range(runs):
         sess.run(None, {name: x})
