@@ -111,6 +111,14 @@ def test_attention_matmul_site_is_exact(bits, form, combine, tmp_path):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("form", ["select", "sum"])
+def test_softmax_twin_shift_in_gemm_scale_equals_int32_shift(form, tmp_path):
+    mod, x = _matmul_site(8, form)
+    export_onnx(_Wrap(mod), tmp_path / "g.onnx", input_size=tuple(x.shape[1:]), twin_combine="gemm")
+    export_onnx(_Wrap(mod), tmp_path / "i.onnx", input_size=tuple(x.shape[1:]), twin_combine="int32")
+    np.testing.assert_array_equal(run_onnx(tmp_path / "g.onnx", x), run_onnx(tmp_path / "i.onnx", x))
+
+
 def test_portable_gemm_is_exact_where_u8s8_saturates(tmp_path):
     """Full-range 8-bit codes times extreme int8 weights: ORT's AVX2 u8 x s8 kernel saturates int16
     pair sums; the portable graph (u8 x u8 there) stays exact."""

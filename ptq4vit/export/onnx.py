@@ -1,36 +1,43 @@
 """ONNX export with integer semantics.
 
 :func:`export_onnx` writes a :class:`~ptq4vit.quantized.QuantizedModel` as an ONNX graph in
-which every quantized operand is an 8-bit integer tensor and every quantized product is an
-integer matmul that ONNX Runtime runs with its int8 GEMM kernels (MLAS):
+which every quantized operand is an 8-bit integer tensor (``QuantizeLinear``: round half to
+even of ``x / Δ``, exactly torch's rounding) and every quantized product is an integer matmul
+that ONNX Runtime runs with its int8 GEMM kernels (MLAS); the int32 accumulators are scaled
+back to float in the GEMM's output stage (``com.microsoft.MatMulIntegerToFloat``):
 
-* linear layers: ``QuantizeLinear`` of the input, then ``com.microsoft.MatMulIntegerToFloat``
-  on the integer weight codes (the int32 accumulator is scaled by ``Δx·Δw`` and the bias added
-  inside the GEMM's output stage);
-* ``q @ kᵀ``: both operands ``QuantizeLinear``-ed per head, ``MatMulInteger``, one float
-  multiply by ``Δq·Δk`` per head;
-* ``softmax @ v`` with the twin quantizer: the probabilities become two unsigned code tensors
-  ``lo`` (``x < s``, step ``Δ_R1``) and ``hi`` (``x >= s``, step ``Δ_R2 = 2^i Δ_R1``); two
-  ``MatMulInteger`` with the codes of v, combined in int32 as ``lo@v + (hi@v)·2^i`` (the
-  shift), then one float multiply by ``Δ_R1·Δv`` per head. The released code's ``hi + lo``
-  ("sum") form has the same integer structure with clamped instead of selected codes.
-* ``fc2`` with the post-GELU twin quantizer: ``pos`` (step ``Δ+``) and ``neg`` (step ``Δ-``)
-  codes, two int8 matmuls against the weight codes, combined in int32 with the shift
-  ``2^m = Δ+/Δ-`` when the preset made the ratio a power of two (``ptq4vit``), else combined
-  in float after the integer matmuls (``official``: Δ+ is free).
+* linear layers: ``QuantizeLinear`` of the input, ``MatMulIntegerToFloat`` on the weight codes
+  with output scale ``Δx·Δw`` (per q/k/v block or channel) and the bias;
+* ``q @ kᵀ``: both operands quantized per head, one integer matmul, one float multiply by
+  ``Δq·Δk·attn_scale`` per head;
+* ``softmax @ v`` with the twin quantizer: the probabilities become two uint8 code tensors,
+  ``lo`` (``x < s``, step ``Δ_R1``) and ``hi`` (``x >= s``, step ``Δ_R2 = 2^i Δ_R1``), two integer
+  matmuls with the codes of v, ``lo@v + 2^i·(hi@v)``, times ``Δ_R1·Δv`` per head. The ``2^i``
+  is applied as the hi GEMM's output scale (an exponent shift: while the accumulators stay below
+  2^24, which the exporter checks, this is bit-identical to an int32 shift-add and one cast), or,
+  with ``twin_combine="int32"``, as an int32 multiply-add before one cast. The released code's
+  ``hi + lo`` ("sum", ``official``) form has the same integer structure with clamped codes.
+* ``fc2`` with the post-GELU twin quantizer: ``pos`` (step ``Δ+``) and ``neg`` (step ``Δ-``) codes,
+  two integer matmuls against the weight codes whose output scales are ``Δ+·Δw`` and ``Δ-·Δw``
+  (``2^m`` apart with the ``ptq4vit`` preset's power-of-two Δ+; ``int32`` combine then shifts in
+  int32). With a free Δ+ (``official``) the same two integer matmuls are combined in float.
 
 Which int8 GEMM ORT uses matters for exactness. On x86 without VNNI, MLAS's u8×s8 kernel
 (``vpmaddubsw``) saturates pair sums at int16, so a full-range uint8 operand times int8 weights
 can be silently wrong; u8×u8 (16-bit path) is exact everywhere, and u8×s8 is exact everywhere
-when the unsigned operand is at most 128 (the twin codes always are). ``gemm="portable"``
-(default) uses u8×s8 only where that holds and u8×u8 elsewhere; ``gemm="vnni"`` uses u8×s8
-everywhere (exact and fastest on CPUs with AVX512-VNNI/AVX-VNNI; wrong on AVX2-only CPUs);
-``gemm="auto"`` picks ``vnni`` when the exporting CPU has VNNI.
+when the unsigned operand is at most 128 (the twin codes always are, and 7-bit or narrower
+symmetric codes stored as ``code + 2^(b-1)``). ``gemm="portable"`` (default) uses u8×s8 only
+where that holds and u8×u8 elsewhere; ``gemm="vnni"`` uses u8×s8 everywhere (exact and fastest
+on CPUs with AVX512-VNNI/AVX-VNNI; wrong on AVX2-only CPUs); ``gemm="auto"`` picks ``vnni`` when
+the exporting CPU has VNNI.
 
 What stays float is what the method keeps float (LayerNorm, softmax, GELU, residuals, biases,
-embeddings) plus sites listed in :attr:`ExportReport.fallbacks`: the patch embedding (its input
-is the float image, SPEC §1: the weight is dequantized from its int8 codes and the conv runs in
-float) and any site whose quantizers are disabled.
+embeddings) plus the sites listed in :attr:`ExportReport.fallbacks`: the patch embedding (its
+input is the float image, SPEC §1: the weight is dequantized from its int8 codes and the conv
+runs in float) and any site whose quantizers are disabled.
+
+The graph is traced with torch's TorchScript-based ONNX exporter (``dynamo=False``), each site
+replaced by an autograd function whose ``symbolic`` emits the integer nodes.
 """
 from __future__ import annotations
 
@@ -363,12 +370,14 @@ class _MatMulLowering(_Lowering):
                 raise ValueError(f"{name}: twin_combine='int32' could overflow int32 (split 2^-{i}, {k_dim} tokens)")
             self.shift = i
             self.int32 = twin_combine == "int32"
-            # below 2^24 every accumulator is exact in float32, so scaling the hi GEMM's output by
-            # 2^i and adding is bit-identical to the int32 shift-add followed by one cast
-            self.exact_float = k_dim * levels * qb * (2 ** i + 1) < 2 ** 24
+            # below 2^24 each accumulator is exact in float32; scaling the hi one by 2^i is exact too,
+            # so the one rounding of the float add equals the one rounding of casting the int32
+            # shift-add: both combines give bit-identical results
+            self.exact_float = k_dim * levels * qb < 2 ** 24
             how = f"softmax twin ({self.form}): 2 " + (
                 "MatMulInteger u8 x s8, int32 shift-add" if self.int32 else
-                "MatMulIntegerToFloat u8 x s8, hi output scaled by 2^i")
+                "MatMulIntegerToFloat u8 x s8, hi output scaled by 2^i"
+                + ("" if self.exact_float else " (accumulators may pass 2^24: float add rounds)"))
         else:
             if not isinstance(aq, UniformQuantizer):
                 raise NotImplementedError(f"operand A quantizer {type(aq).__name__}")
