@@ -215,3 +215,14 @@ def test_console_script_one_line_error(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"ptq4vit: error: data root {tmp_path / 'missing'} does not exist"]
     assert not (tmp_path / "o").exists()
+
+
+def test_folders_without_a_root(cifar_dir, tmp_path, capsys):
+    """--val-dir and --calib-dir alone (no --data): e.g. imagenet-sample, which has no train/."""
+    assert main(["sweep", "--models", "vit_tiny_patch16_224", "--random-init", "--val-dir", str(cifar_dir / "test"),
+                 "--calib-dir", str(cifar_dir / "calib"), "--presets", "base", "--bits", "W8A8,W4A4",
+                 "--out", str(tmp_path), "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["sweep", "--models", "vit_tiny_patch16_224", "--random-init", "--val-dir", str(cifar_dir / "test"),
+                 "--out", str(tmp_path), "--dry-run"]) == 2
+    _one_line_error(capsys, "--calib-dir")
