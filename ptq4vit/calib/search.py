@@ -75,14 +75,22 @@ def _plan(p: Product, side: str, n: int, budget_bytes: int, rows_per_item: int, 
         if side == "b" and c * K * N > budget:  # the weight stack dominates
             c = max(1, budget // (K * N))
         return c, [(0, 1, m0, min(m, m0 + rows)) for m0 in range(0, m, rows)]
-    # Batched products: one candidate per step, whole batch entries per block.
-    step = max(1, min(budget // (m * per_row), -(-bt // min_blocks)))
-    return 1, [(b0, min(bt, b0 + step), 0, m) for b0 in range(0, bt, step)]
+    # Batched products (attention): whole batch entries per block, as many candidates as fit.
+    per_item = m * per_row
+    step = max(1, min(budget // per_item, -(-bt // min_blocks)))
+    c = max(1, min(n, budget // (step * per_item)))
+    return c, [(b0, min(bt, b0 + step), 0, m) for b0 in range(0, bt, step)]
 
 
 def _scale_for(chunk: torch.Tensor) -> torch.Tensor:
     """``(c, S)`` candidates (S = 1, or N: one per output column of B) -> broadcastable ``(c, 1, 1, S)``."""
     return chunk.reshape(chunk.shape[0], 1, 1, chunk.shape[1])
+
+
+def _weight_stack(p: Product, quant: QuantFn, chunk: torch.Tensor) -> torch.Tensor:
+    """Quantized copies of a shared B for the candidates ``chunk``, side by side: ``(K, c*N)``."""
+    _, _, K, N = p.shape
+    return quant(p.b[0].unsqueeze(1), chunk.reshape(1, chunk.shape[0], -1)).reshape(K, -1)
 
 
 def _row_scores(x: torch.Tensor, p: Product, blk: Block, rows_per_item: int) -> torch.Tensor:
@@ -114,27 +122,61 @@ def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chu
     bt, m = bt1 - bt0, m1 - m0
     cc = chunk.shape[0]
     _, _, K, N = p.shape
-    if cc > 1 and bt > 1:
-        raise ValueError("batched products are scored one candidate per step")
+    if bt > 1 or p.b.shape[0] > 1:
+        return _score_batched_block(p, side, fixed, quant, chunk, blk)
+    # One plain GEMM for all candidates: stacked next to the rows (A) or the columns (B).
     if side == "a":
-        stack = quant(p.a[bt0:bt1, m0:m1].unsqueeze(0), _scale_for(chunk))        # (c, bt, m, K)
-        b_fix = fixed[bt0:bt1] if fixed.shape[0] > 1 else fixed
-        lhs, rhs = stack.flatten(0, 1), b_fix.expand(max(bt, cc), K, N)
-    elif p.b.shape[0] == 1:
-        if stack_b is None:
-            stack_b = quant(p.b.unsqueeze(0), _scale_for(chunk)).flatten(0, 1)      # (c, K, N)
-        lhs, rhs = fixed[bt0:bt1, m0:m1].expand(cc, m, K), stack_b
+        stack = quant(p.a[0, m0:m1].unsqueeze(0), _scale_for(chunk)[:, 0])         # (c, m, K)
+        res = torch.mm(stack.flatten(0, 1), fixed[0]).unflatten(0, (cc, m))        # (c, m, N)
     else:
-        stack = quant(p.b[bt0:bt1].unsqueeze(0), _scale_for(chunk))               # (c, bt, K, N)
-        lhs, rhs = fixed[bt0:bt1, m0:m1], stack.flatten(0, 1)
+        if stack_b is None:
+            stack_b = _weight_stack(p, quant, chunk)                               # (K, c*N)
+        res = torch.mm(fixed[0, m0:m1], stack_b).unflatten(1, (cc, N)).transpose(0, 1)  # (c, m, N) view
     if p.metric == "cosine":
-        res = torch.bmm(lhs, rhs)
         if p.bias is not None:
             res.add_(p.bias)
     else:
-        res = torch.baddbmm(p._target[bt0:bt1, m0:m1], lhs, rhs, beta=-1)
-    r = _row_scores(res.unflatten(0, (cc, bt)), p, blk, rows_per_item).double()
+        res.sub_(p._target[0, m0:m1])
+    r = _row_scores(res.unsqueeze(1), p, blk, rows_per_item).double()
     return r.sum(dim=(1, 2)).reshape(cc, -1)
+
+
+def _score_batched_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor,
+                         blk: Block) -> torch.Tensor:
+    """Scores ``(c, 1)`` over a block of batch entries of a batched product (attention).
+
+    Candidates are stacked next to the rows (A) or the columns (B) of each batch entry, so one
+    batched GEMM over the block's entries yields every candidate's output.
+    """
+    bt0, bt1, m0, m1 = blk
+    cc = chunk.shape[0]
+    scale = chunk.reshape(cc)
+    if side == "a":
+        stack = quant(p.a[bt0:bt1].unsqueeze(1), scale.reshape(1, cc, 1, 1))       # (bt, c, m, K)
+        b_fix = fixed[bt0:bt1] if fixed.shape[0] > 1 else fixed
+        res = torch.matmul(stack.flatten(1, 2), b_fix).unflatten(1, (cc, -1))      # (bt, c, m, N)
+        o = p.out[bt0:bt1].unsqueeze(1)
+        g = p.grad[bt0:bt1].unsqueeze(1) if p.grad is not None else None
+    else:
+        b_blk = p.b[bt0:bt1] if p.b.shape[0] > 1 else p.b
+        stack = quant(b_blk.unsqueeze(2), scale.reshape(1, 1, cc, 1))              # (bt, K, c, N)
+        res = torch.matmul(fixed[bt0:bt1], stack.flatten(2, 3)).unflatten(2, (cc, -1))  # (bt, m, c, N)
+        o = p.out[bt0:bt1].unsqueeze(2)
+        g = p.grad[bt0:bt1].unsqueeze(2) if p.grad is not None else None
+    if p.bias is not None:
+        res.add_(p.bias)
+    cand_dim = 1 if side == "a" else 2
+    if p.metric == "cosine":
+        o_sq = o.square().sum(-1)
+        x_sq = torch.linalg.vector_norm(res, dim=-1).square_()
+        r = res.mul_(o).sum(-1).div_(torch.sqrt(torch.clamp_min(x_sq.mul_(o_sq), _COSINE_EPS ** 2)))
+    else:
+        err = res.sub_(o)
+        if g is not None and p.metric == "hessian":
+            err.mul_(g)
+        r = torch.linalg.vector_norm(err, dim=-1).square_().div_(err.shape[-1]).neg_()
+    r = r.double().movedim(cand_dim, 0)                                             # (c, bt, m)
+    return r.sum(dim=(1, 2)).reshape(cc, 1)
 
 
 def score(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor, budget_bytes: int,
@@ -156,7 +198,7 @@ def score(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: tor
         chunk = cands[c0:c0 + c]
         stack_b = None
         if side == "b" and p.b.shape[0] == 1:  # the quantized weights serve every block
-            stack_b = quant(p.b.unsqueeze(0), _scale_for(chunk)).flatten(0, 1)
+            stack_b = _weight_stack(p, quant, chunk)
         acc = 0
         for blk in blocks:
             acc = acc + _score_block(p, side, fixed, quant, chunk, blk, rows_per_item, stack_b)
