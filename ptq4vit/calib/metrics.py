@@ -1,29 +1,24 @@
-"""Scores of candidate outputs against the float output (SPEC §2): higher is better."""
+"""Scores of candidate outputs against the float output (SPEC §2), reduced along one dim.
+
+Higher is better. Both functions overwrite their first argument (they run inside the search's
+inner loop, where a copy would cost a full pass over the candidates' outputs).
+"""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
+
+#: As in ``torch.nn.functional.cosine_similarity``.
+COSINE_EPS = 1e-8
 
 
-def row_scores(out_hat: torch.Tensor, out: torch.Tensor, grad: Optional[torch.Tensor], metric: str, dim: int = -1) -> torch.Tensor:
-    """Reduce the metric over ``dim`` (the feature dim), one score per remaining position.
+def neg_mean_square_(err: torch.Tensor, dim: int) -> torch.Tensor:
+    """``-mean(err²)`` along ``dim``: the ``mse`` metric, or ``hessian`` when ``err`` is ``g ⊙ (Ô - O)``."""
+    return torch.linalg.vector_norm(err, dim=dim).square_().div_(err.shape[dim]).neg_()
 
-    * ``cosine``: cosine similarity of ``out_hat`` and ``out``;
-    * ``mse``: ``-mean((out - out_hat)^2)``;
-    * ``hessian``: ``-mean((g * (out - out_hat))^2)``, the diagonal Gauss-Newton
-      approximation of the task-loss change.
 
-    ``out`` and ``grad`` broadcast against ``out_hat``; ``out_hat`` is overwritten.
-    """
-    if metric == "cosine":
-        return F.cosine_similarity(out_hat, out, dim=dim)
-    err = out_hat.sub_(out)
-    if metric == "hessian":
-        if grad is None:
-            raise ValueError("the hessian metric needs output gradients")
-        err.mul_(grad)
-    elif metric != "mse":
-        raise ValueError(f"unknown metric {metric!r}")
-    return err.square_().mean(dim).neg_()
+def cosine_(out_hat: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cosine similarity of ``out_hat`` and ``out`` along ``dim``, as ``F.cosine_similarity`` defines it."""
+    out_sq = out.square().sum(dim)
+    hat_sq = torch.linalg.vector_norm(out_hat, dim=dim).square_()
+    dot = out_hat.mul_(out).sum(dim)
+    return dot.div_(torch.sqrt(torch.clamp_min(hat_sq.mul_(out_sq), COSINE_EPS ** 2)))

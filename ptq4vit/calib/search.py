@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .metrics import cosine_, neg_mean_square_
+
 #: Upper bound on one search step's temporaries. Small steps keep the metric's passes in
 #: cache: on a 2-core CPU, 16-64 MiB steps score 2-4x faster than 1 GiB ones.
 SEARCH_CHUNK_BYTES = 64 << 20
@@ -28,9 +30,6 @@ PRUNE_BLOCKS = 8
 
 #: ``quant(x, scale) -> fake-quantized x``; ``scale`` carries a leading candidate dim into ``x``.
 QuantFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_COSINE_EPS = 1e-8
-
 
 @dataclass
 class Product:
@@ -82,11 +81,6 @@ def _plan(p: Product, side: str, n: int, budget_bytes: int, rows_per_item: int, 
     return c, [(b0, min(bt, b0 + step), 0, m) for b0 in range(0, bt, step)]
 
 
-def _scale_for(chunk: torch.Tensor) -> torch.Tensor:
-    """``(c, S)`` candidates (S = 1, or N: one per output column of B) -> broadcastable ``(c, 1, 1, S)``."""
-    return chunk.reshape(chunk.shape[0], 1, 1, chunk.shape[1])
-
-
 def _weight_stack(p: Product, quant: QuantFn, chunk: torch.Tensor) -> torch.Tensor:
     """Quantized copies of a shared B for the candidates ``chunk``, side by side: ``(K, c*N)``."""
     _, _, K, N = p.shape
@@ -108,11 +102,8 @@ def _row_scores(x: torch.Tensor, p: Product, blk: Block, rows_per_item: int) -> 
     else:
         dim = -1
     if p.metric != "cosine":
-        return torch.linalg.vector_norm(x, dim=dim).square_().div_(x.shape[dim]).neg_()
-    o_sq = o.square().sum(dim)
-    x_sq = torch.linalg.vector_norm(x, dim=dim).square_()
-    dot = x.mul_(o).sum(dim)
-    return dot.div_(torch.sqrt(torch.clamp_min(x_sq.mul_(o_sq), _COSINE_EPS ** 2)))
+        return neg_mean_square_(x, dim)
+    return cosine_(x, o, dim)
 
 
 def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor, blk: Block,
@@ -126,7 +117,7 @@ def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chu
         return _score_batched_block(p, side, fixed, quant, chunk, blk)
     # One plain GEMM for all candidates: stacked next to the rows (A) or the columns (B).
     if side == "a":
-        stack = quant(p.a[0, m0:m1].unsqueeze(0), _scale_for(chunk)[:, 0])         # (c, m, K)
+        stack = quant(p.a[0, m0:m1].unsqueeze(0), chunk.reshape(cc, 1, 1))          # (c, m, K)
         res = torch.mm(stack.flatten(0, 1), fixed[0]).unflatten(0, (cc, m))        # (c, m, N)
     else:
         if stack_b is None:
@@ -167,14 +158,12 @@ def _score_batched_block(p: Product, side: str, fixed: torch.Tensor, quant: Quan
         res.add_(p.bias)
     cand_dim = 1 if side == "a" else 2
     if p.metric == "cosine":
-        o_sq = o.square().sum(-1)
-        x_sq = torch.linalg.vector_norm(res, dim=-1).square_()
-        r = res.mul_(o).sum(-1).div_(torch.sqrt(torch.clamp_min(x_sq.mul_(o_sq), _COSINE_EPS ** 2)))
+        r = cosine_(res, o, -1)
     else:
         err = res.sub_(o)
-        if g is not None and p.metric == "hessian":
+        if p.metric == "hessian":
             err.mul_(g)
-        r = torch.linalg.vector_norm(err, dim=-1).square_().div_(err.shape[-1]).neg_()
+        r = neg_mean_square_(err, -1)
     r = r.double().movedim(cand_dim, 0)                                             # (c, bt, m)
     return r.sum(dim=(1, 2)).reshape(cc, 1)
 
