@@ -303,6 +303,9 @@ class _LinearLowering(_Lowering):
                 how = "MatMulIntegerToFloat u8 x u8"
         self.site_export = SiteExport(name, "linear", True, how)
 
+    def uses_contrib_ops(self) -> bool:
+        return not (self.twin and self.shift is not None)
+
     def emit(self, e: _Emitter, x):
         if not self.twin:
             xq = e.quantize(x, _f32(self.a_scale), self.a_zp, clip=self.a_clip)
@@ -397,6 +400,9 @@ class _MatMulLowering(_Lowering):
         if not self.twin:
             how = how.format(b_type)
         self.site_export = SiteExport(name, "matmul", True, how)
+
+    def uses_contrib_ops(self) -> bool:
+        return not (self.twin and self.int32)
 
     def _head_shape(self, v: np.ndarray) -> np.ndarray:
         v = _f32(v)
@@ -529,9 +535,12 @@ def _example_input(model: nn.Module, batch_size: int, input_size: Optional[tuple
     return torch.randn(batch_size, *input_size, generator=gen)
 
 
-def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool) -> None:
+def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool,
+                  contrib_ops: bool = False) -> None:
     kwargs = dict(dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
-                  do_constant_folding=True, custom_opsets={"com.microsoft": 1})
+                  do_constant_folding=True)
+    if contrib_ops:
+        kwargs["custom_opsets"] = {"com.microsoft": 1}
     if dynamic_batch:
         kwargs["dynamic_axes"] = {"input": {0: "batch"}, "logits": {0: "batch"}}
     with warnings.catch_warnings():
@@ -690,8 +699,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
         _REGISTRY.clear()
         patches, exports = _plan(model, example, gemm, twin_combine)
         report.sites = exports
+        contrib = any(low.uses_contrib_ops() for low in _REGISTRY.values())
         with _patched(patches):
-            _torch_export(model, example, path, opset, batch_size is None)
+            _torch_export(model, example, path, opset, batch_size is None, contrib_ops=contrib)
         meta.update({"ptq4vit.version": __version__, "ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
                      "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits, "ptq4vit.gemm": gemm,
                      "ptq4vit.twin_combine": twin_combine,
