@@ -83,8 +83,12 @@ def main() -> None:
     p.add_argument("--full-calibration", action="store_true", help="the ptq4vit preset as it is (slow on CPU)")
     p.add_argument("--ablate", action="store_true", help="also time int8 without the GELU twin, and gemm=vnni")
     p.add_argument("--no-torch", action="store_true", help="skip the fake-quantized torch model")
+    p.add_argument("--spin", action="store_true",
+                   help="let ORT's idle threads busy-wait (ORT's default; off here because on a shared machine "
+                        "spinning threads steal the time slices the other thread needs)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the ONNX files here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="time the ONNX files already in --workdir (no calibration)")
     args = p.parse_args()
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -92,33 +96,37 @@ def main() -> None:
     os.makedirs(workdir, exist_ok=True)
     import onnxruntime as ort
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; flags: {cpu_flags()}; VNNI: {cpu_has_vnni()}")
-    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, {threads} threads; load average at start "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, {threads} threads, ORT spinning "
+          f"{'on' if args.spin else 'off'}; load average at start {os.getloadavg()[0]:.1f}")
     calib = "the ptq4vit preset as is" if args.full_calibration else \
         f"short: {QUICK['metric']} metric, {QUICK['n_candidates']} candidates, {QUICK['rounds']} round"
     print(f"calibration: {args.calib_images} random images, {calib} (scales do not change the speed)\n")
     summary = []
     for name in args.models:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
-        images = torch.randn(args.calib_images, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-        overrides = {} if args.full_calibration else QUICK
-        t0 = time.perf_counter()
-        q = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, progress=False, **overrides)
-        print(f"== {name}: calibrated in {time.perf_counter() - t0:.0f} s")
+        vnni_key = "int8 gemm=vnni" if cpu_has_vnni() else "int8 gemm=vnni (inexact here)"
         paths = {"float32": os.path.join(workdir, f"{name}_float32.onnx"),
                  "int8": os.path.join(workdir, f"{name}_int8.onnx")}
-        export_onnx(q, paths["float32"], int8=False)
-        rep = export_onnx(q, paths["int8"])
-        print(rep.summary())
         if args.ablate:
-            paths["int8 gemm=vnni (inexact here)" if not cpu_has_vnni() else "int8 gemm=vnni"] = \
-                os.path.join(workdir, f"{name}_int8_vnni.onnx")
-            export_onnx(q, paths[list(paths)[-1]], gemm="vnni")
-            q_nogelu = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, progress=False, gelu_twin=False, **overrides)
+            paths[vnni_key] = os.path.join(workdir, f"{name}_int8_vnni.onnx")
             paths["int8 no GELU twin"] = os.path.join(workdir, f"{name}_int8_nogelutwin.onnx")
-            export_onnx(q_nogelu, paths["int8 no GELU twin"])
-        sessions = {k: make_session(v, threads=threads) for k, v in paths.items()}
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        q = None
+        if args.reuse and all(os.path.exists(v) for v in paths.values()):
+            print(f"== {name}: reusing the ONNX files in {workdir} (the fake-quantized torch model is not timed)")
+        else:
+            images = torch.randn(args.calib_images, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+            overrides = {} if args.full_calibration else QUICK
+            t0 = time.perf_counter()
+            q = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, progress=False, **overrides)
+            print(f"== {name}: calibrated in {time.perf_counter() - t0:.0f} s")
+            export_onnx(q, paths["float32"], int8=False)
+            print(export_onnx(q, paths["int8"]).summary())
+            if args.ablate:
+                export_onnx(q, paths[vnni_key], gemm="vnni")
+                q_nogelu = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, progress=False, gelu_twin=False, **overrides)
+                export_onnx(q_nogelu, paths["int8 no GELU twin"])
+        sessions = {k: make_session(v, threads=threads, spinning=args.spin) for k, v in paths.items()}
         for b in args.batches:
             x = np.random.default_rng(0).standard_normal((b, 3, 224, 224)).astype(np.float32)
             xt = torch.from_numpy(x)
@@ -127,7 +135,7 @@ def main() -> None:
                 with torch.no_grad():
                     q(xt)
             reps = args.repeats if b >= 8 else args.repeats * 3
-            times = interleaved(sessions, x, reps, None if args.no_torch else run_torch)
+            times = interleaved(sessions, x, reps, None if (args.no_torch or q is None) else run_torch)
             print(f"batch {b} ({reps} interleaved runs each):")
             for k, v in times.items():
                 print(f"  {k:<32s} median {np.median(v):8.1f} ms   best {min(v):8.1f} ms   "
@@ -143,7 +151,7 @@ def main() -> None:
             b = max(args.batches)
             for k in ("float32", "int8"):
                 print(f"where the time goes, {k} ONNX, batch {b}:")
-                print(op_breakdown(paths[k], (3, 224, 224), b, threads=threads, runs=2))
+                print(op_breakdown(paths[k], (3, 224, 224), b, threads=threads, runs=2, spinning=args.spin))
         print()
     print("summary: int8 ONNX speed over float32 ONNX (onnxruntime CPU)")
     for name, b, rm, rb in summary:

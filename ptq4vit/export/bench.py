@@ -80,7 +80,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
               float_model: Optional[nn.Module] = None, batch_sizes: Sequence[int] = (1, 8),
               providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, repeats: int = 10,
               warmup: int = 2, min_seconds: float = 0.0, include_torch: bool = True, workdir: Optional[str] = None,
-              gemm: str = "portable", twin_combine: str = "gemm", eval_batch: int = 50,
+              gemm: str = "portable", twin_combine: str = "gemm", eval_batch: int = 50, spinning: bool = True,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Export and time ``qmodel`` (see the module docstring).
 
@@ -91,6 +91,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
             quantizers off; after :func:`ptq4vit.load` those weights are the dequantized ones).
         providers: ONNX Runtime execution providers (default: CUDA when present, and CPU).
         threads: intra-op threads for ORT and torch (default: their own choice).
+        spinning: let ORT's idle threads busy-wait (ORT's default); turn off on a shared machine.
     """
     providers = list(providers or available_providers())
     workdir = workdir or tempfile.mkdtemp(prefix="ptq4vit-bench-")
@@ -109,8 +110,8 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
         torch.set_num_threads(threads)
     try:
         for provider in providers:
-            sessions = {"float32-onnx": make_session(fp32_path, provider, threads),
-                        "int8-onnx": make_session(int8_path, provider, threads)}
+            sessions = {"float32-onnx": make_session(fp32_path, provider, threads, spinning=spinning),
+                        "int8-onnx": make_session(int8_path, provider, threads, spinning=spinning)}
             if "CUDAExecutionProvider" in provider and "CUDAExecutionProvider" not in sessions["int8-onnx"].get_providers():
                 log(f"{provider} not usable, skipped")
                 continue
@@ -150,9 +151,9 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
 
 
 def op_breakdown(path: str, input_shape: Sequence[int], batch: int, threads: Optional[int] = None,
-                 runs: int = 3, top: int = 12) -> str:
+                 runs: int = 3, top: int = 12, spinning: bool = True) -> str:
     """ORT profiler time per operator type, as text lines (where the time goes)."""
-    prof = profile_ops(path, input_shape, batch, runs=runs, threads=threads)
+    prof = profile_ops(path, input_shape, batch, runs=runs, threads=threads, spinning=spinning)
     total = prof["total_ms"] or 1.0
     lines = [f"  {op:<24s} {ms:8.1f} ms  {100 * ms / total:5.1f}%  [{', '.join(prof['providers'].get(op, []))}]"
              for op, ms in list(prof["ops"].items())[:top]]

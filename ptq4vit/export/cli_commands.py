@@ -129,6 +129,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm", choices=GEMM_MODES, default="portable", help="int8 GEMM flavour (see export)")
     p.add_argument("--onnx-dir", metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
     p.add_argument("--no-torch", action="store_true", help="do not time the fake-quantized torch model")
+    p.add_argument("--no-spin", action="store_true",
+                   help="ORT threads do not busy-wait between operators (better when other processes share the cores)")
     p.add_argument("--profile", action="store_true", help="also print ORT's time per operator at the largest batch")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
 
@@ -160,7 +162,7 @@ def cmd_bench(args) -> int:
         _log(f"{len(images)} images from {args.data_dir}")
     res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers, threads=args.threads,
                     repeats=args.repeats, include_torch=not args.no_torch, workdir=args.onnx_dir, gemm=args.gemm,
-                    log=_log)
+                    spinning=not args.no_spin, log=_log)
     print(res.int8_report.summary())
     print(format_bench(res))
     if args.profile:

@@ -28,10 +28,14 @@ def available_providers() -> list[str]:
 
 
 def make_session(path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None,
-                 profile: bool = False, optimized_model_path: Optional[str] = None):
+                 profile: bool = False, optimized_model_path: Optional[str] = None, spinning: bool = True):
+    """An ORT session with all graph optimizations. ``spinning=False`` stops idle intra-op threads
+    from busy-waiting, which helps a lot when other processes compete for the cores."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise here
     if threads:
@@ -103,10 +107,10 @@ def time_callable(fn, batch: int, repeats: int = 10, warmup: int = 2, min_second
 
 
 def profile_ops(path: str, input_shape: Sequence[int], batch: int, runs: int = 5, threads: Optional[int] = None,
-                provider: str = "CPUExecutionProvider") -> dict:
+                provider: str = "CPUExecutionProvider", spinning: bool = True) -> dict:
     """Time per operator type (ms per run, summed over nodes) from ORT's profiler, plus the
     kernels that actually ran: ``{"ops": {op: ms}, "total_ms": ..., "providers": {op: [provider]}}``."""
-    sess = make_session(path, provider, threads, profile=True)
+    sess = make_session(path, provider, threads, profile=True, spinning=spinning)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
     sess.run(None, {name: x})  # warm-up, excluded below
