@@ -176,18 +176,7 @@ class ResultsFile:
             raise UserError(f"cannot write results file {self.path}: {e.strerror or e}") from None
 
     def _atomic_rewrite(self, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="." + self.path.name + ".")
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-            os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _atomic_write_bytes(self.path, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -199,10 +188,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     """Write a text file via a temporary file and rename, so readers never see half of it."""
-    path = Path(path)
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
     try:
-        _write_all(fd, text.encode())
+        _write_all(fd, data)
         os.fsync(fd)
         os.close(fd)
         os.replace(tmp, path)
