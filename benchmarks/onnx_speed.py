@@ -102,19 +102,19 @@ def main() -> None:
         f"short: {QUICK['metric']} metric, {QUICK['n_candidates']} candidates, {QUICK['rounds']} round"
     print(f"calibration: {args.calib_images} random images, {calib} (scales do not change the speed)\n")
     summary = []
+    vnni_key = "int8 gemm=vnni" if cpu_has_vnni() else "int8 gemm=vnni (inexact here)"
     for name in args.models:
-        vnni_key = "int8 gemm=vnni" if cpu_has_vnni() else "int8 gemm=vnni (inexact here)"
         paths = {"float32": os.path.join(workdir, f"{name}_float32.onnx"),
                  "int8": os.path.join(workdir, f"{name}_int8.onnx")}
         if args.ablate:
             paths[vnni_key] = os.path.join(workdir, f"{name}_int8_vnni.onnx")
             paths["int8 no GELU twin"] = os.path.join(workdir, f"{name}_int8_nogelutwin.onnx")
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
         q = None
         if args.reuse and all(os.path.exists(v) for v in paths.values()):
             print(f"== {name}: reusing the ONNX files in {workdir} (the fake-quantized torch model is not timed)")
         else:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False).eval()
             images = torch.randn(args.calib_images, 3, 224, 224, generator=torch.Generator().manual_seed(1))
             overrides = {} if args.full_calibration else QUICK
             t0 = time.perf_counter()

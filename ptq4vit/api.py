@@ -59,7 +59,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     grad_source = preset.grad_source if preset.metric == "hessian" else None
     with qmodel.quantization_disabled():
         per_image = estimate_site_bytes(model, images, sites, with_grad=grad_source is not None)
-        groups = plan_groups(per_image, len(images), budget // 2)
+        half = budget // 2  # one half for captured activations, the other for search temporaries
+        groups = plan_groups(per_image, len(images), half)
         bar = tqdm(total=len(sites), desc=f"calibrating {preset.name} W{w_bits}A{a_bits}", unit="layer",
                    disable=not progress)
         for group in groups:
@@ -68,7 +69,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             for n in group:
                 bar.set_postfix_str(n, refresh=False)
                 site_data = data.pop(n)
-                calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, min(budget // 2, SEARCH_CHUNK_BYTES))
+                calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, min(half, SEARCH_CHUNK_BYTES))
                 bar.update()
             del data
         bar.close()

@@ -159,7 +159,7 @@ class ResultsFile:
                     if not replace:
                         return False
                     kept = b"".join((json.dumps(r, default=str) + "\n").encode() for r in rows if r.get("key") != key)
-                    self._atomic_rewrite(kept + line)
+                    _atomic_write_bytes(self.path, kept + line)
                     return True
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -174,9 +174,6 @@ class ResultsFile:
                 return True
         except OSError as e:
             raise UserError(f"cannot write results file {self.path}: {e.strerror or e}") from None
-
-    def _atomic_rewrite(self, data: bytes) -> None:
-        _atomic_write_bytes(self.path, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
