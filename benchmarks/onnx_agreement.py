@@ -5,7 +5,7 @@ Usage: python benchmarks/onnx_agreement.py [--limit 100 | --all] [--checkpoint F
 
 * Model: ../shared/models/vit_small_patch14_dinov2_focus_cifar10.safetensors (float32), inputs resized
   to 224 bicubic without crop, ImageNet mean/std (the zoo entry ``vit_s14_cifar10``).
-* Calibration: the ``ptq4vit`` preset at W8A8 on 32 images of cifar10/calib, drawn with SPEC §6's
+* Calibration: the ``ptq4vit`` preset at W8A8 on 32 images of cifar10/calib, drawn with docs/method.md §6's
   ``permutation(n)[:32]`` (seed 3). The quantized model is saved as a checkpoint (``--out``) and
   ``--checkpoint`` reuses one, so the comparison can be rerun without calibrating.
 * Comparison: the first ``--limit`` test images of each class (default 100, i.e. 1000 images;

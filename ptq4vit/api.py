@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calib import SEARCH_CHUNK_BYTES, calibrate_site, capture, default_memory_budget, estimate_site_bytes, plan_groups
+from .errors import UserError
 from .models import insert_quant_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
@@ -42,9 +43,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     check_bits(a_bits, "a_bits")
     if not isinstance(calib_images, torch.Tensor) or calib_images.dim() != 4 or calib_images.shape[1] != 3:
         shape = tuple(calib_images.shape) if isinstance(calib_images, torch.Tensor) else type(calib_images).__name__
-        raise ValueError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {shape}")
+        raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {shape}")
     if not calib_images.is_floating_point() or len(calib_images) == 0:
-        raise ValueError("calib_images must be a non-empty float tensor")
+        raise UserError("calib_images must be a non-empty float tensor")
 
     name = model_name(model)
     if not inplace:
@@ -77,7 +78,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
 
 
 def save_qparams(model: QuantizedModel, path: Union[str, os.PathLike]) -> None:
-    """Write ``model.qparams()`` as JSON (SPEC §8)."""
+    """Write ``model.qparams()`` as JSON (docs/method.md §8)."""
     with open(path, "w") as f:
         json.dump(model.qparams(), f, indent=1)
         f.write("\n")

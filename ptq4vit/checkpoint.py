@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .nn import QuantConv2d, QuantLinear
 from .presets import Preset
 from .quant import Quantizer, UniformQuantizer, qmax
@@ -53,10 +53,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["CheckpointError", "save", "load", "read_metadata", "data_config", "float_weights_digest", "structure_digest",
            "derive_create_kwargs", "FORMAT", "FORMAT_VERSION"]
-
-
-class CheckpointError(UserError):
-    """A checkpoint cannot be written or loaded faithfully (the message says why)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Image folders, the evaluation transform, and calibration draws (SPEC §6).
+"""Image folders, the evaluation transform, and calibration draws (docs/method.md §6).
 
 * :class:`ImageFolder` reads an ImageFolder-style tree (``root/<class>/<image>``; ImageNet's
   ``val/<wnid>/``, CIFAR-10's ``test/<class>/`` ...). Classes are the sorted sub-folder names
@@ -169,7 +169,7 @@ class Calibration:
 
 
 def calibration_images(dataset: ImageFolder, size: int = 32, seed: int = 3, *, progress: bool = False) -> Calibration:
-    """The SPEC §6 draw: ``seed(seed); permutation(len(dataset))[:size]``, loaded as one batch.
+    """The docs/method.md §6 draw: ``seed(seed); permutation(len(dataset))[:size]``, loaded as one batch.
 
     An unreadable image is skipped (or raises in a strict dataset) and the next one in the
     permutation takes its place, so the batch always holds ``size`` images.

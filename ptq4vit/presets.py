@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import UserError
+
 Metric = Literal["cosine", "mse", "hessian"]
 GradSource = Literal["kl-official", "ce-fp-label"]
 
@@ -22,9 +24,9 @@ SOFTMAX_TWIN_FORMS = ("select", "sum")
 class Preset:
     name: str
     description: str
-    #: Score of a candidate scale (SPEC §2).
+    #: Score of a candidate scale (docs/method.md §2).
     metric: Metric = "hessian"
-    #: Where ``g = dL/dO`` of the hessian metric comes from (SPEC §5).
+    #: Where ``g = dL/dO`` of the hessian metric comes from (docs/method.md §5).
     grad_source: GradSource = "ce-fp-label"
     #: Candidate grid ``Δ0 · (α + i(β-α)/n)``, i = 0..n-1.
     alpha: float = 0.01
@@ -49,15 +51,15 @@ class Preset:
 
     def __post_init__(self):
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+            raise UserError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.grad_source not in GRAD_SOURCES:
-            raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {self.grad_source!r}")
+            raise UserError(f"grad_source must be one of {GRAD_SOURCES}, got {self.grad_source!r}")
         if self.softmax_twin_form not in SOFTMAX_TWIN_FORMS:
-            raise ValueError(f"softmax_twin_form must be one of {SOFTMAX_TWIN_FORMS}, got {self.softmax_twin_form!r}")
+            raise UserError(f"softmax_twin_form must be one of {SOFTMAX_TWIN_FORMS}, got {self.softmax_twin_form!r}")
         if not 0 < self.alpha < self.beta:
-            raise ValueError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
+            raise UserError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
         if self.n_candidates < 1 or self.rounds < 1 or self.grad_chunk < 1:
-            raise ValueError("n_candidates, rounds and grad_chunk must be positive")
+            raise UserError("n_candidates, rounds and grad_chunk must be positive")
 
     def overrides(self) -> dict:
         """Fields that differ from the named preset this one was derived from."""
@@ -107,16 +109,16 @@ ABLATION_ROWS: dict[int, tuple[str, dict]] = {
 
 
 def get_preset(preset: "str | Preset", **overrides) -> Preset:
-    """A preset by name (or a Preset), with fields overridden; unknown names and fields raise ValueError."""
+    """A preset by name (or a Preset), with fields overridden; unknown names and fields raise UserError."""
     if isinstance(preset, Preset):
         base = preset
     else:
         try:
             base = PRESETS[preset]
         except KeyError:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
     fields = {f.name for f in dataclasses.fields(Preset)} - {"name", "description"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+        raise UserError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(base, **overrides) if overrides else base

@@ -65,7 +65,7 @@ class QuantizedModel(nn.Module):
                 q.enabled = enabled
 
     def qparams(self) -> dict:
-        """The chosen parameters in the JSON layout of SPEC §8."""
+        """The chosen parameters in the JSON layout of docs/method.md §8."""
         modules = {}
         for name, site in self.sites().items():
             if isinstance(site, QuantMatMul):

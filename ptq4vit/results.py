@@ -5,7 +5,7 @@
   ignore and the next append cuts off. Every row carries a ``key`` (the hash of what defines
   the run); a resumed sweep skips keys already present, so nothing is lost or counted twice.
 * :func:`write_report` renders the rows as Markdown, CSV and JSON tables laid out like the
-  paper's (next to the paper's numbers, SPEC §7) and draws the accuracy-drop plot;
+  paper's (next to the paper's numbers, docs/method.md §7) and draws the accuracy-drop plot;
   :func:`plot_activations` draws the post-softmax / post-GELU distributions of one block with
   the chosen quantization grid.
 """
@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 from .errors import UserError
 
-# --------------------------------------------------------------------------- paper numbers (SPEC §7)
+# --------------------------------------------------------------------------- paper numbers (docs/method.md §7)
 
 #: ImageNet top-1 (%) from the paper's README: model -> (FP, base W8A8, base W6A6, PTQ4ViT W8A8, PTQ4ViT W6A6).
 _PAPER_ROWS = {
@@ -404,7 +404,7 @@ def render_markdown(rows: list[dict]) -> str:
     """All tables of a results set as one Markdown document."""
     rows = latest_by_key(rows)
     parts = ["# PTQ4ViT results", "",
-             "Top-1 accuracy (%). A cell reads `ours (paper)`; the paper's numbers (SPEC §7, full ImageNet val, "
+             "Top-1 accuracy (%). A cell reads `ours (paper)`; the paper's numbers (docs/method.md §7, full ImageNet val, "
              "32 calibration images) are shown for its presets on real weights. `base` and `base-cosine` are "
              "compared with the paper's Base PTQ, `official` and `ptq4vit` with its PTQ4ViT column.", ""]
     for g, grows in _groups(rows).items():
@@ -589,7 +589,7 @@ def capture_block_activations(model, images, block: str, batch_size: int = 8) ->
 
 def plot_activations(model, images, qparams: dict, path, layer=None, *, title: str = "") -> Path:
     """Histograms of the post-softmax and post-GELU activations of one block with the quantization grid
-    chosen in ``qparams`` (SPEC §8) drawn over them."""
+    chosen in ``qparams`` (docs/method.md §8) drawn over them."""
     import numpy as np
     plt = _pyplot()
     block = find_block(model, layer)

@@ -1,4 +1,4 @@
-"""Model names: the paper's short names, pinned timm names, and local weights (SPEC §6).
+"""Model names: the paper's short names, pinned timm names, and local weights (docs/method.md §6).
 
 ``resolve("ViT-S/224")`` gives the pinned timm name (``vit_small_patch16_224.augreg_in21k_ft_in1k``);
 any timm name, with or without a pretrained tag, works too. :func:`create` builds the model with
@@ -42,7 +42,7 @@ class ModelEntry:
     weights_file: Optional[str] = None
     #: No hub weights exist: a local weights file is required (or random init).
     local_only: bool = False
-    #: The model appears in the paper's tables (SPEC §7).
+    #: The model appears in the paper's tables (docs/method.md §7).
     in_paper: bool = False
 
 
@@ -276,7 +276,7 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
 
 
 def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Optional[dict] = None) -> dict:
-    """timm's evaluation data config for ``model`` (SPEC §6), with the entry's overrides and the input size
+    """timm's evaluation data config for ``model`` (docs/method.md §6), with the entry's overrides and the input size
     following an ``img_size`` model option."""
     from timm.data import resolve_data_config
     cfg = dict(resolve_data_config({}, model=model))

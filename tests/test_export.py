@@ -161,7 +161,7 @@ def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     _, q = quantized("vit")
     path = tmp_path / "vit.onnx"
     rep = export_onnx(q, path)
-    # every site but the patch embedding (float image input, SPEC §1) runs in integers
+    # every site but the patch embedding (float image input, docs/method.md §1) runs in integers
     assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
     assert sum(s.integer for s in rep.sites) == len(rep.sites) - 1
     assert "patch_embed.proj" in rep.summary()

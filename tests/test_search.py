@@ -1,4 +1,4 @@
-"""The batched search against a literal, loop-by-loop reading of SPEC §2."""
+"""The batched search against a literal, loop-by-loop reading of docs/method.md §2."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ def spec_score(out_hat, out, grad, metric):
 
 
 def spec_linear(x, w, bias, grad, metric, groups, preset, w_bits, a_bits):
-    """SPEC §2 for a linear layer with `groups` output blocks and a per-tensor input, written as plain loops."""
+    """docs/method.md §2 for a linear layer with `groups` output blocks and a per-tensor input, written as plain loops."""
     n, al, be = preset.n_candidates, preset.alpha, preset.beta
     factors = [al + i * (be - al) / n for i in range(n)]
     out = F.linear(x, w, bias)

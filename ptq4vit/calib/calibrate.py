@@ -1,4 +1,4 @@
-"""Calibration: choose every site's scales by the alternating search of SPEC §2-4.
+"""Calibration: choose every site's scales by the alternating search of docs/method.md §2-4.
 
 Per site, a round searches the weight (matmul: operand A) with the input (B) fixed at its
 current scale, then the input with the weight fixed at its new scale; round 1 starts from Δ0.

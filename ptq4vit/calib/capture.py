@@ -1,6 +1,6 @@
 """Capture what calibration needs: every site's float inputs and output gradients.
 
-All sites are float while capturing (SPEC §2: each layer is calibrated on full-precision
+All sites are float while capturing (docs/method.md §2: each layer is calibrated on full-precision
 inputs), so one forward pass and one backward pass give every site's data at once, instead
 of one network pass per layer. Sites are processed in groups that fit a memory budget; a
 small model is a single group.

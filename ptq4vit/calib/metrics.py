@@ -1,4 +1,4 @@
-"""Scores of candidate outputs against the float output (SPEC §2), reduced along one dim.
+"""Scores of candidate outputs against the float output (docs/method.md §2), reduced along one dim.
 
 Higher is better. Both functions overwrite their first argument (they run inside the search's
 inner loop, where a copy would cost a full pass over the candidates' outputs).

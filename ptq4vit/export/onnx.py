@@ -33,7 +33,7 @@ the exporting CPU has VNNI.
 
 What stays float is what the method keeps float (LayerNorm, softmax, GELU, residuals, biases,
 embeddings) plus the sites listed in :attr:`ExportReport.fallbacks`: the patch embedding (its
-input is the float image, SPEC §1: the weight is dequantized from its int8 codes and the conv
+input is the float image, docs/method.md §1: the weight is dequantized from its int8 codes and the conv
 runs in float) and any site whose quantizers are disabled.
 
 The graph is traced with torch's TorchScript-based ONNX exporter (``dynamo=False``), each site
@@ -477,7 +477,7 @@ def _plan(qmodel: QuantizedModel, example: torch.Tensor, gemm: str, twin_combine
         if isinstance(site, QuantConv2d):
             w = _fake_quant_weight(site).clone()
             exports.append(SiteExport(name, "conv", False, "float Conv2d, weight dequantized from its int8 codes",
-                                      "its input is the float image (not quantized by the method, SPEC §1)"))
+                                      "its input is the float image (not quantized by the method, docs/method.md §1)"))
 
             def conv_fwd(x, s=site, w=w):
                 return F.conv2d(x, w, s.bias, s.stride, s.padding, s.dilation, s.conv_groups)

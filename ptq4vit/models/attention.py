@@ -2,7 +2,7 @@
 
 They compute what timm's non-fused path computes, with the two attention matmuls as
 :class:`QuantMatMul` sites. The ``* scale`` of q@kᵀ is applied after the matmul so that the
-unscaled q and k are what gets quantized (SPEC §1); with quantization off this differs from
+unscaled q and k are what gets quantized (docs/method.md §1); with quantization off this differs from
 timm only by float rounding when the head dim is not a power of four.
 """
 from __future__ import annotations

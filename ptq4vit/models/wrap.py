@@ -1,6 +1,6 @@
 """Put quantization sites into a timm ViT, DeiT or Swin (the only timm-specific part).
 
-:func:`insert_quant_sites` replaces, in place, every layer that SPEC §1 quantizes with its
+:func:`insert_quant_sites` replaces, in place, every layer that docs/method.md §1 quantizes with its
 quantized counterpart and returns the sites by timm module name, in model order. Anything it
 does not understand (another attention design, a stray linear or conv) is refused with an
 error naming the module, rather than being left silently in float.
@@ -17,15 +17,12 @@ from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..errors import UnsupportedModelError
 from ..presets import Preset
 from ..quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_bits
 from .attention import QuantAttention, QuantWindowAttention
 
 SUPPORTED_MODELS = (VisionTransformer, VisionTransformerDistilled, SwinTransformer)
-
-
-class UnsupportedModelError(ValueError):
-    """The model, or one of its modules, has no quantization adapter."""
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """Quantized layers: a float layer plus the quantizers of its weight and input.
 
-Only inputs and weights are quantized (SPEC §1): outputs, biases and everything between
+Only inputs and weights are quantized (docs/method.md §1): outputs, biases and everything between
 layers stay float. Each module keeps the original float parameters, so switching its
 quantizers off gives back the float layer exactly.
 """

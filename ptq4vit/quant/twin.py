@@ -53,7 +53,7 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
 
 
 def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select") -> torch.Tensor:
-    """Fake-quantize post-softmax values with the twin uniform quantizer (SPEC §3)."""
+    """Fake-quantize post-softmax values with the twin uniform quantizer (docs/method.md §3)."""
     levels = qmax(bits) - 1
     step_lo, step_hi = softmax_twin_steps(split, bits)
     if form == "select":
@@ -82,7 +82,7 @@ def gelu_twin_codes(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | t
 
 
 def gelu_twin_fake_quant(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | torch.Tensor, bits: int) -> torch.Tensor:
-    """Positive part plus negative part (SPEC §4); exactly one of them is non-zero per value."""
+    """Positive part plus negative part (docs/method.md §4); exactly one of them is non-zero per value."""
     pos, neg = gelu_twin_codes(x, pos_step, neg_step, bits)
     return pos.mul_(pos_step).add_(neg.mul_(neg_step))
 

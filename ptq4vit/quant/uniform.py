@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 MIN_BITS = 2
 MAX_BITS = 8
 
 
 def check_bits(bits: int, name: str = "bits") -> int:
-    """Return ``bits`` if it is an integer in [MIN_BITS, MAX_BITS], else raise ValueError naming it."""
+    """Return ``bits`` if it is an integer in [MIN_BITS, MAX_BITS], else raise UserError naming it."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+        raise UserError(f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return bits
 
 
@@ -25,7 +27,7 @@ def qmax(bits: int) -> int:
 
 
 def initial_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    """The search's starting point ``Δ0 = max|x| / (qmax - 0.5)`` (SPEC §2)."""
+    """The search's starting point ``Δ0 = max|x| / (qmax - 0.5)`` (docs/method.md §2)."""
     return absmax / (qmax(bits) - 0.5)
 
 
@@ -36,7 +38,7 @@ def uniform_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
 
 
 def uniform_fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q(x) = clamp(round(x / Δ), -qmax, qmax - 1) · Δ`` (SPEC §1)."""
+    """``q(x) = clamp(round(x / Δ), -qmax, qmax - 1) · Δ`` (docs/method.md §1)."""
     return uniform_codes(x, scale, bits).mul_(scale)
 
 
