@@ -6,7 +6,7 @@ A thin wrapper around ``ptq4vit ablation`` (same options; see ``--help``). Resum
 """
 import sys
 
-from ptq4vit.cli import main
+from ptq4vit.harness.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["ablation", *sys.argv[1:]]))

@@ -7,7 +7,7 @@ command after an interruption and only the missing runs are done.
 """
 import sys
 
-from ptq4vit.cli import main
+from ptq4vit.harness.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,8 +1,16 @@
-"""ptq4vit: post-training quantization of vision transformers (BasePTQ and PTQ4ViT)."""
-from .api import quantize, save_qparams
-from .checkpoint import load
-from .presets import ABLATION_ROWS, PRESETS, Preset, get_preset
-from .quantized import QuantizedModel
+"""ptq4vit: post-training quantization of vision transformers (BasePTQ, PTQ4ViT and beyond).
 
-__version__ = "0.1.0"
-__all__ = ["quantize", "save_qparams", "load", "QuantizedModel", "Preset", "PRESETS", "ABLATION_ROWS", "get_preset", "__version__"]
+The library: :func:`quantize` a timm model, :func:`save` and :func:`load` the result. The
+experiment harness (datasets, model names, runs, reports, the command line) lives in
+:mod:`ptq4vit.harness` and is not imported here.
+"""
+__version__ = "0.2.0"
+
+from .api import quantize
+from .checkpoint import load, save
+from .errors import CheckpointError, PTQ4ViTError, UnsupportedModelError, UserError
+from .presets import ABLATION_ROWS, PRESETS, Preset, get_preset
+from .quantized import QuantizedModel, write_qparams_json
+
+__all__ = ["quantize", "save", "load", "write_qparams_json", "QuantizedModel", "Preset", "PRESETS", "ABLATION_ROWS",
+           "get_preset", "PTQ4ViTError", "UserError", "UnsupportedModelError", "CheckpointError", "__version__"]

@@ -1,6 +1,6 @@
 """``python -m ptq4vit`` (also what ``torchrun -m ptq4vit`` runs): the command line."""
 import sys
 
-from .cli import main
+from .harness.cli import main
 
 sys.exit(main())

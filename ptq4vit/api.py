@@ -1,9 +1,8 @@
-"""The public entry points: quantize a timm model, write its quantization parameters."""
+"""``quantize``: calibrate a float timm model and return it quantized."""
 from __future__ import annotations
 
 import copy
-import json
-import os
+import logging
 from typing import Optional, Union
 
 import torch
@@ -16,6 +15,8 @@ from .models import insert_quant_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
 from .quantized import QuantizedModel, model_name
+
+logger = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Preset] = "ptq4vit", w_bits: int = 8,
@@ -62,6 +63,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         per_image = estimate_site_bytes(model, images, sites, with_grad=grad_source is not None)
         half = budget // 2  # one half for captured activations, the other for search temporaries
         groups = plan_groups(per_image, len(images), half)
+        logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(groups),
+                     budget / 2 ** 20)
         bar = tqdm(total=len(sites), desc=f"calibrating {preset.name} W{w_bits}A{a_bits}", unit="layer",
                    disable=not progress)
         for group in groups:
@@ -75,10 +78,3 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             del data
         bar.close()
     return qmodel
-
-
-def save_qparams(model: QuantizedModel, path: Union[str, os.PathLike]) -> None:
-    """Write ``model.qparams()`` as JSON (docs/method.md §8)."""
-    with open(path, "w") as f:
-        json.dump(model.qparams(), f, indent=1)
-        f.write("\n")

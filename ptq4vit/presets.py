@@ -7,6 +7,7 @@ overrides, e.g. ``get_preset("official", metric="cosine", softmax_twin=False)``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,3 +123,34 @@ def get_preset(preset: "str | Preset", **overrides) -> Preset:
     if unknown:
         raise UserError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_field(name: str, text: str):
+    """``text`` (as written on a command line) as a value of the Preset field ``name``.
+
+    The field's declared type decides, so ``gelu_twin=0`` and ``gelu_twin=false`` give the same
+    preset (and the same run key).
+    """
+    hints = typing.get_type_hints(Preset)
+    if name not in hints or name in ("name", "description"):
+        fields = sorted(set(hints) - {"name", "description"})
+        raise UserError(f"unknown preset field {name!r}; valid fields: {', '.join(fields)}")
+    kind, value = hints[name], text.strip()
+    if typing.get_origin(kind) is Literal:
+        if value not in typing.get_args(kind):
+            raise UserError(f"preset field {name} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
+        return value
+    if kind is bool:
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise UserError(f"preset field {name} must be true or false, got {value!r}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"preset field {name} must be {kind.__name__}, got {value!r}") from None

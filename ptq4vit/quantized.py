@@ -1,13 +1,15 @@
 """QuantizedModel: a timm model whose quantization sites carry calibrated quantizers."""
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 from torch import nn
 
-from .nn import QuantConv2d, QuantLinear, QuantMatMul
+from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
 from .quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 
@@ -44,7 +46,7 @@ class QuantizedModel(nn.Module):
 
     def sites(self) -> dict[str, nn.Module]:
         """Quantization sites by timm module name, in model order."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, QUANT_MODULES)}
 
     def quantizers(self) -> Iterator[Quantizer]:
         return (m for m in self.model.modules() if isinstance(m, Quantizer))
@@ -86,3 +88,14 @@ class QuantizedModel(nn.Module):
             modules[name] = entry
         return {"model": self.name, "preset": self.preset.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "overrides": self.preset.overrides(), "modules": modules}
+
+
+def write_qparams_json(qmodel: QuantizedModel, path: Union[str, os.PathLike]) -> None:
+    """Write ``qmodel.qparams()`` (every chosen scale, docs/method.md §8) as a JSON report.
+
+    This is a human- and tool-readable report of the calibration, not a checkpoint: to save a
+    model that loads back, use :func:`ptq4vit.save`.
+    """
+    with open(path, "w") as f:
+        json.dump(qmodel.qparams(), f, indent=1)
+        f.write("\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ptq4vit.cli import main
+from ptq4vit.harness.cli import main
 
 from conftest import REPO
 
@@ -205,7 +205,7 @@ def test_examples_are_thin_wrappers(capsys, monkeypatch):
 
 def test_console_script_one_line_error(tmp_path):
     """The installed ``ptq4vit`` script (or ``python -m ptq4vit``): a bad root gives one line, status 2."""
-    assert 'ptq4vit = "ptq4vit.cli:main"' in (REPO / "pyproject.toml").read_text()
+    assert 'ptq4vit = "ptq4vit.harness.cli:main"' in (REPO / "pyproject.toml").read_text()
     exe = shutil.which("ptq4vit")
     local = Path(sys.executable).parent / "ptq4vit"
     cmd = [exe] if exe else [str(local)] if local.exists() else [sys.executable, "-m", "ptq4vit"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ptq4vit.data import (ImageFolder, calibration_images, calibration_permutation, collate, load_rgb, make_loader,
+from ptq4vit.harness.data import (ImageFolder, calibration_images, calibration_permutation, collate, load_rgb, make_loader,
                           resolve_splits)
 from ptq4vit.errors import UserError
 

@@ -8,17 +8,17 @@ import textwrap
 
 import pytest
 
-from ptq4vit import zoo
-from ptq4vit.data import ImageFolder
-from ptq4vit.evaluate import evaluate
+from ptq4vit.harness import zoo
+from ptq4vit.harness.data import ImageFolder
+from ptq4vit.harness.evaluate import evaluate
 
 from conftest import FAST_OVERRIDES, REPO, TINY_VIT_KWARGS
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from ptq4vit import zoo
-    from ptq4vit.data import ImageFolder
-    from ptq4vit.evaluate import dist_info, evaluate, init_distributed, shutdown_distributed
+    from ptq4vit.harness import zoo
+    from ptq4vit.harness.data import ImageFolder
+    from ptq4vit.harness.evaluate import dist_info, evaluate, init_distributed, shutdown_distributed
     dev = init_distributed("cpu")
     rank, world = dist_info()
     lm = zoo.create("vit_tiny_patch16_224", pretrained=False, model_kwargs=json.loads(sys.argv[2]), init_seed=4)
@@ -71,7 +71,7 @@ def test_two_process_evaluation_equals_single(uneven_folder, tmp_path):
 def test_torchrun_quantize_equals_single_process(tiny_cli_args, tmp_path):
     args = ["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "8",
             "--bits", "W6A6", "--preset", "ptq4vit", "--device", "cpu"]
-    from ptq4vit.cli import main
+    from ptq4vit.harness.cli import main
     assert main(args + ["--out", str(tmp_path / "single")]) == 0
     p = _torchrun(["-m", "ptq4vit", *args, "--out", str(tmp_path / "dist")])
     assert p.returncode == 0, p.stderr[-3000:]

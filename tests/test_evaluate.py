@@ -3,9 +3,9 @@ import shutil
 
 import torch
 
-from ptq4vit import zoo
-from ptq4vit.data import ImageFolder
-from ptq4vit.evaluate import evaluate
+from ptq4vit.harness import zoo
+from ptq4vit.harness.data import ImageFolder
+from ptq4vit.harness.evaluate import evaluate
 
 TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2, num_classes=10)
 

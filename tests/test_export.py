@@ -248,7 +248,7 @@ def test_benchmark_reports_speed_accuracy_agreement(tmp_path):
 
 def test_cli_export_bench_eval(tmp_path, capsys):
     from PIL import Image
-    from ptq4vit.cli import main
+    from ptq4vit.harness.cli import main
     _, q = quantized("vit")
     ckpt = tmp_path / "q.safetensors"
     ck.save(q, ckpt, data_config={"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,

@@ -57,7 +57,7 @@ def test_qparams_follow_the_spec_layout(tmp_path):
     model, images = make_tiny("deit_distilled")
     q = ptq4vit.quantize(model, images, "ptq4vit", 8, 6, **FAST)
     path = tmp_path / "qparams.json"
-    ptq4vit.save_qparams(q, path)
+    ptq4vit.write_qparams_json(q, path)
     doc = json.loads(path.read_text())
     assert doc["preset"] == "ptq4vit" and doc["w_bits"] == 8 and doc["a_bits"] == 6
     assert doc["model"].startswith("deit_tiny_distilled_patch16_224")

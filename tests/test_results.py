@@ -6,7 +6,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from ptq4vit import results as R
+from ptq4vit.harness import paper, plots, report, store
 from ptq4vit.errors import UserError
 
 
@@ -20,7 +20,7 @@ def _row(key, **kw):
 
 
 def test_append_and_keys(tmp_path):
-    f = R.ResultsFile(tmp_path / "r.jsonl")
+    f = store.ResultsFile(tmp_path / "r.jsonl")
     assert f.rows() == [] and f.keys() == set()
     assert f.append(_row("a"))
     assert f.append(_row("b"))
@@ -33,7 +33,7 @@ def test_append_and_keys(tmp_path):
 
 
 def test_partial_last_line_is_ignored_then_cut(tmp_path):
-    f = R.ResultsFile(tmp_path / "r.jsonl")
+    f = store.ResultsFile(tmp_path / "r.jsonl")
     f.append(_row("a"))
     with open(f.path, "ab") as fh:
         fh.write(json.dumps(_row("b")).encode()[:40])  # a writer killed mid-line
@@ -46,14 +46,14 @@ def test_partial_last_line_is_ignored_then_cut(tmp_path):
 def test_complete_last_line_without_newline_is_kept(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps(_row("a")) + "\n" + json.dumps(_row("b")))
-    f = R.ResultsFile(p)
+    f = store.ResultsFile(p)
     assert [r["key"] for r in f.rows()] == ["a", "b"]
     f.append(_row("c"))
     assert [json.loads(line)["key"] for line in p.read_text().splitlines()] == ["a", "b", "c"]
 
 
 def _appender(path, prefix, n):
-    f = R.ResultsFile(path)
+    f = store.ResultsFile(path)
     for i in range(n):
         f.append(_row(f"{prefix}{i}", pad="x" * 5000))
 
@@ -71,23 +71,23 @@ def test_concurrent_appends(tmp_path):
 
 
 def test_run_key_stable():
-    a = R.run_key({"b": 1, "a": {"y": 2, "x": 1}})
-    assert a == R.run_key({"a": {"x": 1, "y": 2}, "b": 1}) and len(a) == 20
+    a = store.run_key({"b": 1, "a": {"y": 2, "x": 1}})
+    assert a == store.run_key({"a": {"x": 1, "y": 2}, "b": 1}) and len(a) == 20
 
 
 def test_ensure_writable_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot create output folder"):
-        R.ensure_writable_dir(tmp_path / "file" / "sub")
-    assert R.ensure_writable_dir(tmp_path / "new" / "deep").is_dir()
+        store.ensure_writable_dir(tmp_path / "file" / "sub")
+    assert store.ensure_writable_dir(tmp_path / "new" / "deep").is_dir()
 
 
 def test_paper_numbers():
-    assert R.paper_top1("ViT-S/224") == 81.39
-    assert R.paper_top1("Swin-B/384", "PTQ4ViT", "W6A6") == 85.388
-    assert R.paper_top1("DeiT-B/384", "base", "W8A8") == 82.33
-    assert R.paper_top1("ViT-S/224", "base", "W4A4") is None
-    assert R.paper_top1("vit_s14_cifar10") is None
+    assert paper.paper_top1("ViT-S/224") == 81.39
+    assert paper.paper_top1("Swin-B/384", "PTQ4ViT", "W6A6") == 85.388
+    assert paper.paper_top1("DeiT-B/384", "base", "W8A8") == 82.33
+    assert paper.paper_top1("ViT-S/224", "base", "W4A4") is None
+    assert paper.paper_top1("vit_s14_cifar10") is None
 
 
 def test_report_tables_and_plot(tmp_path):
@@ -100,7 +100,7 @@ def test_report_tables_and_plot(tmp_path):
         _row("6", preset="ptq4vit", ablation_row=3, overrides={"softmax_twin": True, "gelu_twin": False},
              quant_top1=75.0, drop=6.4),
     ]
-    written = R.write_report(rows, tmp_path / "rep")
+    written = report.write_report(rows, tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| ViT-S/224 | 81.40 (81.39) | 70.00 (70.24) |" in md  # base W6A6 beside the paper's 70.244
     assert "78.50 (78.63)" in md and "81.00 (81.00)" in md
@@ -123,18 +123,18 @@ def test_report_tables_and_plot(tmp_path):
 
 def test_report_needs_rows(tmp_path):
     with pytest.raises(UserError, match="no results"):
-        R.write_report([], tmp_path)
+        report.write_report([], tmp_path)
 
 
 def test_grids():
-    g, s = R.softmax_grid({"split": 2 ** -4}, 4)  # qmax 8: Δ1 = s/7, Δ2 = 1/7
+    g, s = plots.softmax_grid({"split": 2 ** -4}, 4)  # qmax 8: Δ1 = s/7, Δ2 = 1/7
     assert s == 2 ** -4 and g[0] == 0 and abs(g[-1] - 1.0) < 1e-12
     assert all(x < s for x in g[:7]) and all(x >= s for x in g[7:])
-    g, s = R.softmax_grid({"a_scale": [0.1, 0.2]}, 4)
+    g, s = plots.softmax_grid({"a_scale": [0.1, 0.2]}, 4)
     assert s is None and len(g) == 8 and g[1] == 0.1
-    gg = R.gelu_grid({"a_scale": [0.5], "a_neg_scale": 0.02}, 4)
+    gg = plots.gelu_grid({"a_scale": [0.5], "a_neg_scale": 0.02}, 4)
     assert gg[0] == -8 * 0.02 and gg[-1] == 7 * 0.5 and len(gg) == 16
-    assert R.gelu_grid({"a_scale": [0.5]}, 4) == [k * 0.5 for k in range(-8, 8)]
+    assert plots.gelu_grid({"a_scale": [0.5]}, 4) == [k * 0.5 for k in range(-8, 8)]
 
 
 @pytest.mark.parametrize("twin", [True, False])
@@ -144,7 +144,7 @@ def test_activation_plot(tmp_path, twin):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               embed_dim=48, num_heads=2, num_classes=10).eval()
     images = torch.randn(4, 3, 32, 32)
-    probs, gelu = R.capture_block_activations(model, images, "blocks.1")
+    probs, gelu = plots.capture_block_activations(model, images, "blocks.1")
     assert probs.shape == (4, 2, 17, 17) and torch.allclose(probs.sum(-1), torch.ones(4, 2, 17))
     assert gelu.numel() == 4 * 17 * 192 and gelu.min() > -0.18
     assert model.blocks[1].attn.fused_attn == timm.layers.use_fused_attn()  # restored
@@ -155,9 +155,9 @@ def test_activation_plot(tmp_path, twin):
         f2["a_neg_scale"] = 0.17 / 32
     q = {"model": "tiny", "preset": "x", "w_bits": 6, "a_bits": 6,
          "modules": {"blocks.1.attn.matmul2": m2, "blocks.1.mlp.fc2": f2}}
-    out = R.plot_activations(model, images, q, tmp_path / "act.png", layer="-1")
+    out = plots.plot_activations(model, images, q, tmp_path / "act.png", layer="-1")
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="no blocks.0.attn.matmul2"):
-        R.plot_activations(model, images, q, tmp_path / "x.png", layer="blocks.0")
+        plots.plot_activations(model, images, q, tmp_path / "x.png", layer="blocks.0")
     with pytest.raises(UserError, match="no block 'blocks.9'"):
-        R.find_block(model, "blocks.9")
+        plots.find_block(model, "blocks.9")

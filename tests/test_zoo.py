@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ptq4vit import zoo
+from ptq4vit.harness import zoo
 from ptq4vit.errors import UserError
 
 TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2, num_classes=10)

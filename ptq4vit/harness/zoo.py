@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

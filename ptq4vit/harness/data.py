@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from ..errors import UserError
 
 #: File endings read as images (compared case-insensitively), as torchvision's ImageFolder.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

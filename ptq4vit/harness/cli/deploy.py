@@ -1,7 +1,6 @@
 """``ptq4vit export``, ``ptq4vit bench`` and ``ptq4vit eval --checkpoint``.
 
-Registered into :mod:`ptq4vit.cli` by :func:`register` (cli.py imports this module); each command
-works on a checkpoint written by :func:`ptq4vit.checkpoint.save`.
+Each command works on a checkpoint written by :func:`ptq4vit.save`.
 
     ptq4vit export --checkpoint q.safetensors --out q_int8.onnx --float-out q_fp32.onnx
     ptq4vit bench  --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 10
@@ -11,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from ...errors import UserError
+from .common import Command, log, parse_int_list
 
 
 def _need_onnx() -> None:
@@ -36,7 +31,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str):
-    from ..checkpoint import load, read_metadata
+    from ...checkpoint import load, read_metadata
     qmodel = load(path)
     return qmodel, read_metadata(path)
 
@@ -44,7 +39,8 @@ def _load(path: str):
 def _images(meta: dict, qmodel, data_dir: str, limit: Optional[int], strict: bool = False):
     """(dataset, images tensor, labels) of an image folder, with the checkpoint's eval transform."""
     import torch
-    from ..checkpoint import data_config
+
+    from ...checkpoint import data_config
     from ..data import ImageFolder, eval_transform, make_loader
 
     cfg = data_config(meta, qmodel)
@@ -63,7 +59,7 @@ def _images(meta: dict, qmodel, data_dir: str, limit: Optional[int], strict: boo
 
 
 def export_args(p: argparse.ArgumentParser) -> None:
-    from .onnx import GEMM_MODES, TWIN_COMBINES
+    from ...export.onnx import GEMM_MODES, TWIN_COMBINES
     _checkpoint_args(p)
     p.add_argument("--out", required=True, metavar="FILE", help="int8 ONNX file to write")
     p.add_argument("--float-out", metavar="FILE", help="also write the float32 ONNX graph of the same model here")
@@ -82,7 +78,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args) -> int:
     _need_onnx()
-    from .onnx import export_onnx
+    from ...export.onnx import export_onnx
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     qmodel, _ = _load(args.checkpoint)
@@ -95,10 +91,10 @@ def cmd_export(args) -> int:
         export_onnx(qmodel, args.float_out, int8=False, batch_size=args.batch_size)
         print(f"{args.float_out}: float32 ONNX (quantizers off; weights are the checkpoint's dequantized ones)")
     if args.check:
-        import numpy as np
         import torch
-        from .bench import compare_outputs
-        from .ort import make_session, optimized_op_counts, INTEGER_OPS
+
+        from ...export.bench import compare_outputs
+        from ...export.ort import INTEGER_OPS, make_session, optimized_op_counts
         n = args.batch_size or args.check
         x = torch.randn(n, *rep.input_shape[1:], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -117,7 +113,7 @@ def cmd_export(args) -> int:
 
 
 def bench_args(p: argparse.ArgumentParser) -> None:
-    from .onnx import GEMM_MODES
+    from ...export.onnx import GEMM_MODES
     _checkpoint_args(p)
     p.add_argument("--data-dir", metavar="DIR", help="class folders of evaluation images (top-1 and agreement)")
     p.add_argument("--limit", type=int, metavar="N", help="first N images of each class (default: all)")
@@ -137,9 +133,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args) -> int:
     _need_onnx()
-    from .bench import benchmark, format_bench, op_breakdown
-    from .ort import available_providers
-    from ..cli import parse_int_list
+    from ...export.bench import benchmark, format_bench, op_breakdown
+    from ...export.ort import available_providers
     sizes = parse_int_list(args.batch_sizes, "batch sizes")
     if any(b < 1 for b in sizes):
         raise UserError("batch sizes must be at least 1")
@@ -159,10 +154,10 @@ def cmd_bench(args) -> int:
     images = labels = None
     if args.data_dir:
         _, images, labels = _images(meta, qmodel, args.data_dir, args.limit)
-        _log(f"{len(images)} images from {args.data_dir}")
+        log(f"{len(images)} images from {args.data_dir}")
     res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers, threads=args.threads,
                     repeats=args.repeats, include_torch=not args.no_torch, workdir=args.onnx_dir, gemm=args.gemm,
-                    spinning=not args.no_spin, log=_log)
+                    spinning=not args.no_spin, log=log)
     print(res.int8_report.summary())
     print(format_bench(res))
     if args.profile:
@@ -192,7 +187,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval_checkpoint(args) -> int:
-    from ..checkpoint import data_config
+    from ...checkpoint import data_config
     from ..data import ImageFolder, eval_transform
     from ..evaluate import evaluate
     if args.limit is not None and args.limit < 1:
@@ -218,7 +213,8 @@ class _OrtModule:
 
     def __init__(self, path: str):
         import torch
-        from .ort import make_session
+
+        from ...export.ort import make_session
         self.session = make_session(path)
         self._dummy = torch.zeros(())
 
@@ -236,16 +232,11 @@ class _OrtModule:
         return torch.from_numpy(self.session.run(None, {"input": x.cpu().numpy()})[0])
 
 
-# --------------------------------------------------------------------------- registration
-
-
-def register(command) -> None:
-    """Add the commands through cli.py's ``command`` decorator (``eval`` only if cli.py has none)."""
-    from .. import cli
-    command("export", "write a quantized checkpoint as ONNX with integer kernels (and its float32 graph)",
-            export_args)(cmd_export)
-    command("bench", "ONNX Runtime speed (float32 vs int8 vs fake-quant torch) and agreement of a checkpoint",
-            bench_args)(cmd_bench)
-    if "eval" not in cli.COMMANDS:
-        command("eval", "top-1 of a quantized checkpoint (torch, or its ONNX export) on an image folder",
-                eval_args)(cmd_eval_checkpoint)
+COMMANDS = (
+    Command("export", "write a quantized checkpoint as ONNX with integer kernels (and its float32 graph)",
+            cmd_export, export_args),
+    Command("bench", "ONNX Runtime speed (float32 vs int8 vs fake-quant torch) and agreement of a checkpoint",
+            cmd_bench, bench_args),
+    Command("eval", "top-1 of a quantized checkpoint (torch, or its ONNX export) on an image folder",
+            cmd_eval_checkpoint, eval_args),
+)

@@ -14,10 +14,10 @@ worker process per GPU, or several CPU workers).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import platform
 import re
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,13 +26,17 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import UserError
+from ..quant import check_bits as check_quant_bits
 from . import zoo
 from .data import ImageFolder, calibration_images, resolve_splits
-from .errors import UserError
 from .evaluate import barrier, broadcast_object, dist_info, evaluate
-from .results import ResultsFile, atomic_write_text, canonical, ensure_writable_dir, run_key
+from .labels import slug
+from .logs import configure_logging
+from .store import ResultsFile, atomic_write_text, canonical, run_key
 
-BITS_RANGE = (2, 8)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,9 @@ class RunOptions:
 
 
 def check_bits(w_bits: int, a_bits: int) -> None:
-    lo, hi = BITS_RANGE
-    for what, b in (("weight", w_bits), ("activation", a_bits)):
-        if not isinstance(b, int) or not lo <= b <= hi:
-            raise UserError(f"{what} bits must be between {lo} and {hi}, got {b} (in W{w_bits}A{a_bits})")
+    """Both bit widths in the range the quantizers support (the library's check, one message)."""
+    check_quant_bits(w_bits, f"weight bits (in W{w_bits}A{a_bits})")
+    check_quant_bits(a_bits, f"activation bits (in W{w_bits}A{a_bits})")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -108,11 +111,9 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def check_preset(preset: str, overrides: dict) -> None:
-    from .presets import get_preset
-    try:
-        get_preset(preset, **overrides)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    """A UserError naming the bad preset or field, before any run starts."""
+    from ..presets import get_preset
+    get_preset(preset, **overrides)
 
 
 @dataclass
@@ -181,18 +182,9 @@ class Planner:
 
 def versions() -> dict:
     import timm
-    try:
-        from importlib.metadata import version
-        ptq = version("ptq4vit")
-    except Exception:
-        ptq = None
-    if ptq is None:
-        try:
-            import ptq4vit
-            ptq = getattr(ptq4vit, "__version__", "unknown")
-        except Exception:
-            ptq = "unknown"
-    return {"torch": torch.__version__, "timm": timm.__version__, "ptq4vit": ptq,
+
+    from .. import __version__
+    return {"torch": torch.__version__, "timm": timm.__version__, "ptq4vit": __version__,
             "python": platform.python_version()}
 
 
@@ -205,16 +197,12 @@ def describe_device(device: torch.device, world: int = 1) -> str:
     return f"{world}x {d}" if world > 1 else d
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-
-
 def sync_quantizers(qmodel) -> None:
     """Give every rank rank 0's calibrated quantizer buffers (no-op outside torch.distributed)."""
     rank, world = dist_info()
     if world == 1:
         return
-    from .quant import Quantizer
+    from ..quant import Quantizer
     bufs = {f"{n}.{b}": t for n, m in qmodel.named_modules() if isinstance(m, Quantizer)
             for b, t in m.named_buffers(recurse=False)}
     src = broadcast_object({k: v.detach().cpu() for k, v in bufs.items()} if rank == 0 else None)
@@ -234,7 +222,7 @@ class Runner:
         self.results = ResultsFile(opts.results_path)
         self.out = Path(opts.out)
         self.rank, self.world = dist_info()
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or logger.info
         self._model_key = None
         self._loaded: Optional[zoo.LoadedModel] = None
         self._eval_set = None
@@ -305,12 +293,11 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        try:
-            qmodel = ptq4vit.quantize(lm.model, images.to(self.device), job.preset, job.w_bits, job.a_bits,
-                                      memory_budget=self.opts.memory_budget,
-                                      progress=self.opts.progress and self.rank == 0, **job.overrides)
-        except ValueError as e:
-            raise UserError(f"cannot quantize {lm.name}: {e}") from None
+        # A UserError (an unsupported module, bad bits ...) reaches the user as one line; anything
+        # else from quantize is a bug and keeps its traceback.
+        qmodel = ptq4vit.quantize(lm.model, images.to(self.device), job.preset, job.w_bits, job.a_bits,
+                                  memory_budget=self.opts.memory_budget,
+                                  progress=self.opts.progress and self.rank == 0, **job.overrides)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         calib_seconds = time.perf_counter() - t0
@@ -356,7 +343,7 @@ class Runner:
         if self.rank == 0:
             qdir = self.out / "qparams"
             qdir.mkdir(parents=True, exist_ok=True)
-            qpath = qdir / f"{_slug(lm.name)}_{_slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
+            qpath = qdir / f"{slug(lm.name)}_{slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
             import json
             atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n")
             row["qparams"] = str(qpath)
@@ -395,13 +382,14 @@ def run_serial(runner: Runner, jobs: list[Job], *, replace: bool = False,
 
 
 def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q) -> None:
+    configure_logging(0)  # a spawned process starts with no handlers
     try:
         if threads:
             torch.set_num_threads(threads)
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        runner = Runner(opts, device=dev, log=lambda m: print(f"[worker {wid} {device}] {m}", file=sys.stderr, flush=True))
+        runner = Runner(opts, device=dev, log=lambda m: logger.info("[worker %d %s] %s", wid, device, m))
     except BaseException as e:  # report and stop
         out_q.put(("fatal", wid, f"{type(e).__name__}: {e}"))
         return
@@ -477,7 +465,7 @@ def format_rows(rows: list[dict]) -> str:
         overrides = dict(r.get("overrides") or {})
         preset = r["preset"]
         if r.get("ablation_row") is not None:
-            from .presets import ABLATION_ROWS
+            from ..presets import ABLATION_ROWS
             label, row_ov = ABLATION_ROWS.get(r["ablation_row"], (f"row {r['ablation_row']}", {}))
             preset += f" row {r['ablation_row']} ({label})"
             overrides = {k: v for k, v in overrides.items() if row_ov.get(k, object()) != v}
