@@ -36,8 +36,10 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         inplace: quantize ``model`` itself instead of a copy.
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
 
-    Calibration runs on the device of the model's parameters; it is deterministic, so the
-    same inputs give bit-identical scales.
+    Calibration runs on the device of the model's parameters, with images in the model's
+    floating dtype (float32, bfloat16 or float16; the scale search itself runs in float32);
+    it is deterministic, so the same inputs give bit-identical scales. Scales are float32 and
+    live on the model's device.
     """
     preset = get_preset(preset, **overrides)
     check_bits(w_bits, "w_bits")
@@ -52,8 +54,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    device = next(model.parameters()).device
-    images = calib_images.to(device=device, dtype=torch.float32)
+    device, dtype = _device_and_dtype(model)
+    # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
+    images = calib_images.to(device=device, dtype=dtype)
     sites = insert_quant_sites(model, preset, w_bits, a_bits)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
 
@@ -78,3 +81,11 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             del data
         bar.close()
     return qmodel
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's parameters (its first floating parameter)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    raise UserError(f"model {type(model).__name__} has no floating-point parameters to quantize")

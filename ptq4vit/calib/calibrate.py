@@ -6,6 +6,10 @@ Each group (a q/k/v block of a qkv weight, a head of an attention operand) has i
 product, scored on its own outputs, and its own argmax. A round is a deterministic function
 of the scales it starts from, so once a round ends where the previous one started, every
 later round would repeat it: the loop stops there with the result all rounds would give.
+
+The search runs in float32 on the model's device whatever the model's dtype: captured
+half-precision operands are widened (exactly), and the codes it scores are the codes the
+half-precision forward computes (see :mod:`ptq4vit.quant.uniform`).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors, gelu_twin_fake_quant,
-                     initial_scale, softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
+from ..quant import (MIN_SCALE, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
+                     gelu_twin_fake_quant, initial_scale, softmax_split_candidates, softmax_twin_fake_quant,
+                     uniform_fake_quant)
 from .search import Product, best_index, score
 
 
@@ -29,8 +34,13 @@ class _Grid:
         self.factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(device)
 
     def around(self, start: torch.Tensor) -> torch.Tensor:
-        """``(n, *start.shape)`` candidates ``Δ0 · factor``."""
-        return self.factors.reshape(-1, *([1] * start.dim())) * start
+        """``(n, *start.shape)`` candidates ``Δ0 · factor``, none below MIN_SCALE (docs/method.md §2)."""
+        return (self.factors.reshape(-1, *([1] * start.dim())) * start).clamp_min_(MIN_SCALE)
+
+
+def _search_float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` detached and widened to float32 (the same tensor when it already is float32)."""
+    return None if t is None else t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _uniform(bits: int):
@@ -75,8 +85,8 @@ class _InputSearch:
 
 def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     grid = _Grid(preset, x.device)
-    w = site.weight.detach()
-    bias = site.bias.detach() if site.bias is not None else None
+    w = _search_float(site.weight)
+    bias = _search_float(site.bias)
     x = x.reshape(1, -1, x.shape[-1])
     g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
     wq = site.w_quant
@@ -112,13 +122,13 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
 def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Weight-only search of the patch embedding, seen as a linear layer over unfolded patches."""
     grid = _Grid(preset, x.device)
-    w = site.weight.detach()
+    w = _search_float(site.weight)
     cout = w.shape[0]
     patches = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride).transpose(1, 2)  # (N, L, CKK)
     positions = patches.shape[1]
     g = grad.flatten(2).transpose(1, 2).reshape(1, -1, cout) if grad is not None else None
     p = Product(a=patches.reshape(1, -1, patches.shape[-1]), b=w.reshape(cout, -1).t().unsqueeze(0),
-                bias=None if site.bias is None else site.bias.detach(), grad=g, metric=preset.metric)
+                bias=_search_float(site.bias), grad=g, metric=preset.metric)
     wq = site.w_quant
     if wq.groups == cout and cout > 1:
         # Each channel is its own group, scored over its positions in each image.
@@ -186,6 +196,9 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
 
 
 def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
+    """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype)."""
+    inputs = [_search_float(t) for t in inputs]
+    grad = _search_float(grad)
     if isinstance(site, QuantLinear):
         calibrate_linear(site, inputs[0], grad, preset, budget)
     elif isinstance(site, QuantConv2d):

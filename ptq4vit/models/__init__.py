@@ -1,3 +1,10 @@
-"""timm adapters: where the quantization sites of ViT/DeiT and Swin live."""
-from .attention import QuantAttention, QuantWindowAttention
-from .wrap import SUPPORTED_MODELS, UnsupportedModelError, insert_quant_sites
+"""Model adapters: one per timm family, in one registry; they say where the quantization sites are."""
+from ..errors import UnsupportedModelError
+from .adapter import Adapter, SitePlan
+from .registry import DEFAULT_ADAPTERS, AdapterRegistry, insert_quant_sites
+from .sites import SiteBuilder
+from .swin import QuantWindowAttention, SwinAdapter
+from .vit import QuantAttention, VitAdapter
+
+#: The model classes the default adapters handle.
+SUPPORTED_MODELS = DEFAULT_ADAPTERS.model_classes

@@ -4,6 +4,10 @@ A quantizer owns its scales (buffers, so they travel with ``state_dict``) and kn
 map onto the operand it quantizes; the arithmetic lives in :mod:`.uniform` and :mod:`.twin`.
 ``enabled = False`` makes a quantizer the identity (the float model); calibration writes the
 scales and sets ``calibrated``.
+
+Scales follow the model's device but stay float32 when the model changes dtype
+(``model.to(torch.bfloat16)``): rounding a scale to half precision would change the
+quantization grid the search chose.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from torch import nn
 
 from .twin import SoftmaxTwinForm, gelu_twin_fake_quant, gelu_twin_neg_step, softmax_twin_fake_quant
-from .uniform import check_bits, uniform_fake_quant
+from .uniform import check_bits, uniform_codes, uniform_dequantize
 
 
 def group_view(x: torch.Tensor, axis: Optional[int], groups: int) -> torch.Tensor:
@@ -44,6 +48,19 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.calibrated = False
 
+    def _apply(self, fn, recurse=True):
+        # Module.to/half/bfloat16/cuda all funnel through _apply. Float32 buffers (the scales)
+        # take only the device of a dtype conversion, never its dtype.
+        kept = {}
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype == torch.float32:
+                target = fn(torch.zeros((), dtype=torch.float32, device=buf.device))
+                if target.dtype != torch.float32:
+                    kept[name] = buf.to(device=target.device)
+        super()._apply(fn, recurse)
+        self._buffers.update(kept)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -63,22 +80,31 @@ class UniformQuantizer(Quantizer):
     channel). ``axis=1`` on a ``(B, heads, ...)`` attention operand: one scale per head.
     """
 
-    def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None):
+    def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None, device: Optional[torch.device] = None):
         super().__init__(bits)
         if axis is None and groups != 1:
             raise ValueError("a per-tensor quantizer (axis=None) has exactly one group")
         self.groups = groups
         self.axis = axis
-        self.register_buffer("scale", torch.ones(groups))
+        self.register_buffer("scale", torch.ones(groups, dtype=torch.float32, device=device))
 
     def set_scale(self, scale: torch.Tensor) -> None:
         self.scale.copy_(scale.reshape(self.groups))
         self.calibrated = True
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (float32 values, shape of x): what :meth:`fake_quant` rounds to."""
         xg = group_view(x, self.axis, self.groups)
-        s = scale_view(self.scale, self.axis, x.dim())
-        return uniform_fake_quant(xg, s, self.bits).reshape(x.shape)
+        return uniform_codes(xg, scale_view(self.scale, self.axis, x.dim()), self.bits).reshape(x.shape)
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``codes · Δ`` rounded once to ``dtype`` (``codes`` may be an integer tensor)."""
+        cg = group_view(codes, self.axis, self.groups)
+        return uniform_dequantize(cg, scale_view(self.scale, self.axis, codes.dim()), dtype).reshape(codes.shape)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        # Codes then dequantize, the two halves a checkpoint stores and reloads: equal by construction.
+        return self.dequantize(self.codes(x), x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, axis={self.axis}"
@@ -87,12 +113,12 @@ class UniformQuantizer(Quantizer):
 class TwinSoftmaxQuantizer(Quantizer):
     """Twin uniform quantizer for post-softmax values; one split ``s = 2^-i`` per layer."""
 
-    def __init__(self, bits: int, form: SoftmaxTwinForm = "select"):
+    def __init__(self, bits: int, form: SoftmaxTwinForm = "select", device: Optional[torch.device] = None):
         super().__init__(bits)
         if form not in ("select", "sum"):
             raise ValueError(f"softmax twin form must be 'select' or 'sum', got {form!r}")
         self.form = form
-        self.register_buffer("split", torch.ones(()))
+        self.register_buffer("split", torch.ones((), dtype=torch.float32, device=device))
 
     def set_split(self, split: torch.Tensor) -> None:
         self.split.copy_(split.reshape(()))
@@ -112,11 +138,11 @@ class TwinGeluQuantizer(Quantizer):
     align the two parts with a shift.
     """
 
-    def __init__(self, bits: int, pow2: bool = False):
+    def __init__(self, bits: int, pow2: bool = False, device: Optional[torch.device] = None):
         super().__init__(bits)
         self.pow2 = pow2
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits)))
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits), dtype=torch.float32, device=device))
 
     def set_scale(self, scale: torch.Tensor) -> None:
         self.scale.copy_(scale.reshape(1))

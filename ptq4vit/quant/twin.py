@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .uniform import qmax
+from .uniform import compute_dtype, qmax
 
 SoftmaxTwinForm = Literal["select", "sum"]
 
@@ -45,6 +45,7 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
     """
     levels = qmax(bits) - 1
     step_lo, step_hi = softmax_twin_steps(split, bits)
+    x = x.to(compute_dtype(x))  # the split is a 0-d float32 tensor: it would not promote a half x
     below = x < split
     zero = x.new_zeros(())
     lo = torch.where(below, torch.round(x / step_lo).clamp_(0, levels), zero)
@@ -53,18 +54,22 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
 
 
 def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select") -> torch.Tensor:
-    """Fake-quantize post-softmax values with the twin uniform quantizer (docs/method.md §3)."""
+    """Fake-quantize post-softmax values with the twin uniform quantizer (docs/method.md §3).
+
+    Computed in float32 and rounded once to x's dtype, like :func:`.uniform.uniform_fake_quant`.
+    """
     levels = qmax(bits) - 1
     step_lo, step_hi = softmax_twin_steps(split, bits)
     if form == "select":
         lo, hi = softmax_twin_codes(x, split, bits)
-        return lo.mul_(step_lo).add_(hi.mul_(step_hi))
+        return lo.mul_(step_lo).add_(hi.mul_(step_hi)).to(x.dtype)
     if form == "sum":
+        xf = x.to(compute_dtype(x))
         zero = torch.zeros_like(split)
         one = torch.ones_like(split)
-        hi = torch.round(torch.clamp(x, split, one) * levels) / levels
-        lo = torch.round(torch.clamp(x, zero, split) / step_lo).clamp_(0, levels).mul_(step_lo)
-        return hi.add_(lo)
+        hi = torch.round(torch.clamp(xf, split, one) * levels) / levels
+        lo = torch.round(torch.clamp(xf, zero, split) / step_lo).clamp_(0, levels).mul_(step_lo)
+        return hi.add_(lo).to(x.dtype)
     raise ValueError(f"softmax twin form must be 'select' or 'sum', got {form!r}")
 
 
@@ -76,6 +81,7 @@ def gelu_twin_neg_step(bits: int) -> float:
 def gelu_twin_codes(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, neg)`` codes: ``clamp(round(x/Δ+), 0, qmax-1)`` and ``clamp(round(x/Δ-), -qmax, 0)``."""
     q = qmax(bits)
+    x = x.to(compute_dtype(x))
     pos = torch.round(x / pos_step).clamp_(0, q - 1)
     neg = torch.round(x / neg_step).clamp_(-q, 0)
     return pos, neg
@@ -84,7 +90,7 @@ def gelu_twin_codes(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | t
 def gelu_twin_fake_quant(x: torch.Tensor, pos_step: torch.Tensor, neg_step: float | torch.Tensor, bits: int) -> torch.Tensor:
     """Positive part plus negative part (docs/method.md §4); exactly one of them is non-zero per value."""
     pos, neg = gelu_twin_codes(x, pos_step, neg_step, bits)
-    return pos.mul_(pos_step).add_(neg.mul_(neg_step))
+    return pos.mul_(pos_step).add_(neg.mul_(neg_step)).to(x.dtype)
 
 
 def pow2_snap(pos_step: torch.Tensor, neg_step: float) -> torch.Tensor:

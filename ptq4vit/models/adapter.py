@@ -1,0 +1,155 @@
+"""What an adapter is: a complete account of one model family's modules.
+
+An adapter walks a model of its family and states, for every module, one of:
+
+* a **site**: replaced by its quantized counterpart (a factory that builds it from the float one);
+* **float**: a module (and everything in it) that may stay float: norms, dropouts, layer scales,
+  pooling; a Linear or Conv is never one;
+* a **container**: a module whose children the adapter accounts for one by one;
+* a **part**: a child that a replaced module takes over (qkv/proj of an attention module).
+
+:meth:`SitePlan.check_complete` then refuses any module the adapter did not account for, naming
+it, so nothing unknown is left silently in float. Planning does not touch the model: a refused
+model is left as it was.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+from torch import nn
+from timm.layers import DropPath, Mlp, PatchDropout
+
+from ..errors import UnsupportedModelError
+from .sites import SiteBuilder
+
+#: Float modules allowed where a norm goes (elementwise over features).
+NORMS = (nn.LayerNorm, nn.Identity)
+#: Float modules allowed where a dropout or stochastic depth goes (identity at inference).
+DROPOUTS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
+#: MLP activations allowed when the post-GELU twin is off (the twin needs nn.GELU).
+ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Identity)
+
+#: Makes the quantized module from the float module it replaces.
+SiteFactory = Callable[[nn.Module], nn.Module]
+
+
+def _stray_layer(path: str, module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first Linear or Conv inside ``module`` (itself included), if any."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return (f"{path}.{name}" if name else path), m
+    return None
+
+
+class SitePlan:
+    """The adapter's account of a model: sites to replace and what may stay float."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.replacements: dict[str, SiteFactory] = {}
+        self.float_subtrees: set[str] = set()
+        self.containers: set[str] = set()
+        self.parts: set[str] = set()
+
+    # ---- refusals
+
+    def refuse(self, path: str, module: nn.Module, why: str) -> UnsupportedModelError:
+        """The error for an unsupported module (raise it): names the module, its type and why."""
+        return UnsupportedModelError(f"module {path or '<model>'!r} of type {type(module).__name__} is not supported "
+                                     f"by the {self.family} adapter: {why}")
+
+    # ---- what the adapter states
+
+    def container(self, path: str) -> None:
+        self.containers.add(path)
+
+    def site(self, path: str, module: nn.Module, expected: type[nn.Module], factory: SiteFactory) -> None:
+        """``module`` (exactly of class ``expected``) becomes a quantization site built by ``factory``."""
+        if type(module) is not expected:
+            raise self.refuse(path, module, f"expected a {expected.__name__} quantization site here")
+        self.replacements[path] = factory
+
+    def replaced_with_parts(self, path: str, factory: SiteFactory) -> None:
+        """``path`` is replaced as a whole; its children must be declared with :meth:`part`."""
+        self.replacements[path] = factory
+
+    def part(self, path: str, module: nn.Module, allowed: tuple[type[nn.Module], ...], role: str) -> None:
+        """A child taken over by a replaced module: an instance of ``allowed`` (a Linear: exactly nn.Linear)."""
+        ok = type(module) is nn.Linear if nn.Linear in allowed else isinstance(module, allowed)
+        if not ok:
+            raise self.refuse(path, module, f"{role} must be {' or '.join(c.__name__ for c in allowed)}")
+        self.parts.add(path)
+
+    def float(self, path: str, module: nn.Module, allowed: tuple[type[nn.Module], ...], role: str) -> None:
+        """``module`` may stay float: it must be an instance of one of ``allowed`` (never a Linear/Conv)."""
+        if not isinstance(module, allowed):
+            stray = _stray_layer(path, module)
+            if stray is not None:
+                raise self.refuse(stray[0], stray[1], f"a stray {type(stray[1]).__name__} where a {role} goes is not a "
+                                                      f"quantization site this adapter knows (it would stay float)")
+            raise self.refuse(path, module, f"a {role} must be one of {', '.join(c.__name__ for c in allowed)}")
+        self.float_subtrees.add(path)
+
+    def mlp(self, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
+        """timm's ``Mlp``: fc1 → act → fc2, with fc2's input quantized as a GELU output."""
+        if type(mlp) is not Mlp:
+            raise self.refuse(path, mlp, "only timm's Mlp (fc1, activation, fc2) is a known MLP layout")
+        self.container(path)
+        self.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.linear)
+        if build.preset.gelu_twin and not isinstance(mlp.act, nn.GELU):
+            raise self.refuse(f"{path}.act", mlp.act, "the post-GELU twin quantizer (docs/method.md §4) needs nn.GELU; "
+                                                      "turn gelu_twin off to quantize fc2's input uniformly")
+        self.float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")
+        self.float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
+        norm = getattr(mlp, "norm", None)
+        if norm is not None:
+            if type(norm) is not nn.Identity:
+                raise self.refuse(f"{path}.norm", norm,
+                                  "a norm between the activation and fc2 (scale_mlp_norm=True) is not supported: fc2's "
+                                  "input is then not the activation output that its quantizer is designed for")
+            self.float(f"{path}.norm", norm, (nn.Identity,), "MLP norm")
+        self.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
+        self.float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
+
+    # ---- checking and applying
+
+    def _accounted(self, name: str) -> bool:
+        # A replaced module's children are accounted only as declared parts.
+        if name in self.containers or name in self.replacements:
+            return True
+        while name:
+            if name in self.float_subtrees or name in self.parts:
+                return True
+            name = name.rpartition(".")[0]
+        return False
+
+    def check_complete(self, model: nn.Module) -> None:
+        """Refuse the first module (in model order) that the adapter did not account for."""
+        for name, module in model.named_modules():
+            if self._accounted(name):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                raise self.refuse(name, module, f"a stray {type(module).__name__} is not a quantization site this "
+                                                "adapter knows (it would stay float)")
+            raise self.refuse(name, module, "not a part of the model layout this adapter knows")
+
+    def apply(self, model: nn.Module) -> None:
+        """Replace every site in ``model`` (sites never nest, so the order does not matter)."""
+        for path, factory in self.replacements.items():
+            parent, _, child = path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, factory(getattr(owner, child)))
+
+
+class Adapter(ABC):
+    """Knows one model family: which classes it takes and how to plan their quantization."""
+
+    #: Human-readable family name used in error messages.
+    family: str = ""
+    #: The exact model classes this adapter handles (subclasses are not assumed to be alike).
+    model_classes: tuple[type[nn.Module], ...] = ()
+
+    @abstractmethod
+    def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
+        """Account for every module of ``model``; raise UnsupportedModelError on anything unknown."""

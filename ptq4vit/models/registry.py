@@ -1,0 +1,69 @@
+"""Which adapter quantizes which model class, and the entry point :func:`insert_quant_sites`.
+
+Adapters are looked up by the model's exact class (a subclass may compute something else, so
+it is never assumed to share its parent's layout). A registry is immutable: build another one
+with :meth:`AdapterRegistry.with_adapter` to add a family, and pass it to ``insert_quant_sites``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..nn import QUANT_MODULES
+from ..presets import Preset
+from .adapter import Adapter
+from .sites import SiteBuilder
+from .swin import SwinAdapter
+from .vit import VitAdapter
+
+
+class AdapterRegistry:
+    """Adapters by the exact model classes they handle."""
+
+    def __init__(self, adapters: Iterable[Adapter]):
+        self.adapters: tuple[Adapter, ...] = tuple(adapters)
+        self._by_class: dict[type, Adapter] = {}
+        for adapter in self.adapters:
+            for cls in adapter.model_classes:
+                if cls in self._by_class:
+                    raise ValueError(f"two adapters claim {cls.__name__}: {self._by_class[cls].family} and {adapter.family}")
+                self._by_class[cls] = adapter
+
+    @property
+    def model_classes(self) -> tuple[type, ...]:
+        return tuple(self._by_class)
+
+    def with_adapter(self, adapter: Adapter) -> "AdapterRegistry":
+        """A new registry with ``adapter`` added."""
+        return AdapterRegistry((*self.adapters, adapter))
+
+    def adapter_for(self, model: nn.Module) -> Adapter:
+        adapter = self._by_class.get(type(model))
+        if adapter is None:
+            raise UnsupportedModelError(
+                f"model type {type(model).__name__} is not supported; ptq4vit has adapters for timm "
+                f"{', '.join(c.__name__ for c in self._by_class)}")
+        return adapter
+
+
+#: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
+DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter()))
+
+
+def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
+                       adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> "OrderedDict[str, nn.Module]":
+    """Replace the quantized layers of a supported timm model in place; return ``{name: site}`` in model order.
+
+    Sites are :class:`QuantLinear`, :class:`QuantConv2d` and :class:`QuantMatMul` modules; the
+    attention matmuls are named ``<attention module>.matmul1`` and ``.matmul2``. Quantizers are
+    created on the device of the layer they quantize. A model with any module its adapter does
+    not know is refused with :class:`UnsupportedModelError` naming the module, and left unchanged.
+    """
+    build = SiteBuilder(preset, w_bits, a_bits)
+    plan = adapters.adapter_for(model).plan(model, build)
+    plan.check_complete(model)
+    plan.apply(model)
+    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, QUANT_MODULES))

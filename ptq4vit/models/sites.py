@@ -1,0 +1,61 @@
+"""Build the quantized layers a preset asks for (the family-independent half of an adapter).
+
+Every quantizer is created on the device of the float layer it replaces, so a model that lives
+on CUDA (or on ``meta``) gets its scales there, in float32.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..presets import Preset
+from ..quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_bits
+
+
+class SiteBuilder:
+    """Creates quantized layers with the quantizers of ``preset`` at ``w_bits``/``a_bits``."""
+
+    def __init__(self, preset: Preset, w_bits: int, a_bits: int):
+        self.preset = preset
+        self.w_bits = check_bits(w_bits, "w_bits")
+        self.a_bits = check_bits(a_bits, "a_bits")
+
+    def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None) -> QuantLinear:
+        """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each."""
+        device = linear.weight.device
+        w_quant = UniformQuantizer(self.w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
+        if a_quant is None:
+            a_quant = UniformQuantizer(self.a_bits, device=device)
+        return QuantLinear(linear, w_quant, a_quant)
+
+    def qkv_linear(self, linear: nn.Linear) -> QuantLinear:
+        """A fused q/k/v projection: one weight scale per q, k and v block (docs/method.md §1)."""
+        return self.linear(linear, w_groups=3)
+
+    def post_gelu_linear(self, linear: nn.Linear) -> QuantLinear:
+        """fc2 of an MLP: its input is the GELU output (the post-GELU twin, docs/method.md §4)."""
+        if self.preset.gelu_twin:
+            twin = TwinGeluQuantizer(self.a_bits, pow2=self.preset.gelu_pow2, device=linear.weight.device)
+            return self.linear(linear, a_quant=twin)
+        return self.linear(linear)
+
+    def patch_conv(self, conv: nn.Conv2d) -> QuantConv2d:
+        """The patch embedding: weight only (its input is the image), per channel if the preset says so."""
+        device = conv.weight.device
+        if self.preset.conv_per_channel:
+            return QuantConv2d(conv, UniformQuantizer(self.w_bits, conv.out_channels, axis=0, device=device))
+        return QuantConv2d(conv, UniformQuantizer(self.w_bits, device=device))
+
+    def attention_matmuls(self, num_heads: int, like: nn.Linear) -> tuple[QuantMatMul, QuantMatMul]:
+        """``q @ kᵀ`` and ``softmax @ v``, per-head operands, on the device of ``like`` (the qkv layer)."""
+        device = like.weight.device
+
+        def per_head() -> UniformQuantizer:
+            return UniformQuantizer(self.a_bits, num_heads, axis=1, device=device)
+
+        matmul1 = QuantMatMul(per_head(), per_head())
+        if self.preset.softmax_twin:
+            softmax_quant: Quantizer = TwinSoftmaxQuantizer(self.a_bits, self.preset.softmax_twin_form, device=device)
+        else:
+            softmax_quant = per_head()
+        return matmul1, QuantMatMul(softmax_quant, per_head())

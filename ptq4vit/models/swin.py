@@ -1,0 +1,132 @@
+"""Adapter for timm's ``SwinTransformer`` (Swin v1), shifted windows and patch merging included.
+
+Quantization sites (docs/method.md §1): the patch-embedding conv, every block's qkv and proj,
+the two window-attention matmuls, fc1 and fc2, each patch-merging ``reduction`` and the
+classifier ``head.fc``. Stays float: the relative position bias and the shift mask (added to
+the scores after the first matmul), norms, dropouts, stochastic depth, pooling.
+Anything else (another block or attention class, a stray Linear/Conv) is refused by name.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from timm.layers import ClassifierHead, PatchEmbed, SelectAdaptivePool2d
+from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, SwinTransformerStage,
+                                          WindowAttention)
+
+from ..nn import QuantLinear, QuantMatMul
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .sites import SiteBuilder
+
+
+class QuantWindowAttention(nn.Module):
+    """Replacement for Swin's ``WindowAttention``: relative position bias and shift mask stay float."""
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: QuantMatMul, matmul2: QuantMatMul):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv = qkv
+        self.matmul1 = matmul1
+        self.attn_drop = attn.attn_drop
+        self.matmul2 = matmul2
+        self.proj = proj
+        self.proj_drop = attn.proj_drop
+
+    def _rel_pos_bias(self) -> torch.Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
+        attn = attn + self._rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul2(attn, v)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class SwinAdapter(Adapter):
+    family = "timm SwinTransformer"
+    model_classes = (SwinTransformer,)
+
+    def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
+        p = SitePlan(self.family)
+        p.container("")
+        pe = model.patch_embed
+        if type(pe) is not PatchEmbed:
+            raise p.refuse("patch_embed", pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
+        p.container("patch_embed")
+        p.site("patch_embed.proj", pe.proj, nn.Conv2d, build.patch_conv)
+        p.float("patch_embed.norm", pe.norm, NORMS, "norm")
+        if getattr(model, "pos_drop", None) is not None:
+            p.float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
+        p.container("layers")
+        for i, stage in enumerate(model.layers):
+            self._plan_stage(p, f"layers.{i}", stage, build)
+        p.float("norm", model.norm, NORMS, "norm")
+        self._plan_head(p, "head", model.head, build)
+        return p
+
+    def _plan_stage(self, p: SitePlan, path: str, stage: nn.Module, build: SiteBuilder) -> None:
+        if type(stage) is not SwinTransformerStage:
+            raise p.refuse(path, stage, "only timm's SwinTransformerStage is a known stage layout")
+        p.container(path)
+        down = stage.downsample
+        if type(down) is PatchMerging:
+            p.container(f"{path}.downsample")
+            p.float(f"{path}.downsample.norm", down.norm, NORMS, "norm")
+            p.site(f"{path}.downsample.reduction", down.reduction, nn.Linear, build.linear)
+        else:
+            p.float(f"{path}.downsample", down, (nn.Identity,), "patch merging (PatchMerging or none)")
+        p.container(f"{path}.blocks")
+        for j, block in enumerate(stage.blocks):
+            self._plan_block(p, f"{path}.blocks.{j}", block, build)
+
+    def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
+        if type(block) is not SwinTransformerBlock:
+            raise p.refuse(path, block, "only timm's SwinTransformerBlock is a known block layout")
+        p.container(path)
+        p.float(f"{path}.norm1", block.norm1, NORMS, "norm")
+        self._plan_attention(p, f"{path}.attn", block.attn, build)
+        p.float(f"{path}.norm2", block.norm2, NORMS, "norm")
+        p.mlp(f"{path}.mlp", block.mlp, build)
+        for name in ("drop_path1", "drop_path2"):
+            p.float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+
+    def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
+        if type(attn) is not WindowAttention:
+            raise p.refuse(path, attn, "only timm's WindowAttention is a known window attention layout; its matmuls "
+                                       "would otherwise stay float")
+        p.replaced_with_parts(path, lambda a: QuantWindowAttention(a, build.qkv_linear(a.qkv), build.linear(a.proj),
+                                                                  *build.attention_matmuls(a.num_heads, a.qkv)))
+        p.part(f"{path}.qkv", attn.qkv, (nn.Linear,), "the qkv projection")
+        p.part(f"{path}.proj", attn.proj, (nn.Linear,), "the output projection")
+        p.part(f"{path}.attn_drop", attn.attn_drop, (nn.Dropout,), "attention dropout")
+        p.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")
+        if getattr(attn, "softmax", None) is not None:
+            p.part(f"{path}.softmax", attn.softmax, (nn.Softmax,), "softmax")
+
+    def _plan_head(self, p: SitePlan, path: str, head: nn.Module, build: SiteBuilder) -> None:
+        if type(head) is not ClassifierHead:
+            raise p.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
+        p.container(path)
+        p.float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
+        p.float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
+        if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
+            p.float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
+        else:
+            p.site(f"{path}.fc", head.fc, nn.Linear, build.linear)
+        p.float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")
