@@ -64,6 +64,8 @@ class QuantAttention(nn.Module):
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.scale = attn.scale
         self.qkv = qkv
+        self.q_norm = attn.q_norm  # Identity (the adapter refuses q/k norm); kept to mirror timm's attributes
+        self.k_norm = attn.k_norm
         self.matmul1 = matmul1
         self.attn_drop = attn.attn_drop
         self.matmul2 = matmul2
@@ -75,6 +77,7 @@ class QuantAttention(nn.Module):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
         bias = additive_attention_mask(N, attn, attn_mask, is_causal)
         if bias is not None:
