@@ -172,6 +172,24 @@ def test_stray_conv_inside_a_replaced_attention_is_refused():
     _refused(model, "'blocks.0.attn.extra' of type Conv1d", "stray Conv1d")
 
 
+def test_a_linear_hidden_in_an_allowed_float_type_is_refused():
+    class NormWithLinear(nn.LayerNorm):
+        def __init__(self):
+            super().__init__(32)
+            self.extra = nn.Linear(32, 32)
+
+    model = _vit()
+    model.blocks[1].norm2 = NormWithLinear()
+    _refused(model, "'blocks.1.norm2.extra' of type Linear", "stray Linear")
+
+
+def test_a_non_gelu_mlp_is_refused_with_the_gelu_twin_and_quantized_without_it():
+    model = _vit(act_layer=nn.SiLU)
+    _refused(model, "'blocks.0.mlp.act' of type SiLU", "needs nn.GELU")
+    sites = insert_quant_sites(model, get_preset("ptq4vit", gelu_twin=False), 8, 8)
+    assert not isinstance(sites["blocks.0.mlp.fc2"].a_quant, TwinGeluQuantizer)
+
+
 def test_unknown_float_module_is_refused():
     model = _vit()
     model.blocks[0].ls1 = nn.BatchNorm1d(32)

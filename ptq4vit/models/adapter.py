@@ -81,13 +81,13 @@ class SitePlan:
             raise self.refuse(path, module, f"{role} must be {' or '.join(c.__name__ for c in allowed)}")
         self.parts.add(path)
 
-    def float(self, path: str, module: nn.Module, allowed: tuple[type[nn.Module], ...], role: str) -> None:
-        """``module`` may stay float: it must be an instance of one of ``allowed`` (never a Linear/Conv)."""
+    def keep_float(self, path: str, module: nn.Module, allowed: tuple[type[nn.Module], ...], role: str) -> None:
+        """``module`` may stay float: an instance of one of ``allowed`` with no Linear/Conv anywhere inside."""
+        stray = _stray_layer(path, module)
+        if stray is not None:
+            raise self.refuse(stray[0], stray[1], f"a stray {type(stray[1]).__name__} where a {role} goes is not a "
+                                                  f"quantization site this adapter knows (it would stay float)")
         if not isinstance(module, allowed):
-            stray = _stray_layer(path, module)
-            if stray is not None:
-                raise self.refuse(stray[0], stray[1], f"a stray {type(stray[1]).__name__} where a {role} goes is not a "
-                                                      f"quantization site this adapter knows (it would stay float)")
             raise self.refuse(path, module, f"a {role} must be one of {', '.join(c.__name__ for c in allowed)}")
         self.float_subtrees.add(path)
 
@@ -100,17 +100,17 @@ class SitePlan:
         if build.preset.gelu_twin and not isinstance(mlp.act, nn.GELU):
             raise self.refuse(f"{path}.act", mlp.act, "the post-GELU twin quantizer (docs/method.md §4) needs nn.GELU; "
                                                       "turn gelu_twin off to quantize fc2's input uniformly")
-        self.float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")
-        self.float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
+        self.keep_float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")
+        self.keep_float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
         norm = getattr(mlp, "norm", None)
         if norm is not None:
             if type(norm) is not nn.Identity:
                 raise self.refuse(f"{path}.norm", norm,
                                   "a norm between the activation and fc2 (scale_mlp_norm=True) is not supported: fc2's "
                                   "input is then not the activation output that its quantizer is designed for")
-            self.float(f"{path}.norm", norm, (nn.Identity,), "MLP norm")
+            self.keep_float(f"{path}.norm", norm, (nn.Identity,), "MLP norm")
         self.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
-        self.float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
+        self.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
 
     # ---- checking and applying
 

@@ -70,13 +70,13 @@ class SwinAdapter(Adapter):
             raise p.refuse("patch_embed", pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
         p.container("patch_embed")
         p.site("patch_embed.proj", pe.proj, nn.Conv2d, build.patch_conv)
-        p.float("patch_embed.norm", pe.norm, NORMS, "norm")
+        p.keep_float("patch_embed.norm", pe.norm, NORMS, "norm")
         if getattr(model, "pos_drop", None) is not None:
-            p.float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
+            p.keep_float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
         p.container("layers")
         for i, stage in enumerate(model.layers):
             self._plan_stage(p, f"layers.{i}", stage, build)
-        p.float("norm", model.norm, NORMS, "norm")
+        p.keep_float("norm", model.norm, NORMS, "norm")
         self._plan_head(p, "head", model.head, build)
         return p
 
@@ -87,10 +87,10 @@ class SwinAdapter(Adapter):
         down = stage.downsample
         if type(down) is PatchMerging:
             p.container(f"{path}.downsample")
-            p.float(f"{path}.downsample.norm", down.norm, NORMS, "norm")
+            p.keep_float(f"{path}.downsample.norm", down.norm, NORMS, "norm")
             p.site(f"{path}.downsample.reduction", down.reduction, nn.Linear, build.linear)
         else:
-            p.float(f"{path}.downsample", down, (nn.Identity,), "patch merging (PatchMerging or none)")
+            p.keep_float(f"{path}.downsample", down, (nn.Identity,), "patch merging (PatchMerging or none)")
         p.container(f"{path}.blocks")
         for j, block in enumerate(stage.blocks):
             self._plan_block(p, f"{path}.blocks.{j}", block, build)
@@ -99,12 +99,12 @@ class SwinAdapter(Adapter):
         if type(block) is not SwinTransformerBlock:
             raise p.refuse(path, block, "only timm's SwinTransformerBlock is a known block layout")
         p.container(path)
-        p.float(f"{path}.norm1", block.norm1, NORMS, "norm")
+        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
         self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.float(f"{path}.norm2", block.norm2, NORMS, "norm")
+        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
         p.mlp(f"{path}.mlp", block.mlp, build)
         for name in ("drop_path1", "drop_path2"):
-            p.float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not WindowAttention:
@@ -123,10 +123,10 @@ class SwinAdapter(Adapter):
         if type(head) is not ClassifierHead:
             raise p.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
         p.container(path)
-        p.float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
-        p.float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
+        p.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
+        p.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
         if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
-            p.float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
+            p.keep_float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
         else:
             p.site(f"{path}.fc", head.fc, nn.Linear, build.linear)
-        p.float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")
+        p.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")

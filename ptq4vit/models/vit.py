@@ -105,23 +105,23 @@ class VitAdapter(Adapter):
             raise p.refuse("patch_embed", pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
         p.container("patch_embed")
         p.site("patch_embed.proj", pe.proj, nn.Conv2d, build.patch_conv)
-        p.float("patch_embed.norm", pe.norm, NORMS, "norm")
+        p.keep_float("patch_embed.norm", pe.norm, NORMS, "norm")
         for name in ("pos_drop", "patch_drop"):
             if getattr(model, name, None) is not None:
-                p.float(name, getattr(model, name), DROPOUTS, "dropout")
-        p.float("norm_pre", model.norm_pre, NORMS, "norm")
+                p.keep_float(name, getattr(model, name), DROPOUTS, "dropout")
+        p.keep_float("norm_pre", model.norm_pre, NORMS, "norm")
         p.container("blocks")
         for i, block in enumerate(model.blocks):
             self._plan_block(p, f"blocks.{i}", block, build)
-        p.float("norm", model.norm, NORMS, "norm")
+        p.keep_float("norm", model.norm, NORMS, "norm")
         if getattr(model, "fc_norm", None) is not None:
-            p.float("fc_norm", model.fc_norm, NORMS, "norm")
+            p.keep_float("fc_norm", model.fc_norm, NORMS, "norm")
         if getattr(model, "head_drop", None) is not None:
-            p.float("head_drop", model.head_drop, DROPOUTS, "dropout")
+            p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
         for name in ("head", "head_dist"):
             head = getattr(model, name, None)
             if isinstance(head, nn.Identity):  # num_classes=0: features only
-                p.float(name, head, (nn.Identity,), "classifier")
+                p.keep_float(name, head, (nn.Identity,), "classifier")
             elif head is not None:
                 p.site(name, head, nn.Linear, build.linear)
         return p
@@ -132,14 +132,14 @@ class VitAdapter(Adapter):
                        "only timm's pre-norm Block (norm1, attn, ls1, norm2, mlp, ls2) is a known block layout")
             raise p.refuse(path, block, why)
         p.container(path)
-        p.float(f"{path}.norm1", block.norm1, NORMS, "norm")
+        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
         self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.float(f"{path}.norm2", block.norm2, NORMS, "norm")
+        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
         p.mlp(f"{path}.mlp", block.mlp, build)
         for name in ("ls1", "ls2"):
-            p.float(f"{path}.{name}", getattr(block, name), (LayerScale, nn.Identity), "layer scale")
+            p.keep_float(f"{path}.{name}", getattr(block, name), (LayerScale, nn.Identity), "layer scale")
         for name in ("drop_path1", "drop_path2"):
-            p.float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not Attention:
