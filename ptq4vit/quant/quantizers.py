@@ -48,7 +48,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.calibrated = False
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, *args, **kwargs):  # (torch >= 2.1 adds recurse=; pass whatever comes)
         # Module.to/half/bfloat16/cuda all funnel through _apply. Float32 buffers (the scales)
         # take only the device of a dtype conversion, never its dtype.
         kept = {}
@@ -57,7 +57,7 @@ class Quantizer(nn.Module):
                 target = fn(torch.zeros((), dtype=torch.float32, device=buf.device))
                 if target.dtype != torch.float32:
                     kept[name] = buf.to(device=target.device)
-        super()._apply(fn, recurse)
+        super()._apply(fn, *args, **kwargs)
         self._buffers.update(kept)
         return self
 
