@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .calib import SEARCH_CHUNK_BYTES, calibrate_site, capture, default_memory_budget, estimate_site_bytes, plan_groups
+from .calib import calibrate_model, default_memory_budget, default_threads
 from .errors import UserError
 from .models import insert_quant_sites
 from .presets import Preset, get_preset
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Preset] = "ptq4vit", w_bits: int = 8,
              a_bits: int = 8, *, memory_budget: Optional[int] = None, capture_batch: int = 8, progress: bool = True,
-             inplace: bool = False, **overrides) -> QuantizedModel:
+             inplace: bool = False, threads: Optional[int] = None, **overrides) -> QuantizedModel:
     """Calibrate a float timm ViT/DeiT/Swin on ``calib_images`` and return the quantized model.
 
     Args:
@@ -29,9 +28,18 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         calib_images: float tensor ``(N, 3, H, W)``, already transformed like eval images.
         preset: ``"base"``, ``"base-cosine"``, ``"official"``, ``"ptq4vit"`` or a :class:`Preset`.
         w_bits, a_bits: weight and activation bits, 2..8 each.
-        memory_budget: bytes for captured activations and search temporaries (default: a
-            quarter of the free memory of the calibration device).
-        capture_batch: images per forward/backward pass while capturing.
+        memory_budget: bytes calibration may hold at once beyond the model and the images:
+            captured activations and gradients, the capture pass's autograd graph, and the
+            search's copies and temporaries (default: a quarter of the memory free for this
+            process on the calibration device; on CPU the container's cgroup limit counts).
+            A budget too small for one site raises UserError.
+        capture_batch: images per forward/backward pass while capturing (fewer if the
+            budget needs it).
+        threads: intra-op CPU threads during calibration, restored afterwards (default:
+            torch's count, capped by the CPUs free for this process when calibration starts:
+            its affinity and cgroup CPU quota, less the CPUs other runnable tasks occupy). The
+            scales were the same for every thread count tested (tests/test_budget.py); pin
+            ``threads`` where a run must not depend on the machine's load at all.
         progress: show a progress bar over the sites.
         inplace: quantize ``model`` itself instead of a copy.
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
@@ -61,25 +69,12 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
 
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    grad_source = preset.grad_source if preset.metric == "hessian" else None
     with qmodel.quantization_disabled():
-        per_image = estimate_site_bytes(model, images, sites, with_grad=grad_source is not None)
-        half = budget // 2  # one half for captured activations, the other for search temporaries
-        groups = plan_groups(per_image, len(images), half)
-        logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(groups),
-                     budget / 2 ** 20)
-        bar = tqdm(total=len(sites), desc=f"calibrating {preset.name} W{w_bits}A{a_bits}", unit="layer",
-                   disable=not progress)
-        for group in groups:
-            group_sites = {n: sites[n] for n in group}
-            data = capture(model, images, group_sites, grad_source, capture_batch, preset.grad_chunk)
-            for n in group:
-                bar.set_postfix_str(n, refresh=False)
-                site_data = data.pop(n)
-                calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, min(half, SEARCH_CHUNK_BYTES))
-                bar.update()
-            del data
-        bar.close()
+        plan = calibrate_model(model, images, sites, preset, budget, capture_batch,
+                               threads=threads if threads is not None else default_threads(device), progress=progress,
+                               desc=f"calibrating {preset.name} W{w_bits}A{a_bits}")
+    logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
+                 budget / 2 ** 20)
     return qmodel
 
 

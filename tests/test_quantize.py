@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ptq4vit
-import ptq4vit.api as api_module
+import ptq4vit.calib.run as run_module
 from ptq4vit.calib import capture
 from ptq4vit.models import insert_quant_sites
 from ptq4vit.presets import get_preset
@@ -47,7 +47,7 @@ def test_capture_in_several_groups_gives_the_same_scales(monkeypatch):
         passes.append(len(args[2]))
         return capture(*args, **kwargs)
 
-    monkeypatch.setattr(api_module, "capture", counted_capture)
+    monkeypatch.setattr(run_module, "capture", counted_capture)
     many = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, memory_budget=1 << 22, **FAST)
     assert len(passes) > 1 and sum(passes) == len(many.sites())
     assert one.qparams() == many.qparams()

@@ -92,11 +92,23 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
     wq = site.w_quant
     size = w.shape[0] // wq.groups
     blocks = [slice(i * size, (i + 1) * size) for i in range(wq.groups)]
-    # One product per weight block, scored on its own output columns; the whole layer for the input.
-    block_products = [Product(a=x, b=w[cols].t().unsqueeze(0), bias=bias[cols] if bias is not None else None,
-                              grad=g[..., cols] if g is not None else None, metric=preset.metric) for cols in blocks]
-    layer = block_products[0] if wq.groups == 1 else Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g,
-                                                              metric=preset.metric)
+
+    # One product per weight block, scored on its own output columns; the whole layer for the
+    # input. Several blocks' products are made one at a time, so that no more than one
+    # output-sized tensor exists at once (a single-block layer keeps its one product).
+    single = Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=preset.metric) if wq.groups == 1 else None
+
+    def block_product(cols: slice) -> Product:
+        if single is not None:
+            return single
+        return Product(a=x, b=w[cols].t().unsqueeze(0), bias=bias[cols] if bias is not None else None,
+                       grad=g[..., cols] if g is not None else None, metric=preset.metric)
+
+    def layer_product() -> Product:
+        if single is not None:
+            return single
+        return Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=preset.metric)
+
     w_start = initial_scale(torch.stack([w[cols].abs().max() for cols in blocks]), wq.bits)
     w_cands = grid.around(w_start)                                   # (n, groups)
     inp = _InputSearch(site.a_quant, x, grid) if site.a_quant is not None else None
@@ -104,12 +116,15 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
     w_scale = w_start
     for _ in range(preset.rounds):
         x_fixed = inp.apply(x) if inp is not None else x
-        w_scale = torch.stack([w_cands[best_index(prod, "b", x_fixed, _uniform(wq.bits), w_cands[:, i:i + 1], budget), i]
-                               for i, prod in enumerate(block_products)])
+        w_scale = torch.stack([w_cands[best_index(block_product(cols), "b", x_fixed, _uniform(wq.bits),
+                                                  w_cands[:, i:i + 1], budget), i]
+                               for i, cols in enumerate(blocks)])
+        del x_fixed
         if inp is None:
             break  # nothing alternates with the weight: further rounds repeat this one
         w_fixed = torch.cat([uniform_fake_quant(w[cols], w_scale[i], wq.bits) for i, cols in enumerate(blocks)])
-        new = inp.cands[best_index(layer, "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
+        new = inp.cands[best_index(layer_product(), "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
+                                   budget)]
         converged = torch.equal(new.reshape(1), inp.scale)
         inp.scale = new.reshape(1)
         if converged:
@@ -124,11 +139,14 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
     grid = _Grid(preset, x.device)
     w = _search_float(site.weight)
     cout = w.shape[0]
-    patches = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride).transpose(1, 2)  # (N, L, CKK)
-    positions = patches.shape[1]
+    unfolded = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride)  # (N, CKK, L)
+    positions, ckk = unfolded.shape[2], unfolded.shape[1]
+    patches = unfolded.transpose(1, 2).reshape(1, -1, ckk)                                  # one copy, as rows
+    del unfolded
     g = grad.flatten(2).transpose(1, 2).reshape(1, -1, cout) if grad is not None else None
-    p = Product(a=patches.reshape(1, -1, patches.shape[-1]), b=w.reshape(cout, -1).t().unsqueeze(0),
-                bias=_search_float(site.bias), grad=g, metric=preset.metric)
+    p = Product(a=patches, b=w.reshape(cout, -1).t().unsqueeze(0), bias=_search_float(site.bias), grad=g,
+                metric=preset.metric)
+    del patches
     wq = site.w_quant
     if wq.groups == cout and cout > 1:
         # Each channel is its own group, scored over its positions in each image.
@@ -141,7 +159,9 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
 
 
 def _per_head_absmax(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(0, 1).reshape(t.shape[1], -1).abs().amax(1)
+    """``max |t|`` per head of ``(images, heads, rows, cols)``, without a copy of ``t``."""
+    dims = (0, 2, 3)
+    return torch.maximum(t.amax(dims), t.amin(dims).neg())
 
 
 def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
@@ -149,8 +169,11 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
     grid = _Grid(preset, a.device)
     heads = a.shape[1]
-    per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
-                for h in range(heads)]
+
+    # Made when searched, so one head's float product exists at a time.
+    def head_product(h: int) -> Product:
+        return Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
+
     bq: UniformQuantizer = site.b_quant
     b_scale = initial_scale(_per_head_absmax(b), bq.bits)
     b_cands = grid.around(b_scale)                                   # (n, heads)
@@ -158,8 +181,9 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     twin = isinstance(aq, TwinSoftmaxQuantizer)
     if twin:
         # One split for the layer, scored over all heads at once.
-        whole = Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
-                        metric=preset.metric)
+        def whole_product() -> Product:
+            return Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
+                           metric=preset.metric)
         a_fn = lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form)
         a_cands = softmax_split_candidates().to(a.device).reshape(-1, 1)
         b_quantized_in_a_search = preset.split_search_quantized_b
@@ -175,14 +199,19 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     for _ in range(preset.rounds):
         b_fixed = quant_b(b_scale) if b_quantized_in_a_search else b
         if twin:
-            a_scale = a_cands[best_index(whole, "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget), 0]
+            a_scale = a_cands[best_index(whole_product(), "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget), 0]
+            del b_fixed
             a_fixed = a_fn(a, a_scale)
         else:
-            a_scale = torch.stack([a_cands[best_index(prod, "a", b_fixed[:, h], a_fn, a_cands[:, h:h + 1], budget), h]
-                                   for h, prod in enumerate(per_head)])
+            a_scale = torch.stack([a_cands[best_index(head_product(h), "a", b_fixed[:, h], a_fn, a_cands[:, h:h + 1],
+                                                      budget), h]
+                                   for h in range(heads)])
+            del b_fixed
             a_fixed = a_fn(a, a_scale.reshape(1, heads, 1, 1))
-        new = torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], _uniform(bq.bits), b_cands[:, h:h + 1], budget), h]
-                           for h, prod in enumerate(per_head)])
+        new = torch.stack([b_cands[best_index(head_product(h), "b", a_fixed[:, h], _uniform(bq.bits), b_cands[:, h:h + 1],
+                                              budget), h]
+                           for h in range(heads)])
+        del a_fixed
         # With v float in the split search (official), the next round would repeat this one.
         converged = torch.equal(new, b_scale) or not b_quantized_in_a_search
         b_scale = new

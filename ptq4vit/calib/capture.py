@@ -14,33 +14,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import QuantMatMul
-
 
 class SiteData:
-    """Inputs of one site over the calibration set, and the gradient of its output (or None)."""
+    """Inputs of one site over the calibration set, and the gradient of its output (or None).
 
-    def __init__(self):
-        self._inputs: list[list[torch.Tensor]] = []
-        self._grads: list[torch.Tensor] = []
+    Each pass's tensors are copied into tensors sized for the whole set when the first pass
+    arrives, so the captured data exists once: no list of pieces and concatenated copy side
+    by side. ``n_images`` sizes them: a tensor whose leading dim holds ``r`` rows per image
+    (Swin windows) gets ``r * n_images`` rows.
+    """
 
-    @property
-    def inputs(self) -> list[torch.Tensor]:
-        return [torch.cat(parts) for parts in zip(*self._inputs)]
+    def __init__(self, n_images: int):
+        self.n_images = n_images
+        self.inputs: list[torch.Tensor] = []
+        self.grad: Optional[torch.Tensor] = None
+        self._filled = 0
+        self._grad_filled = 0
 
-    @property
-    def grad(self) -> Optional[torch.Tensor]:
-        # Backward visits chunks in forward order, so the gradients line up with the inputs.
-        return torch.cat(self._grads) if self._grads else None
+    def _place(self, dest: Optional[torch.Tensor], t: torch.Tensor, images_before: int, images: int) -> torch.Tensor:
+        rows_per_image, rest = divmod(t.shape[0], images)
+        if rest:
+            raise ValueError(f"a captured tensor of {t.shape[0]} rows does not split into {images} images")
+        if dest is None:
+            dest = t.new_empty((rows_per_image * self.n_images, *t.shape[1:]))
+        row = images_before * rows_per_image
+        dest[row:row + t.shape[0]].copy_(t)
+        return dest
+
+    def add_inputs(self, tensors: tuple[torch.Tensor, ...], images: int) -> None:
+        dests = self.inputs or [None] * len(tensors)
+        self.inputs = [self._place(d, t, self._filled, images) for d, t in zip(dests, tensors)]
+        self._filled += images
+
+    def add_grad(self, g: torch.Tensor, images: int) -> None:
+        # Backward visits passes in forward order, so the gradients line up with the inputs.
+        self.grad = self._place(self.grad, g, self._grad_filled, images)
+        self._grad_filled += images
 
 
 @contextmanager
-def _hooks(sites: dict[str, nn.Module], data: dict[str, SiteData], with_grad: bool) -> Iterator[None]:
+def _hooks(sites: dict[str, nn.Module], data: dict[str, SiteData], images: list[int], with_grad: bool) -> Iterator[None]:
+    """Copy each site's inputs (and output gradient) into ``data``; ``images[0]`` is the pass's image count."""
     def make_hook(name):
         def hook(module, inputs, output):
-            data[name]._inputs.append([t.detach() for t in inputs])
+            n = images[0]
+            data[name].add_inputs(tuple(t.detach() for t in inputs), n)
             if with_grad and output.requires_grad:
-                output.register_hook(lambda g: data[name]._grads.append(g.detach()))
+                output.register_hook(lambda g: data[name].add_grad(g.detach(), n))
         return hook
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in sites.items()]
@@ -49,6 +69,24 @@ def _hooks(sites: dict[str, nn.Module], data: dict[str, SiteData], with_grad: bo
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients: a capture pass needs activation gradients only.
+
+    Weight gradients would cost a model-sized ``.grad`` per parameter (left behind on the
+    model, too) and a third of the backward pass; the activation gradients are the same ops
+    either way.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def capture(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], grad_source: Optional[str],
@@ -61,81 +99,33 @@ def capture(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
     chunks of ``grad_chunk`` images with ``p`` from one full-batch float pass; since ``pred``
     equals the float output the loss is zero and ``g`` is rounding noise, reproduced as is).
     """
-    data = {name: SiteData() for name in sites}
+    data = {name: SiteData(len(images)) for name in sites}
     if grad_source == "kl-official":
         with torch.no_grad():
             target = F.softmax(model(images), dim=-1)
         batch_size = grad_chunk
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        if grad_source is None:
-            with torch.no_grad(), _hooks(sites, data, with_grad=False):
-                model(chunk)
-            continue
-        chunk = chunk.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            with _hooks(sites, data, with_grad=True):
-                logits = model(chunk)
-            if grad_source == "ce-fp-label":
-                loss = F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum")
-            elif grad_source == "kl-official":
-                loss = F.kl_div(F.log_softmax(logits, dim=-1), target[start:start + batch_size], reduction="batchmean")
-            else:
-                raise ValueError(f"unknown gradient source {grad_source!r}")
-            loss.backward()
+    pass_images = [0]
+    with frozen_parameters(model):
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pass_images[0] = len(chunk)
+            if grad_source is None:
+                with torch.no_grad(), _hooks(sites, data, pass_images, with_grad=False):
+                    model(chunk)
+                continue
+            chunk = chunk.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                with _hooks(sites, data, pass_images, with_grad=True):
+                    logits = model(chunk)
+                if grad_source == "ce-fp-label":
+                    loss = F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum")
+                elif grad_source == "kl-official":
+                    loss = F.kl_div(F.log_softmax(logits, dim=-1), target[start:start + batch_size], reduction="batchmean")
+                else:
+                    raise ValueError(f"unknown gradient source {grad_source!r}")
+                loss.backward()
+            del logits, loss, chunk
     return data
 
 
-def estimate_site_bytes(model: nn.Module, image: torch.Tensor, sites: dict[str, nn.Module], with_grad: bool) -> dict[str, int]:
-    """Bytes each site's capture takes per image, measured on one image."""
-    sizes: dict[str, int] = {}
-
-    def make_hook(name):
-        def hook(module, inputs, output):
-            n = sum(t.numel() * t.element_size() for t in inputs)
-            if with_grad:
-                n += output.numel() * output.element_size()
-            # Matmul operands feed a float output that the search recomputes too.
-            if isinstance(module, QuantMatMul):
-                n += output.numel() * output.element_size()
-            sizes[name] = n
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in sites.items()]
-    try:
-        with torch.no_grad():
-            model(image[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return sizes
-
-
-def plan_groups(site_bytes: dict[str, int], n_images: int, budget_bytes: int) -> list[list[str]]:
-    """Split sites, in model order, into groups whose captures fit ``budget_bytes``."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, per_image in site_bytes.items():
-        need = per_image * n_images
-        if groups[-1] and used + need > budget_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += need
-    return groups
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """A quarter of the free memory of ``device`` (at least 512 MiB)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            import os
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 8 << 30
-    return max(512 << 20, int(free // 4))
-
-
-__all__ = ["SiteData", "capture", "estimate_site_bytes", "plan_groups", "default_memory_budget"]
+__all__ = ["SiteData", "capture", "frozen_parameters"]

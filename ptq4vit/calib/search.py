@@ -48,10 +48,14 @@ class Product:
             raise ValueError(f"unknown metric {self.metric!r}")
         if self.metric == "hessian" and self.grad is None:
             raise ValueError("the hessian metric needs output gradients")
+        # Only what the metric reads is kept, one output-sized tensor: cosine
+        # compares against O = A @ B + bias, the error metrics subtract A @ B (the candidates'
+        # products lack the bias too, so Ô - O needs no bias).
         out = self.a @ self.b
-        self.out = out + self.bias if self.bias is not None else out
-        # What baddbmm subtracts: A @ B - (O - bias) = Ô - O.
-        self._target = out
+        if self.metric == "cosine":
+            self.out, self._target = (out.add_(self.bias) if self.bias is not None else out), None
+        else:
+            self.out, self._target = None, out
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -95,14 +99,15 @@ def _row_scores(x: torch.Tensor, p: Product, blk: Block, rows_per_item: int) -> 
     bt0, bt1, m0, m1 = blk
     if p.metric == "hessian":
         x.mul_(p.grad[bt0:bt1, m0:m1])
-    o = p.out[bt0:bt1, m0:m1]
+    # A conv channel is scored over the positions of each image: the features are rows.
+    dim = -2 if rows_per_item else -1
     if rows_per_item:
-        # A conv channel is scored over the positions of each image: the features are rows.
-        x, o, dim = x.unflatten(2, (-1, rows_per_item)), o.unflatten(1, (-1, rows_per_item)), -2
-    else:
-        dim = -1
+        x = x.unflatten(2, (-1, rows_per_item))
     if p.metric != "cosine":
         return neg_mean_square_(x, dim)
+    o = p.out[bt0:bt1, m0:m1]
+    if rows_per_item:
+        o = o.unflatten(1, (-1, rows_per_item))
     return cosine_(x, o, dim)
 
 
@@ -146,21 +151,19 @@ def _score_batched_block(p: Product, side: str, fixed: torch.Tensor, quant: Quan
         stack = quant(p.a[bt0:bt1].unsqueeze(1), scale.reshape(1, cc, 1, 1))       # (bt, c, m, K)
         b_fix = fixed[bt0:bt1] if fixed.shape[0] > 1 else fixed
         res = torch.matmul(stack.flatten(1, 2), b_fix).unflatten(1, (cc, -1))      # (bt, c, m, N)
-        o = p.out[bt0:bt1].unsqueeze(1)
         g = p.grad[bt0:bt1].unsqueeze(1) if p.grad is not None else None
     else:
         b_blk = p.b[bt0:bt1] if p.b.shape[0] > 1 else p.b
         stack = quant(b_blk.unsqueeze(2), scale.reshape(1, 1, cc, 1))              # (bt, K, c, N)
         res = torch.matmul(fixed[bt0:bt1], stack.flatten(2, 3)).unflatten(2, (cc, -1))  # (bt, m, c, N)
-        o = p.out[bt0:bt1].unsqueeze(2)
         g = p.grad[bt0:bt1].unsqueeze(2) if p.grad is not None else None
-    if p.bias is not None:
-        res.add_(p.bias)
     cand_dim = 1 if side == "a" else 2
     if p.metric == "cosine":
-        r = cosine_(res, o, -1)
+        if p.bias is not None:
+            res.add_(p.bias)
+        r = cosine_(res, p.out[bt0:bt1].unsqueeze(cand_dim), -1)
     else:
-        err = res.sub_(o)
+        err = res.sub_(p._target[bt0:bt1].unsqueeze(cand_dim))
         if p.metric == "hessian":
             err.mul_(g)
         r = neg_mean_square_(err, -1)

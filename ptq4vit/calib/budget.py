@@ -1,0 +1,225 @@
+"""The memory plan of a calibration: what it holds at once, and how to keep that within a budget.
+
+Beyond the model and the calibration images, calibration allocates:
+
+* **captured data**: every site's inputs over the calibration set, and its output gradient
+  for the hessian metric, held from the capture pass until the site is searched;
+* **the capture pass itself**: the autograd graph of one chunk of images (the tensors the
+  forward saves for backward), a few activation-sized transients of the forward and
+  backward steps, and for ``kl-official`` the full-batch float pass that makes the targets;
+* **a site's search**: copies the search makes of its operands (the fixed operand
+  fake-quantized, the float output the candidates are scored against, unfolded patches,
+  one attention head's product at a time) and the weight-sized fake-quantized copies;
+* **search steps**: the candidates' stacked operands and products, at most
+  ``2 * step_bytes`` (each of the two fits one step's byte budget, ``search._plan``).
+
+All of these are measured on one image (shapes and the autograd graph's saved tensors)
+and scaled; :func:`plan` splits the sites into capture groups so that the largest of these
+sums stays within the budget, and refuses a budget no split can meet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .capture import frozen_parameters
+from .resources import available_memory
+from .search import SEARCH_CHUNK_BYTES
+
+#: Activation-sized tensors a forward or backward step holds at once besides the graph: an
+#: op's input, its output and a temporary, and in backward the incoming and outgoing gradient
+#: plus the residual stream's accumulated gradient.
+TRANSIENT_ACTIVATIONS = 4
+
+#: Share of the budget one search step may plan for (its temporaries are up to twice that).
+STEP_SHARE = 8
+
+#: Fake-quantizing a tensor keeps up to this many same-sized tensors alive at once (x / Δ and
+#: its rounding for a uniform quantizer; both twin halves for GELU; mask, both regions and
+#: their temporaries for the softmax twin).
+QUANT_COPIES_UNIFORM = 2
+QUANT_COPIES_GELU_TWIN = 3
+QUANT_COPIES_SOFTMAX_TWIN = 5
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class SiteCost:
+    """Bytes a site costs: ``held`` per image while captured, ``work`` per image and ``fixed``
+    (weight copies) while it is searched."""
+
+    held: int
+    work: int
+    fixed: int = 0
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Per image: the autograd graph of a gradient capture, and the largest activation."""
+
+    graph: int
+    activation: int
+    image: int
+    logits: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Capture groups (site names in model order), images per capture pass, search step bytes,
+    and the peak bytes the plan allows for (at most the budget)."""
+
+    groups: list[list[str]]
+    capture_batch: int
+    step_bytes: int
+    peak_bytes: int
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _search_nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` as the search holds it: widened to float32 (half-precision models)."""
+    return t.numel() * max(4, t.element_size())
+
+
+def _site_cost(site: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> SiteCost:
+    held = sum(_nbytes(t) for t in inputs) + (_nbytes(output) if with_grad else 0)
+    # A half-precision capture is widened to float32 for the search, next to the capture itself.
+    widened = [t for t in (*inputs, *((output,) if with_grad else ())) if t.element_size() < 4]
+    widen = sum(_search_nbytes(t) for t in widened)
+    out = _search_nbytes(output)
+    if isinstance(site, QuantLinear):
+        x = _search_nbytes(inputs[0])
+        copies = QUANT_COPIES_GELU_TWIN if isinstance(site.a_quant, TwinGeluQuantizer) else QUANT_COPIES_UNIFORM
+        # The fixed input while the weight is searched, then the layer's float output.
+        work = max(copies * x, x + out)
+        return SiteCost(held, widen + work, 4 * _search_nbytes(site.weight))
+    if isinstance(site, QuantConv2d):
+        kh, kw = site.kernel_size
+        positions = output.numel() // output.shape[1]
+        patches = inputs[0].shape[1] * kh * kw * positions * max(4, inputs[0].element_size())
+        # Unfolded patches are copied once into rows; the gradient is copied into (rows, channels).
+        work = max(2 * patches, patches + out + (out if with_grad else 0))
+        return SiteCost(held, widen + work, 4 * _search_nbytes(site.weight))
+    if isinstance(site, QuantMatMul):
+        a, b = _search_nbytes(inputs[0]), _search_nbytes(inputs[1])
+        heads = inputs[0].shape[1]
+        twin = isinstance(site.a_quant, TwinSoftmaxQuantizer)
+        head_out = out // heads
+        # One head's product at a time; the softmax split is scored over all heads at once.
+        work = max(QUANT_COPIES_UNIFORM * b, b + (out if twin else head_out),
+                   (QUANT_COPIES_SOFTMAX_TWIN if twin else QUANT_COPIES_UNIFORM) * a, a + head_out)
+        return SiteCost(held, widen + work)
+    raise TypeError(f"not a quantization site: {type(site).__name__}")
+
+
+def measure_costs(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
+                  with_grad: bool) -> tuple[dict[str, SiteCost], PassCost]:
+    """Per-image costs of every site and of a capture pass, measured on ``images[:1]``."""
+    costs: dict[str, SiteCost] = {}
+    largest = [0]
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            costs[name] = _site_cost(module, inputs, output, with_grad)
+            largest[0] = max(largest[0], _nbytes(output), *(_nbytes(t) for t in inputs))
+        return hook
+
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+            largest[0] = max(largest[0], storage.nbytes())
+        return t
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in sites.items()]
+    image = images[:1].detach().clone().requires_grad_(with_grad)
+    try:
+        with frozen_parameters(model), torch.set_grad_enabled(with_grad), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return costs, PassCost(graph=sum(saved.values()), activation=largest[0], image=_nbytes(image),
+                           logits=_nbytes(logits))
+
+
+def _capture_peak(held: int, n_images: int, batch: int, pc: PassCost, with_grad: bool) -> int:
+    per_image = TRANSIENT_ACTIVATIONS * pc.activation + (pc.graph + pc.image if with_grad else 0)
+    return held * n_images + batch * per_image
+
+
+def _search_peaks(group: list[SiteCost], n_images: int, step_bytes: int) -> int:
+    """The largest of: the sites not yet searched, plus the current site's work and steps."""
+    peak, remaining = 0, sum(c.held for c in group)
+    for c in group:
+        peak = max(peak, remaining * n_images + c.work * n_images + c.fixed + 2 * step_bytes)
+        remaining -= c.held
+    return peak
+
+
+def plan(costs: dict[str, SiteCost], pass_cost: PassCost, n_images: int, budget: int, capture_batch: int,
+         with_grad: bool, full_batch_targets: bool = False) -> Plan:
+    """Capture groups that keep calibration within ``budget`` bytes beyond the model and images.
+
+    A capture pass takes ``capture_batch`` images, fewer where its graph would take more than
+    half the budget. ``full_batch_targets`` (``kl-official``): each capture starts with a float
+    pass over all images, and the pass size is kept, since it sets that loss's scale.
+    Raises UserError when the budget is too small for even one site or one image.
+    """
+    step_bytes = min(SEARCH_CHUNK_BYTES, budget // STEP_SHARE)
+    batch = max(1, min(capture_batch, n_images))
+    per_pass_image = _capture_peak(0, n_images, 1, pass_cost, with_grad)
+    if not full_batch_targets:
+        while batch > 1 and batch * per_pass_image > budget // 2:
+            batch -= 1
+    targets = (n_images * (TRANSIENT_ACTIVATIONS * pass_cost.activation + 2 * pass_cost.logits)
+               if full_batch_targets else 0)
+
+    def peak_of(group: list[str]) -> int:
+        g = [costs[n] for n in group]
+        return max(_capture_peak(sum(c.held for c in g), n_images, batch, pass_cost, with_grad),
+                   _search_peaks(g, n_images, step_bytes), targets)
+
+    groups: list[list[str]] = []
+    peak = 0
+    for name in costs:
+        if groups and peak_of(groups[-1] + [name]) <= budget:
+            groups[-1].append(name)
+            continue
+        alone = peak_of([name])
+        if alone > budget:
+            raise UserError(f"memory_budget of {budget / MIB:.1f} MiB is too small: calibrating site {name!r} on "
+                            f"{n_images} images needs {alone / MIB:.1f} MiB; raise memory_budget or use fewer images")
+        groups.append([name])
+    for g in groups:
+        peak = max(peak, peak_of(g))
+    return Plan(groups, batch, step_bytes, peak)
+
+
+def default_memory_budget(device: torch.device, cgroup_root: str = "/sys/fs/cgroup", proc_root: str = "/proc") -> int:
+    """A quarter of the memory the device has free for this process (CPU: the smaller of the
+    host's available memory and the container's cgroup headroom), at least 512 MiB where
+    that is at most half of it."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        avail: Optional[int] = available_memory(cgroup_root, proc_root)
+        free = avail if avail is not None else 8 << 30
+    return max(int(free // 4), min(512 * MIB, int(free // 2)))
+
+
+__all__ = ["SiteCost", "PassCost", "Plan", "measure_costs", "plan", "default_memory_budget"]

@@ -1,0 +1,119 @@
+"""The memory budget bounds what calibration allocates; results do not depend on threads."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import ptq4vit
+import ptq4vit.calib.run as run_module
+from ptq4vit.calib import default_memory_budget, intra_op_threads
+from ptq4vit.errors import UserError
+
+from conftest import make_tiny
+
+FAST = dict(n_candidates=12, progress=False)
+MIB = 1 << 20
+
+#: Allocations the plan leaves out on purpose: quantizer scales, candidate grids, per-row
+#: scores of one step ((candidates, rows) in float64), argmax indices. On the tiny models they
+#: total well under 64 KiB; 256 KiB keeps the bound meaningful against budgets of 2-16 MiB.
+SLACK = 256 << 10
+
+
+def peak_allocated_during(fn) -> int:
+    """Peak bytes the CPU allocator held during ``fn()`` beyond what it held before (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def planned_and_measured(kind, preset, budget, monkeypatch):
+    model, images = make_tiny(kind)
+    plans = []
+    real = run_module.calibrate_model
+
+    def recording(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(run_module, "calibrate_model", recording)
+    monkeypatch.setattr(ptq4vit.api, "calibrate_model", recording)
+    peak = peak_allocated_during(lambda: ptq4vit.quantize(model, images, preset, 8, 8, memory_budget=budget,
+                                                          inplace=True, **FAST))
+    return plans[0], peak
+
+
+@pytest.mark.parametrize("kind, preset, budgets", [("vit", "ptq4vit", (4, 16)), ("vit", "official", (4, 16)),
+                                                   ("swin", "base-cosine", (6, 24))])
+def test_peak_memory_stays_within_the_budget(kind, preset, budgets, monkeypatch):
+    small, large = (b * MIB for b in budgets)
+    for budget in (small, large):
+        plan, peak = planned_and_measured(kind, preset, budget, monkeypatch)
+        assert plan.peak_bytes <= budget
+        assert peak <= plan.peak_bytes + SLACK, f"{preset} {kind}: peak {peak / MIB:.2f} MiB, planned {plan.peak_bytes / MIB:.2f}"
+        assert (len(plan.groups) > 2) == (budget == small)  # the small budget forces several capture groups
+
+
+def test_a_budget_too_small_for_one_site_is_refused():
+    model, images = make_tiny("vit")
+    with pytest.raises(UserError, match=r"memory_budget of 0\.1 MiB is too small: calibrating site '.*' on 6 images"):
+        ptq4vit.quantize(model, images, "ptq4vit", memory_budget=100 << 10, **FAST)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_memory_stays_within_the_budget():
+    model, images = make_tiny("vit")
+    model, images = model.cuda(), images.cuda()
+    budget = 3 * MIB
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ptq4vit.quantize(model, images, "ptq4vit", 8, 8, memory_budget=budget, inplace=True, **FAST)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= budget + SLACK
+
+
+def test_parameters_keep_requires_grad_and_get_no_grad():
+    model, images = make_tiny("vit")
+    q = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, **FAST)
+    assert all(p.requires_grad and p.grad is None for p in q.parameters())
+
+
+@pytest.mark.parametrize("preset", ["ptq4vit", "official", "base-cosine"])
+def test_scales_do_not_depend_on_the_thread_count(preset):
+    model, images = make_tiny("vit")
+    before = torch.get_num_threads()
+    one = ptq4vit.quantize(model, images, preset, 6, 6, threads=1, **FAST)
+    assert torch.get_num_threads() == before  # restored
+    two = ptq4vit.quantize(model, images, preset, 6, 6, threads=2, **FAST)
+    assert one.qparams() == two.qparams()
+
+
+def test_intra_op_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with intra_op_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with intra_op_threads(1):
+            raise RuntimeError
+    assert torch.get_num_threads() == before
+
+
+def test_default_budget_follows_the_cgroup_limit(tmp_path):
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "meminfo").write_text("MemAvailable: 67108864 kB\n")   # 64 GiB on the host
+    (tmp_path / "proc" / "self" / "cgroup").write_text("0::/\n")
+    (tmp_path / "cg").mkdir()
+    (tmp_path / "cg" / "cgroup.controllers").write_text("memory\n")
+    (tmp_path / "cg" / "memory.max").write_text(str(8 << 30))
+    (tmp_path / "cg" / "memory.current").write_text(str(2 << 30))
+    assert default_memory_budget(torch.device("cpu"), tmp_path / "cg", tmp_path / "proc") == 1536 * MIB
+    (tmp_path / "cg" / "memory.current").write_text(str(7 << 30))    # 1 GiB left: half of it, not less than 512 MiB
+    assert default_memory_budget(torch.device("cpu"), tmp_path / "cg", tmp_path / "proc") == 512 * MIB
+    (tmp_path / "cg" / "memory.max").write_text("max\n")
+    assert default_memory_budget(torch.device("cpu"), tmp_path / "cg", tmp_path / "proc") == 16 << 30
