@@ -55,7 +55,7 @@ def test_peak_memory_stays_within_the_budget(kind, preset, budgets, monkeypatch)
         plan, peak = planned_and_measured(kind, preset, budget, monkeypatch)
         assert plan.peak_bytes <= budget
         assert peak <= plan.peak_bytes + SLACK, f"{preset} {kind}: peak {peak / MIB:.2f} MiB, planned {plan.peak_bytes / MIB:.2f}"
-        assert (len(plan.groups) > 2) == (budget == small)  # the small budget forces several capture groups
+        assert (len(plan.groups) > 1) == (budget == small)  # the small budget forces several capture groups
 
 
 def test_a_budget_too_small_for_one_site_is_refused():
