@@ -1,4 +1,4 @@
-"""Calibration slowdown under CPU contention, with torch's thread count and with the free-CPU one.
+"""Calibration slowdown under CPU contention, with torch's thread count and with the default policy.
 
 Usage: python benchmarks/calibration_contention.py [--competitors 6] [--img-size 96] [--depth 4]
        [--images 16] [--preset ptq4vit]
@@ -6,8 +6,8 @@ Usage: python benchmarks/calibration_contention.py [--competitors 6] [--img-size
 Calibrates a random-init ViT-Ti (reduced image size and depth) four times in one process:
 alone and next to ``--competitors`` busy-looping Python processes that the script starts and
 kills itself, each with the old policy (``threads`` pinned to torch's default: one thread per
-core, whatever else runs) and the new default (``threads=None``: one per CPU free when
-calibration starts). It prints each wall time, the slowdown factors, the slowdown a fair CPU
+core, whatever else runs) and the new default (``threads=None``: the search uses one thread
+per CPU free when calibration starts; the capture passes keep the fixed count). It prints each wall time, the slowdown factors, the slowdown a fair CPU
 share would give, and whether all four runs chose the same scales. Take the figures on a
 machine where nothing else runs: other jobs change both the alone and the loaded times.
 """

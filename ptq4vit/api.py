@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .calib import calibrate_model, default_memory_budget, default_threads
+from .calib import calibrate_model, default_memory_budget
 from .errors import UserError
 from .models import insert_quant_sites
 from .presets import Preset, get_preset
@@ -35,11 +35,13 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             A budget too small for one site raises UserError.
         capture_batch: images per forward/backward pass while capturing (fewer if the
             budget needs it).
-        threads: intra-op CPU threads during calibration, restored afterwards (default:
-            torch's count, capped by the CPUs free for this process when calibration starts:
-            its affinity and cgroup CPU quota, less the CPUs other runnable tasks occupy). The
-            scales were the same for every thread count tested (tests/test_budget.py); pin
-            ``threads`` where a run must not depend on the machine's load at all.
+        threads: intra-op CPU threads during calibration, restored afterwards. By default the
+            capture passes use torch's count capped by the CPUs this process may use (affinity,
+            cgroup CPU quota), and the search that count less the CPUs other runnable tasks
+            occupy when calibration starts, so that a busy machine slows it no more than its
+            CPU share shrinks. The search chose the same scales for 1 and 2 threads in every
+            case tested (tests/test_budget.py); pin ``threads`` for runs that must not depend
+            on the machine's load at all.
         progress: show a progress bar over the sites.
         inplace: quantize ``model`` itself instead of a copy.
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
@@ -71,7 +73,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():
         plan = calibrate_model(model, images, sites, preset, budget, capture_batch,
-                               threads=threads if threads is not None else default_threads(device), progress=progress,
+                               threads=threads, progress=progress,
                                desc=f"calibrating {preset.name} W{w_bits}A{a_bits}")
     logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
                  budget / 2 ** 20)

@@ -83,14 +83,18 @@ def test_parameters_keep_requires_grad_and_get_no_grad():
     assert all(p.requires_grad and p.grad is None for p in q.parameters())
 
 
-@pytest.mark.parametrize("preset", ["ptq4vit", "official", "base-cosine"])
-def test_scales_do_not_depend_on_the_thread_count(preset):
-    model, images = make_tiny("vit")
+@pytest.mark.parametrize("kind, preset", [("vit", "ptq4vit"), ("swin", "official"), ("swin", "base-cosine")])
+def test_search_scales_do_not_depend_on_the_thread_count(kind, preset, monkeypatch):
+    # Capture passes keep their fixed thread count: the kl-official gradients of "official" are
+    # rounding noise, and on this CPU a tiny Swin's change with it.
+    model, images = make_tiny(kind)
     before = torch.get_num_threads()
-    one = ptq4vit.quantize(model, images, preset, 6, 6, threads=1, **FAST)
-    assert torch.get_num_threads() == before  # restored
-    two = ptq4vit.quantize(model, images, preset, 6, 6, threads=2, **FAST)
-    assert one.qparams() == two.qparams()
+    chosen = {}
+    for n in (1, 2):
+        monkeypatch.setattr(run_module, "search_threads", lambda device, n=n: n)
+        chosen[n] = ptq4vit.quantize(model, images, preset, 6, 6, **FAST).qparams()
+        assert torch.get_num_threads() == before  # restored
+    assert chosen[1] == chosen[2]
 
 
 def test_intra_op_threads_restores_the_setting():

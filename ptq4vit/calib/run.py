@@ -13,7 +13,7 @@ from ..presets import Preset
 from .budget import Plan, measure_costs, plan
 from .calibrate import calibrate_site
 from .capture import capture
-from .resources import free_cpus
+from .resources import free_cpus, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,27 @@ def intra_op_threads(n: Optional[int]) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def default_threads(device: torch.device) -> Optional[int]:
-    """Intra-op threads for calibrating on ``device``: torch's count, capped by the CPUs free for
-    this process when calibration starts (None where that changes nothing, or off the CPU).
+def capture_threads(device: torch.device) -> Optional[int]:
+    """Intra-op threads for the capture passes: torch's count, capped by the CPUs the process
+    may use (affinity and cgroup quota), which do not change while it runs. Fixed, because
+    the ``kl-official`` gradients are rounding noise that changes with the thread count
+    (tiny Swin, ``official`` preset: 1 and 2 threads choose different scales)."""
+    if device.type != "cpu":
+        return None
+    n = min(usable_cpus(), torch.get_num_threads())
+    return n if n != torch.get_num_threads() else None
+
+
+def search_threads(device: torch.device) -> Optional[int]:
+    """Intra-op threads for the scale search: as :func:`capture_threads`, less the CPUs other
+    runnable tasks occupy when calibration starts (None where that changes nothing).
 
     The search runs thousands of parallel regions of a few milliseconds each; every region
     ends at a barrier that waits for its slowest thread. With other jobs on the cores, a thread
-    waits there for a time slice (milliseconds) each time, and calibration slowed ~65x where a
-    fair share would give ~5x (issue 8 item 11). A thread per free CPU (one, on a saturated
-    machine) never waits at a barrier, so calibration slows no more than its share of the CPU
-    shrinks. The scales do not depend on the thread count (tests/test_budget.py).
+    waits there for a time slice each time: calibration slowed ~65x where a fair share of the
+    CPU would give ~5x (issue 8 item 11). A thread per free CPU (one, on a saturated machine)
+    does not wait at barriers. The search chose the same scales with 1 and 2 threads in every
+    case tested (tests/test_budget.py).
     """
     if device.type != "cpu":
         return None
@@ -64,29 +75,34 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
     """Choose the scales of every site of ``model`` (its quantizers disabled) on ``images``.
 
     What calibration allocates beyond the model and ``images`` stays within ``budget`` bytes
-    (see :mod:`.budget`); ``threads`` intra-op threads are used and torch's setting is restored.
-    Returns the plan it followed.
+    (see :mod:`.budget`). ``threads`` intra-op threads are used throughout (default:
+    :func:`capture_threads` for capture passes, :func:`search_threads` for the search);
+    torch's setting is restored afterwards. Returns the plan it followed.
     """
     grad_source = preset.grad_source if preset.metric == "hessian" else None
-    with intra_op_threads(threads):
+    device = images.device
+    for_capture = threads if threads is not None else capture_threads(device)
+    for_search = threads if threads is not None else search_threads(device)
+    with intra_op_threads(for_capture):
         p = make_plan(model, images, sites, preset, budget, capture_batch)
-        log.debug("calibrating with %d intra-op threads", torch.get_num_threads())
-        if p.capture_batch < capture_batch and grad_source != "kl-official":
-            log.info("capture passes of %d images (not %d) fit the memory budget", p.capture_batch, capture_batch)
-        log.debug("%d capture group(s), search steps of %d bytes, planned peak %d bytes",
-                  len(p.groups), p.step_bytes, p.peak_bytes)
-        bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)
-        for group in p.groups:
+    if p.capture_batch < capture_batch and grad_source != "kl-official":
+        log.info("capture passes of %d images (not %d) fit the memory budget", p.capture_batch, capture_batch)
+    log.debug("%d capture group(s), search steps of %d bytes, planned peak %d bytes, threads %s/%s",
+              len(p.groups), p.step_bytes, p.peak_bytes, for_capture, for_search)
+    bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)
+    for group in p.groups:
+        with intra_op_threads(for_capture):
             data = capture(model, images, {n: sites[n] for n in group}, grad_source, p.capture_batch, preset.grad_chunk)
+        with intra_op_threads(for_search):
             for n in group:
                 bar.set_postfix_str(n, refresh=False)
                 site_data = data.pop(n)
                 calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, p.step_bytes)
                 del site_data  # frees the site's captured data before the next site's search
                 bar.update()
-            del data
-        bar.close()
+        del data
+    bar.close()
     return p
 
 
-__all__ = ["calibrate_model", "default_threads", "intra_op_threads", "make_plan"]
+__all__ = ["calibrate_model", "capture_threads", "intra_op_threads", "make_plan", "search_threads"]
