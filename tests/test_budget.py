@@ -14,8 +14,8 @@ FAST = dict(n_candidates=12, progress=False)
 MIB = 1 << 20
 
 #: Allocations the plan leaves out on purpose: quantizer scales, candidate grids, per-row
-#: scores of one step ((candidates, rows) in float64), argmax indices. On the tiny models they
-#: total well under 64 KiB; 256 KiB keeps the bound meaningful against budgets of 2-16 MiB.
+#: scores of one step ((candidates, rows) in float64), argmax indices: a few KiB each on
+#: these models. 256 KiB stays small against the 4-24 MiB budgets tested.
 SLACK = 256 << 10
 
 
