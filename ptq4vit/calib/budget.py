@@ -90,6 +90,12 @@ def _search_nbytes(t: torch.Tensor) -> int:
     return t.numel() * max(4, t.element_size())
 
 
+def _weight_copies(w: torch.Tensor) -> int:
+    """The search's weight-sized tensors: |w| for Δ0, the fake-quantized blocks and their
+    concatenation, plus the float32 copy of a half-precision weight."""
+    return 3 * _search_nbytes(w) + (_search_nbytes(w) if w.element_size() < 4 else 0)
+
+
 def _site_cost(site: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> SiteCost:
     held = sum(_nbytes(t) for t in inputs) + (_nbytes(output) if with_grad else 0)
     # A half-precision capture is widened to float32 for the search, next to the capture itself.
@@ -101,14 +107,14 @@ def _site_cost(site: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.
         copies = QUANT_COPIES_GELU_TWIN if isinstance(site.a_quant, TwinGeluQuantizer) else QUANT_COPIES_UNIFORM
         # The fixed input while the weight is searched, then the layer's float output.
         work = max(copies * x, x + out)
-        return SiteCost(held, widen + work, 4 * _search_nbytes(site.weight))
+        return SiteCost(held, widen + work, _weight_copies(site.weight))
     if isinstance(site, QuantConv2d):
         kh, kw = site.kernel_size
         positions = output.numel() // output.shape[1]
         patches = inputs[0].shape[1] * kh * kw * positions * max(4, inputs[0].element_size())
         # Unfolded patches are copied once into rows; the gradient is copied into (rows, channels).
         work = max(2 * patches, patches + out + (out if with_grad else 0))
-        return SiteCost(held, widen + work, 4 * _search_nbytes(site.weight))
+        return SiteCost(held, widen + work, _weight_copies(site.weight))
     if isinstance(site, QuantMatMul):
         a, b = _search_nbytes(inputs[0]), _search_nbytes(inputs[1])
         heads = inputs[0].shape[1]
