@@ -9,12 +9,15 @@ What a checkpoint holds
   ``*.split``, ``*.neg_scale`` buffers);
 * metadata (safetensors ``__metadata__``, JSON under the key ``ptq4vit``): the timm model name
   and tag, the ``timm.create_model`` keyword arguments that rebuild the float architecture,
-  the full preset, the bit widths, a digest of the model structure, a digest of the float
-  weights the model was quantized from, and the versions that wrote it;
+  the full preset, the bit widths, the model's structure (:func:`structure`: every tensor's
+  name, dtype and shape, every quantization site and the kinds of its quantizers), a digest
+  of the float weights the model was quantized from, and the versions that wrote it;
 * ``ptq4vit_content_sha256``: a digest of the metadata and of every tensor, checked on load.
 
 :func:`load` rebuilds the float architecture with ``timm.create_model(..., pretrained=False)``,
-inserts the quantization sites of the recorded preset, and loads the tensors; quantized
+inserts the quantization sites of the recorded preset, compares its structure with the stored
+one (so a timm release that only adds module attributes still loads old checkpoints), and
+loads the tensors (read through safetensors' memory map); quantized
 weights become ``codes · Δ`` in float32, which is exactly the value fake quantization
 produces, so the loaded model's outputs are bit-identical to the model that was saved.
 (With quantization disabled the loaded model is therefore *not* the original float model:
@@ -31,27 +34,29 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UserError
-from .nn import QuantConv2d, QuantLinear
+from .errors import CheckpointError
+from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
-from .quant import Quantizer, UniformQuantizer, qmax
-from .quant.quantizers import group_view, scale_view
+from .quant import (Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, group_view, scale_view,
+                    uniform_codes)
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
-FORMAT_VERSION = 1
+#: 2: the structure is stored as data (format 1 stored a digest of timm module attributes).
+FORMAT_VERSION = 2
 META_KEY = "ptq4vit"
 DIGEST_KEY = "ptq4vit_content_sha256"
 CODES_SUFFIX = ".weight_codes"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointError", "save", "load", "read_metadata", "data_config", "float_weights_digest", "structure_digest",
+__all__ = ["CheckpointError", "save", "load", "read_metadata", "data_config", "float_weights_digest", "structure",
+           "structure_digest",
            "derive_create_kwargs", "FORMAT", "FORMAT_VERSION"]
 
 
@@ -90,10 +95,16 @@ def float_weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-#: Attributes that say nothing about what a module computes in eval mode.
-_IGNORED_ATTRS = {"training", "enabled", "calibrated", "grad_checkpointing", "weight_init_mode", "fix_init"}
-#: Modules that are the identity in eval mode.
-_EVAL_IDENTITY = ("Dropout", "DropPath", "Identity")
+#: Attributes that say nothing about what a module computes in eval mode (``init_values`` only
+#: initialises a LayerScale whose gamma the checkpoint then overwrites).
+_IGNORED_ATTRS = {"training", "enabled", "calibrated", "grad_checkpointing", "weight_init_mode", "fix_init", "init_values"}
+
+
+def _eval_identity(m: nn.Module) -> bool:
+    """Modules that are the identity in eval mode."""
+    from timm.layers import DropPath
+
+    return isinstance(m, (nn.Dropout, DropPath, nn.Identity))
 
 
 def _primitive(v: Any) -> bool:
@@ -104,37 +115,89 @@ def _primitive(v: Any) -> bool:
     return False
 
 
-def _structure_lines(model: nn.Module) -> list[str]:
+def _architecture_lines(model: nn.Module) -> list[str]:
+    """Module types and hyper-parameters (every primitive attribute), then tensor names and shapes.
+
+    Only for checking, inside one process and one timm version, that derived
+    ``create_model`` arguments rebuild a model: it reads timm internals, so it is never
+    stored in a checkpoint (a timm release that adds an attribute would change it).
+    """
     lines = []
     for name, m in model.named_modules():
-        tname = type(m).__name__
-        if any(k in tname for k in _EVAL_IDENTITY):
+        if _eval_identity(m):
             lines.append(f"{name}:Identity")
             continue
         attrs = sorted((k, repr(v)) for k, v in vars(m).items()
                        if not k.startswith("_") and k not in _IGNORED_ATTRS and _primitive(v))
-        lines.append(f"{name}:{tname}:{attrs}")
+        lines.append(f"{name}:{type(m).__name__}:{attrs}")
     for key, t in model.state_dict().items():
         lines.append(f"{key}:{tuple(t.shape)}")
     return lines
 
 
-def structure_digest(model: nn.Module) -> str:
-    """sha256 of what a (quantized) model computes, apart from its tensor values: module types,
-    their hyper-parameters (bits, groups, eps, head counts ...) and every tensor's name and shape."""
-    if isinstance(model, QuantizedModel):
-        model = model.model
-    return hashlib.sha256("\n".join(_structure_lines(model)).encode()).hexdigest()
-
-
-def _first_structure_difference(a: nn.Module, b: nn.Module) -> str:
-    la, lb = _structure_lines(a), _structure_lines(b)
-    for x, y in zip(la, lb):
+def _first_difference(a: list[str], b: list[str]) -> str:
+    for x, y in zip(a, b):
         if x != y:
             return f"{x[:160]!r} vs {y[:160]!r}"
-    if len(la) != len(lb):
-        return f"{len(la)} vs {len(lb)} modules/tensors"
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} entries"
     return "none"
+
+
+def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
+    if q is None:
+        return None
+    kind: dict = {"type": type(q).__name__, "bits": q.bits}
+    if isinstance(q, UniformQuantizer):
+        kind.update(groups=q.groups, axis=q.axis)
+    elif isinstance(q, TwinSoftmaxQuantizer):
+        kind.update(form=q.form)
+    elif isinstance(q, TwinGeluQuantizer):
+        kind.update(pow2=q.pow2)
+    return kind
+
+
+def _site_kind(site: nn.Module) -> dict:
+    kind: dict = {"type": type(site).__name__}
+    for role in ("w_quant", "a_quant", "b_quant"):
+        if hasattr(site, role):
+            kind[role] = _quantizer_kind(getattr(site, role))
+    return kind
+
+
+def structure(model: nn.Module) -> dict:
+    """What determines a quantized model's computation apart from tensor values, as plain data.
+
+    Every state-dict tensor's name, dtype and shape, and every quantization site with the
+    kind of each of its quantizers (type, bits, groups and axis, twin form, power-of-two
+    restriction). Nothing else of timm's internals enters, so a timm release that adds a
+    module attribute leaves it unchanged. (The preset is stored and compared on its own.)
+    """
+    if isinstance(model, QuantizedModel):
+        model = model.model
+    tensors = {k: [str(t.dtype).replace("torch.", ""), list(t.shape)] for k, t in model.state_dict().items()}
+    sites = {n: _site_kind(m) for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+    return {"tensors": tensors, "sites": sites}
+
+
+def structure_digest(model: nn.Module) -> str:
+    """sha256 of :func:`structure`."""
+    return hashlib.sha256(json.dumps(structure(model), sort_keys=True).encode()).hexdigest()
+
+
+def _structure_difference(saved: dict, rebuilt: dict) -> Optional[str]:
+    """The first difference between two :func:`structure` dicts, in words (None if equal)."""
+    for part, what in (("tensors", "tensor"), ("sites", "quantization site")):
+        a, b = saved.get(part, {}), rebuilt.get(part, {})
+        missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        if missing:
+            return f"the rebuilt model lacks the {what} {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        if extra:
+            return f"the rebuilt model has an extra {what} {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        for k in a:
+            if a[k] != b[k]:
+                return f"{what} {k!r} is {b[k]} in the rebuilt model, {a[k]} in the checkpoint"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +217,10 @@ def _vit_kwargs(m: nn.Module) -> dict:
         init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
         class_token=m.has_class_token, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
         global_pool=m.global_pool, pre_norm=not isinstance(m.norm_pre, nn.Identity),
-        fc_norm=not isinstance(m.fc_norm, nn.Identity), final_norm=not isinstance(m.norm, nn.Identity),
+        # timm puts the final norm either before pooling (``norm``) or after it (``fc_norm``, average
+        # pool); ``final_norm=False`` removes both, so either one being present means True.
+        fc_norm=not isinstance(m.fc_norm, nn.Identity),
+        final_norm=not (isinstance(m.norm, nn.Identity) and isinstance(m.fc_norm, nn.Identity)),
         dynamic_img_size=m.dynamic_img_size, pool_include_prefix=getattr(m, "pool_include_prefix", False),
     )
     return kw
@@ -206,7 +272,8 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
 
     Tries the few arguments everyone changes (``num_classes``, ``img_size``, ``in_chans``),
     then every architectural argument read off the model; each candidate is checked by
-    building it (on the meta device, no memory) and comparing :func:`structure_digest`.
+    building it (on the meta device, no memory) and comparing its module types, hyper-parameters
+    and tensors with the model's (the same timm is on both sides here, so this is strict).
     ``extra`` is merged on top of each candidate (for arguments that cannot be read off a model).
     Raises :class:`CheckpointError` when no candidate rebuilds the same structure.
     """
@@ -215,7 +282,7 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
     m = qmodel.model
     base = _base_kwargs(m)
     family = _swin_kwargs(m) if isinstance(m, SwinTransformer) else _vit_kwargs(m)
-    want = structure_digest(m)
+    want = _architecture_lines(m)
     candidates = [dict(base), dict(base, **family)]
     last = None
     for cand in candidates:
@@ -225,9 +292,10 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
         except Exception as e:  # an argument this architecture does not take
             last = f"timm.create_model({qmodel.name!r}, **{cand}) failed: {e}"
             continue
-        if structure_digest(built) == want:
+        got = _architecture_lines(built.model)
+        if got == want:
             return cand
-        last = f"first difference: {_first_structure_difference(built.model, m)}"
+        last = f"first difference: {_first_difference(got, want)}"
     raise CheckpointError(
         f"cannot rebuild {qmodel.name!r} from timm.create_model keyword arguments read off the model ({last}); "
         f"pass create_kwargs=... (the arguments the float model was created with) to save()")
@@ -238,13 +306,12 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
 
 
 def _weight_codes(site: nn.Module) -> torch.Tensor:
+    """The integer codes of a site's weight, computed exactly as its quantizer's forward does
+    (same dtypes, same rounding), so that ``codes · Δ`` is the weight the forward uses."""
     wq: UniformQuantizer = site.w_quant
-    w = site.weight.detach().float()
-    xg = group_view(w, wq.axis, wq.groups)
-    s = scale_view(wq.scale.detach().float(), wq.axis, w.dim())
-    q = qmax(wq.bits)
-    codes = torch.round(xg / s).clamp_(-q, q - 1).reshape(w.shape)
-    return codes.to(torch.int8)
+    w = site.weight.detach()
+    codes = uniform_codes(group_view(w, wq.axis, wq.groups), scale_view(wq.scale.detach(), wq.axis, w.dim()), wq.bits)
+    return codes.reshape(w.shape).to(torch.int8)
 
 
 def _dequantize(codes: torch.Tensor, wq: UniformQuantizer, dtype: torch.dtype) -> torch.Tensor:
@@ -291,10 +358,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         raise CheckpointError(f"the model has uncalibrated quantizers ({', '.join(uncalibrated[:3])}...); quantize it first")
     model = qmodel.model
     weight_sites = _quantized_weight_sites(qmodel)
-    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
-    if len(dtypes) != 1:
-        raise CheckpointError(f"the model mixes float dtypes {sorted(map(str, dtypes))}; cast it to one dtype first")
-    dtype = dtypes.pop()
+    dtype = next(iter(weight_sites.values())).weight.dtype if weight_sites else torch.float32
 
     kwargs = derive_create_kwargs(qmodel, create_kwargs)
 
@@ -316,7 +380,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
                   "class": type(model).__name__, "create_kwargs": kwargs, "dtype": str(dtype).replace("torch.", "")},
         "preset": dataclasses.asdict(qmodel.preset), "w_bits": qmodel.w_bits, "a_bits": qmodel.a_bits,
         "quantized_weights": quantized,
-        "structure_sha256": structure_digest(model),
+        "structure": structure(model),
         "float_weights_sha256": float_weights_digest(model),
     }
     if data_config is not None:
@@ -339,36 +403,34 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
 
 
 def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
-    from safetensors.torch import load as st_load
+    """Metadata, its JSON text and every tensor of a checkpoint, read through safetensors'
+    memory map, after checking that the file is a ptq4vit checkpoint and unchanged."""
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise CheckpointError(f"{path} is not a safetensors file ({len(data)} bytes)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(data):
-        raise CheckpointError(f"{path} is not a safetensors file, or is truncated (header of {header_len} bytes, "
-                              f"file of {len(data)})")
     try:
-        header = json.loads(data[8:8 + header_len])
-    except ValueError:
-        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (unreadable header)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-               and "data_offsets" in v), default=0)
-    if 8 + header_len + end > len(data):
-        raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + end} bytes, "
-                              f"the file has {len(data)}")
-    file_meta = header.get("__metadata__") or {}
-    if META_KEY not in file_meta:
-        raise CheckpointError(f"{path} is a safetensors file but not a ptq4vit checkpoint (no '{META_KEY}' metadata); "
-                              f"float timm weights are loaded with safetensors + load_state_dict, not ptq4vit.load")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            file_meta = f.metadata() or {}
+            if META_KEY not in file_meta:
+                raise CheckpointError(
+                    f"{path} is a safetensors file but not a ptq4vit checkpoint (no '{META_KEY}' metadata); "
+                    f"float timm weights are loaded with safetensors + load_state_dict, not ptq4vit.load")
+            meta = _parse_meta(path, file_meta[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a safetensors file, or is truncated or corrupt ({e})") from None
+    digest = _content_digest(file_meta[META_KEY], tensors)
+    if digest != file_meta.get(DIGEST_KEY):
+        raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
+                              f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
+    return meta, file_meta[META_KEY], tensors
+
+
+def _parse_meta(path: str, text: str) -> dict:
     try:
-        meta = json.loads(file_meta[META_KEY])
+        meta = json.loads(text)
     except ValueError:
         raise CheckpointError(f"{path}: the ptq4vit metadata is not valid JSON (corrupt or edited)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -376,15 +438,7 @@ def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {meta.get('format_version')}; this ptq4vit reads "
                               f"up to version {FORMAT_VERSION} (upgrade ptq4vit)")
-    try:
-        tensors = st_load(data)
-    except Exception as e:
-        raise CheckpointError(f"{path} is corrupt: safetensors cannot read it ({e})") from None
-    digest = _content_digest(file_meta[META_KEY], tensors)
-    if digest != file_meta.get(DIGEST_KEY):
-        raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
-                              f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
-    return meta, file_meta[META_KEY], tensors
+    return meta
 
 
 def data_config(meta: dict, model: Optional[nn.Module] = None) -> dict:
@@ -430,6 +484,24 @@ def _preset_from(meta: dict) -> Preset:
     return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
 
 
+def _match_dtypes(model: nn.Module, meta: dict) -> None:
+    """Give every parameter and buffer the dtype it was saved with (format 1: one dtype for all)."""
+    saved = {k: getattr(torch, v[0]) for k, v in meta["structure"]["tensors"].items()} if "structure" in meta else None
+    if saved is None:
+        model.to(getattr(torch, meta["model"].get("dtype", "float32")))
+        return
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                want = saved.get(prefix + k)
+                if t is not None and want is not None and t.dtype != want:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(want)
+                    else:
+                        store[k] = t.to(want)
+
+
 def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu") -> QuantizedModel:
     """Rebuild the quantized model saved at ``path``.
 
@@ -470,14 +542,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         except Exception as e:
             raise CheckpointError(f"cannot rebuild {name!r} with timm.create_model(pretrained=False, "
                                   f"**{info['create_kwargs']}): {e}") from None
-    if structure_digest(qmodel) != meta["structure_sha256"]:
-        raise CheckpointError(
-            f"the rebuilt {name!r} differs from the architecture that was saved (was it written by another timm or "
-            f"ptq4vit version? saved with {meta.get('versions')}); structure digest {structure_digest(qmodel)[:16]}... vs "
-            f"{meta['structure_sha256'][:16]}...")
-
-    dtype = getattr(torch, info.get("dtype", "float32"))
-    qmodel.model.to(dtype)
+    _match_dtypes(qmodel.model, meta)
+    if "structure" in meta:  # format 1 files carry a digest of timm internals instead: not compared
+        diff = _structure_difference(meta["structure"], structure(qmodel))
+        if diff is not None:
+            raise CheckpointError(
+                f"the rebuilt {name!r} differs from the model that was saved: {diff} (saved with "
+                f"{meta.get('versions')})")
     sites = _quantized_weight_sites(qmodel)
     if set(sites) != set(meta["quantized_weights"]):
         raise CheckpointError(f"the checkpoint's quantized weights do not match the rebuilt model's sites "

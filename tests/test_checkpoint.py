@@ -193,8 +193,13 @@ def test_wrong_formats(tmp_path):
         ptq4vit.load(future)
 
 
-def test_errors_are_user_errors():
-    assert issubclass(CheckpointError, UserError)
+def test_refusals_reach_callers_as_user_errors(saved, tmp_path):
+    _, _, path = saved
+    for bad in (tmp_path / "missing.safetensors", tmp_path / "cut.safetensors"):
+        if bad.name == "cut.safetensors":
+            bad.write_bytes(path.read_bytes()[:100])
+        with pytest.raises(UserError):
+            ptq4vit.load(bad)
 
 
 def test_save_refuses_uncalibrated_and_float(tmp_path):
@@ -220,3 +225,121 @@ def test_data_config_is_stored(vit_q, tmp_path):
     ck.save(q, tmp_path / "q.safetensors", data_config=cfg)
     meta = ck.read_metadata(tmp_path / "q.safetensors")
     assert ck.data_config(meta) == cfg
+
+
+# ---- models whose head is not "final norm, then class token" (the rebuild arguments must say so)
+
+POOLED = {
+    "avg_pool_fc_norm": dict(global_pool="avg"),
+    "avg_pool_no_fc_norm": dict(global_pool="avg", fc_norm=False),
+    "no_class_token": dict(class_token=False, global_pool="avg"),
+    "no_final_norm": dict(final_norm=False),
+    "registers_layerscale": dict(reg_tokens=2, init_values=1e-6, no_embed_class=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(POOLED))
+def test_pooled_and_token_free_vits_round_trip(variant, tmp_path):
+    m = float_model("vit", depth=1, **POOLED[variant])
+    q = fast_quantize(m, images(m), "ptq4vit", 8, 8)
+    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    for key, value in POOLED[variant].items():
+        if key != "init_values":  # only whether LayerScale exists can be read off; gamma comes from the file
+            assert meta["model"]["create_kwargs"].get(key, value) == value
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    x = images(m, 3, seed=4)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+def test_half_precision_model_reloads_bit_identically(tmp_path):
+    """Weight codes are computed as the bf16 forward computes them (rounding in fp32 would move some codes)."""
+    m = float_model("vit")
+    q = fast_quantize(m, images(m), "ptq4vit", 8, 8).to(torch.bfloat16)
+    ptq4vit.save(q, tmp_path / "q.safetensors")
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    assert q2.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    x = images(m, 3, seed=4).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+# ---- what the structure check compares
+
+def test_a_new_harmless_timm_attribute_does_not_orphan_checkpoints(saved, monkeypatch):
+    """A timm release that adds attributes to its modules (class and instance) still loads old checkpoints."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block
+    m, q, path = saved
+    original_init = Block.__init__
+
+    def init_with_new_attributes(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.use_new_kernel = False      # an instance attribute a newer timm might add
+        self.attn.fused_attn = not self.attn.fused_attn
+
+    monkeypatch.setattr(Block, "__init__", init_with_new_attributes)
+    monkeypatch.setattr(Mlp, "some_new_option", 3, raising=False)
+    q2 = ptq4vit.load(path)
+    assert q2.model.blocks[0].use_new_kernel is False  # the patched timm really built the model
+    # the strict per-attribute comparison, as a digest of it stored in format 1 files, would have refused it
+    assert ck._architecture_lines(q2.model) != ck._architecture_lines(q.model)
+    x = images(m, 3, seed=6)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+def test_a_timm_release_that_changes_the_computation_is_refused(saved, monkeypatch):
+    from timm.layers import LayerScale
+    from timm.models.vision_transformer import Block
+    _, _, path = saved
+    original_init = Block.__init__
+
+    def init_with_layer_scale(self, dim, *args, **kwargs):
+        original_init(self, dim, *args, **kwargs)
+        self.ls1 = LayerScale(dim, init_values=1.0)
+
+    monkeypatch.setattr(Block, "__init__", init_with_layer_scale)
+    with pytest.raises(CheckpointError, match=r"extra tensor 'blocks.0.ls1.gamma' \(and 1 more\)"):
+        ptq4vit.load(path)
+
+
+def test_structure_names_sites_and_quantizer_kinds(vit_q):
+    _, q = vit_q
+    st = ck.structure(q)
+    assert st["tensors"]["blocks.0.attn.qkv.weight"] == ["float32", [576, 192]]
+    assert st["tensors"]["blocks.0.attn.qkv.w_quant.scale"] == ["float32", [3]]
+    assert st["sites"]["blocks.0.attn.qkv"] == {
+        "type": "QuantLinear", "w_quant": {"type": "UniformQuantizer", "bits": 8, "groups": 3, "axis": 0},
+        "a_quant": {"type": "UniformQuantizer", "bits": 8, "groups": 1, "axis": None}}
+    assert st["sites"]["blocks.1.attn.matmul2"]["a_quant"] == {"type": "TwinSoftmaxQuantizer", "bits": 8, "form": "select"}
+    assert st["sites"]["blocks.1.mlp.fc2"]["a_quant"] == {"type": "TwinGeluQuantizer", "bits": 8, "pow2": True}
+    changed = json.loads(json.dumps(st))
+    changed["sites"]["blocks.1.mlp.fc2"]["a_quant"]["pow2"] = False
+    assert ck._structure_difference(st, changed) == (
+        "quantization site 'blocks.1.mlp.fc2' is {'type': 'QuantLinear', 'w_quant': {'type': 'UniformQuantizer', "
+        "'bits': 8, 'groups': 1, 'axis': None}, 'a_quant': {'type': 'TwinGeluQuantizer', 'bits': 8, 'pow2': False}} in "
+        "the rebuilt model, {'type': 'QuantLinear', 'w_quant': {'type': 'UniformQuantizer', 'bits': 8, 'groups': 1, "
+        "'axis': None}, 'a_quant': {'type': 'TwinGeluQuantizer', 'bits': 8, 'pow2': True}} in the checkpoint")
+    assert ck._structure_difference(st, st) is None
+
+
+def test_format_1_checkpoints_still_load(saved, tmp_path):
+    """Files written before the structure was stored as data (a digest of timm internals instead) load unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    m, q, path = saved
+    with safe_open(path, "pt") as f:
+        file_meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(file_meta["ptq4vit"])
+    del meta["structure"]
+    meta.update(format_version=1, structure_sha256="0" * 64)
+    meta_json = json.dumps(meta, sort_keys=True)
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, old, metadata={"format": "pt", "ptq4vit": meta_json,
+                                      "ptq4vit_content_sha256": ck._content_digest(meta_json, tensors)})
+    q2 = ptq4vit.load(old)
+    x = images(m, 3, seed=2)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
