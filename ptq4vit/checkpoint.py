@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from typing import Any, Optional, Union
@@ -205,8 +206,6 @@ def _structure_difference(saved: dict, rebuilt: dict) -> Optional[str]:
 
 
 def _vit_kwargs(m: nn.Module) -> dict:
-    from timm.layers import LayerScale
-
     blk = m.blocks[0]
     fc1 = blk.mlp.fc1
     kw = dict(
@@ -214,7 +213,7 @@ def _vit_kwargs(m: nn.Module) -> dict:
         num_heads=blk.attn.num_heads, mlp_ratio=fc1.out_features / fc1.in_features,
         qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
         qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
-        init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
+        init_values=None if isinstance(blk.ls1, nn.Identity) else 1e-5,  # any value: gamma comes from the file
         class_token=m.has_class_token, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
         global_pool=m.global_pool, pre_norm=not isinstance(m.norm_pre, nn.Identity),
         # timm puts the final norm either before pooling (``norm``) or after it (``fc_norm``, average
@@ -247,6 +246,26 @@ def _base_kwargs(m: nn.Module) -> dict:
     return kw
 
 
+def _accepted(model_class: type, kwargs: dict) -> dict:
+    """The arguments ``model_class`` takes (its own and, through ``**kwargs``, its bases').
+
+    Arguments read off a model that an older timm's constructor does not know are dropped:
+    that timm cannot build what they would change, and the rebuilt model is compared with the
+    real one anyway.
+    """
+    names: set[str] = set()
+    for cls in model_class.__mro__:
+        if cls is nn.Module:
+            break
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        names.update(params)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def _kwargs_from_json(kw: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
@@ -257,10 +276,14 @@ def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int
     from .models import insert_quant_sites
 
     kwargs = _kwargs_from_json(create_kwargs)
+    model = None
     if device is not None:
-        with torch.device(device):
-            model = timm.create_model(name, pretrained=False, **kwargs)
-    else:
+        try:
+            with torch.device(device):
+                model = timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, NotImplementedError):
+            pass  # timm releases before 1.0.1x initialise with Tensor.item(), which the meta device cannot do
+    if model is None:
         model = timm.create_model(name, pretrained=False, **kwargs)
     model.eval()
     insert_quant_sites(model, preset, w_bits, a_bits)
@@ -281,7 +304,7 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
 
     m = qmodel.model
     base = _base_kwargs(m)
-    family = _swin_kwargs(m) if isinstance(m, SwinTransformer) else _vit_kwargs(m)
+    family = _accepted(type(m), _swin_kwargs(m) if isinstance(m, SwinTransformer) else _vit_kwargs(m))
     want = _architecture_lines(m)
     candidates = [dict(base), dict(base, **family)]
     last = None

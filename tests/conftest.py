@@ -8,6 +8,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PTQ4VIT_SHARED", REPO.parent / "shared"))
+#: CI sets PTQ4VIT_REQUIRE_SHARED=1 (.ci/run): tests that need ../shared then fail instead of skipping.
+REQUIRE_SHARED = os.environ.get("PTQ4VIT_REQUIRE_SHARED", "") not in ("", "0")
+
+
+def missing_shared(what: str) -> None:
+    """Skip (or, where the shared data is required, fail) a test whose shared data is absent."""
+    message = f"{what} is absent (set PTQ4VIT_SHARED)"
+    if REQUIRE_SHARED:
+        pytest.fail(f"{message}; PTQ4VIT_REQUIRE_SHARED is set, so this fails instead of skipping", pytrace=False)
+    pytest.skip(message)
 
 # Small configurations of each supported family: (timm name, create kwargs, image size).
 TINY_MODELS = {
@@ -34,7 +44,7 @@ def tiny_model(request):
 @pytest.fixture
 def shared_dir():
     if not SHARED.is_dir():
-        pytest.skip(f"shared data folder {SHARED} is absent (set PTQ4VIT_SHARED)")
+        missing_shared(f"shared data folder {SHARED}")
     return SHARED
 
 
@@ -50,7 +60,7 @@ FAST_OVERRIDES = ["--set", "n_candidates=10", "--set", "rounds=1"]
 def cifar_dir(shared_dir):
     d = shared_dir / "data" / "cifar10"
     if not (d / "test").is_dir() or not (d / "calib").is_dir():
-        pytest.skip(f"{d} (test/ and calib/) is absent")
+        missing_shared(f"{d} (test/ and calib/)")
     return d
 
 
@@ -58,7 +68,7 @@ def cifar_dir(shared_dir):
 def imagenet_sample_dir(shared_dir):
     d = shared_dir / "data" / "imagenet-sample"
     if not (d / "val").is_dir():
-        pytest.skip(f"{d}/val is absent")
+        missing_shared(f"{d}/val")
     return d
 
 

@@ -8,6 +8,8 @@ from ptq4vit.harness.data import (ImageFolder, calibration_images, calibration_p
                           resolve_splits)
 from ptq4vit.errors import UserError
 
+from conftest import missing_shared
+
 
 def _tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
@@ -78,7 +80,7 @@ def test_modes_are_converted_to_rgb(tmp_path):
 def test_real_grayscale_imagenet_image(imagenet_sample_dir):
     p = imagenet_sample_dir / "val" / "n02096051" / "n02096051_Airedale.JPEG"
     if not p.exists():
-        pytest.skip("sample image absent")
+        missing_shared(str(p))
     assert Image.open(p).mode == "L"
     assert load_rgb(str(p)).mode == "RGB"
 
@@ -93,7 +95,10 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert good == 3 and sorted(skipped) == [1, 3]
     # calibration passes over unreadable images and keeps the batch full
     cal = calibration_images(ds, 3, seed=0)
-    assert len(cal.images) == 3 and len(cal.skipped) >= 0
+    # seed 0 draws [2, 0, 1, 3, 4]: images 1 and 3 are unreadable, so image 4 completes the batch
+    assert [int(i) for i in calibration_permutation(5, 0)] == [2, 0, 1, 3, 4]
+    assert len(cal.images) == 3 and cal.indices == [2, 0, 4]
+    assert cal.skipped == [ds.samples[1][0], ds.samples[3][0]]
     assert all("2.jpg" not in p and "4.jpg" not in p for p in cal.paths)
 
 

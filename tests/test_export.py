@@ -157,6 +157,20 @@ def quantized(key, preset="ptq4vit", bits=8, seed=0):
     return m, fast_quantize(m, x, preset, bits, bits)
 
 
+#: Largest |ONNX - torch| logit difference relative to the largest |logit|, as bounds about twice to three times
+#: what benchmarks/tolerance_figures.py printed for the same set-ups (2026-11-30, figures in the comments).
+#: The twin graphs differ by more than float rounding (the hi branch rounds x * levels in torch, x / Δ in ONNX,
+#: issue 8 item 9); the others agree to float rounding.
+REL_LOGIT_BOUND = {
+    ("vit", "ptq4vit", 8): 0.03,      # measured 0.0158
+    ("deit", "official", 8): 0.03,    # measured 0.0136
+    ("swin", "ptq4vit", 8): 5e-7,     # measured 1.7e-7
+    ("vit", "base", 6): 1e-6,         # measured 3.2e-7
+    ("swin", "official", 6): 5e-7,    # measured 1.65e-7
+    "vit, fc2 input float": 0.02,     # measured 0.0093
+}
+
+
 def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     _, q = quantized("vit")
     path = tmp_path / "vit.onnx"
@@ -174,8 +188,8 @@ def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     assert prof["providers"]["MatMulIntegerToFloat"] == ["CPUExecutionProvider"]
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     c = compare_outputs(torch_out(q, x), run_onnx(path, x))
-    assert c["top1_agreement"] >= 90.0
-    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+    assert c["top1_agreement"] == 100.0
+    assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND["vit", "ptq4vit", 8] * c["max_abs_logit"]
 
 
 @pytest.mark.parametrize("key,preset,bits", [("deit", "official", 8), ("swin", "ptq4vit", 8), ("vit", "base", 6),
@@ -190,7 +204,8 @@ def test_other_models_and_presets(key, preset, bits, tmp_path):
         assert any("free" in s.lowering for s in rep.sites)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     c = compare_outputs(torch_out(q, x), run_onnx(path, x))
-    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+    assert c["top1_agreement"] == 100.0
+    assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND[key, preset, bits] * c["max_abs_logit"]
 
 
 def test_dynamic_and_fixed_batch(tmp_path):
@@ -216,7 +231,7 @@ def test_float_export_and_disabled_site_fallback(tmp_path):
         fb = {s.name: s.reason for s in rep.fallbacks}
         assert "blocks.0.mlp.fc2" in fb and "disabled" in fb["blocks.0.mlp.fc2"]
         c = compare_outputs(torch_out(q, x), run_onnx(tmp_path / "part.onnx", x))
-        assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+        assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND["vit, fc2 input float"] * c["max_abs_logit"]
     finally:
         q.model.blocks[0].mlp.fc2.a_quant.enabled = True
 
@@ -235,12 +250,14 @@ def test_benchmark_reports_speed_accuracy_agreement(tmp_path):
     _, q = quantized("vit")
     x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     labels = torch_out(q, x).argmax(1)
+    labels[::4] = (labels[::4] + 1) % 10  # 3 of the 12 labels are not the model's prediction: 75% top-1
     res = benchmark(q, images=x, labels=labels, batch_sizes=(1, 2), providers=["CPUExecutionProvider"], threads=1,
                     repeats=2, warmup=1, workdir=str(tmp_path))
     variants = {(r["batch"], r["variant"]) for r in res.timings}
     assert variants == {(b, v) for b in (1, 2) for v in ("float32-onnx", "int8-onnx", "fakequant-torch")}
-    assert res.ratio("CPUExecutionProvider", 2) > 0
-    assert res.accuracy["fakequant-torch"] == 100.0
+    t = {r["variant"]: r["median_ms"] for r in res.timings if r["batch"] == 2}
+    assert res.ratio("CPUExecutionProvider", 2) == t["float32-onnx"] / t["int8-onnx"]
+    assert res.accuracy["fakequant-torch"] == 75.0
     assert set(res.accuracy) == {"fakequant-torch", "float32-onnx", "int8-onnx"}
     assert res.agreement["CPUExecutionProvider"]["n_images"] == 12
     assert os.path.exists(res.onnx_paths["int8-onnx"])

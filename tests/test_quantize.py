@@ -25,7 +25,8 @@ def test_every_family_quantizes_close_to_float_at_w8a8(tiny_model, preset):
             assert torch.equal(q(images), ref) or torch.allclose(q(images), ref, atol=1e-4)
     assert torch.isfinite(out).all()
     rel = (out - ref).norm() / ref.norm()
-    assert rel < 0.2, f"relative logit error {rel:.3f}"
+    # benchmarks/tolerance_figures.py printed 0.025-0.048 over these nine cases (2026-11-30): about 2x margin
+    assert rel < 0.1, f"relative logit error {rel:.3f}"
     assert not torch.equal(out, ref)  # quantization is really on
 
 
