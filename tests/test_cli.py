@@ -226,3 +226,34 @@ def test_folders_without_a_root(cifar_dir, tmp_path, capsys):
     assert main(["sweep", "--models", "vit_tiny_patch16_224", "--random-init", "--val-dir", str(cifar_dir / "test"),
                  "--out", str(tmp_path), "--dry-run"]) == 2
     _one_line_error(capsys, "--calib-dir")
+
+
+def test_serial_sweep_records_a_failed_run_and_goes_on(tiny_cli_args, tmp_path, capsys, monkeypatch):
+    """One run of a serial sweep fails: the others still run and are stored, the failure is listed, exit status 1."""
+    from ptq4vit.errors import UserError
+    from ptq4vit.harness.runner import Runner
+    original_run = Runner.run
+
+    def failing_run(self, job, **kw):
+        if job.preset == "base" and job.w_bits == 6:
+            raise RuntimeError("simulated crash in the middle of a sweep")
+        if job.preset == "ptq4vit" and job.w_bits == 8:
+            raise UserError("simulated bad input")
+        return original_run(self, job, **kw)
+
+    monkeypatch.setattr(Runner, "run", failing_run)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--models", "vit_tiny_patch16_224", *tiny_cli_args, "--presets", "base,ptq4vit",
+            "--bits", "W8A8,W6A6", "--calib-sizes", "8", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 runs failed" in err
+    assert "vit_tiny_patch16_224 base n_candidates=10 rounds=1 W6A6 calib 8: RuntimeError: simulated crash in the middle of a sweep" in err
+    assert "vit_tiny_patch16_224 ptq4vit n_candidates=10 rounds=1 W8A8 calib 8: simulated bad input" in err
+    rows = _rows(out / "results.jsonl")
+    assert {(r["preset"], r["w_bits"]) for r in rows} == {("base", 8), ("ptq4vit", 6)}
+    # a rerun retries only the failed runs
+    monkeypatch.setattr(Runner, "run", original_run)
+    assert main(args) == 0
+    assert {(r["preset"], r["w_bits"]) for r in _rows(out / "results.jsonl")} == {(p, b) for p in ("base", "ptq4vit")
+                                                                                   for b in (8, 6)}

@@ -369,12 +369,28 @@ def pending_jobs(planner: Planner, jobs: list[Job], results: ResultsFile, force:
 
 
 def run_serial(runner: Runner, jobs: list[Job], *, replace: bool = False,
-               on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
+               on_row: Optional[Callable[[dict], None]] = None, errors: Optional[list[str]] = None) -> list[dict]:
+    """Run ``jobs`` one after the other; return their rows.
+
+    With ``errors`` (a sweep), a job that fails is recorded there as ``"<job label>: <error>"``
+    and the next job runs, as :func:`run_parallel` does; without it the first failure raises.
+    """
     rows = []
     for i, job in enumerate(jobs, 1):
         if runner.rank == 0:
             runner.log(f"[{i}/{len(jobs)}] {job.label()}")
-        row = runner.run(job, replace=replace)
+        if errors is None:
+            row = runner.run(job, replace=replace)
+        else:
+            try:
+                row = runner.run(job, replace=replace)
+            except UserError as e:
+                errors.append(f"{job.label()}: {e}")
+                continue
+            except Exception as e:  # recorded with its traceback; the sweep goes on
+                logger.error("%s failed:\n%s", job.label(), traceback.format_exc())
+                errors.append(f"{job.label()}: {type(e).__name__}: {e}")
+                continue
         rows.append(row)
         if on_row is not None and runner.rank == 0:
             on_row(row)

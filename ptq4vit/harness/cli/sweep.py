@@ -110,18 +110,29 @@ def _run_sweep(args, jobs) -> int:
                                                           f"-> {r['quant_top1']:.2f}"))
         if rows:
             print(format_rows(rows))
-        for e in errors:
-            print(f"ptq4vit: error: {e}", file=sys.stderr)
-        return 1 if errors else 0
+        return _report_failures(errors, len(todo_jobs))
     if len(devices) == 1:
         opts.device = devices[0]
     device = setup_device(opts)
     runner = Runner(opts, planner, device, log=log)
-    rows = run_serial(runner, todo_jobs, replace=args.force)
-    if dist_info()[0] == 0:
+    errors: list[str] = []
+    rows = run_serial(runner, todo_jobs, replace=args.force, errors=errors)
+    if dist_info()[0] != 0:
+        return 1 if errors else 0
+    if rows:
         print(format_rows(rows))
         print(f"\nresults: {opts.results_path}")
-    return 0
+    return _report_failures(errors, len(todo_jobs))
+
+
+def _report_failures(errors: list[str], n_jobs: int) -> int:
+    """List the runs that failed (the others are in the results file); exit status 1 if any did."""
+    if not errors:
+        return 0
+    print(f"ptq4vit: error: {len(errors)} of {n_jobs} runs failed:", file=sys.stderr)
+    for e in errors:
+        print(f"ptq4vit: error:   {e}", file=sys.stderr)
+    return 1
 
 
 def cmd_sweep(args) -> int:
