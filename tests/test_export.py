@@ -169,6 +169,9 @@ REL_LOGIT_BOUND = {
     ("swin", "official", 6): 5e-7,    # measured 1.65e-7
     "vit, fc2 input float": 0.02,     # measured 0.0093
 }
+#: Top-1 agreement in % where the twin rounding differs: 100 measured with timm 1.0.31's random init, 96.9 (one
+#: flip in 32) with timm 1.0.3's init of the same configuration; images whose top-2 logits nearly tie may flip.
+TWIN_TOP1_BOUND = 93.75
 
 
 def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
@@ -188,7 +191,7 @@ def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     assert prof["providers"]["MatMulIntegerToFloat"] == ["CPUExecutionProvider"]
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     c = compare_outputs(torch_out(q, x), run_onnx(path, x))
-    assert c["top1_agreement"] == 100.0
+    assert c["top1_agreement"] >= TWIN_TOP1_BOUND
     assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND["vit", "ptq4vit", 8] * c["max_abs_logit"]
 
 
@@ -204,7 +207,8 @@ def test_other_models_and_presets(key, preset, bits, tmp_path):
         assert any("free" in s.lowering for s in rep.sites)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     c = compare_outputs(torch_out(q, x), run_onnx(path, x))
-    assert c["top1_agreement"] == 100.0
+    # float-rounding agreement (error ~1e-7 of the logits) leaves no flips; the twin-rounding difference may
+    assert c["top1_agreement"] >= (TWIN_TOP1_BOUND if REL_LOGIT_BOUND[key, preset, bits] > 1e-3 else 100.0)
     assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND[key, preset, bits] * c["max_abs_logit"]
 
 
