@@ -465,22 +465,20 @@ def _parse_meta(path: str, text: str) -> dict:
 
 
 def data_config(meta: dict, model: Optional[nn.Module] = None) -> dict:
-    """The evaluation data config of a checkpoint: the stored one, else the zoo's entry for its
-    architecture, else timm's for the model (input size from the model's patch embedding)."""
+    """The evaluation data config of a checkpoint: the stored one, else timm's for the model
+    (``resolve_data_config``), with the input size of the checkpoint's ``img_size``."""
     stored = meta.get("data_config")
     if stored:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-    from . import zoo
+    from timm.data import resolve_data_config
 
-    name = meta["model"]["name"]
-    entry = zoo.lookup(name) or zoo.lookup(name.partition(".")[0])
-    kwargs = dict(meta["model"].get("create_kwargs") or {})
-    img = kwargs.get("img_size")
-    if isinstance(img, list):
-        kwargs["img_size"] = tuple(img)
     if model is None:
         model = load_skeleton_float(meta)
-    return zoo.data_config(model.model if isinstance(model, QuantizedModel) else model, entry, kwargs)
+    cfg = dict(resolve_data_config({}, model=model.model if isinstance(model, QuantizedModel) else model))
+    img = (meta["model"].get("create_kwargs") or {}).get("img_size")
+    if img is not None:
+        cfg["input_size"] = (3, *((img, img) if isinstance(img, int) else tuple(img)))
+    return cfg
 
 
 def load_skeleton_float(meta: dict) -> nn.Module:

@@ -347,3 +347,10 @@ def test_format_1_checkpoints_still_load(saved, tmp_path):
     x = images(m, 3, seed=2)
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
+
+
+def test_data_config_without_a_stored_one_is_timms(saved):
+    _, _, path = saved
+    cfg = ck.data_config(ck.read_metadata(path))
+    assert cfg["input_size"] == (3, 32, 32)  # the checkpoint's img_size, not the pretrained 224
+    assert cfg["interpolation"] == "bicubic" and cfg["mean"] == (0.5, 0.5, 0.5)  # vit_tiny augreg's config
