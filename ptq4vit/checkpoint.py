@@ -43,8 +43,7 @@ from torch import nn
 from .errors import CheckpointError
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
-from .quant import (Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, group_view, scale_view,
-                    uniform_codes)
+from .quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
@@ -329,19 +328,8 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
 
 
 def _weight_codes(site: nn.Module) -> torch.Tensor:
-    """The integer codes of a site's weight, computed exactly as its quantizer's forward does
-    (same dtypes, same rounding), so that ``codes · Δ`` is the weight the forward uses."""
-    wq: UniformQuantizer = site.w_quant
-    w = site.weight.detach()
-    codes = uniform_codes(group_view(w, wq.axis, wq.groups), scale_view(wq.scale.detach(), wq.axis, w.dim()), wq.bits)
-    return codes.reshape(w.shape).to(torch.int8)
-
-
-def _dequantize(codes: torch.Tensor, wq: UniformQuantizer, dtype: torch.dtype) -> torch.Tensor:
-    c = codes.to(torch.float32)
-    cg = group_view(c, wq.axis, wq.groups)
-    s = scale_view(wq.scale.detach().to(torch.float32), wq.axis, c.dim())
-    return (cg * s).reshape(codes.shape).to(dtype)
+    """The integer codes of a site's weight: what its quantizer's forward rounds to."""
+    return site.w_quant.codes(site.weight.detach()).to(torch.int8)
 
 
 def _quantized_weight_sites(qmodel: QuantizedModel) -> dict[str, nn.Module]:
@@ -597,7 +585,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         raise CheckpointError(f"the checkpoint's tensors do not fit the rebuilt model: {e}") from None
     with torch.no_grad():
         for n, site in sites.items():  # scales are loaded now, so dequantize with them
-            site.weight.copy_(_dequantize(tensors[n + CODES_SUFFIX], site.w_quant, site.weight.dtype))
+            site.weight.copy_(site.w_quant.dequantize(tensors[n + CODES_SUFFIX], site.weight.dtype))
     for q in qmodel.quantizers():
         q.calibrated = True
     qmodel.to(map_location)
