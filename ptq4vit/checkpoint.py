@@ -269,21 +269,25 @@ def _kwargs_from_json(kw: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
 
-def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
-                     device: Optional[torch.device] = None) -> QuantizedModel:
+def _create_float(name: str, create_kwargs: dict, device: Optional[torch.device] = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **create_kwargs)``, on ``device`` where possible."""
     import timm
-    from .models import insert_quant_sites
 
     kwargs = _kwargs_from_json(create_kwargs)
-    model = None
     if device is not None:
         try:
             with torch.device(device):
-                model = timm.create_model(name, pretrained=False, **kwargs)
+                return timm.create_model(name, pretrained=False, **kwargs)
         except (RuntimeError, NotImplementedError):
             pass  # timm releases before 1.0.1x initialise with Tensor.item(), which the meta device cannot do
-    if model is None:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
+                     device: Optional[torch.device] = None) -> QuantizedModel:
+    from .models import insert_quant_sites
+
+    model = _create_float(name, create_kwargs, device)
     model.eval()
     insert_quant_sites(model, preset, w_bits, a_bits)
     return QuantizedModel(model, preset, w_bits, a_bits, name)
@@ -470,12 +474,8 @@ def data_config(meta: dict, model: Optional[nn.Module] = None) -> dict:
 
 
 def load_skeleton_float(meta: dict) -> nn.Module:
-    """The float architecture of a checkpoint, on the meta device (no memory, no weights)."""
-    import timm
-
-    with torch.device("meta"):
-        return timm.create_model(meta["model"]["name"], pretrained=False,
-                                 **_kwargs_from_json(meta["model"]["create_kwargs"]))
+    """The float architecture of a checkpoint, on the meta device where timm allows it (no memory, no weights)."""
+    return _create_float(meta["model"]["name"], meta["model"]["create_kwargs"], torch.device("meta"))
 
 
 def read_metadata(path: PathLike) -> dict:
