@@ -69,7 +69,9 @@ def test_softmax_twin_select_form_4bit():
     s = torch.tensor(0.25)  # Δ_R1 = 0.25/7, Δ_R2 = 1/7
     x = t(0.0, 0.1, 0.2499, 0.25, 0.5, 1.0)
     got = softmax_twin_fake_quant(x, s, 4, "select")
-    want = t(0.0, 3 * 0.25 / 7, 0.25, 2 / 7, 4 / 7, 1.0)
+    # 0.5 is a .5 boundary of the hi branch: float32(1/7) is above 1/7, so 0.5 / Δ_R2 = 3.4999998 -> 3
+    # (what QuantizeLinear computes; 0.5 * 7 = 3.5 would round to 4)
+    want = t(0.0, 3 * 0.25 / 7, 0.25, 2 / 7, 3 / 7, 1.0)
     assert torch.allclose(got, want, atol=0, rtol=1e-6)
 
 
@@ -77,7 +79,7 @@ def test_softmax_twin_official_sum_form_offsets_every_value():
     s = torch.tensor(0.25)
     x = t(0.0, 0.1, 0.25, 0.5, 1.0)
     got = softmax_twin_fake_quant(x, s, 4, "sum")
-    want = t(2 / 7, 2 / 7 + 3 * 0.25 / 7, 2 / 7 + 0.25, 4 / 7 + 0.25, 1.0 + 0.25)
+    want = t(2 / 7, 2 / 7 + 3 * 0.25 / 7, 2 / 7 + 0.25, 3 / 7 + 0.25, 1.0 + 0.25)  # 0.5 / Δ_R2 -> 3, as above
     assert torch.allclose(got, want, atol=0, rtol=1e-6)
 
 
@@ -90,6 +92,39 @@ def test_softmax_twin_codes_combine_with_a_shift():
         assert ((lo == 0) | (hi == 0)).all()
         step_lo = s / 127
         assert torch.allclose((lo + hi * 2 ** i) * step_lo, softmax_twin_fake_quant(x, s, 8, "select"), atol=1e-7)
+
+
+def _hi_boundaries(bits):
+    """float32 values within 8 ulps of every .5 boundary ``(k + 0.5) / levels`` of the hi branch."""
+    levels = qmax(bits) - 1
+    b = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    x = b.float()
+    out = [x]
+    up, down = x.clone(), x.clone()
+    for _ in range(8):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-1.0))
+        out += [up, down]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("form", ["select", "sum"])
+def test_softmax_twin_hi_branch_divides_by_its_step_at_half_boundaries(bits, form):
+    """The hi codes are ``round(x / Δ_R2)`` with the float32 step, what QuantizeLinear computes in
+    the ONNX graphs; ``round(x * levels)`` differs next to .5 boundaries (the set below has such x)."""
+    import numpy as np
+    levels = qmax(bits) - 1
+    x = _hi_boundaries(bits)
+    s = torch.tensor(2.0 ** -12)  # every x is in the hi region
+    step_hi = np.float32(1.0) / np.float32(levels)
+    want = np.clip(np.round(x.numpy() / step_hi), 0, levels)   # numpy: float32 divide, round half to even
+    assert (want != np.round(x.numpy() * np.float32(levels))).any()
+    lo, hi = softmax_twin_codes(x, s, bits)
+    assert not lo.any()
+    np.testing.assert_array_equal(hi.numpy(), want)
+    got = softmax_twin_fake_quant(x, s, bits, form)
+    offset = 0 if form == "select" else torch.round(s / (s / levels)) * (s / levels)  # sum: lo of x >= s
+    np.testing.assert_array_equal((got - offset).numpy(), (torch.from_numpy(want) * torch.tensor(step_hi)).numpy())
 
 
 def test_softmax_split_candidates_are_powers_of_two():

@@ -2,6 +2,8 @@
 
 Needs the ``export`` extra (``onnx``, ``onnxruntime``); nothing here is imported by ``ptq4vit`` itself.
 """
-from .onnx import GEMM_MODES, TWIN_COMBINES, ExportReport, SiteExport, cpu_has_vnni, export_onnx
+from .cpu import cpu_has_vnni
+from .onnx import FORMATS, GEMM_MODES, TWIN_COMBINES, export_onnx
+from .report import ExportReport, SiteExport
 
-__all__ = ["export_onnx", "ExportReport", "SiteExport", "cpu_has_vnni", "GEMM_MODES", "TWIN_COMBINES"]
+__all__ = ["export_onnx", "FORMATS", "ExportReport", "SiteExport", "cpu_has_vnni", "GEMM_MODES", "TWIN_COMBINES"]

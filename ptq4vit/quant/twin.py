@@ -40,6 +40,10 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
     """Region-selected codes ``(lo, hi)``: ``lo`` counts Δ_R1 steps where ``x < s`` (else 0),
     ``hi`` counts Δ_R2 steps where ``x >= s`` (else 0). Both lie in ``[0, qmax-1]``.
 
+    Both branches divide by their float32 step, as ``QuantizeLinear`` does: ``x * (qmax-1)`` for
+    the ``hi`` branch would differ from ``x / Δ_R2`` next to .5 boundaries, since ``Δ_R2 = 1/127``
+    is not exact in float32 (docs/method.md §3).
+
     The dequantized value is ``lo·Δ_R1 + hi·Δ_R2``; since ``Δ_R2 = 2^i Δ_R1`` it is also
     ``(lo + (hi << i))·Δ_R1``, which is what integer kernels use.
     """
@@ -49,7 +53,7 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
     below = x < split
     zero = x.new_zeros(())
     lo = torch.where(below, torch.round(x / step_lo).clamp_(0, levels), zero)
-    hi = torch.where(below, zero, torch.round(x * levels).clamp_(0, levels))
+    hi = torch.where(below, zero, torch.round(x / step_hi).clamp_(0, levels))
     return lo, hi
 
 

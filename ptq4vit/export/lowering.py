@@ -1,0 +1,213 @@
+"""What every lowering shares: the site's integers, computed as fake quantization computes them,
+the node emitter, and the traced stand-in that puts a lowering into torch's ONNX exporter.
+
+A lowering is one quantization site written as ONNX nodes. Two families exist: :mod:`.contrib`
+(ONNX Runtime's ``com.microsoft`` integer GEMMs) and :mod:`.qdq` (standard
+``QuantizeLinear``/``DequantizeLinear`` pairs that runtimes fuse into integer kernels). Both start
+from the numbers here, so both give the codes the torch model rounds to.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import QuantMatMul
+from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
+from ..quant.quantizers import group_view, scale_view
+from .report import SiteExport
+
+INT32_LIMIT = 2 ** 31 - 1
+
+
+def f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def weight_codes(site) -> torch.Tensor:
+    """The weight's integer codes ``clamp(round(w / Δw), -qmax, qmax-1)``, shaped like the weight."""
+    wq: UniformQuantizer = site.w_quant
+    w = site.weight.detach().float().cpu()
+    xg = group_view(w, wq.axis, wq.groups)
+    s = scale_view(wq.scale.detach().float().cpu(), wq.axis, w.dim())
+    q = qmax(wq.bits)
+    return torch.round(xg / s).clamp_(-q, q - 1).reshape(w.shape)
+
+
+def column_scales(wq: UniformQuantizer, out_features: int) -> np.ndarray:
+    """Δw of each output column (per q/k/v block or per channel, repeated over the block)."""
+    s = wq.scale.detach().float().cpu().numpy()
+    return np.repeat(s, out_features // wq.groups).astype(np.float32)
+
+
+def pow2_exponent(ratio: float) -> Optional[int]:
+    """``m`` with ``ratio == 2^m`` exactly, else None."""
+    if not ratio > 0 or not math.isfinite(ratio):
+        return None
+    m, e = math.frexp(ratio)
+    return e - 1 if m == 0.5 else None
+
+
+@dataclass(frozen=True)
+class GeluTwin:
+    """Post-GELU twin: ``pos = clamp(round(x/Δ+), 0, q-1)``, ``neg = clamp(round(x/Δ-), -q, 0)``."""
+    bits: int
+    pos_step: float
+    neg_step: float
+    pow2: Optional[int]       # m with Δ+ = 2^m Δ-, or None for a free Δ+
+
+    @classmethod
+    def of(cls, aq: TwinGeluQuantizer) -> "GeluTwin":
+        pos = float(aq.scale.detach().float().cpu()[0])
+        neg = float(aq.neg_scale.detach().float().cpu())
+        return cls(aq.bits, pos, neg, pow2_exponent(pos / neg) if pos != 0 else None)
+
+
+@dataclass(frozen=True)
+class SoftmaxTwin:
+    """Post-softmax twin with split ``s = 2^-i``: ``lo`` codes (step ``Δ_R1 = s/levels``) and ``hi``
+    codes (step ``Δ_R2 = 1/levels = 2^i Δ_R1``), as :func:`ptq4vit.quant.twin.softmax_twin_codes`."""
+    bits: int
+    form: str
+    split: float
+    step_lo: float
+    step_hi: float
+    shift: int                # i
+    lo_max: int               # sum form: the lo code of every x >= s
+    hi_min: int               # sum form: the hi code of every x <= s
+
+    @property
+    def levels(self) -> int:
+        return qmax(self.bits) - 1
+
+    @classmethod
+    def of(cls, aq: TwinSoftmaxQuantizer) -> "SoftmaxTwin":
+        levels = qmax(aq.bits) - 1
+        split = aq.split.detach().float().cpu()
+        step_lo, step_hi = split / levels, torch.ones(()) / levels        # as torch computes them
+        i = pow2_exponent(float(step_hi) / float(step_lo))
+        if i is None or i < 0:  # Δ_R2 / Δ_R1 = 1/s = 2^i by construction
+            raise NotImplementedError(f"softmax twin with a split that is not a power of two ({float(split)})")
+        return cls(aq.bits, aq.form, float(split), float(step_lo), float(step_hi), i,
+                   int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split / step_hi)))
+
+
+def frozen_copy(q: nn.Module) -> nn.Module:
+    """A copy of a quantizer whose buffers are plain tensors (no autograd history)."""
+    c = copy.copy(q)
+    c._buffers = {k: None if v is None else v.detach().clone() for k, v in q._buffers.items()}
+    c._parameters = {k: None if v is None else v.detach().clone() for k, v in q._parameters.items()}
+    c._modules = {}
+    return c
+
+
+class Emitter:
+    """Thin helper around the exporter's graph context."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def const(self, arr) -> "torch._C.Value":
+        return self.g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(arr)))
+
+    def op(self, name: str, *args, **attrs):
+        return self.g.op(name, *args, **attrs)
+
+    def quantize(self, x, scale, zero_point, axis: Optional[int] = None, clip: Optional[tuple] = None):
+        """QuantizeLinear (round half to even of ``x / scale``, saturating) with an optional integer clip."""
+        attrs = {} if axis is None else {"axis_i": axis}
+        y = self.op("QuantizeLinear", x, self.const(scale), self.const(zero_point), **attrs)
+        if clip is not None:
+            dt = np.asarray(zero_point).dtype
+            y = self.op("Clip", y, self.const(np.asarray(clip[0], dt)), self.const(np.asarray(clip[1], dt)))
+        return y
+
+    def dequantize(self, x, scale, zero_point, axis: Optional[int] = None):
+        attrs = {} if axis is None else {"axis_i": axis}
+        return self.op("DequantizeLinear", x, self.const(scale), self.const(zero_point), **attrs)
+
+    def cast_float(self, x):
+        return self.op("Cast", x, to_i=1)  # TensorProto.FLOAT
+
+
+class Lowering:
+    """One site's lowering: numbers prepared eagerly, ONNX nodes emitted by the exporter
+    (:meth:`emit`); :meth:`torch_forward` is what the traced graph computes meanwhile."""
+
+    site_export: SiteExport
+    out_shape: tuple = ()
+
+    def __init__(self, site: nn.Module):
+        # What the site computes, from private copies: this runs inside a traced
+        # autograd.Function, where the model's own parameters and buffers must not appear.
+        if isinstance(site, QuantMatMul):
+            self._aq, self._bq = frozen_copy(site.a_quant), frozen_copy(site.b_quant)
+        else:
+            self._aq = frozen_copy(site.a_quant)
+            with torch.no_grad():
+                self._w = frozen_copy(site.w_quant).fake_quant(site.weight.detach().clone())
+            self._bias = None if site.bias is None else site.bias.detach().clone()
+
+    def torch_forward(self, *args):
+        if len(args) == 2:
+            out = self._aq.fake_quant(args[0]) @ self._bq.fake_quant(args[1])
+        else:
+            out = F.linear(self._aq.fake_quant(args[0]), self._w, self._bias)
+        self.out_shape = tuple(out.shape)
+        return out
+
+    def uses_contrib_ops(self) -> bool:
+        return False
+
+    def emit(self, e: Emitter, *inputs):
+        raise NotImplementedError
+
+
+def _set_type(out, like, shape) -> None:
+    sizes = [None] + list(shape[1:])
+    out.setType(like.type().with_dtype(torch.float32).with_sizes(sizes))
+
+
+class _Site1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low):
+        return low.torch_forward(x)
+
+    @staticmethod
+    def symbolic(g, x, low):
+        out = low.emit(Emitter(g), x)
+        _set_type(out, x, low.out_shape)
+        return out
+
+
+class _Site2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, low):
+        return low.torch_forward(a, b)
+
+    @staticmethod
+    def symbolic(g, a, b, low):
+        out = low.emit(Emitter(g), a, b)
+        _set_type(out, a, low.out_shape)
+        return out
+
+
+def traced_forward(low: Lowering, n_inputs: int):
+    """A forward for the site's module that the exporter records as ``low``'s nodes."""
+    if n_inputs == 2:
+        return lambda a, b: _Site2.apply(a, b, low)
+    return lambda x: _Site1.apply(x, low)
+
+
+def act_encoding(bits: int):
+    """Zero point, clip and narrowness of a uniform symmetric activation stored as uint8 ``code + qmax``."""
+    q = qmax(bits)
+    clip = None if bits == 8 else (0, 2 * q - 1)
+    return np.uint8(q), clip, 2 * q - 1 <= 128
+

@@ -1,0 +1,50 @@
+"""What an ONNX export did, site by site: which products run in integers, which stay float and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["SiteExport", "ExportReport"]
+
+
+@dataclass
+class SiteExport:
+    """How one quantization site was written to ONNX."""
+    name: str
+    kind: str          # linear | conv | matmul
+    integer: bool      # its products run as integer matmuls
+    lowering: str      # what the graph does, in words
+    reason: str = ""   # why it stays float (fallbacks only)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    int8: bool
+    gemm: str
+    twin_combine: str
+    opset: int
+    input_shape: tuple
+    format: str = "contrib"
+    sites: list = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list:
+        """Sites that run in float, with the reason."""
+        return [s for s in self.sites if not s.integer]
+
+    def summary(self) -> str:
+        n_int = sum(s.integer for s in self.sites)
+        how = f", format={self.format}, gemm={self.gemm}, twin combine={self.twin_combine}"
+        lines = [f"{self.path}: {'int8' if self.int8 else 'float32'} ONNX (opset {self.opset}, input {self.input_shape}"
+                 + (how if self.int8 else "") + ")"]
+        if self.int8:
+            lines.append(f"  {n_int}/{len(self.sites)} quantization sites run as integer matmuls")
+            kinds: dict = {}
+            for s in self.sites:
+                if s.integer:
+                    kinds[s.lowering] = kinds.get(s.lowering, 0) + 1
+            for what, n in kinds.items():
+                lines.append(f"    {n:3d} x {what}")
+            for s in self.fallbacks:
+                lines.append(f"  float fallback: {s.name} ({s.kind}): {s.reason}")
+        return "\n".join(lines)
