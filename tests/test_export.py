@@ -84,16 +84,20 @@ def _matmul_site(bits, form):
     return _MatMulNet(QuantMatMul(aq, bq), form is not None), x
 
 
+# (format, twin_combine): the contrib lowering with both combines, and the standard QDQ graph
+FORMATS = [("contrib", "gemm"), ("contrib", "int32"), ("qdq", "gemm")]
+
+
 @pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize("kind", ["uniform", "gelu-pow2", "gelu-free"])
-@pytest.mark.parametrize("combine", ["gemm", "int32"])
-def test_linear_site_is_exact(bits, kind, combine, tmp_path):
+@pytest.mark.parametrize("fmt,combine", FORMATS)
+def test_linear_site_is_exact(bits, kind, fmt, combine, tmp_path):
     mod, x = _linear_site(bits, kind)
     if combine == "int32" and kind == "gelu-free":
         with pytest.raises(ValueError, match="not a power of two"):
             export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
         return
-    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
+    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine, format=fmt)
     assert rep.sites[0].integer
     ref, out = torch_out(mod, x), run_onnx(tmp_path / "s.onnx", x)
     # integer products are exact; only the float scaling of the int32 sums rounds differently
@@ -102,13 +106,51 @@ def test_linear_site_is_exact(bits, kind, combine, tmp_path):
 
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("form", ["select", "sum", None])
-@pytest.mark.parametrize("combine", ["gemm", "int32"])
-def test_attention_matmul_site_is_exact(bits, form, combine, tmp_path):
+@pytest.mark.parametrize("fmt,combine", FORMATS)
+def test_attention_matmul_site_is_exact(bits, form, fmt, combine, tmp_path):
     mod, x = _matmul_site(bits, form)
-    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine)
+    rep = export_onnx(_Wrap(mod), tmp_path / "s.onnx", input_size=tuple(x.shape[1:]), twin_combine=combine, format=fmt)
     assert rep.sites[0].integer
     ref, out = torch_out(mod, x), run_onnx(tmp_path / "s.onnx", x)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+class _BoundaryNet(nn.Module):
+    """softmax @ v on given probabilities: features :20 are the probabilities (20 tokens), the first
+    20 rows of features 20: are v."""
+    def __init__(self, mm):
+        super().__init__()
+        self.mm = mm
+
+    def forward(self, x):
+        return self.mm(x[..., :20], x[:, :, :20, 20:])
+
+
+@pytest.mark.parametrize("form", ["select", "sum"])
+@pytest.mark.parametrize("fmt", ["contrib", "qdq"])
+def test_softmax_twin_codes_match_torch_at_half_boundaries(form, fmt, tmp_path):
+    """Probabilities within 8 ulps of every .5 boundary of both twin branches: the graph's codes are
+    the torch model's (a single flipped code would move an output by Δ_R·|v|, far above 1e-6)."""
+    bits, split = 8, torch.tensor(2.0 ** -2)
+    levels = qmax(bits) - 1
+    edges = torch.cat([(torch.arange(levels, dtype=torch.float64) + 0.5) / levels,          # hi branch
+                       (torch.arange(levels, dtype=torch.float64) + 0.5) * 0.25 / levels])  # lo branch
+    x = edges.float()
+    vals, up, down = [x], x.clone(), x.clone()
+    for _ in range(8):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-1.0))
+        vals += [up, down]
+    a = torch.cat(vals)
+    a = torch.cat([a, a.new_zeros((-len(a)) % 20)]).reshape(1, 1, -1, 20).clamp(0, 1)
+    x = torch.cat([a, torch.randn(1, 1, a.shape[2], 8, generator=torch.Generator().manual_seed(0))], -1)
+    aq = TwinSoftmaxQuantizer(bits, form)
+    aq.set_split(split)
+    bq = UniformQuantizer(bits)
+    bq.set_scale(torch.tensor([3.0 / 128]))
+    mod = _BoundaryNet(QuantMatMul(aq, bq))
+    export_onnx(_Wrap(mod), tmp_path / "b.onnx", input_size=tuple(x.shape[1:]), format=fmt)
+    ref, out = torch_out(mod, x), run_onnx(tmp_path / "b.onnx", x)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("form", ["select", "sum"])
@@ -193,6 +235,37 @@ def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     c = compare_outputs(torch_out(q, x), run_onnx(path, x))
     assert c["top1_agreement"] >= TWIN_TOP1_BOUND
     assert c["max_abs_logit_error"] <= REL_LOGIT_BOUND["vit", "ptq4vit", 8] * c["max_abs_logit"]
+
+
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_qdq_export_fuses_every_product_into_integer_kernels(key, tmp_path):
+    """The standard QDQ graph: ONNX Runtime fuses each DequantizeLinear -> MatMul into an integer
+    GEMM (no float MatMul, Gemm or DequantizeLinear left in the graph it runs), its profiler
+    shows them running, and the outputs equal the contrib graph's."""
+    _, q = quantized(key)
+    rep = export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
+    import onnx
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    assert all(n.domain in ("", "ai.onnx") for n in g.node)  # standard operators only
+    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
+    ops = optimized_op_counts(str(tmp_path / "q.onnx"))
+    assert ops.get("MatMulIntegerToFloat", 0) == products
+    assert not {"MatMul", "Gemm", "FusedMatMul", "DequantizeLinear"} & set(ops)
+    prof = profile_ops(str(tmp_path / "q.onnx"), (3, 32, 32), 2, runs=1)
+    assert prof["providers"]["MatMulIntegerToFloat"] == ["CPUExecutionProvider"]
+    export_onnx(q, tmp_path / "c.onnx", gemm="vnni")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    if cpu_has_vnni():  # both graphs then run the same u8 x s8 products
+        np.testing.assert_allclose(run_onnx(tmp_path / "q.onnx", x), run_onnx(tmp_path / "c.onnx", x), rtol=0, atol=1e-5)
+
+
+def test_qdq_refuses_int32_combine(tmp_path):
+    _, q = quantized("vit")
+    with pytest.raises(ptq4vit.errors.UserError, match="int32"):
+        export_onnx(q, tmp_path / "q.onnx", format="qdq", twin_combine="int32")
+    with pytest.raises(ptq4vit.errors.UserError, match="format must be one of"):
+        export_onnx(q, tmp_path / "q.onnx", format="tflite")
 
 
 @pytest.mark.parametrize("key,preset,bits", [("deit", "official", 8), ("swin", "ptq4vit", 8), ("vit", "base", 6),

@@ -1,0 +1,65 @@
+"""The QDQ graph on OpenVINO: every quantized product runs as an integer layer, outputs agree
+with the fake-quantized torch model as closely as float rounding differences allow."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+from ptq4vit.errors import UserError  # noqa: E402
+from ptq4vit.export import export_onnx  # noqa: E402
+from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers  # noqa: E402
+from ptq4vit.export.ort import make_session  # noqa: E402
+
+from test_export import quantized, torch_out  # noqa: E402
+
+
+def _rel(a, ref):
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("precision", ["f32", "default"])
+def test_every_product_runs_in_integers(precision, tmp_path):
+    _, q = quantized("vit")
+    rep = export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    m = compile_onnx(tmp_path / "q.onnx", precision, threads=1)
+    assert m.precision in ("f32", "bf16") and (precision != "f32" or m.precision == "f32")
+    layers = executed_layers(m)
+    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
+    integer = [lay for lay in layers if lay[1] in INTEGER_PRECISIONS]
+    floats = [lay for lay in layers if lay[1] not in INTEGER_PRECISIONS]
+    assert len(integer) == products, layers
+    assert [lay[0] for lay in floats] == ["Convolution"]  # the patch embedding, a listed float fallback
+
+
+@pytest.mark.parametrize("key", ["vit", "deit", "swin"])
+def test_outputs_agree_as_closely_as_float_rounding_allows(key, tmp_path):
+    """Tolerance, stated: at W8A8 a one-ulp difference in a float op (LayerNorm, softmax, GELU) can
+    flip a code next to a rounding boundary and the flip cascades. F = the relative difference of
+    the float graphs on ONNX Runtime and OpenVINO; the noise floor = the largest relative change of
+    the fake-quantized torch model when its input is multiplied by 1 + F·N(0, 1) (4 draws). Each
+    int8 runtime must stay within 1.5x that floor of the torch model."""
+    _, q = quantized(key)
+    export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    xs = x.numpy()
+    f_ort = make_session(str(tmp_path / "f.onnx")).run(None, {"input": xs})[0]
+    f_ov = compile_onnx(tmp_path / "f.onnx", "f32").run(xs)
+    F = _rel(f_ov, f_ort)
+    assert 0 < F < 1e-5
+    ref = torch_out(q, x)
+    floor = max(_rel(torch_out(q, x * (1 + F * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))), ref)
+                for s in range(4))
+    q_ort = make_session(str(tmp_path / "q.onnx")).run(None, {"input": xs})[0]
+    q_ov = compile_onnx(tmp_path / "q.onnx", "f32").run(xs)
+    assert _rel(q_ort, ref) <= 1.5 * floor + 1e-6
+    assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6
+    assert np.mean(q_ov.argmax(1) == ref.argmax(1)) >= 0.95
+
+
+def test_precision_is_checked(tmp_path):
+    with pytest.raises(UserError, match="precision"):
+        compile_onnx(tmp_path / "x.onnx", "int4")
