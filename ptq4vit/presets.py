@@ -96,6 +96,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "model's labels, region-select softmax twin, v quantized in the split search, "
                     "power-of-two GELU twin",
     ),
+    Preset(
+        name="fast8",
+        description="Deployment at 8 bits in about a minute: ptq4vit's sites and twins, scales from a short "
+                    "grid (20 candidates, 0.5-1.2 of the max-based step) scored by cosine similarity, one "
+                    "round, no gradients (at 8 bits the wide grid and the hessian metric buy little)",
+        metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1,
+    ),
 )}
 
 #: The six ablation rows of the paper's README: (label, overrides).

@@ -161,24 +161,51 @@ def test_softmax_twin_shift_in_gemm_scale_equals_int32_shift(form, tmp_path):
     np.testing.assert_array_equal(run_onnx(tmp_path / "g.onnx", x), run_onnx(tmp_path / "i.onnx", x))
 
 
-def test_portable_gemm_is_exact_where_u8s8_saturates(tmp_path):
+def _saturating_site():
     """Full-range 8-bit codes times extreme int8 weights: ORT's AVX2 u8 x s8 kernel saturates int16
-    pair sums; the portable graph (u8 x u8 there) stays exact."""
+    pair sums here (codes 127, uint8 255 with zero point 128, times weight codes 127)."""
     lin = nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         lin.weight.fill_(1.0)
     wq, aq = UniformQuantizer(8), UniformQuantizer(8)
     wq.set_scale(torch.tensor([1.0 / 127]))
     aq.set_scale(torch.tensor([1.0 / 127]))
-    mod = nn.Sequential(QuantLinear(lin, wq, aq))
-    x = torch.ones(2, 5, 64)  # codes 127 (uint8 255 with zero point 128) times weight codes 127
-    rep = export_onnx(_Wrap(mod), tmp_path / "p.onnx", input_size=(5, 64), gemm="portable")
-    assert "u8 x u8" in rep.sites[0].lowering
+    return nn.Sequential(QuantLinear(lin, wq, aq)), torch.ones(2, 5, 64)
+
+
+@pytest.mark.parametrize("fmt,gemm", [("contrib", "portable"), ("contrib", "vnni"), ("qdq", "portable")])
+def test_every_file_is_exact_on_this_cpu_where_u8s8_saturates(fmt, gemm, tmp_path):
+    """make_session picks the operand types for the CPU that loads the file: a file exported for
+    VNNI (u8 x s8) or as standard QDQ stays exact on an AVX2-only CPU (u8 x u8 there)."""
+    mod, x = _saturating_site()
+    rep = export_onnx(_Wrap(mod), tmp_path / "p.onnx", input_size=(5, 64), gemm=gemm, format=fmt)
+    if fmt == "contrib":
+        assert ("u8 x u8" if gemm == "portable" else "u8 x s8") in rep.sites[0].lowering
     np.testing.assert_allclose(run_onnx(tmp_path / "p.onnx", x), torch_out(mod, x), rtol=1e-6)
-    export_onnx(_Wrap(mod), tmp_path / "v.onnx", input_size=(5, 64), gemm="vnni")
-    out = run_onnx(tmp_path / "v.onnx", x)
-    if not cpu_has_vnni():  # documents why "portable" is the default
+    raw = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    out = raw.run(None, {"input": x.numpy()})[0]
+    if not cpu_has_vnni() and (fmt, gemm) != ("contrib", "portable"):  # why the load-time choice exists
         assert not np.allclose(out, torch_out(mod, x), rtol=1e-3)
+
+
+@pytest.mark.parametrize("fmt,gemm", [("contrib", "vnni"), ("contrib", "portable"), ("qdq", "portable")])
+def test_load_time_operand_types_keep_every_integer(fmt, gemm, tmp_path):
+    """Rewriting for a CPU with or without VNNI changes the full-range products only (7 linear
+    layers and 2 q @ kᵀ in this ViT; twins stay), keeps them fused, and changes no output bit."""
+    import onnx
+    from ptq4vit.export.kernels import adapt_for_cpu
+    _, q = quantized("vit")
+    path = tmp_path / "m.onnx"
+    export_onnx(q, path, format=fmt, gemm=gemm)
+    expected = {("contrib", "vnni"): (0, 9), ("contrib", "portable"): (7, 0), ("qdq", "portable"): (0, 9)}[(fmt, gemm)]
+    assert tuple(adapt_for_cpu(onnx.load(str(path)), v) for v in (True, False)) == expected
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(6)).numpy()
+    outs = [make_session(str(path), vnni=v).run(None, {"input": x})[0] for v in (True, False)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    model = onnx.load(str(path))
+    adapt_for_cpu(model, False)
+    onnx.save(model, str(tmp_path / "avx2.onnx"))
+    assert optimized_op_counts(str(tmp_path / "avx2.onnx")).get("MatMulIntegerToFloat") == 17
 
 
 # ------------------------------------------------------------------ whole models

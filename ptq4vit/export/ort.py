@@ -27,10 +27,30 @@ def available_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
+def _for_this_cpu(path: str, vnni: Optional[bool]):
+    """The model to load: ``path`` itself, or (a ptq4vit int8 file whose GEMM operand types this
+    CPU should change, :mod:`.kernels`) the rewritten model as bytes."""
+    import onnx
+
+    from .cpu import cpu_has_vnni
+    from .kernels import adapt_for_cpu
+
+    model = onnx.load(path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("producer") != "ptq4vit" or meta.get("ptq4vit.int8") != "1":
+        return path
+    n = adapt_for_cpu(model, cpu_has_vnni() if vnni is None else vnni)
+    return model.SerializeToString() if n else path
+
+
 def make_session(path: str, provider: str = "CPUExecutionProvider", threads: Optional[int] = None,
-                 profile: bool = False, optimized_model_path: Optional[str] = None, spinning: bool = True):
+                 profile: bool = False, optimized_model_path: Optional[str] = None, spinning: bool = True,
+                 vnni: Optional[bool] = None):
     """An ORT session with all graph optimizations. ``spinning=False`` stops idle intra-op threads
-    from busy-waiting, which helps a lot when other processes compete for the cores."""
+    from busy-waiting, which helps a lot when other processes compete for the cores.
+
+    A ptq4vit int8 file gets the integer GEMM operand types of this CPU (``vnni``: None = detect):
+    exact u8×u8 for full-range products without VNNI, fast u8×s8 with it (:mod:`.kernels`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -47,7 +67,8 @@ def make_session(path: str, provider: str = "CPUExecutionProvider", threads: Opt
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(os.fspath(path), so, providers=providers)
+    model = _for_this_cpu(os.fspath(path), vnni) if provider == "CPUExecutionProvider" else os.fspath(path)
+    return ort.InferenceSession(model, so, providers=providers)
 
 
 def run_batches(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -1,0 +1,236 @@
+"""ptq4vit int8 on ONNX Runtime and OpenVINO against NNCF + OpenVINO int8: speed, top-1, agreement.
+
+Usage: python benchmarks/deploy_vs_nncf.py [--models vit_s14_cifar10 deit_s] [--batches 8 1] [--repeats 10]
+           [--threads 2] [--limit 100] [--checkpoint FILE] [--preset fast8] [--workdir runs/deploy_vs_nncf]
+           [--variants ...] [--no-accuracy] [--build-only]
+
+Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VIT_SHARED``).
+
+* Models: the real ViT-S/14 CIFAR-10 classifier (``vit_s14_cifar10``, weights from shared/models)
+  and DeiT-S/224 with random weights (``deit_s``, init seed 0; its top-1 means nothing, its
+  agreement with float does). Both take the ViT-S/14 evaluation transform (224, bicubic).
+* Calibration: 32 images of cifar10/calib, the project's draw (seed 3), for both NNCF and ptq4vit.
+  - NNCF as its documentation does for transformers: the float model read by OpenVINO,
+    ``nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=32)``.
+  - ptq4vit W8A8 with ``--preset`` (default ``fast8``, about a minute); ``--checkpoint`` uses a saved
+    quantized ViT-S/14 instead (e.g. the full ``ptq4vit`` preset, 8-17 min to calibrate).
+  Everything built (checkpoints, ONNX, OpenVINO IR) is cached in ``--workdir``: a re-run only times.
+* Variants (``--variants`` picks a subset): ``ort-fp32``, ``ort-contrib`` (ptq4vit int8,
+  ``MatMulIntegerToFloat``, ``gemm="auto"``), ``ort-qdq`` (ptq4vit standard QDQ), ``ov-fp32``
+  (OpenVINO, INFERENCE_PRECISION_HINT=f32), ``ov-qdq`` (ptq4vit QDQ on OpenVINO, f32 hint),
+  ``nncf`` (NNCF int8, f32 hint), and the same three OpenVINO ones with the plugin's default
+  precision (``ov-default``, ``ov-qdq-default``, ``nncf-default``: bf16 float layers where the
+  CPU has it).
+* Timing: for each batch size all variants run once in turn, ``--repeats`` times (interleaved:
+  other load on the machine hits them alike), after 3 warm-up rounds; medians; ratios are
+  against each runtime's own float32 (ORT variants vs ``ort-fp32``; OpenVINO variants vs
+  ``ov-fp32``, or ``ov-default`` for the default-precision ones).
+* Accuracy (unless ``--no-accuracy``): the first ``--limit`` cifar10/test images of each class
+  (default 100: 1000 images); top-1 of each variant and top-1 agreement with the float model
+  (``ort-fp32``, which equals torch's float logits to ~1e-6).
+
+Prints the CPU and its int8/bf16 flags first. A run with the defaults on a cached workdir takes
+about 5 minutes on 2 cores; ``--build-only`` builds the cache and stops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ptq4vit
+from ptq4vit import checkpoint as ck
+from ptq4vit import zoo
+from ptq4vit.data import ImageFolder, calibration_images, make_loader
+from ptq4vit.export import export_onnx
+from ptq4vit.export.cpu import cpu_flags, cpu_name
+from ptq4vit.export.openvino import compile_onnx
+from ptq4vit.export.ort import make_session
+
+MODELS = {"vit_s14_cifar10": "real weights (shared/models)", "deit_s": "random init, seed 0"}
+VARIANTS = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-fp32", "ov-qdq", "nncf", "ov-default", "ov-qdq-default",
+            "nncf-default")
+BASELINE = {"ort": "ort-fp32", "ov": "ov-fp32", "ov-default": "ov-default"}
+ACCURACY_DEFAULT = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-qdq", "nncf")
+
+
+def runtime_of(variant: str) -> str:
+    if variant.startswith("ort"):
+        return "ort"
+    return "ov-default" if variant.endswith("default") else "ov"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Built:
+    """The files of one model: float ONNX, ptq4vit int8 (contrib, QDQ), NNCF int8 IR."""
+
+    def __init__(self, workdir: Path, key: str):
+        self.dir = workdir / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fp32 = self.dir / "fp32.onnx"
+        self.contrib = self.dir / "ptq4vit_int8_contrib.onnx"
+        self.qdq = self.dir / "ptq4vit_int8_qdq.onnx"
+        self.nncf = self.dir / "nncf_int8.xml"
+
+
+def load_model(key: str, shared: Path):
+    vit = zoo.create("vit_s14_cifar10", weights=shared / "models")
+    if key == "vit_s14_cifar10":
+        return vit
+    lm = zoo.create("DeiT-S/224", pretrained=False, init_seed=0)
+    lm.data_config = vit.data_config  # the same CIFAR images at 224 for both models
+    return lm
+
+
+def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
+    b = Built(Path(args.workdir), key)
+    if not b.fp32.exists():
+        export_onnx(lm.model, b.fp32, int8=False, batch_size=None)
+        log(f"  wrote {b.fp32}")
+    if not (b.contrib.exists() and b.qdq.exists()):
+        ckpt = Path(args.checkpoint) if (args.checkpoint and key == "vit_s14_cifar10") else \
+            b.dir / f"ptq4vit_{args.preset}_w8a8.safetensors"
+        if ckpt.exists():
+            q = ptq4vit.load(ckpt, model=lm.model)
+            log(f"  loaded {ckpt}")
+        else:
+            t0 = time.perf_counter()
+            q = ptq4vit.quantize(lm.model, calib, args.preset, 8, 8, progress=False)
+            log(f"  ptq4vit {args.preset} W8A8 on {len(calib)} images: {time.perf_counter() - t0:.0f} s "
+                f"(contended unless the machine was idle)")
+            ck.save(q, ckpt, data_config=lm.data_config)
+        rep = export_onnx(q, b.contrib, gemm="auto")
+        log("  " + rep.summary().replace("\n", "\n  "))
+        export_onnx(q, b.qdq, format="qdq")
+    if not b.nncf.exists():
+        import nncf
+        import openvino as ov
+        t0 = time.perf_counter()
+        ov_model = ov.Core().read_model(str(b.fp32))
+        data = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
+        qm = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        ov.save_model(qm, str(b.nncf))
+        log(f"  NNCF int8 (transformer, {len(calib)} images): {time.perf_counter() - t0:.0f} s")
+    return b
+
+
+def runners(b: Built, variants, threads: int) -> dict:
+    """variant -> callable(images) -> logits."""
+    out = {}
+    for v in variants:
+        if v.startswith("ort"):
+            path = {"ort-fp32": b.fp32, "ort-contrib": b.contrib, "ort-qdq": b.qdq}[v]
+            s = make_session(str(path), threads=threads)
+            out[v] = lambda x, s=s: s.run(None, {"input": x})[0]
+        else:
+            path = b.nncf if v.startswith("nncf") else (b.qdq if v.startswith("ov-qdq") else b.fp32)
+            m = compile_onnx(path, "default" if v.endswith("default") else "f32", threads=threads)
+            req = m.infer_request()
+            out[v] = lambda x, req=req: req.infer([np.ascontiguousarray(x)])[0]
+            if v.endswith("default"):
+                log(f"  {v}: OpenVINO runs float layers in {m.precision}")
+    return out
+
+
+def time_interleaved(run: dict, x: np.ndarray, repeats: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        for fn in run.values():
+            fn(x)
+    times = {k: [] for k in run}
+    for _ in range(repeats):
+        for k, fn in run.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def accuracy(run: dict, variants, test, batch: int) -> dict:
+    logits = {v: [] for v in variants}
+    labels = []
+    for bt in make_loader(test, batch_size=batch):
+        x = bt.images.numpy()
+        for v in variants:
+            logits[v].append(run[v](x))
+        labels.append(bt.labels.numpy())
+    labels = np.concatenate(labels)
+    logits = {k: np.concatenate(v) for k, v in logits.items()}
+    ref = logits["ort-fp32"].argmax(1)
+    return {v: (100 * np.mean(o.argmax(1) == labels), 100 * np.mean(o.argmax(1) == ref)) for v, o in logits.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batches", nargs="+", type=int, default=[8, 1])
+    p.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds per batch size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=100, help="cifar10/test images per class for accuracy")
+    p.add_argument("--checkpoint", default=None, help="quantized ViT-S/14 checkpoint to use instead of calibrating")
+    p.add_argument("--preset", default="fast8", help="ptq4vit preset when calibrating (default: %(default)s)")
+    p.add_argument("--workdir", default="runs/deploy_vs_nncf")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--accuracy-variants", nargs="+", default=list(ACCURACY_DEFAULT), choices=VARIANTS)
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--build-only", action="store_true")
+    args = p.parse_args()
+    shared = zoo.shared_dir()
+    if not (shared / "models").is_dir():
+        raise SystemExit(f"shared data not found at {shared} (set PTQ4VIT_SHARED)")
+    torch.set_num_threads(args.threads)
+    import nncf
+    import onnxruntime
+    import openvino
+    log(f"CPU: {cpu_name()} ({platform.machine()}, {os.cpu_count()} logical CPUs visible); "
+        f"int8/bf16 flags: {' '.join(cpu_flags()) or 'none of them'}")
+    log(f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, nncf {nncf.__version__}, "
+        f"torch {torch.__version__}; {args.threads} threads")
+    variants = [v for v in VARIANTS if v in args.variants]
+    for key in args.models:
+        log(f"\n== {key} ({MODELS[key]})")
+        lm = load_model(key, shared)
+        transform = lm.transform()
+        calib_ds = ImageFolder(shared / "data" / "cifar10" / "calib", transform, what="calibration folder")
+        calib = calibration_images(calib_ds, 32, 3).images
+        b = build(key, args, shared, calib, lm)
+        if args.build_only:
+            continue
+        run = runners(b, variants, args.threads)
+        for batch in args.batches:
+            x = np.random.default_rng(0).standard_normal((batch, *calib.shape[1:])).astype(np.float32)
+            t0 = time.perf_counter()
+            med = time_interleaved(run, x, args.repeats)
+            log(f"batch {batch}: {args.repeats} interleaved rounds in {time.perf_counter() - t0:.0f} s")
+            for v in variants:
+                base = BASELINE[runtime_of(v)]
+                ratio = f"{med[base] / med[v]:5.2f}x vs {base}" if base in med and v != base else ""
+                log(f"  {v:<16s} {med[v]:9.1f} ms  {ratio}")
+            for a, c in (("ov-qdq", "nncf"), ("ort-contrib", "nncf"), ("ort-qdq", "nncf"),
+                         ("ov-qdq-default", "nncf-default")):
+                if a in med and c in med:
+                    log(f"  {a} / {c} speed: {med[c] / med[a]:.2f}x (>1: ptq4vit faster)")
+        if not args.no_accuracy:
+            acc_vars = [v for v in variants if v in args.accuracy_variants]
+            if "ort-fp32" not in acc_vars:
+                acc_vars = ["ort-fp32"] + acc_vars
+                run.setdefault("ort-fp32", runners(b, ["ort-fp32"], args.threads)["ort-fp32"])
+            test = ImageFolder(shared / "data" / "cifar10" / "test", transform, limit_per_class=args.limit,
+                               what="test folder")
+            t0 = time.perf_counter()
+            acc = accuracy(run, acc_vars, test, 50)
+            log(f"accuracy on {len(test)} cifar10/test images ({time.perf_counter() - t0:.0f} s):")
+            for v, (top1, agree) in acc.items():
+                what = "" if key == "vit_s14_cifar10" else " (random init: top-1 is chance)"
+                log(f"  {v:<16s} top-1 {top1:6.2f}%{what}  top-1 agreement with float {agree:6.2f}%")
+
+
+if __name__ == "__main__":
+    main()
