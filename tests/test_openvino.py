@@ -63,3 +63,18 @@ def test_outputs_agree_as_closely_as_float_rounding_allows(key, tmp_path):
 def test_precision_is_checked(tmp_path):
     with pytest.raises(UserError, match="precision"):
         compile_onnx(tmp_path / "x.onnx", "int4")
+
+
+def test_benchmark_times_and_scores_openvino_in_the_same_loop(tmp_path):
+    from ptq4vit.export.bench import benchmark, format_bench
+    _, q = quantized("vit")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch_out(q, x).argmax(1)
+    res = benchmark(q, images=x, labels=labels, batch_sizes=(2,), providers=["CPUExecutionProvider"], threads=1,
+                    repeats=2, warmup=1, workdir=str(tmp_path), include_torch=False, openvino="f32")
+    assert {r["variant"] for r in res.timings} == {"float32-onnx", "int8-onnx", "float32-openvino", "int8-openvino"}
+    assert res.openvino_precision == "f32"
+    assert res.ratio("CPUExecutionProvider", 2, runtime="openvino") is not None
+    assert res.agreement["OpenVINO (f32)"]["n_images"] == 12
+    assert set(res.accuracy) == {"fakequant-torch", "float32-onnx", "int8-onnx", "float32-openvino", "int8-openvino"}
+    assert "OpenVINO speed ratio (f32 float layers, batch 2)" in format_bench(res)

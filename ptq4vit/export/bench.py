@@ -3,7 +3,9 @@
 :func:`benchmark` exports both ONNX graphs, then for each execution provider and batch size
 times the three variants *interleaved* (one run of each in turn, repeated), so that load from
 other processes on the machine hits all of them alike; it reports median and best latency,
-throughput and the int8/float32 speed ratio. With images it also reports the top-1 of each
+throughput and the int8/float32 speed ratio. With ``openvino="f32"`` (or ``"default"``, the
+plugin's own float precision, bf16 on CPUs with it) the float32 graph and the standard QDQ int8
+graph also run on OpenVINO, timed in the same CPU loop (``float32-openvino``, ``int8-openvino``). With images it also reports the top-1 of each
 variant (with labels), the top-1 agreement of int8 ONNX with the fake-quantized torch model and
 the largest logit difference between them. :func:`op_breakdown` says where the time goes.
 """
@@ -25,7 +27,7 @@ from .ort import available_providers, make_session, profile_ops
 
 __all__ = ["benchmark", "BenchResult", "op_breakdown", "compare_outputs", "format_bench"]
 
-VARIANTS = ("float32-onnx", "int8-onnx", "fakequant-torch")
+VARIANTS = ("float32-onnx", "int8-onnx", "fakequant-torch", "float32-openvino", "int8-openvino")
 
 
 @dataclass
@@ -37,12 +39,14 @@ class BenchResult:
     agreement: dict = field(default_factory=dict)    # n_images, top1_agreement %, max_abs_logit_error ...
     onnx_paths: dict = field(default_factory=dict)
     threads: Optional[int] = None
+    openvino_precision: str = ""     # float precision OpenVINO ran at ("f32", "bf16"), when it ran
 
-    def ratio(self, provider: str, batch: int, stat: str = "median_ms") -> Optional[float]:
-        """float32-onnx time / int8-onnx time (> 1: int8 is faster)."""
+    def ratio(self, provider: str, batch: int, stat: str = "median_ms", runtime: str = "onnx") -> Optional[float]:
+        """float32 time / int8 time on ``runtime`` (``"onnx"`` or ``"openvino"``; > 1: int8 is faster)."""
         t = {r["variant"]: r[stat] for r in self.timings if r["provider"] == provider and r["batch"] == batch}
-        if "float32-onnx" in t and "int8-onnx" in t:
-            return t["float32-onnx"] / t["int8-onnx"]
+        f, i = f"float32-{runtime}", f"int8-{runtime}"
+        if f in t and i in t:
+            return t[f] / t[i]
         return None
 
 
@@ -81,6 +85,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
               providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, repeats: int = 10,
               warmup: int = 2, min_seconds: float = 0.0, include_torch: bool = True, workdir: Optional[str] = None,
               gemm: str = "portable", twin_combine: str = "gemm", eval_batch: int = 50, spinning: bool = True,
+              format: str = "contrib", openvino: Optional[str] = None,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Export and time ``qmodel`` (see the module docstring).
 
@@ -92,6 +97,8 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
         providers: ONNX Runtime execution providers (default: CUDA when present, and CPU).
         threads: intra-op threads for ORT and torch (default: their own choice).
         spinning: let ORT's idle threads busy-wait (ORT's default); turn off on a shared machine.
+        format: the int8 graph ONNX Runtime runs: ``"contrib"`` or ``"qdq"`` (see :func:`export_onnx`).
+        openvino: also run on OpenVINO at this precision (``"f32"``, ``"bf16"``, ``"default"``).
     """
     providers = list(providers or available_providers())
     workdir = workdir or tempfile.mkdtemp(prefix="ptq4vit-bench-")
@@ -99,9 +106,20 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
     fp32_path = os.path.join(workdir, "model_float32.onnx")
     int8_path = os.path.join(workdir, "model_int8.onnx")
     log(f"exporting {qmodel.name} to {workdir}")
-    rep = export_onnx(qmodel, int8_path, gemm=gemm, twin_combine=twin_combine)
+    rep = export_onnx(qmodel, int8_path, gemm=gemm, twin_combine=twin_combine, format=format)
     export_onnx(float_model if float_model is not None else qmodel, fp32_path, int8=False)
     res = BenchResult(qmodel.name, rep, onnx_paths={"float32-onnx": fp32_path, "int8-onnx": int8_path}, threads=threads)
+    ov_models: dict = {}
+    if openvino is not None:
+        from .openvino import compile_onnx
+        qdq_path = int8_path
+        if format != "qdq":
+            qdq_path = os.path.join(workdir, "model_int8_qdq.onnx")
+            export_onnx(qmodel, qdq_path, format="qdq")
+        res.onnx_paths["int8-openvino"] = qdq_path
+        ov_models = {"float32-openvino": compile_onnx(fp32_path, openvino, threads),
+                     "int8-openvino": compile_onnx(qdq_path, openvino, threads)}
+        res.openvino_precision = ov_models["int8-openvino"].precision
     input_shape = rep.input_shape[1:]
     tq = None
     lab = None if labels is None else np.asarray(labels)
@@ -118,6 +136,9 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
             for b in batch_sizes:
                 x = np.random.default_rng(0).standard_normal((b, *input_shape)).astype(np.float32)
                 fns = {k: (lambda s=s: s.run(None, {"input": x})) for k, s in sessions.items()}
+                if provider == "CPUExecutionProvider":
+                    for k, m in ov_models.items():
+                        fns[k] = lambda r=m.infer_request(): r.infer([x])
                 if include_torch and provider == "CPUExecutionProvider":
                     xt = torch.from_numpy(x)
 
@@ -138,13 +159,17 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
                         res.accuracy["fakequant-torch"] = float(100.0 * np.mean(tq.argmax(1) == lab))
                 xs = images.detach().float().cpu().numpy()
                 suffix = "" if provider == "CPUExecutionProvider" else f" ({provider})"
-                for k, s in sessions.items():
-                    o = np.concatenate([s.run(None, {"input": xs[i:i + eval_batch]})[0]
-                                        for i in range(0, len(xs), eval_batch)])
+                runs = {k: (lambda b, s=s: s.run(None, {"input": b})[0]) for k, s in sessions.items()}
+                if provider == "CPUExecutionProvider":
+                    runs.update({k: m.run for k, m in ov_models.items()})
+                for k, run in runs.items():
+                    o = np.concatenate([run(xs[i:i + eval_batch]) for i in range(0, len(xs), eval_batch)])
                     if labels is not None:
                         res.accuracy[k + suffix] = float(100.0 * np.mean(o.argmax(1) == lab))
                     if k == "int8-onnx":
                         res.agreement[provider] = compare_outputs(tq, o)
+                    elif k == "int8-openvino":
+                        res.agreement[f"OpenVINO ({res.openvino_precision})"] = compare_outputs(tq, o)
     finally:
         torch.set_num_threads(prev_threads)
     return res
@@ -171,10 +196,14 @@ def format_bench(res: BenchResult) -> str:
         rm, rb = res.ratio(prov, b), res.ratio(prov, b, "best_ms")
         if rm is not None:
             lines.append(f"int8/float32 ONNX speed ratio ({prov}, batch {b}): {rm:.2f}x (median), {rb:.2f}x (best)")
+        rm, rb = res.ratio(prov, b, runtime="openvino"), res.ratio(prov, b, "best_ms", runtime="openvino")
+        if rm is not None:
+            lines.append(f"int8/float32 OpenVINO speed ratio ({res.openvino_precision} float layers, batch {b}): "
+                         f"{rm:.2f}x (median), {rb:.2f}x (best)")
     for k, v in res.accuracy.items():
         lines.append(f"top-1 {k}: {v:.2f}%")
     for prov, a in res.agreement.items():
-        lines.append(f"int8 ONNX vs fake-quant torch ({prov}, {a['n_images']} images): top-1 agreement "
+        lines.append(f"int8 vs fake-quant torch ({prov}, {a['n_images']} images): top-1 agreement "
                      f"{a['top1_agreement']:.2f}%, max |logit error| {a['max_abs_logit_error']:.4g} "
                      f"(mean {a['mean_abs_logit_error']:.3g}, max |logit| {a['max_abs_logit']:.3g})")
     return "\n".join(lines)
