@@ -103,7 +103,7 @@ def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
             log(f"  loaded {ckpt}")
         else:
             t0 = time.perf_counter()
-            q = ptq4vit.quantize(lm.model, calib, args.preset, 8, 8, progress=False)
+            q = ptq4vit.quantize(lm.model, calib, args.preset, 8, 8, progress=True)
             log(f"  ptq4vit {args.preset} W8A8 on {len(calib)} images: {time.perf_counter() - t0:.0f} s "
                 f"(contended unless the machine was idle)")
             ck.save(q, ckpt, data_config=lm.data_config)

@@ -14,7 +14,7 @@ import ptq4vit  # noqa: E402
 from ptq4vit import checkpoint as ck  # noqa: E402
 from ptq4vit.export import cpu_has_vnni, export_onnx  # noqa: E402
 from ptq4vit.export.bench import benchmark, compare_outputs  # noqa: E402
-from ptq4vit.export.ort import INTEGER_OPS, make_session, optimized_op_counts, profile_ops  # noqa: E402
+from ptq4vit.export.ort import make_session, optimized_op_counts, profile_ops  # noqa: E402
 from ptq4vit.nn import QuantLinear, QuantMatMul  # noqa: E402
 from ptq4vit.presets import get_preset  # noqa: E402
 from ptq4vit.quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax  # noqa: E402

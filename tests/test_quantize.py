@@ -115,3 +115,19 @@ def test_bad_arguments_are_explained(bad, message):
     kwargs.update(bad)
     with pytest.raises(ValueError, match=message):
         ptq4vit.quantize(model, **kwargs)
+
+
+def test_search_rows_subsets_the_scored_rows_only():
+    """``search_rows`` at least the captured rows is the full search, bit for bit; fewer rows score
+    on a subset but keep every row's range (the grids' starting points)."""
+    model, images = make_tiny("vit")
+    full = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, metric="cosine", **FAST)
+    same = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, metric="cosine", search_rows=10 ** 6, **FAST)
+    scales = lambda q: q.qparams()["modules"]  # noqa: E731
+    assert scales(full) == scales(same)
+    few = ptq4vit.quantize(model, images, "ptq4vit", 8, 8, metric="cosine", search_rows=8, **FAST)
+    assert scales(few) != scales(full)
+    with torch.no_grad():
+        assert torch.isfinite(few(images)).all()
+    with pytest.raises(ptq4vit.errors.UserError, match="search_rows"):
+        get_preset("fast8", search_rows=-1)

@@ -83,12 +83,22 @@ class _InputSearch:
         return self.fn(x, self.scale)
 
 
+def _some_rows(t: Optional[torch.Tensor], dim: int, keep: int) -> Optional[torch.Tensor]:
+    """``keep`` evenly spaced entries of ``t`` along ``dim`` (all of them when ``keep`` is 0 or
+    not smaller): the rows a fast search scores candidates on (docs/method.md §2)."""
+    if t is None or keep <= 0 or t.shape[dim] <= keep:
+        return t
+    idx = torch.linspace(0, t.shape[dim] - 1, keep, device=t.device).round().long()
+    return t.index_select(dim, idx)
+
+
 def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     grid = _Grid(preset, x.device)
     w = _search_float(site.weight)
     bias = _search_float(site.bias)
-    x = x.reshape(1, -1, x.shape[-1])
-    g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
+    x_all = x.reshape(1, -1, x.shape[-1])                      # the input's range comes from every row
+    x = _some_rows(x_all, 1, preset.search_rows)
+    g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, preset.search_rows) if grad is not None else None
     wq = site.w_quant
     size = w.shape[0] // wq.groups
     blocks = [slice(i * size, (i + 1) * size) for i in range(wq.groups)]
@@ -111,7 +121,7 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
 
     w_start = initial_scale(torch.stack([w[cols].abs().max() for cols in blocks]), wq.bits)
     w_cands = grid.around(w_start)                                   # (n, groups)
-    inp = _InputSearch(site.a_quant, x, grid) if site.a_quant is not None else None
+    inp = _InputSearch(site.a_quant, x_all, grid) if site.a_quant is not None else None
 
     w_scale = w_start
     for _ in range(preset.rounds):
@@ -169,6 +179,9 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
     grid = _Grid(preset, a.device)
     heads = a.shape[1]
+    a_all = a                                                  # ranges from every row, scores on some
+    rows = -(-preset.search_rows // a.shape[0]) if preset.search_rows else 0
+    a, grad = _some_rows(a, 2, rows), _some_rows(grad, 2, rows)
 
     # Made when searched, so one head's float product exists at a time.
     def head_product(h: int) -> Product:
@@ -189,7 +202,7 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         b_quantized_in_a_search = preset.split_search_quantized_b
     else:
         a_fn = _uniform(aq.bits)
-        a_cands = grid.around(initial_scale(_per_head_absmax(a), aq.bits))   # (n, heads)
+        a_cands = grid.around(initial_scale(_per_head_absmax(a_all), aq.bits))   # (n, heads)
         b_quantized_in_a_search = True
 
     def quant_b(scale):

@@ -141,7 +141,6 @@ def profile_ops(path: str, input_shape: Sequence[int], batch: int, runs: int = 5
     with open(prof) as f:
         events = json.load(f)
     os.remove(prof)
-    run_idx = -1
     per_op: dict = {}
     providers: dict = {}
     for ev in events:
