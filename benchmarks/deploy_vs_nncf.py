@@ -45,8 +45,8 @@ import torch
 
 import ptq4vit
 from ptq4vit import checkpoint as ck
-from ptq4vit import zoo
-from ptq4vit.data import ImageFolder, calibration_images, make_loader
+from ptq4vit.harness import zoo
+from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
 from ptq4vit.export import export_onnx
 from ptq4vit.export.cpu import cpu_flags, cpu_name
 from ptq4vit.export.openvino import compile_onnx

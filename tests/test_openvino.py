@@ -78,3 +78,35 @@ def test_benchmark_times_and_scores_openvino_in_the_same_loop(tmp_path):
     assert res.agreement["OpenVINO (f32)"]["n_images"] == 12
     assert set(res.accuracy) == {"fakequant-torch", "float32-onnx", "int8-onnx", "float32-openvino", "int8-openvino"}
     assert "OpenVINO speed ratio (f32 float layers, batch 2)" in format_bench(res)
+
+
+def test_cli_qdq_export_and_openvino_bench_eval(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ptq4vit import checkpoint as ck
+    from ptq4vit.harness.cli import main
+    _, q = quantized("vit")
+    ckpt = tmp_path / "q.safetensors"
+    ck.save(q, ckpt, data_config={"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
+                                  "crop_mode": "squash", "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    data = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.onnx"), "--format", "qdq",
+                 "--check", "2"]) == 0
+    assert "format=qdq" in capsys.readouterr().out
+    assert main(["bench", "--checkpoint", str(ckpt), "--data-dir", str(data), "--batch-sizes", "1", "--repeats", "1",
+                 "--threads", "1", "--providers", "cpu", "--no-torch", "--openvino", "f32",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert "int8/float32 OpenVINO speed ratio (f32 float layers, batch 1)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["openvino_precision"] == "f32"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / "q.onnx"),
+                 "--openvino", "f32"]) == 0
+    assert "(OpenVINO, float layers in f32): top-1" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--openvino", "f32"]) == 2
+    assert "--onnx" in capsys.readouterr().err

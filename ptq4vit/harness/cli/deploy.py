@@ -5,6 +5,10 @@ Each command works on a checkpoint written by :func:`ptq4vit.save`.
     ptq4vit export --checkpoint q.safetensors --out q_int8.onnx --float-out q_fp32.onnx
     ptq4vit bench  --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 10
     ptq4vit eval   --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 100
+
+``--format qdq`` writes the standard QuantizeLinear/DequantizeLinear graph; ``--openvino f32``
+(or ``default``, OpenVINO's own float precision) adds OpenVINO to ``bench`` and runs ``eval
+--onnx`` on it.
 """
 from __future__ import annotations
 
@@ -58,10 +62,25 @@ def _images(meta: dict, qmodel, data_dir: str, limit: Optional[int], strict: boo
 # --------------------------------------------------------------------------- export
 
 
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    from ...export.onnx import FORMATS
+    p.add_argument("--format", choices=FORMATS, default="contrib",
+                   help="int8 graph: contrib (ONNX Runtime's integer GEMMs) or qdq (standard QuantizeLinear/"
+                        "DequantizeLinear, for ONNX Runtime, OpenVINO, TensorRT) (default: %(default)s)")
+
+
+def _openvino_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from ...export.openvino import PRECISIONS
+    p.add_argument("--openvino", choices=PRECISIONS, default=None, metavar="PRECISION",
+                   help=f"{what} OpenVINO with float layers at this precision: f32, bf16, or default (the plugin's "
+                        "choice: bf16 on CPUs with AVX512-BF16/AMX); needs pip install 'ptq4vit[openvino]'")
+
+
 def export_args(p: argparse.ArgumentParser) -> None:
     from ...export.onnx import GEMM_MODES, TWIN_COMBINES
     _checkpoint_args(p)
     p.add_argument("--out", required=True, metavar="FILE", help="int8 ONNX file to write")
+    _format_arg(p)
     p.add_argument("--float-out", metavar="FILE", help="also write the float32 ONNX graph of the same model here")
     p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic)")
     p.add_argument("--gemm", choices=GEMM_MODES, default="portable",
@@ -85,7 +104,8 @@ def cmd_export(args) -> int:
     for f in (args.out, args.float_out):
         if f:
             Path(f).parent.mkdir(parents=True, exist_ok=True)
-    rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine)
+    rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine,
+                      format=args.format)
     print(rep.summary())
     if args.float_out:
         export_onnx(qmodel, args.float_out, int8=False, batch_size=args.batch_size)
@@ -123,6 +143,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", default=None,
                    help="comma-separated ORT providers: cpu, cuda (default: every one available)")
     p.add_argument("--gemm", choices=GEMM_MODES, default="portable", help="int8 GEMM flavour (see export)")
+    _format_arg(p)
+    _openvino_arg(p, "also time and score the float32 and QDQ int8 graphs on")
     p.add_argument("--onnx-dir", metavar="DIR", help="keep the exported ONNX files here (default: a temporary folder)")
     p.add_argument("--no-torch", action="store_true", help="do not time the fake-quantized torch model")
     p.add_argument("--no-spin", action="store_true",
@@ -157,7 +179,7 @@ def cmd_bench(args) -> int:
         log(f"{len(images)} images from {args.data_dir}")
     res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers, threads=args.threads,
                     repeats=args.repeats, include_torch=not args.no_torch, workdir=args.onnx_dir, gemm=args.gemm,
-                    spinning=not args.no_spin, log=log)
+                    spinning=not args.no_spin, format=args.format, openvino=args.openvino, log=log)
     print(res.int8_report.summary())
     print(format_bench(res))
     if args.profile:
@@ -166,9 +188,11 @@ def cmd_bench(args) -> int:
             print(f"where the time goes, {k}, batch {b}:")
             print(op_breakdown(path, res.int8_report.input_shape[1:], b, threads=args.threads))
     if args.json:
-        out = {"model": res.model, "threads": res.threads, "timings": res.timings, "accuracy": res.accuracy,
+        out = {"model": res.model, "threads": res.threads, "openvino_precision": res.openvino_precision,
+               "timings": res.timings, "accuracy": res.accuracy,
                "agreement": res.agreement, "fallbacks": [s.__dict__ for s in res.int8_report.fallbacks],
-               "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r['provider'], r['batch']) for r in res.timings})}}
+               "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r['provider'], r['batch']) for r in res.timings})},
+               "openvino_ratios": {str(b): res.ratio("CPUExecutionProvider", b, runtime="openvino") for b in sizes}}
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
@@ -184,6 +208,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported ONNX graph (ONNX Runtime, CPU) instead")
+    _openvino_arg(p, "run the --onnx graph (a qdq or float32 export) on")
 
 
 def cmd_eval_checkpoint(args) -> int:
@@ -197,9 +222,18 @@ def cmd_eval_checkpoint(args) -> int:
                      limit_per_class=args.limit, what="image folder")
     model = qmodel
     what = f"{qmodel.name} {meta['preset']['name']} W{qmodel.w_bits}A{qmodel.a_bits} (fake-quantized torch)"
-    if args.onnx:
+    if args.openvino and not args.onnx:
+        raise UserError("--openvino runs an exported graph: give it with --onnx FILE")
+    if args.onnx and args.openvino:
+        from ...export.openvino import compile_onnx
+        ov = compile_onnx(args.onnx, args.openvino)
+        model = _NumpyModule(ov.run)
+        what = f"{args.onnx} (OpenVINO, float layers in {ov.precision})"
+    elif args.onnx:
         _need_onnx()
-        model = _OrtModule(args.onnx)
+        from ...export.ort import make_session
+        session = make_session(args.onnx)
+        model = _NumpyModule(lambda x: session.run(None, {"input": x})[0])
         what = f"{args.onnx} (ONNX Runtime)"
     res = evaluate(model, ds, batch_size=args.batch_size, num_workers=max(0, args.workers), progress=False,
                    desc="eval")
@@ -208,14 +242,14 @@ def cmd_eval_checkpoint(args) -> int:
     return 0
 
 
-class _OrtModule:
-    """Just enough of an nn.Module for :func:`ptq4vit.evaluate.evaluate`: an ORT session on CPU."""
+class _NumpyModule:
+    """Just enough of an nn.Module for :func:`ptq4vit.harness.evaluate.evaluate`: a runtime's
+    ``images -> logits`` on numpy arrays (ONNX Runtime or OpenVINO, CPU)."""
 
-    def __init__(self, path: str):
+    def __init__(self, run):
         import torch
 
-        from ...export.ort import make_session
-        self.session = make_session(path)
+        self.run = run
         self._dummy = torch.zeros(())
 
     def eval(self):
@@ -229,14 +263,14 @@ class _OrtModule:
 
     def __call__(self, x):
         import torch
-        return torch.from_numpy(self.session.run(None, {"input": x.cpu().numpy()})[0])
+        return torch.from_numpy(self.run(x.cpu().numpy()))
 
 
 COMMANDS = (
     Command("export", "write a quantized checkpoint as ONNX with integer kernels (and its float32 graph)",
             cmd_export, export_args),
-    Command("bench", "ONNX Runtime speed (float32 vs int8 vs fake-quant torch) and agreement of a checkpoint",
+    Command("bench", "ONNX Runtime (and OpenVINO) speed, float32 vs int8 vs fake-quant torch, and agreement of a checkpoint",
             cmd_bench, bench_args),
-    Command("eval", "top-1 of a quantized checkpoint (torch, or its ONNX export) on an image folder",
+    Command("eval", "top-1 of a quantized checkpoint (torch, or its ONNX export on ONNX Runtime or OpenVINO) on an image folder",
             cmd_eval_checkpoint, eval_args),
 )
