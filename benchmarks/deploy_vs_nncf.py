@@ -18,9 +18,11 @@ Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VI
 * Variants (``--variants`` picks a subset): ``ort-fp32``, ``ort-contrib`` (ptq4vit int8,
   ``MatMulIntegerToFloat``, ``gemm="auto"``), ``ort-qdq`` (ptq4vit standard QDQ), ``ov-fp32``
   (OpenVINO, INFERENCE_PRECISION_HINT=f32), ``ov-qdq`` (ptq4vit QDQ on OpenVINO, f32 hint),
-  ``nncf`` (NNCF int8, f32 hint), and the same three OpenVINO ones with the plugin's default
-  precision (``ov-default``, ``ov-qdq-default``, ``nncf-default``: bf16 float layers where the
-  CPU has it).
+  ``ov-qdq-fa`` (the same with ``float_attention=True``: q @ kᵀ and softmax @ v float, which
+  lets OpenVINO fuse attention as it does for NNCF's model, which leaves them float),
+  ``nncf`` (NNCF int8, f32 hint), and the same four OpenVINO ones with the plugin's default
+  precision (``ov-default``, ``ov-qdq-default``, ``ov-qdq-fa-default``, ``nncf-default``: bf16
+  float layers where the CPU has it).
 * Timing: for each batch size all variants run once in turn, ``--repeats`` times (interleaved:
   other load on the machine hits them alike), after 3 warm-up rounds; medians; ratios are
   against each runtime's own float32 (ORT variants vs ``ort-fp32``; OpenVINO variants vs
@@ -53,10 +55,10 @@ from ptq4vit.export.openvino import compile_onnx
 from ptq4vit.export.ort import make_session
 
 MODELS = {"vit_s14_cifar10": "real weights (shared/models)", "deit_s": "random init, seed 0"}
-VARIANTS = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-fp32", "ov-qdq", "nncf", "ov-default", "ov-qdq-default",
-            "nncf-default")
+VARIANTS = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-fp32", "ov-qdq", "ov-qdq-fa", "nncf", "ov-default",
+            "ov-qdq-default", "ov-qdq-fa-default", "nncf-default")
 BASELINE = {"ort": "ort-fp32", "ov": "ov-fp32", "ov-default": "ov-default"}
-ACCURACY_DEFAULT = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-qdq", "nncf")
+ACCURACY_DEFAULT = ("ort-fp32", "ort-contrib", "ov-qdq", "ov-qdq-fa", "nncf")
 
 
 def runtime_of(variant: str) -> str:
@@ -78,6 +80,7 @@ class Built:
         self.fp32 = self.dir / "fp32.onnx"
         self.contrib = self.dir / "ptq4vit_int8_contrib.onnx"
         self.qdq = self.dir / "ptq4vit_int8_qdq.onnx"
+        self.qdq_fa = self.dir / "ptq4vit_int8_qdq_float_attention.onnx"
         self.nncf = self.dir / "nncf_int8.xml"
 
 
@@ -95,7 +98,7 @@ def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
     if not b.fp32.exists():
         export_onnx(lm.model, b.fp32, int8=False, batch_size=None)
         log(f"  wrote {b.fp32}")
-    if not (b.contrib.exists() and b.qdq.exists()):
+    if not (b.contrib.exists() and b.qdq.exists() and b.qdq_fa.exists()):
         ckpt = Path(args.checkpoint) if (args.checkpoint and key == "vit_s14_cifar10") else \
             b.dir / f"ptq4vit_{args.preset}_w8a8.safetensors"
         if ckpt.exists():
@@ -110,6 +113,7 @@ def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
         rep = export_onnx(q, b.contrib, gemm="auto")
         log("  " + rep.summary().replace("\n", "\n  "))
         export_onnx(q, b.qdq, format="qdq")
+        export_onnx(q, b.qdq_fa, format="qdq", float_attention=True)
     if not b.nncf.exists():
         import nncf
         import openvino as ov
@@ -131,7 +135,8 @@ def runners(b: Built, variants, threads: int) -> dict:
             s = make_session(str(path), threads=threads)
             out[v] = lambda x, s=s: s.run(None, {"input": x})[0]
         else:
-            path = b.nncf if v.startswith("nncf") else (b.qdq if v.startswith("ov-qdq") else b.fp32)
+            path = (b.nncf if v.startswith("nncf") else b.qdq_fa if v.startswith("ov-qdq-fa") else
+                    b.qdq if v.startswith("ov-qdq") else b.fp32)
             m = compile_onnx(path, "default" if v.endswith("default") else "f32", threads=threads)
             req = m.infer_request()
             out[v] = lambda x, req=req: req.infer([np.ascontiguousarray(x)])[0]
@@ -213,8 +218,8 @@ def main() -> None:
                 base = BASELINE[runtime_of(v)]
                 ratio = f"{med[base] / med[v]:5.2f}x vs {base}" if base in med and v != base else ""
                 log(f"  {v:<16s} {med[v]:9.1f} ms  {ratio}")
-            for a, c in (("ov-qdq", "nncf"), ("ort-contrib", "nncf"), ("ort-qdq", "nncf"),
-                         ("ov-qdq-default", "nncf-default")):
+            for a, c in (("ov-qdq", "nncf"), ("ov-qdq-fa", "nncf"), ("ort-contrib", "nncf"), ("ort-qdq", "nncf"),
+                         ("ov-qdq-default", "nncf-default"), ("ov-qdq-fa-default", "nncf-default")):
                 if a in med and c in med:
                     log(f"  {a} / {c} speed: {med[c] / med[a]:.2f}x (>1: ptq4vit faster)")
         if not args.no_accuracy:

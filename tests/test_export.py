@@ -287,6 +287,25 @@ def test_qdq_export_fuses_every_product_into_integer_kernels(key, tmp_path):
         np.testing.assert_allclose(run_onnx(tmp_path / "q.onnx", x), run_onnx(tmp_path / "c.onnx", x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["contrib", "qdq"])
+def test_float_attention_keeps_the_attention_matmuls_float(fmt, tmp_path):
+    _, q = quantized("vit")
+    rep = export_onnx(q, tmp_path / "fa.onnx", format=fmt, float_attention=True)
+    attn = [n for n, m in q.sites().items() if isinstance(m, QuantMatMul)]
+    assert sorted(s.name for s in rep.fallbacks) == sorted(attn + ["patch_embed.proj"])
+    assert all("float_attention" in s.reason for s in rep.fallbacks if s.name in attn)
+    assert optimized_op_counts(str(tmp_path / "fa.onnx")).get("MatMulIntegerToFloat") == 2 * 5 + 1  # linears, fc2 twice
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for n in attn:  # the torch model the graph now computes
+        q.sites()[n].a_quant.enabled = q.sites()[n].b_quant.enabled = False
+    try:
+        c = compare_outputs(torch_out(q, x), run_onnx(tmp_path / "fa.onnx", x))
+    finally:
+        for n in attn:
+            q.sites()[n].a_quant.enabled = q.sites()[n].b_quant.enabled = True
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
 def test_qdq_refuses_int32_combine(tmp_path):
     _, q = quantized("vit")
     with pytest.raises(ptq4vit.errors.UserError, match="int32"):

@@ -65,7 +65,12 @@ def _record_shapes(qmodel: QuantizedModel, example: torch.Tensor) -> dict:
     return shapes
 
 
-def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, twin_combine: str):
+def _float_matmul(a, b):
+    return a @ b
+
+
+def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, twin_combine: str,
+          float_attention: bool = False):
     """Decide every site's lowering; return (patches, site exports, lowerings)."""
     shapes = _record_shapes(qmodel, example)
     patches, exports, lowerings = [], [], []
@@ -86,6 +91,11 @@ def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, tw
             low = QdqLinear(name, site) if fmt == "qdq" else ContribLinear(name, site, gemm, twin_combine)
             n_inputs = 1
         elif isinstance(site, QuantMatMul):
+            if float_attention:
+                exports.append(SiteExport(name, "matmul", False, "float MatMul",
+                                          "kept float by float_attention=True (runtimes fuse float attention)"))
+                patches.append((site, _float_matmul))
+                continue
             if not (_enabled(site.a_quant) and _enabled(site.b_quant)):
                 exports.append(SiteExport(name, "matmul", False, "float MatMul", "a quantizer of this site is disabled"))
                 continue
@@ -146,7 +156,8 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: in
 
 def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.PathLike], *, int8: bool = True,
                 format: str = "contrib", batch_size: Optional[int] = None, input_size: Optional[tuple] = None,
-                gemm: str = "portable", twin_combine: str = "gemm", opset: int = DEFAULT_OPSET) -> ExportReport:
+                gemm: str = "portable", twin_combine: str = "gemm", opset: int = DEFAULT_OPSET,
+                float_attention: bool = False) -> ExportReport:
     """Write ``model`` as ONNX; return what was done (:class:`ExportReport`).
 
     Args:
@@ -165,6 +176,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
             exactly ``2^i`` apart, bit-identical to an int32 shift-add while accumulators stay
             below 2^24); ``"int32"``: two ``MatMulInteger``, an int32 shift and add, one cast
             (needs power-of-two ranges; refused where int32 could overflow).
+        float_attention: keep ``q @ kᵀ`` and ``softmax @ v`` float (listed as fallbacks): the graph
+            then differs from the fake-quantized model there, and runtimes can fuse the float
+            attention into one kernel (OpenVINO's MHA), as NNCF's int8 models leave it.
     """
     if format not in FORMATS:
         raise UserError(f"format must be one of {FORMATS}, got {format!r}")
@@ -200,13 +214,14 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
         if not isinstance(model, QuantizedModel):
             raise UserError("int8 export needs a QuantizedModel (from ptq4vit.quantize or ptq4vit.load)")
         from .. import __version__
-        patches, report.sites, lowerings = _plan(model, example, format, gemm, twin_combine)
+        patches, report.sites, lowerings = _plan(model, example, format, gemm, twin_combine, float_attention)
         contrib = any(low.uses_contrib_ops() for low in lowerings)
         with _patched(patches):
             _torch_export(model, example, path, opset, batch_size is None, contrib_ops=contrib)
         meta.update({"ptq4vit.version": __version__, "ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
                      "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits, "ptq4vit.format": format,
                      "ptq4vit.gemm": gemm, "ptq4vit.twin_combine": twin_combine,
+                     "ptq4vit.float_attention": int(float_attention),
                      "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none"})
         postprocess(path, meta)
         return report

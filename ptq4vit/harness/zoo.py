@@ -305,4 +305,4 @@ def shared_dir() -> Path:
     env = os.environ.get("PTQ4VIT_SHARED")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared"
+    return Path(__file__).resolve().parents[3] / "shared"  # ptq4vit/harness/zoo.py -> the repository's parent
