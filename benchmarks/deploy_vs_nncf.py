@@ -31,7 +31,8 @@ Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VI
   (default 100: 1000 images); top-1 of each variant and top-1 agreement with the float model
   (``ort-fp32``, which equals torch's float logits to ~1e-6).
 
-Prints the CPU and its int8/bf16 flags first. A run with the defaults on a cached workdir takes
+Prints the CPU and its int8/bf16 flags first, and for each OpenVINO variant what its executed
+graph holds (product layers by runtime precision; FakeQuantize, Reorder, fused Subgraph counts). A run with the defaults on a cached workdir takes
 about 5 minutes on 2 cores; ``--build-only`` builds the cache and stops.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ptq4vit.harness import zoo
 from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
 from ptq4vit.export import export_onnx
 from ptq4vit.export.cpu import cpu_flags, cpu_name
-from ptq4vit.export.openvino import compile_onnx
+from ptq4vit.export.openvino import compile_onnx, executed_layers
 from ptq4vit.export.ort import make_session
 
 MODELS = {"vit_s14_cifar10": "real weights (shared/models)", "deit_s": "random init, seed 0"}
@@ -140,9 +141,20 @@ def runners(b: Built, variants, threads: int) -> dict:
             m = compile_onnx(path, "default" if v.endswith("default") else "f32", threads=threads)
             req = m.infer_request()
             out[v] = lambda x, req=req: req.infer([np.ascontiguousarray(x)])[0]
-            if v.endswith("default"):
-                log(f"  {v}: OpenVINO runs float layers in {m.precision}")
+            log(f"  {v}: float layers in {m.precision}; executed graph: {layer_census(m)}")
     return out
+
+
+def layer_census(m) -> str:
+    """What OpenVINO executes: product layers by runtime precision, and the other layer types
+    that cost time (stand-alone FakeQuantize, Reorder, fused attention Subgraph, ...)."""
+    import collections
+    products = collections.Counter(f"{k}:{p}" for k, p, _ in executed_layers(m))
+    kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str)
+                                for op in m.compiled.get_runtime_model().get_ordered_ops())
+    others = {k: n for k, n in kinds.items() if k in ("FakeQuantize", "Reorder", "Subgraph", "Eltwise")}
+    return (", ".join(f"{n} {k}" for k, n in sorted(products.items())) + " | "
+            + ", ".join(f"{n} {k}" for k, n in sorted(others.items())))
 
 
 def time_interleaved(run: dict, x: np.ndarray, repeats: int, warmup: int = 3) -> dict:
