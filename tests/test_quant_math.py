@@ -79,7 +79,7 @@ def test_softmax_twin_official_sum_form_offsets_every_value():
     s = torch.tensor(0.25)
     x = t(0.0, 0.1, 0.25, 0.5, 1.0)
     got = softmax_twin_fake_quant(x, s, 4, "sum")
-    want = t(2 / 7, 2 / 7 + 3 * 0.25 / 7, 2 / 7 + 0.25, 3 / 7 + 0.25, 1.0 + 0.25)  # 0.5 / Δ_R2 -> 3, as above
+    want = t(2 / 7, 2 / 7 + 3 * 0.25 / 7, 2 / 7 + 0.25, 4 / 7 + 0.25, 1.0 + 0.25)  # the released 0.5 · 7 = 3.5 -> 4
     assert torch.allclose(got, want, atol=0, rtol=1e-6)
 
 
@@ -108,23 +108,25 @@ def _hi_boundaries(bits):
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
-@pytest.mark.parametrize("form", ["select", "sum"])
-def test_softmax_twin_hi_branch_divides_by_its_step_at_half_boundaries(bits, form):
-    """The hi codes are ``round(x / Δ_R2)`` with the float32 step, what QuantizeLinear computes in
-    the ONNX graphs; ``round(x * levels)`` differs next to .5 boundaries (the set below has such x)."""
+def test_softmax_twin_hi_branch_rounding_at_half_boundaries(bits):
+    """``select`` (ptq4vit): hi codes are ``round(x / Δ_R2)`` with the float32 step, what
+    QuantizeLinear computes; ``sum`` (official) keeps the released code's ``round(x·(qmax-1))``.
+    The two differ next to .5 boundaries (the set below has such x)."""
     import numpy as np
     levels = qmax(bits) - 1
     x = _hi_boundaries(bits)
     s = torch.tensor(2.0 ** -12)  # every x is in the hi region
     step_hi = np.float32(1.0) / np.float32(levels)
-    want = np.clip(np.round(x.numpy() / step_hi), 0, levels)   # numpy: float32 divide, round half to even
-    assert (want != np.round(x.numpy() * np.float32(levels))).any()
+    by_step = np.clip(np.round(x.numpy() / step_hi), 0, levels)   # numpy: float32 divide, round half to even
+    by_levels = np.round(x.numpy() * np.float32(levels))
+    assert (by_step != by_levels).any()
     lo, hi = softmax_twin_codes(x, s, bits)
     assert not lo.any()
-    np.testing.assert_array_equal(hi.numpy(), want)
-    got = softmax_twin_fake_quant(x, s, bits, form)
-    offset = 0 if form == "select" else torch.round(s / (s / levels)) * (s / levels)  # sum: lo of x >= s
-    np.testing.assert_array_equal((got - offset).numpy(), (torch.from_numpy(want) * torch.tensor(step_hi)).numpy())
+    np.testing.assert_array_equal(hi.numpy(), by_step)
+    np.testing.assert_array_equal(softmax_twin_fake_quant(x, s, bits, "select").numpy(), (hi * torch.tensor(step_hi)).numpy())
+    lo_code = torch.round(s / (s / levels)) * (s / levels)     # sum form: every x >= s also carries lo's top code
+    got = softmax_twin_fake_quant(x, s, bits, "sum")
+    np.testing.assert_array_equal(got.numpy(), (torch.from_numpy(by_levels) / levels + lo_code).numpy())
 
 
 def test_softmax_split_candidates_are_powers_of_two():

@@ -192,14 +192,17 @@ class ContribMatMul(Lowering):
         t = self.softmax
         u8 = np.uint8
         lo_all = e.quantize(a, f32(t.step_lo), u8(0))
-        hi_all = e.quantize(a, f32(t.step_hi), u8(0))
+        if t.form == "select":
+            hi_all = e.quantize(a, f32(t.step_hi), u8(0))
+        else:  # the released code's round(x·(qmax-1))
+            hi_all = e.quantize(e.op("Mul", a, e.const(f32(t.levels))), f32(1.0), u8(0))
         if t.form == "select":
             # codes of the region each value falls in; masks by multiplication (ORT's Where is slow)
             below = e.op("Cast", e.op("Less", a, e.const(f32(t.split))), to_i=2)  # TensorProto.UINT8
             above = e.op("Sub", e.const(u8(1)), below)
             lo = e.op("Mul", lo_all, below)
             hi = e.op("Mul", hi_all, above)
-        else:  # "sum": lo = clamp(round(clamp(x,0,s)/Δ_R1)), hi = round(clamp(x,s,1)/Δ_R2); round is monotone
+        else:  # "sum": lo = clamp(round(clamp(x,0,s)/Δ_R1)), hi = round(clamp(x,s,1)·(qmax-1)); round is monotone
             lo = e.op("Min", lo_all, e.const(u8(t.lo_max)))
             hi = e.op("Max", hi_all, e.const(u8(t.hi_min)))
         z8 = e.const(u8(0))

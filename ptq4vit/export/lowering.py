@@ -81,6 +81,8 @@ class SoftmaxTwin:
     shift: int                # i
     lo_max: int               # sum form: the lo code of every x >= s
     hi_min: int               # sum form: the hi code of every x <= s
+    # The sum form (``official``) keeps the released code's ``hi = round(x·(qmax-1))``; the
+    # lowerings multiply by ``levels`` and quantize with step 1 there, so the codes stay torch's.
 
     @property
     def levels(self) -> int:
@@ -95,7 +97,7 @@ class SoftmaxTwin:
         if i is None or i < 0:  # Δ_R2 / Δ_R1 = 1/s = 2^i by construction
             raise NotImplementedError(f"softmax twin with a split that is not a power of two ({float(split)})")
         return cls(aq.bits, aq.form, float(split), float(step_lo), float(step_hi), i,
-                   int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split / step_hi)))
+                   int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split * levels)))
 
 
 def frozen_copy(q: nn.Module) -> nn.Module:

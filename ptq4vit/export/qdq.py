@@ -15,8 +15,9 @@ integers of the contrib lowering (:mod:`.contrib`), so both graphs compute the s
   multiplies the product.
 * ``softmax @ v`` twin (``select``): ``lo = Q(x·[x<s], Δ_R1)`` and ``hi = Q(x - x·[x<s], Δ_R2)``
   (uint8, zero point 0; the masked value is 0 and so is its code), two GEMMs with the codes of v,
-  the ``hi`` one dequantized with scale ``2^i``: ``(lo@v + 2^i·hi@v)·Δ_R1·Δv``. ``sum``:
-  ``lo = Q(clip(x, 0, s), Δ_R1)``, ``hi = Q(clip(x, s, 1), Δ_R2)``.
+  the ``hi`` one dequantized with scale ``2^i``: ``(lo@v + 2^i·hi@v)·Δ_R1·Δv``. ``sum``
+  (``official``): ``lo = Q(clip(x, 0, s), Δ_R1)``, ``hi = Q(clip(x, s, 1)·(qmax-1), 1)``, the
+  released code's rounding.
 * ``fc2`` post-GELU twin: ``pos = Q(clip(x, 0, (q-1)Δ+), Δ+)`` (uint8) and
   ``neg = Q(clip(x, -qΔ-, 0), Δ-)`` (int8), two GEMMs on the same weight codes, added in float.
 
@@ -152,6 +153,9 @@ class QdqMatMul(Lowering):
             lo_in = _clip(e, a, 0.0, t.split)
             hi_in = _clip(e, a, t.split, 1.0)
         lo = _qdq(e, lo_in, t.step_lo, _U8(0), dq_scale=1.0)
-        hi = _qdq(e, hi_in, t.step_hi, _U8(0), dq_scale=float(2 ** t.shift))
+        if t.form == "select":
+            hi = _qdq(e, hi_in, t.step_hi, _U8(0), dq_scale=float(2 ** t.shift))
+        else:  # the released code's round(x·(qmax-1))
+            hi = _qdq(e, e.op("Mul", hi_in, e.const(f32(t.levels))), 1.0, _U8(0), dq_scale=float(2 ** t.shift))
         y = e.op("Add", e.op("MatMul", lo, self._b_codes(e, b)), e.op("MatMul", hi, self._b_codes(e, b)))
         return e.op("Mul", y, self._head(e, self.b_scale * np.float32(t.step_lo)))

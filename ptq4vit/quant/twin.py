@@ -71,6 +71,7 @@ def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, for
         xf = x.to(compute_dtype(x))
         zero = torch.zeros_like(split)
         one = torch.ones_like(split)
+        # the released code's arithmetic, kept exactly: x·(qmax-1), dequantized by a division
         hi = torch.round(torch.clamp(xf, split, one) * levels) / levels
         lo = torch.round(torch.clamp(xf, zero, split) / step_lo).clamp_(0, levels).mul_(step_lo)
         return hi.add_(lo).to(x.dtype)
