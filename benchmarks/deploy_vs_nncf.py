@@ -32,8 +32,11 @@ Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VI
   (``ort-fp32``, which equals torch's float logits to ~1e-6).
 
 Prints the CPU and its int8/bf16 flags first, and for each OpenVINO variant what its executed
-graph holds (product layers by runtime precision; FakeQuantize, Reorder, fused Subgraph counts). A run with the defaults on a cached workdir takes
-about 5 minutes on 2 cores; ``--build-only`` builds the cache and stops.
+graph holds (product layers by runtime precision; FakeQuantize, Reorder, fused Subgraph counts).
+``--build-only`` builds the cache and stops. Not yet timed on an idle machine: the estimate for
+a cached run on 2 idle cores is 1-2 minutes of timing per model plus 3-5 minutes of accuracy
+per model (1000 images, 5 variants); to stay under ~8 minutes run the ViT-S/14 with accuracy
+and DeiT-S with ``--no-accuracy`` (two commands, the same ``--workdir``).
 """
 from __future__ import annotations
 
