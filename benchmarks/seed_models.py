@@ -14,7 +14,6 @@ Times depend on the machine and on what else runs; compare them only within one 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time

@@ -12,7 +12,7 @@ from ptq4vit.harness import zoo
 from ptq4vit.harness.data import ImageFolder
 from ptq4vit.harness.evaluate import evaluate
 
-from conftest import FAST_OVERRIDES, REPO, TINY_VIT_KWARGS
+from conftest import REPO, TINY_VIT_KWARGS
 
 SCRIPT = textwrap.dedent("""
     import json, sys

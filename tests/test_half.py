@@ -48,7 +48,6 @@ def test_half_model_calibrates_and_runs_in_its_dtype_close_to_the_float32_quanti
 def test_bf16_fake_quant_forward_is_exactly_the_dequantized_integer_codes(setup):
     model, images, test, _ = setup
     qh = ptq4vit.quantize(copy.deepcopy(model).to(torch.bfloat16), images, "ptq4vit", 8, 8, **FAST)
-    x = test.to(torch.bfloat16)
     for name, site in qh.sites().items():
         if not isinstance(site, (QuantLinear, QuantConv2d)):
             continue

@@ -4,7 +4,6 @@ tests/test_search.py does this for the linear layer; here: the per-channel patch
 conv, the power-of-two post-GELU twin, the per-head attention matmul, the ``base-cosine``
 preset end to end, and a Swin whose shifted windows carry a real attention mask.
 """
-import copy
 
 import pytest
 import timm
