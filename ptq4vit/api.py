@@ -10,7 +10,7 @@ from torch import nn
 
 from .calib import calibrate_model, default_memory_budget
 from .errors import UserError
-from .models import insert_quant_sites
+from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
 from .quantized import QuantizedModel, model_name
@@ -67,7 +67,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     device, dtype = _device_and_dtype(model)
     # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
     images = calib_images.to(device=device, dtype=dtype)
-    sites = insert_quant_sites(model, preset, w_bits, a_bits)
+    sites = prepare_sites(model, preset, w_bits, a_bits)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
 
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)

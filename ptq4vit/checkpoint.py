@@ -285,11 +285,11 @@ def _create_float(name: str, create_kwargs: dict, device: Optional[torch.device]
 
 def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
                      device: Optional[torch.device] = None) -> QuantizedModel:
-    from .models import insert_quant_sites
+    from .prepare import prepare_sites
 
     model = _create_float(name, create_kwargs, device)
     model.eval()
-    insert_quant_sites(model, preset, w_bits, a_bits)
+    prepare_sites(model, preset, w_bits, a_bits)
     return QuantizedModel(model, preset, w_bits, a_bits, name)
 
 
@@ -529,7 +529,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
     name = info["name"]
     if model is not None:
         import copy
-        from .models import insert_quant_sites
+        from .prepare import prepare_sites
 
         if isinstance(model, QuantizedModel):
             raise CheckpointError("load(path, model=...) takes the float timm model, not a QuantizedModel")
@@ -541,7 +541,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
                 f"{type(model).__name__} has {got[:16]}...)")
         skeleton = copy.deepcopy(model).eval()
         try:
-            insert_quant_sites(skeleton, preset, w_bits, a_bits)
+            prepare_sites(skeleton, preset, w_bits, a_bits)
         except ValueError as e:
             raise CheckpointError(f"the given model cannot take this checkpoint: {e}") from None
         qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, model_name(model))

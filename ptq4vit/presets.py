@@ -19,6 +19,10 @@ GradSource = Literal["kl-official", "ce-fp-label"]
 METRICS = ("cosine", "mse", "hessian")
 GRAD_SOURCES = ("kl-official", "ce-fp-label")
 SOFTMAX_TWIN_FORMS = ("select", "sum")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+W_GRANULARITIES = ("block", "channel")
+ROTATION_KINDS = ("hadamard", "orthogonal")
+SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,27 @@ class Preset:
     #: Score candidates on this many evenly spaced rows (tokens) of each captured activation,
     #: 0 = all; ranges (the grids' starting points) always come from every row.
     search_rows: int = 0
+    #: Rotate the residual stream by one orthogonal matrix, LayerNorm/LayerScale folded (docs/lowbit.md §2).
+    rotate_residual: bool = False
+    #: Per-head orthogonal rotations of q, k and v, folded into qkv and proj.
+    rotate_heads: bool = False
+    #: Online orthogonal rotation of fc2's input, folded into fc2 (needs ``gelu_twin=False``).
+    rotate_fc2: bool = False
+    #: ``"hadamard"`` (randomized Hadamard ⊗ small random orthogonal) or ``"orthogonal"`` (dense random).
+    rotation_kind: str = "hadamard"
+    rotation_seed: int = 0
+    #: Linear-layer weight scales: ``"block"`` (one per layer, one per q/k/v block) or ``"channel"``.
+    w_granularity: str = "block"
+    #: ``"nearest"`` or ``"gptq"`` (second-order error compensation, docs/lowbit.md §3). GPTQ and
+    #: per-channel scales calibrate linear weights from ``H = XᵀX`` instead of the alternating search.
+    weight_rounding: str = "nearest"
+    #: GPTQ: fraction of ``mean(diag H)`` added to ``diag H``; columns in decreasing ``diag H`` order; block size.
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_block: int = 128
+    #: Post-softmax operand: ``"log2"`` / ``"log_sqrt2"`` log quantizer (docs/lowbit.md §4) instead of
+    #: the twin/uniform one (``"none"``).
+    softmax_log: str = "none"
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -66,6 +91,23 @@ class Preset:
             raise UserError("n_candidates, rounds and grad_chunk must be positive")
         if self.search_rows < 0:
             raise UserError(f"search_rows must be 0 (all rows) or positive, got {self.search_rows}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise UserError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, got {self.weight_rounding!r}")
+        if self.w_granularity not in W_GRANULARITIES:
+            raise UserError(f"w_granularity must be one of {W_GRANULARITIES}, got {self.w_granularity!r}")
+        if self.rotation_kind not in ROTATION_KINDS:
+            raise UserError(f"rotation_kind must be one of {ROTATION_KINDS}, got {self.rotation_kind!r}")
+        if self.softmax_log not in SOFTMAX_LOG:
+            raise UserError(f"softmax_log must be one of {SOFTMAX_LOG}, got {self.softmax_log!r}")
+        if self.rotate_fc2 and self.gelu_twin:
+            raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
+        if not 0 <= self.gptq_damp or self.gptq_block < 1:
+            raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
+
+    @property
+    def second_order_weights(self) -> bool:
+        """Linear weights calibrated from ``H = XᵀX`` (per-channel scales or GPTQ) instead of the PTQ4ViT search."""
+        return self.weight_rounding == "gptq" or self.w_granularity == "channel"
 
     def overrides(self) -> dict:
         """Fields that differ from the named preset this one was derived from."""
@@ -108,6 +150,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "evenly spaced tokens of each activation, one round, no gradients (at 8 bits the "
                     "wide grid and the hessian metric buy little)",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
+        name="rotq",
+        description="ptq4vit's Hessian-guided search and softmax twin on a rotated model (residual stream, "
+                    "per-head q/k/v, online fc2 input), with per-channel GPTQ-rounded linear weights; "
+                    "a coarser grid (alpha=0.2, 50 candidates), since rotated operands have no far outliers to clip",
+        alpha=0.2, n_candidates=50, rotate_residual=True, rotate_heads=True, rotate_fc2=True, gelu_twin=False,
+        w_granularity="channel", weight_rounding="gptq",
     ),
 )}
 
@@ -119,6 +167,18 @@ ABLATION_ROWS: dict[int, tuple[str, dict]] = {
     4: ("hessian, GELU twin", dict(metric="hessian", softmax_twin=False, gelu_twin=True)),
     5: ("cosine, both twins", dict(metric="cosine", softmax_twin=True, gelu_twin=True)),
     6: ("hessian, both twins", dict(metric="hessian", softmax_twin=True, gelu_twin=True)),
+}
+
+
+#: One component of ``rotq`` switched off per row (docs/lowbit.md): (label, overrides of ``rotq``).
+ROTQ_ABLATION_ROWS: dict[str, dict] = {
+    "no rotation": dict(rotate_residual=False, rotate_heads=False, rotate_fc2=False),
+    "no residual rotation": dict(rotate_residual=False),
+    "no head rotation": dict(rotate_heads=False),
+    "no fc2 rotation (GELU twin)": dict(rotate_fc2=False, gelu_twin=True),
+    "round to nearest": dict(weight_rounding="nearest"),
+    "per-block weight scales": dict(w_granularity="block"),
+    "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
 }
 
 

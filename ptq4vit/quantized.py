@@ -11,7 +11,7 @@ from torch import nn
 
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
-from .quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .quant import LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 
 
 def model_name(model: nn.Module) -> str:
@@ -74,6 +74,8 @@ class QuantizedModel(nn.Module):
                 entry = {"kind": "matmul"}
                 if isinstance(site.a_quant, TwinSoftmaxQuantizer):
                     entry["split"] = float(site.a_quant.split)
+                elif isinstance(site.a_quant, LogQuantizer):
+                    entry["a_log"] = site.a_quant.base
                 else:
                     entry["a_scale"] = _floats(site.a_quant.scale)
                 entry["b_scale"] = _floats(site.b_quant.scale)

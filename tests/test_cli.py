@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from ptq4vit.harness.cli import main
+from ptq4vit.harness.data import ImageFolder
 
 from conftest import REPO
 
@@ -29,7 +32,7 @@ def _cli(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_quantize_end_to_end(tiny_cli_args, tmp_path, capsys):
+def test_quantize_end_to_end(tiny_cli_args, tmp_path, capsys, cifar_dir):
     out = tmp_path / "runs"
     rc = main(["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "8",
                "--bits", "W6A6", "--preset", "base,ptq4vit", "--out", str(out)])
@@ -46,6 +49,11 @@ def test_quantize_end_to_end(tiny_cli_args, tmp_path, capsys):
         assert r["n_eval"] == 30 and r["calib_size"] == 8 and r["calib_seed"] == 3
         assert r["overrides"] == {"n_candidates": 10, "rounds": 1}
         assert abs(r["drop"] - (r["float_top1"] - r["quant_top1"])) < 1e-9
+        assert 0 <= r["agreement"] <= 100 and r["kl"] >= 0
+        # the float logits are kept once per evaluation set and give the float top-1
+        float_logits = torch.load(out / "float_logits" / f"{r['float_key']}.pt")
+        targets = torch.tensor(ImageFolder(cifar_dir / "test", limit_per_class=3).targets)
+        assert 100.0 * float((float_logits.argmax(-1) == targets).double().mean()) == r["float_top1"]
         q = json.loads(Path(r["qparams"]).read_text())
         assert q["w_bits"] == 6 and "blocks.0.attn.matmul2" in q["modules"]
     assert "split" in json.loads(Path(rows[1]["qparams"]).read_text())["modules"]["blocks.0.attn.matmul2"]

@@ -21,9 +21,10 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (MIN_SCALE, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
+from ..quant import (MIN_SCALE, LogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
                      gelu_twin_fake_quant, initial_scale, softmax_split_candidates, softmax_twin_fake_quant,
                      uniform_fake_quant)
+from .gptq import gptq_quantize, input_hessian, row_scales, search_group_scales
 from .search import Product, best_index, score
 
 
@@ -144,6 +145,35 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
         inp.quant.set_scale(inp.scale)
 
 
+def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
+                                  budget: int) -> None:
+    """Weight scales from ``H``, round-to-nearest or GPTQ weights, then the input scale search."""
+    wq = site.w_quant
+    w = site.weight.detach()
+    x2 = x.reshape(-1, x.shape[-1])
+    h = input_hessian(x2)
+    factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(w.device)
+    scales = search_group_scales(w, h, wq.groups, wq.bits, factors, budget)
+    per_row = row_scales(scales, w.shape[0])
+    if preset.weight_rounding == "gptq":
+        wq_values = gptq_quantize(w, h.to(w.device), per_row, wq.bits, damp=preset.gptq_damp,
+                                  act_order=preset.gptq_act_order, block=preset.gptq_block)
+    else:
+        wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
+    if site.a_quant is not None:
+        grid = _Grid(preset, x.device)
+        xx = x2.unsqueeze(0)
+        g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
+        layer = Product(a=xx, b=w.t().unsqueeze(0), bias=site.bias.detach() if site.bias is not None else None,
+                        grad=g, metric=preset.metric)
+        inp = _InputSearch(site.a_quant, xx, grid)
+        best = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
+        site.a_quant.set_scale(best.reshape(1))
+    with torch.no_grad():
+        site.weight.copy_(wq_values)
+    wq.set_scale(scales)
+
+
 def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Weight-only search of the patch embedding, seen as a linear layer over unfolded patches."""
     grid = _Grid(preset, x.device)
@@ -182,6 +212,8 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     a_all = a                                                  # ranges from every row, scores on some
     rows = -(-preset.search_rows // a.shape[0]) if preset.search_rows else 0
     a, grad = _some_rows(a, 2, rows), _some_rows(grad, 2, rows)
+    if isinstance(site.a_quant, LogQuantizer):
+        return _calibrate_matmul_fixed_a(site, a, b, grad, preset, budget, grid)
 
     # Made when searched, so one head's float product exists at a time.
     def head_product(h: int) -> Product:
@@ -237,11 +269,26 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     bq.set_scale(b_scale)
 
 
+def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor],
+                              preset: Preset, budget: int, grid: _Grid) -> None:
+    """Operand A has no parameter to search (log quantizer): search B's per-head scales once against q(A)."""
+    heads = a.shape[1]
+    a_fixed = site.a_quant.fake_quant(a)
+    bq: UniformQuantizer = site.b_quant
+    b_cands = grid.around(initial_scale(_per_head_absmax(b), bq.bits))
+    per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
+                for h in range(heads)]
+    bq.set_scale(torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], _uniform(bq.bits), b_cands[:, h:h + 1], budget), h]
+                              for h, prod in enumerate(per_head)]))
+
+
 def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype)."""
     inputs = [_search_float(t) for t in inputs]
     grad = _search_float(grad)
-    if isinstance(site, QuantLinear):
+    if isinstance(site, QuantLinear) and preset.second_order_weights:
+        calibrate_linear_second_order(site, inputs[0], grad, preset, budget)
+    elif isinstance(site, QuantLinear):
         calibrate_linear(site, inputs[0], grad, preset, budget)
     elif isinstance(site, QuantConv2d):
         calibrate_conv(site, inputs[0], grad, preset, budget)

@@ -30,6 +30,8 @@ class EvalResult:
     world_size: int = 1
     #: Predicted class per dataset index (-1 for skipped images), when asked for.
     predictions: Optional[list] = None
+    #: Float32 logits ``(n, classes)`` in dataset order (NaN rows for skipped images), when asked for.
+    logits: Optional[torch.Tensor] = None
 
     @property
     def top1(self) -> float:
@@ -105,7 +107,7 @@ def device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 64, num_workers: int = 0,
              device: Optional[torch.device] = None, progress: bool = True, desc: str = "eval",
-             return_predictions: bool = False) -> EvalResult:
+             return_predictions: bool = False, return_logits: bool = False) -> EvalResult:
     """Top-1 accuracy of ``model`` over ``dataset`` (items ``(image, label, index)``, see :mod:`ptq4vit.data`).
 
     Sharded across the process group when one is initialised; every rank gets the same result.
@@ -126,6 +128,8 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 64, num_workers: in
     skipped: list[int] = []
     idx_out: list[int] = []
     pred_out: list[int] = []
+    logit_idx: list[torch.Tensor] = []
+    logit_out: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for batch in loader:
         skipped.extend(batch.skipped)
@@ -139,6 +143,9 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 64, num_workers: in
             if return_predictions:
                 idx_out.extend(batch.indices.tolist())
                 pred_out.extend(pred.tolist())
+            if return_logits:
+                logit_idx.append(batch.indices.clone())
+                logit_out.append(logits.detach().float().cpu())
         if bar is not None:
             bar.update(len(batch) + len(batch.skipped))
             bar.set_postfix(top1=f"{100.0 * correct / max(total, 1):.2f}%", refresh=False)
@@ -159,12 +166,21 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 64, num_workers: in
         if return_predictions:
             idx_out = [i for g in gathered for i in g[1]]
             pred_out = [p for g in gathered for p in g[2]]
+        if return_logits:
+            parts = [None] * world
+            dist.all_gather_object(parts, (logit_idx, logit_out))
+            logit_idx = [t for g in parts for t in g[0]]
+            logit_out = [t for g in parts for t in g[1]]
         assert n_skipped == len(skipped) and total + n_skipped == n, "shards do not add up to the dataset"
     predictions = None
     if return_predictions:
         predictions = [-1] * n
         for i, p in zip(idx_out, pred_out):
             predictions[i] = p
+    all_logits = None
+    if return_logits and logit_out:
+        all_logits = torch.full((n, logit_out[0].shape[-1]), float("nan"))
+        all_logits[torch.cat(logit_idx)] = torch.cat(logit_out)
     paths = [dataset.samples[i][0] for i in skipped] if hasattr(dataset, "samples") else [str(i) for i in skipped]
     return EvalResult(correct=correct, total=total, skipped=len(skipped), skipped_paths=paths,
-                      seconds=seconds, world_size=world, predictions=predictions)
+                      seconds=seconds, world_size=world, predictions=predictions, logits=all_logits)

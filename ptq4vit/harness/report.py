@@ -133,7 +133,7 @@ def _csv_text(header: list[str], table: list[list]) -> str:
 
 
 LONG_FIELDS = ("model", "timm_name", "timm_tag", "weights", "preset", "overrides", "ablation_row", "w_bits", "a_bits",
-               "calib_size", "calib_seed", "n_eval", "float_top1", "quant_top1", "drop", "paper_top1",
+               "calib_size", "calib_seed", "n_eval", "float_top1", "quant_top1", "drop", "agreement", "kl", "paper_top1",
                "vs_paper", "calib_seconds", "device", "world_size", "torch", "timm", "ptq4vit", "key")
 
 
@@ -178,10 +178,12 @@ def _run_label(r: dict) -> str:
 
 
 def _runs_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    header = ["model", "method", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "calib s", "device"]
+    header = ["model", "method", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "agreement %",
+              "KL(float‖quant)", "calib s", "device"]
     table = [[r["model"], _run_label(r),
               bits_label(r), r.get("calib_size"), r.get("n_eval"), r.get("float_top1"), r.get("quant_top1"), r.get("drop"),
-              r.get("calib_seconds"), r.get("device")] for r in rows]
+              r.get("agreement"), None if r.get("kl") is None else f"{r['kl']:.4f}", r.get("calib_seconds"),
+              r.get("device")] for r in rows]
     return header, table
 
 

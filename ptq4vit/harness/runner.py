@@ -31,6 +31,7 @@ from ..quant import check_bits as check_quant_bits
 from . import zoo
 from .data import ImageFolder, calibration_images, resolve_splits
 from .evaluate import barrier, broadcast_object, dist_info, evaluate
+from .fidelity import fidelity
 from .labels import slug
 from .logs import configure_logging
 from .store import ResultsFile, atomic_write_text, canonical, run_key
@@ -261,23 +262,37 @@ class Runner:
             self._calib_cache[ck] = cal.images
         return self._calib_cache[ck]
 
+    def _float_logits_path(self, res: Resolved) -> Path:
+        return self.out / "float_logits" / f"{res.float_key}.pt"
+
     def _float_top1(self, res: Resolved, lm: zoo.LoadedModel):
+        """``(top1, n_eval, n_skipped, seconds, logits)`` of the float model; the logits (for agreement and
+        KL, docs/lowbit.md §1) are computed once per evaluation set and kept under ``out/float_logits``."""
         if res.float_key in self._float_cache:
             return self._float_cache[res.float_key]
         found = None
+        path = self._float_logits_path(res)
         if self.opts.reuse_float:
             for r in self.results.rows():
                 if r.get("float_key") == res.float_key and r.get("float_top1") is not None:
                     found = r
-            found = broadcast_object(found)
+            found = broadcast_object((found, torch.load(path) if found is not None and path.is_file() else None)
+                                     if self.rank == 0 else None)
+            found = found if found is not None and found[1] is not None else None
         if found is not None:
-            val = (found["float_top1"], found.get("n_eval"), found.get("n_skipped", 0), found.get("float_eval_seconds"))
+            row, logits = found
+            val = (row["float_top1"], row.get("n_eval"), row.get("n_skipped", 0), row.get("float_eval_seconds"), logits)
         else:
             r = evaluate(lm.model, self._eval_set, batch_size=self.opts.batch_size, num_workers=self.opts.num_workers,
-                         device=self.device, progress=self.opts.progress, desc=f"float {lm.name}")
+                         device=self.device, progress=self.opts.progress, desc=f"float {lm.name}", return_logits=True)
             for p in r.skipped_paths:
                 self.log(f"warning: skipped unreadable image {p}")
-            val = (r.top1, r.total, r.skipped, round(r.seconds, 3))
+            if self.rank == 0 and r.logits is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(r.logits, tmp)
+                os.replace(tmp, path)
+            val = (r.top1, r.total, r.skipped, round(r.seconds, 3), r.logits)
         self._float_cache[res.float_key] = val
         return val
 
@@ -288,7 +303,7 @@ class Runner:
         res = self.planner.resolve(job)
         lm = self._load_model(res)
         images = self._calibration(job)
-        float_top1, n_eval, n_skipped, float_secs = self._float_top1(res, lm)
+        float_top1, n_eval, n_skipped, float_secs, float_logits = self._float_top1(res, lm)
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -304,7 +319,8 @@ class Runner:
         sync_quantizers(qmodel)
         r = evaluate(qmodel, self._eval_set, batch_size=self.opts.batch_size, num_workers=self.opts.num_workers,
                      device=self.device, progress=self.opts.progress,
-                     desc=f"{job.preset} {job.bits} {lm.name}")
+                     desc=f"{job.preset} {job.bits} {lm.name}", return_logits=True)
+        fid = fidelity(float_logits, r.logits) if float_logits is not None and r.logits is not None else {}
         qparams = qmodel.qparams()
         del qmodel
 
@@ -332,6 +348,8 @@ class Runner:
             "float_top1": float_top1,
             "quant_top1": r.top1,
             "drop": None if float_top1 is None else float_top1 - r.top1,
+            "agreement": fid.get("agreement"),
+            "kl": fid.get("kl"),
             "eval_seconds": round(r.seconds, 3),
             "float_eval_seconds": float_secs,
             "float_key": res.float_key,
@@ -473,9 +491,14 @@ def run_parallel(opts: RunOptions, jobs: list[Job], devices: list[str],
     return [rows[i] for i in sorted(rows)], errors
 
 
+def _opt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def format_rows(rows: list[dict]) -> str:
     """The small table ``quantize`` prints."""
-    header = ("model", "preset", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "calib s")
+    header = ("model", "preset", "bits", "calib", "images", "float top-1", "quant top-1", "drop", "agree %", "KL",
+              "calib s")
     lines = [header]
     for r in rows:
         overrides = dict(r.get("overrides") or {})
@@ -487,9 +510,10 @@ def format_rows(rows: list[dict]) -> str:
             overrides = {k: v for k, v in overrides.items() if row_ov.get(k, object()) != v}
         preset += "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
         lines.append((r["model"], preset, f"W{r['w_bits']}A{r['a_bits']}", str(r["calib_size"]), str(r["n_eval"]),
-                      f"{r['float_top1']:.2f}", f"{r['quant_top1']:.2f}", f"{r['drop']:+.2f}", f"{r['calib_seconds']:.1f}"))
+                      f"{r['float_top1']:.2f}", f"{r['quant_top1']:.2f}", f"{r['drop']:+.2f}", _opt(r.get("agreement"), ".2f"),
+                      _opt(r.get("kl"), ".4f"), f"{r['calib_seconds']:.1f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    right = {3, 4, 5, 6, 7, 8}
+    right = {3, 4, 5, 6, 7, 8, 9, 10}
     out = []
     for j, line in enumerate(lines):
         out.append("  ".join(str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])

@@ -21,10 +21,12 @@ from torch import nn
 from timm.layers import DropPath, Mlp, PatchDropout
 
 from ..errors import UnsupportedModelError
+from ..transforms.online import OnlineRotation
 from .sites import SiteBuilder
 
-#: Float modules allowed where a norm goes (elementwise over features).
-NORMS = (nn.LayerNorm, nn.Identity)
+#: Float modules allowed where a norm goes (elementwise over features). nn.RMSNorm is what a
+#: LayerNorm becomes when a rotation folds its centring and affine away (docs/lowbit.md §2).
+NORMS = (nn.LayerNorm, nn.RMSNorm, nn.Identity)
 #: Float modules allowed where a dropout or stochastic depth goes (identity at inference).
 DROPOUTS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
 #: MLP activations allowed when the post-GELU twin is off (the twin needs nn.GELU).
@@ -103,7 +105,9 @@ class SitePlan:
         self.keep_float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")
         self.keep_float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
         norm = getattr(mlp, "norm", None)
-        if norm is not None:
+        if isinstance(norm, OnlineRotation):  # fc2's input rotated online (docs/lowbit.md §2): float, any preset
+            self.keep_float(f"{path}.norm", norm, (OnlineRotation,), "online rotation")
+        elif norm is not None:
             if type(norm) is not nn.Identity:
                 raise self.refuse(f"{path}.norm", norm,
                                   "a norm between the activation and fc2 (scale_mlp_norm=True) is not supported: fc2's "

@@ -1,0 +1,118 @@
+"""Low-bit accuracy and fidelity of the real ViT-S/14 CIFAR-10 model, one configuration per call
+(a quick stand-alone tool for exploring; ``benchmarks/lowbit_accuracy.sh`` runs the full table
+through ``ptq4vit sweep``).
+
+Calibrates on 32 images of cifar10/calib (seed 3), evaluates the first ``--limit`` test images
+of each class, and prints top-1, top-1 agreement with the float model, mean KL(float ‖ quant)
+and the calibration seconds. Float logits are computed once per ``--limit`` and cached under
+``--out``; each finished configuration is appended to ``--out``/results.jsonl and skipped when
+run again (resumable). Usage:
+
+    python benchmarks/lowbit_accuracy.py --preset rotq --bits W4A4 [--set field=value ...] [--label NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import ptq4vit
+from ptq4vit.harness import zoo
+from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
+from ptq4vit.harness.fidelity import mean_kl, top1_agreement
+from ptq4vit.harness.runner import parse_bits
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+@torch.no_grad()
+def logits_of(model, dataset, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, labels = [], []
+    for batch in make_loader(dataset, batch_size=batch_size, num_workers=0):
+        outs.append(model(batch.images))
+        labels.append(batch.labels)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def print_table(results: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    print("| run | images | top-1 (%) | agreement (%) | KL(float‖quant) | calib s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['label']} | {r['images']} | {r['top1']:.1f} | {r['agreement']:.1f} | {r['kl']:.4f} | {r['calib_s']:.0f} |")
+    if rows:
+        print(f"\nfloat top-1 {rows[0]['float_top1']:.1f}% on {rows[0]['images']} images; calib s measured on a shared, "
+              f"contended CPU (load average recorded per row in results.jsonl)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="ptq4vit")
+    ap.add_argument("--bits", default="W4A4")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--limit", type=int, default=100, help="test images per class (1000 = all 10 000)")
+    ap.add_argument("--calib-size", type=int, default=32)
+    ap.add_argument("--out", default="runs/lowbit")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out's results and exit")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.table:
+        print_table(Path(args.out) / "results.jsonl")
+        return
+
+    shared = zoo.shared_dir()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: _value(v) for k, v in overrides.items()}
+    w_bits, a_bits = parse_bits(args.bits)
+    label = args.label or " ".join([args.preset, args.bits] + [f"{k}={v}" for k, v in sorted(overrides.items())])
+    results = out / "results.jsonl"
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    if any(r["label"] == label and r["limit"] == args.limit for r in done):
+        print(f"done already: {label}")
+        return
+
+    lm = zoo.create("vit_s14_cifar10", weights=shared / "models")
+    tf = lm.transform()
+    cifar = shared / "data" / "cifar10"
+    test = ImageFolder(cifar / "test", tf, limit_per_class=args.limit, strict=True)
+    cache = out / f"float_logits_limit{args.limit}.pt"
+    if cache.exists():
+        ref, labels = torch.load(cache)
+    else:
+        ref, labels = logits_of(lm.model, test)
+        torch.save((ref, labels), cache)
+
+    calib = calibration_images(ImageFolder(cifar / "calib", tf), args.calib_size, seed=3).images
+    t0 = time.perf_counter()
+    q = ptq4vit.quantize(lm.model, calib, args.preset, w_bits, a_bits, progress=True, **overrides)
+    calib_s = time.perf_counter() - t0
+    logits, _ = logits_of(q, test)
+    row = dict(label=label, preset=args.preset, bits=args.bits, overrides=overrides, limit=args.limit,
+               images=len(labels), float_top1=100.0 * float((ref.argmax(-1) == labels).double().mean()),
+               top1=100.0 * float((logits.argmax(-1) == labels).double().mean()),
+               agreement=top1_agreement(ref, logits), kl=mean_kl(ref, logits), calib_s=round(calib_s, 1),
+               load=os.getloadavg()[0])
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{label}: top1 {row['top1']:.1f} (float {row['float_top1']:.1f}) agreement {row['agreement']:.1f} "
+          f"KL {row['kl']:.4f} calib {calib_s:.0f} s (load {row['load']:.1f}, contended timing) on {len(labels)} images")
+
+
+if __name__ == "__main__":
+    main()

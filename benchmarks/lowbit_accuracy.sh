@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Low-bit fidelity of the real ViT-S/14 (CIFAR-10 head) in ../shared (docs/lowbit.md §5): base, ptq4vit and
+# rotq at W8A8, W6A6, W4A4, then rotq with one component switched off per run
+# (ptq4vit.presets.ROTQ_ABLATION_ROWS) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
+# the first 100 test images per class; every row has top-1, agreement with the float model, mean
+# KL(float||quant) and calibration seconds. Resumable: re-running skips finished runs.
+# Usage: bash benchmarks/lowbit_accuracy.sh [extra sweep options, e.g. --limit 1000 for all 10 000 images]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${PTQ4VIT_SHARED:-../shared}
+OUT=${OUT:-runs/lowbit_vit_s14}
+sweep() {
+    .venv/bin/ptq4vit sweep --models vit_s14_cifar10 --weights "$SHARED/models" \
+        --data "$SHARED/data/cifar10" --val-split test --calib-dir "$SHARED/data/cifar10/calib" \
+        --limit 100 --out "$OUT" "$@"
+}
+sweep --preset base,ptq4vit,rotq --bits W8A8,W6A6,W4A4 "$@"
+.venv/bin/python -c 'from ptq4vit.presets import ROTQ_ABLATION_ROWS as R
+for ov in R.values(): print(" ".join(f"--set {k}={v}" for k, v in ov.items()))' |
+while read -r sets; do
+    # shellcheck disable=SC2086
+    sweep --preset rotq --bits W6A6,W4A4 $sets "$@" </dev/null
+done
+.venv/bin/ptq4vit report "$OUT/results.jsonl" --out "$OUT/report"

@@ -1,0 +1,26 @@
+"""The one rotation that runs on activations at inference: fc2's input (docs/lowbit.md §2)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .orthogonal import KroneckerRotation
+
+
+class OnlineRotation(nn.Module):
+    """``x @ (left ⊗ right)`` applied to activations (its transpose is folded into the next layer)."""
+
+    def __init__(self, rot: KroneckerRotation, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.register_buffer("left", rot.left.to(device=device, dtype=dtype))
+        self.register_buffer("right", rot.right.to(device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, p = self.left.shape[0], self.right.shape[0]
+        xv = x.reshape(*x.shape[:-1], m, p) @ self.right.to(x.dtype)
+        if m > 1:
+            xv = self.left.t().to(x.dtype) @ xv
+        return xv.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.left.shape[0]} x {self.right.shape[0]}"

@@ -1,0 +1,95 @@
+"""Log-domain softmax quantizer, fidelity metrics, and checkpoints of rotated / GPTQ / log-quantized models."""
+import math
+
+import pytest
+import timm
+import torch
+
+import ptq4vit
+from ptq4vit import checkpoint as ck
+from ptq4vit.harness.fidelity import kl_per_image, mean_kl, top1_agreement
+from ptq4vit.quant import LogQuantizer, log_codes, log_fake_quant
+from ptq4vit.transforms import OnlineRotation
+
+
+def test_log2_codes_and_values_on_hand_made_values():
+    x = torch.tensor([1.0, 0.6, 0.5, 0.3, 0.25, 0.01, 2.0 ** -6, 2.0 ** -7, 0.0])
+    # 3 bits: codes 0..6 are 2^-c, code 7 is zero
+    assert log_codes(x, 3, "log2").tolist() == [0, 1, 1, 2, 2, 7, 6, 7, 7]
+    assert log_fake_quant(x, 3, "log2").tolist() == [1.0, 0.5, 0.5, 0.25, 0.25, 0.0, 2.0 ** -6, 0.0, 0.0]
+
+
+def test_log_sqrt2_has_two_codes_per_halving():
+    x = torch.tensor([1.0, 0.75, 0.5, 2.0 ** -3.5, 0.0])
+    # -2·log2(0.75) = 0.83 -> 1; 0.5 -> 2; 2^-3.5 -> 7
+    assert log_codes(x, 4, "log_sqrt2").tolist() == [0, 1, 2, 7, 15]
+    got = log_fake_quant(x, 4, "log_sqrt2")
+    want = torch.tensor([1.0, 2 ** -0.5, 0.5, 2 ** -3.5, 0.0])
+    assert torch.equal(got, want)
+    q = LogQuantizer(4, "log_sqrt2")
+    assert torch.equal(q(x), want)  # nothing to calibrate
+    with pytest.raises(ValueError, match="base"):
+        LogQuantizer(4, "log3")
+
+
+def test_fidelity_metrics_on_hand_made_logits():
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    out = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 1.0, 0.0]])
+    assert top1_agreement(ref, out) == 50.0
+    kl = kl_per_image(ref, out)
+    assert kl[0] == 0 and kl[2] == 0
+    p = torch.softmax(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), -1)
+    q = torch.softmax(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), -1)
+    want = float((p * (p / q).log()).sum())
+    assert math.isclose(float(kl[1]), want, rel_tol=1e-12)
+    assert math.isclose(mean_kl(ref, out), float(kl.mean()), rel_tol=1e-15)
+    with pytest.raises(ValueError, match="logit"):
+        top1_agreement(ref, out[:2])
+
+
+def _tiny():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_dinov2", img_size=28, num_classes=10, pretrained=False, depth=1,
+                          embed_dim=96, num_heads=3, reg_tokens=1, init_values=0.3).eval()
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    return m, x
+
+
+def test_rotq_with_log_softmax_round_trips_through_a_checkpoint(tmp_path):
+    m, x = _tiny()
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, softmax_log="log_sqrt2")
+    params = q.qparams()
+    assert params["modules"]["blocks.0.attn.matmul2"]["a_log"] == "log_sqrt2"
+    assert len(params["modules"]["blocks.0.attn.qkv"]["w_scale"]) == 3 * 96   # per channel
+    assert isinstance(q.model.blocks[0].mlp.norm, OnlineRotation)
+    ck.save(q, tmp_path / "q.safetensors")
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert q2.qparams() == params
+
+
+def test_rotq_ablation_rows_are_valid_presets():
+    for label, overrides in ptq4vit.presets.ROTQ_ABLATION_ROWS.items():
+        p = ptq4vit.get_preset("rotq", **overrides)
+        assert p.overrides() == overrides, label
+
+
+def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as_float(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.bench import compare_outputs
+    from ptq4vit.export.ort import make_session
+
+    m, x = _tiny()
+    q = ptq4vit.quantize(m, x, "rotq", 8, 8, progress=False, n_candidates=4, rounds=1, softmax_log="log2")
+    rep = export_onnx(q, tmp_path / "m.onnx")
+    # integer everywhere but the float-image patch embedding and the log-quantized softmax operand
+    assert sorted(s.name for s in rep.fallbacks) == ["blocks.0.attn.matmul2", "patch_embed.proj"]
+    assert "LogQuantizer" in [s for s in rep.fallbacks if s.name == "blocks.0.attn.matmul2"][0].reason
+    with torch.no_grad():
+        ref = q(x).numpy()
+    out = make_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    c = compare_outputs(ref, out)
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
