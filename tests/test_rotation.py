@@ -8,7 +8,7 @@ import torch
 import ptq4vit
 from ptq4vit.errors import UnsupportedModelError, UserError
 from ptq4vit.presets import get_preset
-from ptq4vit.transforms import (OnlineRotation, RotationOptions, apply_rotation, hadamard, make_rotation,
+from ptq4vit.transforms import (OnlineRotation, RMSNorm, RotationOptions, apply_rotation, hadamard, make_rotation,
                                 random_orthogonal)
 
 from conftest import make_tiny
@@ -62,7 +62,7 @@ def test_rotated_model_reproduces_float_model(opts):
 def test_residual_rotation_replaces_norms_and_layerscale():
     m, _ = _tiny_dinov2()
     apply_rotation(m, ALL)
-    assert isinstance(m.blocks[0].norm1, torch.nn.RMSNorm) and isinstance(m.norm, torch.nn.RMSNorm)
+    assert isinstance(m.blocks[0].norm1, RMSNorm) and isinstance(m.norm, RMSNorm)
     assert isinstance(m.blocks[1].ls2, torch.nn.Identity)
     assert isinstance(m.blocks[0].mlp.norm, OnlineRotation)
 

@@ -21,12 +21,12 @@ from torch import nn
 from timm.layers import DropPath, Mlp, PatchDropout
 
 from ..errors import UnsupportedModelError
-from ..transforms.online import OnlineRotation
+from ..transforms.modules import OnlineRotation, RMSNorm
 from .sites import SiteBuilder
 
-#: Float modules allowed where a norm goes (elementwise over features). nn.RMSNorm is what a
+#: Float modules allowed where a norm goes (elementwise over features). RMSNorm is what a
 #: LayerNorm becomes when a rotation folds its centring and affine away (docs/lowbit.md §2).
-NORMS = (nn.LayerNorm, nn.RMSNorm, nn.Identity)
+NORMS = (nn.LayerNorm, RMSNorm, nn.Identity)
 #: Float modules allowed where a dropout or stochastic depth goes (identity at inference).
 DROPOUTS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
 #: MLP activations allowed when the post-GELU twin is off (the twin needs nn.GELU).

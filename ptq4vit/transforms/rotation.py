@@ -8,7 +8,7 @@ rotation can be folded into the weights. Three independent parts:
 * **residual**: the residual stream is rotated by one global ``Q``. LayerNorm does not commute
   with ``Q`` (its centring), so every residual writer (patch embedding, class/register tokens,
   position embedding, attention ``proj``, ``fc2``) has its output centred, which makes
-  LayerNorm's centring a no-op; the norms become ``nn.RMSNorm`` (no affine), their affine
+  LayerNorm's centring a no-op; the norms become :class:`RMSNorm` (no affine), their affine
   folded into the linear layers that read them, LayerScale folded into the writers. Then every
   writer is multiplied by ``Qᵀ`` on its output side and every reader by ``Q`` on its input side.
 * **heads**: per head, q and k get the same ``R_h`` (``q kᵀ`` unchanged), v gets ``S_h`` undone
@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import UnsupportedModelError, UserError
 from ..presets import ROTATION_KINDS, Preset
-from .online import OnlineRotation
+from .modules import OnlineRotation, RMSNorm
 from .orthogonal import make_rotation
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,9 @@ class RotationOptions:
 # ----------------------------------------------------------------------------- folding helpers
 
 
-def _rms_norm(ln: nn.LayerNorm) -> nn.RMSNorm:
+def _rms_norm(ln: nn.LayerNorm) -> RMSNorm:
     """LayerNorm on a zero-mean input without its affine: ``x / sqrt(mean(x²) + eps)``."""
-    dev = ln.weight.device if ln.weight is not None else None
-    return nn.RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False, device=dev)
+    return RMSNorm(ln.normalized_shape[-1], ln.eps)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The one rotation that runs on activations at inference: fc2's input (docs/lowbit.md §2)."""
+"""The float modules a rotation leaves in a model (docs/lowbit.md §2): the norm a LayerNorm becomes and
+the one rotation that runs on activations at inference (fc2's input). Plain tensor ops, so they
+trace into ONNX at any opset (``nn.RMSNorm`` needs opset 23)."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +26,18 @@ class OnlineRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.left.shape[0]} x {self.right.shape[0]}"
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps)`` over the last dim: LayerNorm on a zero-mean input, without affine."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
