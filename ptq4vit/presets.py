@@ -150,6 +150,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "evenly spaced tokens of each activation, one round, no gradients (at 8 bits the "
                     "wide grid and the hessian metric buy little)",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
+    ),
+    Preset(
         name="rotq",
         description="ptq4vit's Hessian-guided search and softmax twin on a rotated model (residual stream, "
                     "per-head q/k/v, online fc2 input), with per-channel GPTQ-rounded linear weights; "
