@@ -20,7 +20,6 @@ from torch import nn
 
 from ..nn import QuantMatMul
 from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
-from ..quant.quantizers import group_view, scale_view
 from .report import SiteExport
 
 INT32_LIMIT = 2 ** 31 - 1
@@ -31,13 +30,9 @@ def f32(x) -> np.ndarray:
 
 
 def weight_codes(site) -> torch.Tensor:
-    """The weight's integer codes ``clamp(round(w / Δw), -qmax, qmax-1)``, shaped like the weight."""
-    wq: UniformQuantizer = site.w_quant
-    w = site.weight.detach().float().cpu()
-    xg = group_view(w, wq.axis, wq.groups)
-    s = scale_view(wq.scale.detach().float().cpu(), wq.axis, w.dim())
-    q = qmax(wq.bits)
-    return torch.round(xg / s).clamp_(-q, q - 1).reshape(w.shape)
+    """The weight's integer codes (float32 on the CPU, shaped like the weight): the quantizer's own,
+    so the graph holds exactly what the fake-quantized forward and a checkpoint round to."""
+    return site.w_quant.codes(site.weight.detach()).float().cpu()
 
 
 def column_scales(wq: UniformQuantizer, out_features: int) -> np.ndarray:

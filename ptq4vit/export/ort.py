@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["available_providers", "make_session", "run_batches", "Timing", "time_session", "profile_ops",
+__all__ = ["available_providers", "make_session", "run_batches", "profile_ops",
            "optimized_op_counts", "INTEGER_OPS"]
 
 #: ONNX / ORT operators that compute integer products.
@@ -77,54 +74,6 @@ def run_batches(session, images: np.ndarray, batch_size: int = 64) -> np.ndarray
     out = [session.run(None, {name: np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)})[0]
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out)
-
-
-@dataclass
-class Timing:
-    batch: int
-    times_ms: list = field(default_factory=list)
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def best_ms(self) -> float:
-        return min(self.times_ms)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.batch / (self.median_ms / 1000)
-
-
-def time_session(session, input_shape: Sequence[int], batch: int, warmup: int = 3, repeats: int = 10,
-                 min_seconds: float = 0.0, seed: int = 0) -> Timing:
-    """Latency of ``session.run`` on a random batch of images of shape ``input_shape`` (C, H, W): ``warmup`` untimed runs, then at least ``repeats``
-    timed runs (and at least ``min_seconds`` of them)."""
-    name = session.get_inputs()[0].name
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
-    feed = {name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    t = Timing(batch)
-    start = time.perf_counter()
-    while len(t.times_ms) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        t.times_ms.append((time.perf_counter() - t0) * 1000)
-    return t
-
-
-def time_callable(fn, batch: int, repeats: int = 10, warmup: int = 2, min_seconds: float = 0.0) -> Timing:
-    for _ in range(warmup):
-        fn()
-    t = Timing(batch)
-    start = time.perf_counter()
-    while len(t.times_ms) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        t.times_ms.append((time.perf_counter() - t0) * 1000)
-    return t
 
 
 def profile_ops(path: str, input_shape: Sequence[int], batch: int, runs: int = 5, threads: Optional[int] = None,

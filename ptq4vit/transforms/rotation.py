@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from timm.layers import LayerScale, Mlp
-from timm.layers.attention import Attention
+from timm.layers import Mlp
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Block, VisionTransformer
+# Imported from vision_transformer (not timm.layers, which gained them after 1.0.3, the floor)
+from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 
 from ..errors import UnsupportedModelError, UserError
 from ..presets import ROTATION_KINDS, Preset
