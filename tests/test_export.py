@@ -386,9 +386,9 @@ def test_benchmark_reports_speed_accuracy_agreement(tmp_path):
     assert os.path.exists(res.onnx_paths["int8-onnx"])
 
 
-def test_cli_export_bench_eval(tmp_path, capsys):
+def saved_vit_and_images(tmp_path, per_class: int):
+    """A saved quantized tiny ViT checkpoint and an image folder of two classes, for the CLI tests."""
     from PIL import Image
-    from ptq4vit.harness.cli import main
     _, q = quantized("vit")
     ckpt = tmp_path / "q.safetensors"
     ck.save(q, ckpt, data_config={"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
@@ -397,8 +397,14 @@ def test_cli_export_bench_eval(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (data / c).mkdir(parents=True)
-        for i in range(3):
+        for i in range(per_class):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    return ckpt, data
+
+
+def test_cli_export_bench_eval(tmp_path, capsys):
+    from ptq4vit.harness.cli import main
+    ckpt, data = saved_vit_and_images(tmp_path, 3)
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.onnx"),
                  "--float-out", str(tmp_path / "f.onnx"), "--check", "4"]) == 0
     out = capsys.readouterr().out

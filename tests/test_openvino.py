@@ -13,7 +13,7 @@ from ptq4vit.export import export_onnx  # noqa: E402
 from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers  # noqa: E402
 from ptq4vit.export.ort import make_session  # noqa: E402
 
-from test_export import quantized, torch_out  # noqa: E402
+from test_export import quantized, saved_vit_and_images, torch_out  # noqa: E402
 
 
 def _rel(a, ref):
@@ -83,20 +83,8 @@ def test_benchmark_times_and_scores_openvino_in_the_same_loop(tmp_path):
 def test_cli_qdq_export_and_openvino_bench_eval(tmp_path, capsys):
     import json
 
-    from PIL import Image
-
-    from ptq4vit import checkpoint as ck
     from ptq4vit.harness.cli import main
-    _, q = quantized("vit")
-    ckpt = tmp_path / "q.safetensors"
-    ck.save(q, ckpt, data_config={"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 1.0,
-                                  "crop_mode": "squash", "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    data = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / c / f"{i}.png")
+    ckpt, data = saved_vit_and_images(tmp_path, 2)
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.onnx"), "--format", "qdq",
                  "--check", "2"]) == 0
     assert "format=qdq" in capsys.readouterr().out
