@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from timm.layers import ClassifierHead, PatchEmbed, SelectAdaptivePool2d
+from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, SwinTransformerStage,
                                           WindowAttention)
 
@@ -65,12 +65,7 @@ class SwinAdapter(Adapter):
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         p = SitePlan(self.family)
         p.container("")
-        pe = model.patch_embed
-        if type(pe) is not PatchEmbed:
-            raise p.refuse("patch_embed", pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
-        p.container("patch_embed")
-        p.site("patch_embed.proj", pe.proj, nn.Conv2d, build.patch_conv)
-        p.keep_float("patch_embed.norm", pe.norm, NORMS, "norm")
+        p.patch_embed("patch_embed", model.patch_embed, build)
         if getattr(model, "pos_drop", None) is not None:
             p.keep_float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
         p.container("layers")

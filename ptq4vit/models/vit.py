@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from timm.layers import PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import (Attention, Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock,
                                             VisionTransformer)
@@ -100,12 +99,7 @@ class VitAdapter(Adapter):
         if attn_pool is not None:
             raise p.refuse("attn_pool", attn_pool, "the attention-pool head (global_pool='map') has its own attention "
                                                    "and MLP, which this adapter does not quantize")
-        pe = model.patch_embed
-        if type(pe) is not PatchEmbed:
-            raise p.refuse("patch_embed", pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
-        p.container("patch_embed")
-        p.site("patch_embed.proj", pe.proj, nn.Conv2d, build.patch_conv)
-        p.keep_float("patch_embed.norm", pe.norm, NORMS, "norm")
+        p.patch_embed("patch_embed", model.patch_embed, build)
         for name in ("pos_drop", "patch_drop"):
             if getattr(model, name, None) is not None:
                 p.keep_float(name, getattr(model, name), DROPOUTS, "dropout")
