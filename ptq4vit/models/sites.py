@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_bits
+from ..quant import LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_bits
 
 
 class SiteBuilder:
@@ -21,8 +21,11 @@ class SiteBuilder:
         self.a_bits = check_bits(a_bits, "a_bits")
 
     def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None) -> QuantLinear:
-        """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each."""
+        """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each, or every output
+        row its own with ``w_granularity="channel"`` (a refinement of the q/k/v blocks, docs/lowbit.md §3)."""
         device = linear.weight.device
+        if self.preset.w_granularity == "channel":
+            w_groups = linear.out_features
         w_quant = UniformQuantizer(self.w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
         if a_quant is None:
             a_quant = UniformQuantizer(self.a_bits, device=device)
@@ -54,8 +57,10 @@ class SiteBuilder:
             return UniformQuantizer(self.a_bits, num_heads, axis=1, device=device)
 
         matmul1 = QuantMatMul(per_head(), per_head())
-        if self.preset.softmax_twin:
-            softmax_quant: Quantizer = TwinSoftmaxQuantizer(self.a_bits, self.preset.softmax_twin_form, device=device)
+        if self.preset.softmax_log != "none":  # the log quantizer replaces uniform and twin alike
+            softmax_quant: Quantizer = LogQuantizer(self.a_bits, self.preset.softmax_log)
+        elif self.preset.softmax_twin:
+            softmax_quant = TwinSoftmaxQuantizer(self.a_bits, self.preset.softmax_twin_form, device=device)
         else:
             softmax_quant = per_head()
         return matmul1, QuantMatMul(softmax_quant, per_head())
