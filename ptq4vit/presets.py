@@ -78,6 +78,11 @@ class Preset:
     #: the twin/uniform one (``"none"``).
     softmax_log: str = "none"
 
+    @property
+    def gradients(self) -> "GradSource | None":
+        """Where calibration's ``g = dL/dO`` comes from; None when the metric needs no gradients."""
+        return self.grad_source if self.metric == "hessian" else None
+
     def __post_init__(self):
         if self.metric not in METRICS:
             raise UserError(f"metric must be one of {METRICS}, got {self.metric!r}")

@@ -62,7 +62,7 @@ def search_threads(device: torch.device) -> Optional[int]:
 
 def make_plan(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], preset: Preset, budget: int,
               capture_batch: int) -> Plan:
-    grad_source = preset.grad_source if preset.metric == "hessian" else None
+    grad_source = preset.gradients
     costs, pass_cost = measure_costs(model, images, sites, with_grad=grad_source is not None)
     kl = grad_source == "kl-official"
     return plan(costs, pass_cost, len(images), budget, preset.grad_chunk if kl else capture_batch,
@@ -79,7 +79,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
     :func:`capture_threads` for capture passes, :func:`search_threads` for the search);
     torch's setting is restored afterwards. Returns the plan it followed.
     """
-    grad_source = preset.grad_source if preset.metric == "hessian" else None
+    grad_source = preset.gradients
     device = images.device
     for_capture = threads if threads is not None else capture_threads(device)
     for_search = threads if threads is not None else search_threads(device)
