@@ -18,7 +18,8 @@ from typing import Optional
 from ... import __version__
 from ...errors import UserError
 from . import deploy, models, quantize, report, sweep
-from .common import Parser, configure_logging
+from ..logs import configure_logging
+from .common import Parser
 
 COMMANDS = {c.name: c for group in (quantize, sweep, report, models, deploy) for c in group.COMMANDS}
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 from ...errors import UserError
-from ..logs import configure_logging  # noqa: F401  (re-exported for the entry point)
 
 logger = logging.getLogger("ptq4vit.cli")
 
