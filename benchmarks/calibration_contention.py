@@ -1,20 +1,23 @@
-"""Calibration slowdown under CPU contention, with torch's thread count and with the default policy.
+"""Calibration slowdown under CPU contention: one thread, and the default (sites searched side by side).
 
 Usage: python benchmarks/calibration_contention.py [--competitors 6] [--img-size 96] [--depth 4]
        [--images 16] [--preset ptq4vit]
 
 Calibrates a random-init ViT-Ti (reduced image size and depth) four times in one process:
 alone and next to ``--competitors`` busy-looping Python processes that the script starts and
-kills itself, each with the old policy (``threads`` pinned to torch's default: one thread per
-core, whatever else runs) and the new default (``threads=None``: the search uses one thread
-per CPU free when calibration starts; the capture passes keep the fixed count). It prints each wall time, the slowdown factors, the slowdown a fair CPU
-share would give, and whether all four runs chose the same scales. Take the figures on a
-machine where nothing else runs: other jobs change both the alone and the loaded times.
+kills itself, each with ``threads=1`` (one site at a time on one thread: nothing ever waits
+for another thread, so it slows exactly as its CPU share shrinks) and the default (capture on
+one intra-op thread per usable CPU, the search on as many sites side by side, one thread
+each). It prints each wall time and CPU time, the slowdown factors, the slowdown a fair CPU
+share would give (competitors and our threads sharing the CPUs equally), and whether all four
+runs chose the same scales. Take the figures on a machine where nothing else runs: other jobs
+change both the alone and the loaded times.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -23,7 +26,8 @@ import timm
 import torch
 
 import ptq4vit
-from ptq4vit.calib.resources import cgroup_cpu_quota, cgroup_memory_headroom, free_cpus, usable_cpus
+from ptq4vit.calib import default_workers
+from ptq4vit.calib.resources import cgroup_cpu_quota, cgroup_memory_headroom, usable_cpus
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
               "amx_tile", "amx_int8", "amx_bf16")
@@ -56,10 +60,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(model, images, args, threads):
-    start = time.perf_counter()
+    """Wall seconds, CPU seconds of this process, and the chosen scales."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     q = ptq4vit.quantize(model, images, args.preset, *args.bits, threads=threads, progress=False)
-    return time.perf_counter() - start, q.qparams()
+    return time.perf_counter() - start, cpu_seconds() - cpu, q.qparams()
 
 
 def main() -> None:
@@ -85,35 +95,36 @@ def main() -> None:
     print(f"os.cpu_count {os.cpu_count()}, affinity+quota usable {usable_cpus()}, cgroup CPU quota "
           f"{'none' if quota is None else f'{quota:g} CPUs'}, cgroup memory headroom "
           f"{'unlimited' if headroom is None else f'{headroom >> 20} MiB'}, torch threads {torch_threads}, "
-          f"free CPUs now {free_cpus()}")
+          f"calibration workers by default {default_workers(torch.device('cpu'))}, load average {os.getloadavg()[0]:.2f}")
 
     # Warm-up (allocator, kernel selection), so that the first timed run pays no start-up cost.
     ptq4vit.quantize(model, images[:2], args.preset, *args.bits, progress=False, n_candidates=4, rounds=1)
+    default_threads = min(usable_cpus(), torch_threads)
+    policies = {"1 thread": 1, f"default ({default_threads} threads)": None}
     runs = {}
-    runs["alone, old (torch threads)"] = timed(model, images, args, torch_threads)
-    runs["alone, new (free CPUs)"] = timed(model, images, args, None)
+    for label, threads in policies.items():
+        runs[("alone", label)] = timed(model, images, args, threads)
     procs = start_competitors(args.competitors)
     try:
-        time.sleep(1.0)  # let the competitors reach the run queue before the thread count is chosen
-        loaded_free = free_cpus()
-        runs["loaded, old (torch threads)"] = timed(model, images, args, torch_threads)
-        runs["loaded, new (free CPUs)"] = timed(model, images, args, None)
+        time.sleep(1.0)  # let the competitors reach the run queue
+        for label, threads in policies.items():
+            runs[("loaded", label)] = timed(model, images, args, threads)
     finally:
         stop(procs)
 
-    print(f"\n{args.competitors} competing busy processes; free CPUs seen with them running: {loaded_free}")
-    print("| run | wall s |")
-    print("|---|---|")
-    for name, (seconds, _) in runs.items():
-        print(f"| {name} | {seconds:.1f} |")
-    old = runs["loaded, old (torch threads)"][0] / runs["alone, old (torch threads)"][0]
-    new = runs["loaded, new (free CPUs)"][0] / runs["alone, new (free CPUs)"][0]
     cores = usable_cpus()
-    fair = (args.competitors + cores) / cores
-    print(f"\nslowdown under load: old {old:.1f}x, new {new:.1f}x; a fair CPU share would give ~{fair:.1f}x "
-          f"({args.competitors} competitors + {cores} of ours on {cores} CPUs)")
-    same = all(q == runs["alone, old (torch threads)"][1] for _, q in runs.values())
-    print(f"scales identical across the four runs: {same}")
+    print(f"\n{args.competitors} competing busy processes on {cores} CPUs")
+    print("| policy | alone s | loaded s | slowdown | fair-share slowdown | CPU s alone | CPU s loaded |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, threads in policies.items():
+        ours = threads or default_threads
+        (alone, cpu_alone, _), (loaded, cpu_loaded, _) = runs[("alone", label)], runs[("loaded", label)]
+        # Equal shares: our `ours` threads get cores * ours / (competitors + ours) CPUs, against min(ours, cores) alone.
+        fair = min(ours, cores) * (args.competitors + ours) / (cores * ours)
+        print(f"| {label} | {alone:.1f} | {loaded:.1f} | {loaded / alone:.1f}x | {fair:.1f}x | {cpu_alone:.1f} | "
+              f"{cpu_loaded:.1f} |")
+    first = next(iter(runs.values()))[2]
+    print(f"scales identical across the four runs: {all(q == first for _, _, q in runs.values())}")
 
 
 if __name__ == "__main__":

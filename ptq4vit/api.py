@@ -35,13 +35,11 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             A budget too small for one site raises UserError.
         capture_batch: images per forward/backward pass while capturing (fewer if the
             budget needs it).
-        threads: intra-op CPU threads during calibration, restored afterwards. By default the
-            capture passes use torch's count capped by the CPUs this process may use (affinity,
-            cgroup CPU quota), and the search that count less the CPUs other runnable tasks
-            occupy when calibration starts, so that a busy machine slows it no more than its
-            CPU share shrinks. The search chose the same scales for 1 and 2 threads in every
-            case tested (tests/test_budget.py); pin ``threads`` for runs that must not depend
-            on the machine's load at all.
+        threads: CPU threads for calibration: the capture passes run on this many intra-op
+            threads, the search on this many sites side by side, one intra-op thread each
+            (default: torch's thread count capped by the CPUs this process may use, i.e. its
+            affinity and cgroup CPU quota). Torch's setting is restored afterwards. The scales
+            do not depend on the number of search workers (tests/test_budget.py).
         progress: show a progress bar over the sites.
         inplace: quantize ``model`` itself instead of a copy.
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
@@ -59,6 +57,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {shape}")
     if not calib_images.is_floating_point() or len(calib_images) == 0:
         raise UserError("calib_images must be a non-empty float tensor")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be a positive integer, got {threads!r}")
 
     name = model_name(model)
     if not inplace:

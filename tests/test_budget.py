@@ -1,4 +1,6 @@
-"""The memory budget bounds what calibration allocates; results do not depend on threads."""
+"""The memory budget bounds what calibration allocates; results do not depend on threads or workers."""
+import threading
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -6,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 import ptq4vit
 import ptq4vit.calib.run as run_module
 from ptq4vit.calib import default_memory_budget, intra_op_threads
+from ptq4vit.calib.budget import SiteCost, _search_peaks
 from ptq4vit.errors import UserError
 
 from conftest import make_tiny
@@ -42,6 +45,9 @@ def planned_and_measured(kind, preset, budget, monkeypatch):
 
     monkeypatch.setattr(run_module, "calibrate_model", recording)
     monkeypatch.setattr(ptq4vit.api, "calibrate_model", recording)
+    # The profiler records the allocations of the calling thread only, so the search runs there;
+    # what side-by-side workers add is the plan's arithmetic, tested on hand-made costs below.
+    monkeypatch.setattr(run_module, "default_workers", lambda device: 1)
     peak = peak_allocated_during(lambda: ptq4vit.quantize(model, images, preset, 8, 8, memory_budget=budget,
                                                           inplace=True, **FAST))
     return plans[0], peak
@@ -84,17 +90,71 @@ def test_parameters_keep_requires_grad_and_get_no_grad():
 
 
 @pytest.mark.parametrize("kind, preset", [("vit", "ptq4vit"), ("swin", "official"), ("swin", "base-cosine")])
-def test_search_scales_do_not_depend_on_the_thread_count(kind, preset, monkeypatch):
+def test_search_scales_do_not_depend_on_the_number_of_workers(kind, preset, monkeypatch):
     # Capture passes keep their fixed thread count: the kl-official gradients of "official" are
     # rounding noise, and on this CPU a tiny Swin's change with it.
     model, images = make_tiny(kind)
     before = torch.get_num_threads()
     chosen = {}
-    for n in (1, 2):
-        monkeypatch.setattr(run_module, "search_threads", lambda device, n=n: n)
+    for n in (1, 2, 3):
+        monkeypatch.setattr(run_module, "default_workers", lambda device, n=n: n)
         chosen[n] = ptq4vit.quantize(model, images, preset, 6, 6, **FAST).qparams()
         assert torch.get_num_threads() == before  # restored
-    assert chosen[1] == chosen[2]
+    assert chosen[1] == chosen[2] == chosen[3]
+
+
+def test_workers_search_sites_side_by_side_on_one_thread_each(monkeypatch):
+    model, images = make_tiny("vit")
+    meeting = threading.Barrier(2, timeout=10)  # broken unless two sites are searched at once
+    seen, lock = [], threading.Lock()
+    real = run_module.calibrate_site
+
+    def recording(site, inputs, grad, preset, budget):
+        with lock:
+            first_two = len(seen) < 2
+            seen.append((threading.get_ident(), torch.get_num_threads(), budget))
+        if first_two:
+            meeting.wait()
+        real(site, inputs, grad, preset, budget)
+
+    monkeypatch.setattr(run_module, "calibrate_site", recording)
+    monkeypatch.setattr(run_module, "default_workers", lambda device: 2)
+    plans = []
+    real_plan = run_module.make_plan
+    monkeypatch.setattr(run_module, "make_plan", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+    ptq4vit.quantize(model, images, "ptq4vit", 8, 8, **FAST)
+    assert len({ident for ident, _, _ in seen}) == 2
+    assert {threads for _, threads, _ in seen} == {1}
+    assert {budget for _, _, budget in seen} == {plans[0].step_bytes // 2}
+
+
+def test_a_failing_site_search_stops_calibration_with_its_error(monkeypatch):
+    model, images = make_tiny("vit")
+
+    def failing(site, inputs, grad, preset, budget):
+        raise RuntimeError("search failed on purpose")
+
+    monkeypatch.setattr(run_module, "calibrate_site", failing)
+    monkeypatch.setattr(run_module, "default_workers", lambda device: 2)
+    with pytest.raises(RuntimeError, match="search failed on purpose"):
+        ptq4vit.quantize(model, images, "ptq4vit", 8, 8, **FAST)
+
+
+def test_the_plan_counts_the_sites_in_flight_together():
+    # Per image: held, work; fixed bytes. 2 images, steps of 3 bytes (6 with their temporaries).
+    group = [SiteCost(held=10, work=5, fixed=1), SiteCost(held=20, work=2), SiteCost(held=1, work=1, fixed=100)]
+    # One worker: the third site's start is the peak: 1*2 + 1*2 + 100 + 6.
+    assert _search_peaks(group, 2, 3, workers=1) == 110
+    # Two: the second site ((20+2)*2 = 44) may still run when the third starts.
+    assert _search_peaks(group, 2, 3, workers=2) == 110 + 44
+    # Three: both earlier sites ((10+5)*2 + 1 = 31 and 44) may.
+    assert _search_peaks(group, 2, 3, workers=3) == 110 + 44 + 31
+
+
+def test_quantize_refuses_a_thread_count_below_one():
+    model, images = make_tiny("vit")
+    with pytest.raises(UserError, match="threads must be a positive integer, got 0"):
+        ptq4vit.quantize(model, images, "ptq4vit", 8, 8, threads=0, **FAST)
 
 
 def test_intra_op_threads_restores_the_setting():

@@ -1,12 +1,13 @@
 """quantize(): end-to-end properties on tiny random-init ViT, DeiT (distilled) and Swin."""
 import json
+import threading
 
 import pytest
 import torch
 
 import ptq4vit
 import ptq4vit.calib.run as run_module
-from ptq4vit.calib import capture
+from ptq4vit.calib import capture, intra_op_threads
 from ptq4vit.models import insert_quant_sites
 from ptq4vit.presets import get_preset
 
@@ -131,3 +132,30 @@ def test_search_rows_subsets_the_scored_rows_only():
         assert torch.isfinite(few(images)).all()
     with pytest.raises(ptq4vit.errors.UserError, match="search_rows"):
         get_preset("fast8", search_rows=-1)
+
+
+@pytest.mark.parametrize("grad_source", [None, "ce-fp-label", "kl-official"])
+def test_capture_passes_on_several_workers_capture_the_same_tensors(grad_source, monkeypatch):
+    model, images = make_tiny("vit")
+    sites = insert_quant_sites(model, get_preset("ptq4vit"), 8, 8)
+    for m in model.modules():
+        if hasattr(m, "enabled"):
+            m.enabled = False
+    with intra_op_threads(1):
+        serial = capture(model, images, sites, grad_source, batch_size=2, grad_chunk=2)
+        meeting = threading.Barrier(3, timeout=10)  # broken unless the three passes run at once
+        real_forward = model.forward
+
+        def forward_after_meeting(x):
+            if len(x) == 2:  # a capture pass, not kl-official's full-batch target pass
+                meeting.wait()
+            return real_forward(x)
+
+        monkeypatch.setattr(model, "forward", forward_after_meeting)
+        parallel = capture(model, images, sites, grad_source, batch_size=2, grad_chunk=2, workers=3)
+    for name in sites:
+        assert all(torch.equal(a, b) for a, b in zip(serial[name].inputs, parallel[name].inputs, strict=True)), name
+        if grad_source is None:
+            assert serial[name].grad is None and parallel[name].grad is None
+        else:
+            assert torch.equal(serial[name].grad, parallel[name].grad), name

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ptq4vit.calib.resources import (available_memory, cgroup_cpu_quota, cgroup_memory_headroom, free_cpus,
+from ptq4vit.calib.resources import (available_memory, cgroup_cpu_quota, cgroup_memory_headroom,
                                      physical_available_memory, usable_cpus)
 
 GIB = 1 << 30
@@ -95,16 +95,3 @@ def test_nothing_readable_means_unknown(tmp_path):
     assert usable_cpus(tmp_path / "none", tmp_path / "none", affinity=3) == 3
 
 
-def test_free_cpus_leave_out_what_other_tasks_run(tmp_path, proc):
-    cg = v2_tree(tmp_path)
-    write(proc, "stat", "cpu  1 2 3\nprocs_running 1\nprocs_blocked 0\n")        # only the reader
-    assert free_cpus(cg, proc, host_cpus=4, affinity=4) == 4
-    write(proc, "stat", "procs_running 4\n")                                     # three others
-    assert free_cpus(cg, proc, host_cpus=4, affinity=4) == 1
-    write(proc, "stat", "procs_running 12\n")                                    # oversubscribed
-    assert free_cpus(cg, proc, host_cpus=4, affinity=4) == 1
-    write(proc, "stat", "procs_running 2\n")
-    write(cg, "job/step/cpu.max", "200000 100000\n")                             # the quota caps it first
-    assert free_cpus(cg, proc, host_cpus=8, affinity=8) == 2
-    write(proc, "stat", "no such field\n")
-    assert free_cpus(cg, proc, host_cpus=8, affinity=8) == 2

@@ -13,6 +13,10 @@ Beyond the model and the calibration images, calibration allocates:
 * **search steps**: the candidates' stacked operands and products, at most
   ``2 * step_bytes`` (each of the two fits one step's byte budget, ``search._plan``).
 
+On CPU, calibration's workers run capture passes and then site searches side by side: the
+capture peak counts one pass per worker; the search peak counts, next to the site starting,
+the costliest earlier sites that may still be in flight, and the workers share ``step_bytes``.
+
 All of these are measured on one image (shapes and the autograd graph's saved tensors)
 and scaled; :func:`plan` splits the sites into capture groups so that the largest of these
 sums stays within the budget, and refuses a budget no split can meet.
@@ -163,32 +167,39 @@ def measure_costs(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Mo
                            logits=_nbytes(logits))
 
 
-def _capture_peak(held: int, n_images: int, batch: int, pc: PassCost, with_grad: bool) -> int:
+def _capture_peak(held: int, n_images: int, batch: int, pc: PassCost, with_grad: bool, workers: int = 1) -> int:
+    """Captured data, plus ``workers`` passes of ``batch`` images in flight at once."""
     per_image = TRANSIENT_ACTIVATIONS * pc.activation + (pc.graph + pc.image if with_grad else 0)
-    return held * n_images + batch * per_image
+    return held * n_images + workers * batch * per_image
 
 
-def _search_peaks(group: list[SiteCost], n_images: int, step_bytes: int) -> int:
-    """The largest of: the sites not yet searched, plus the current site's work and steps."""
+def _search_peaks(group: list[SiteCost], n_images: int, step_bytes: int, workers: int = 1) -> int:
+    """The largest of: the sites not yet started, plus the site starting now (its work), plus
+    the ``workers - 1`` costliest earlier sites that may still be in flight (their captured
+    data, work and weight copies), plus the steps (``step_bytes`` split among the workers)."""
     peak, remaining = 0, sum(c.held for c in group)
+    earlier: list[int] = []
     for c in group:
-        peak = max(peak, remaining * n_images + c.work * n_images + c.fixed + 2 * step_bytes)
+        in_flight = sum(sorted(earlier, reverse=True)[:workers - 1])
+        peak = max(peak, remaining * n_images + c.work * n_images + c.fixed + in_flight + 2 * step_bytes)
         remaining -= c.held
+        earlier.append((c.held + c.work) * n_images + c.fixed)
     return peak
 
 
 def plan(costs: dict[str, SiteCost], pass_cost: PassCost, n_images: int, budget: int, capture_batch: int,
-         with_grad: bool, full_batch_targets: bool = False) -> Plan:
+         with_grad: bool, full_batch_targets: bool = False, workers: int = 1) -> Plan:
     """Capture groups that keep calibration within ``budget`` bytes beyond the model and images.
 
-    A capture pass takes ``capture_batch`` images, fewer where its graph would take more than
-    half the budget. ``full_batch_targets`` (``kl-official``): each capture starts with a float
+    A capture pass takes ``capture_batch`` images, fewer where the ``workers`` passes in flight
+    would take more than half the budget. ``full_batch_targets`` (``kl-official``): each capture starts with a float
     pass over all images, and the pass size is kept, since it sets that loss's scale.
+    ``workers`` capture passes, then ``workers`` site searches, run side by side (:mod:`.run`).
     Raises UserError when the budget is too small for even one site or one image.
     """
     step_bytes = min(SEARCH_CHUNK_BYTES, budget // STEP_SHARE)
     batch = max(1, min(capture_batch, n_images))
-    per_pass_image = _capture_peak(0, n_images, 1, pass_cost, with_grad)
+    per_pass_image = _capture_peak(0, n_images, 1, pass_cost, with_grad, workers)
     if not full_batch_targets:
         while batch > 1 and batch * per_pass_image > budget // 2:
             batch -= 1
@@ -197,8 +208,8 @@ def plan(costs: dict[str, SiteCost], pass_cost: PassCost, n_images: int, budget:
 
     def peak_of(group: list[str]) -> int:
         g = [costs[n] for n in group]
-        return max(_capture_peak(sum(c.held for c in g), n_images, batch, pass_cost, with_grad),
-                   _search_peaks(g, n_images, step_bytes), targets)
+        return max(_capture_peak(sum(c.held for c in g), n_images, batch, pass_cost, with_grad, workers),
+                   _search_peaks(g, n_images, step_bytes, workers), targets)
 
     groups: list[list[str]] = []
     peak = 0

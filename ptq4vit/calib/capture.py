@@ -7,6 +7,8 @@ small model is a single group.
 """
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -18,49 +20,57 @@ from torch import nn
 class SiteData:
     """Inputs of one site over the calibration set, and the gradient of its output (or None).
 
-    Each pass's tensors are copied into tensors sized for the whole set when the first pass
-    arrives, so the captured data exists once: no list of pieces and concatenated copy side
-    by side. ``n_images`` sizes them: a tensor whose leading dim holds ``r`` rows per image
-    (Swin windows) gets ``r * n_images`` rows.
+    Each pass's tensors are copied into tensors sized for the whole set, at the rows of the
+    pass's images, so the captured data exists once (no list of pieces and concatenated copy
+    side by side) and passes may arrive in any order. ``n_images`` sizes them: a tensor whose
+    leading dim holds ``r`` rows per image (Swin windows) gets ``r * n_images`` rows.
     """
 
     def __init__(self, n_images: int):
         self.n_images = n_images
         self.inputs: list[torch.Tensor] = []
         self.grad: Optional[torch.Tensor] = None
-        self._filled = 0
-        self._grad_filled = 0
+        self._allocating = threading.Lock()  # passes on several workers reach a site at once
 
-    def _place(self, dest: Optional[torch.Tensor], t: torch.Tensor, images_before: int, images: int) -> torch.Tensor:
+    def _dest(self, dest: Optional[torch.Tensor], t: torch.Tensor, images: int) -> tuple[torch.Tensor, int]:
         rows_per_image, rest = divmod(t.shape[0], images)
         if rest:
             raise ValueError(f"a captured tensor of {t.shape[0]} rows does not split into {images} images")
         if dest is None:
             dest = t.new_empty((rows_per_image * self.n_images, *t.shape[1:]))
-        row = images_before * rows_per_image
-        dest[row:row + t.shape[0]].copy_(t)
-        return dest
+        return dest, rows_per_image
 
-    def add_inputs(self, tensors: tuple[torch.Tensor, ...], images: int) -> None:
-        dests = self.inputs or [None] * len(tensors)
-        self.inputs = [self._place(d, t, self._filled, images) for d, t in zip(dests, tensors)]
-        self._filled += images
+    def add_inputs(self, tensors: tuple[torch.Tensor, ...], first_image: int, images: int) -> None:
+        with self._allocating:
+            if not self.inputs:
+                self.inputs = [self._dest(None, t, images)[0] for t in tensors]
+            dests = list(self.inputs)
+        for dest, t in zip(dests, tensors):
+            rows = self._dest(dest, t, images)[1]
+            dest[first_image * rows:first_image * rows + t.shape[0]].copy_(t)
 
-    def add_grad(self, g: torch.Tensor, images: int) -> None:
-        # Backward visits passes in forward order, so the gradients line up with the inputs.
-        self.grad = self._place(self.grad, g, self._grad_filled, images)
-        self._grad_filled += images
+    def add_grad(self, g: torch.Tensor, first_image: int, images: int) -> None:
+        with self._allocating:
+            self.grad, rows = self._dest(self.grad, g, images)
+        self.grad[first_image * rows:first_image * rows + g.shape[0]].copy_(g)
+
+
+class _Pass(threading.local):
+    """The images of the pass the current thread runs: where its hooks put what they see."""
+
+    first_image = 0
+    images = 0
 
 
 @contextmanager
-def _hooks(sites: dict[str, nn.Module], data: dict[str, SiteData], images: list[int], with_grad: bool) -> Iterator[None]:
-    """Copy each site's inputs (and output gradient) into ``data``; ``images[0]`` is the pass's image count."""
+def _hooks(sites: dict[str, nn.Module], data: dict[str, SiteData], current: _Pass, with_grad: bool) -> Iterator[None]:
+    """Copy each site's inputs (and output gradient) into ``data`` at the rows of ``current``'s images."""
     def make_hook(name):
         def hook(module, inputs, output):
-            n = images[0]
-            data[name].add_inputs(tuple(t.detach() for t in inputs), n)
+            first, n = current.first_image, current.images
+            data[name].add_inputs(tuple(t.detach() for t in inputs), first, n)
             if with_grad and output.requires_grad:
-                output.register_hook(lambda g: data[name].add_grad(g.detach(), n))
+                output.register_hook(lambda g: data[name].add_grad(g.detach(), first, n))
         return hook
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in sites.items()]
@@ -90,7 +100,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def capture(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], grad_source: Optional[str],
-            batch_size: int, grad_chunk: int = 4) -> dict[str, SiteData]:
+            batch_size: int, grad_chunk: int = 4, workers: int = 1) -> dict[str, SiteData]:
     """Run the float model over ``images`` and return the captured data of ``sites``.
 
     ``grad_source``: ``None`` (no gradients), ``"ce-fp-label"`` (cross-entropy against the
@@ -98,33 +108,44 @@ def capture(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
     ``"kl-official"`` (the released code: ``kl_div(log_softmax(pred), p, "batchmean")`` over
     chunks of ``grad_chunk`` images with ``p`` from one full-batch float pass; since ``pred``
     equals the float output the loss is zero and ``g`` is rounding noise, reproduced as is).
+    Passes are independent, so ``workers`` threads run them side by side; what each captures
+    does not depend on which thread runs it.
     """
     data = {name: SiteData(len(images)) for name in sites}
+    target = None
     if grad_source == "kl-official":
         with torch.no_grad():
             target = F.softmax(model(images), dim=-1)
         batch_size = grad_chunk
-    pass_images = [0]
-    with frozen_parameters(model):
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            pass_images[0] = len(chunk)
-            if grad_source is None:
-                with torch.no_grad(), _hooks(sites, data, pass_images, with_grad=False):
-                    model(chunk)
-                continue
-            chunk = chunk.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                with _hooks(sites, data, pass_images, with_grad=True):
-                    logits = model(chunk)
-                if grad_source == "ce-fp-label":
-                    loss = F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum")
-                elif grad_source == "kl-official":
-                    loss = F.kl_div(F.log_softmax(logits, dim=-1), target[start:start + batch_size], reduction="batchmean")
-                else:
-                    raise ValueError(f"unknown gradient source {grad_source!r}")
-                loss.backward()
-            del logits, loss, chunk
+    elif grad_source not in (None, "ce-fp-label"):
+        raise ValueError(f"unknown gradient source {grad_source!r}")
+    current = _Pass()
+
+    def one_pass(start: int) -> None:
+        chunk = images[start:start + batch_size]
+        current.first_image, current.images = start, len(chunk)
+        if grad_source is None:
+            with torch.no_grad():
+                model(chunk)
+            return
+        chunk = chunk.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(chunk)
+            if grad_source == "ce-fp-label":
+                loss = F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum")
+            else:
+                loss = F.kl_div(F.log_softmax(logits, dim=-1), target[start:start + batch_size], reduction="batchmean")
+            loss.backward()
+
+    starts = range(0, len(images), batch_size)
+    with frozen_parameters(model), _hooks(sites, data, current, with_grad=grad_source is not None):
+        if workers <= 1 or len(starts) == 1:
+            for start in starts:
+                one_pass(start)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="ptq4vit-capture") as pool:
+                for f in [pool.submit(one_pass, start) for start in starts]:
+                    f.result()
     return data
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -171,34 +170,5 @@ def usable_cpus(cgroup_root: PathLike = "/sys/fs/cgroup", proc_root: PathLike = 
     return max(1, affinity)
 
 
-def runnable_elsewhere(proc_root: PathLike = "/proc", samples: int = 5, interval_s: float = 0.01) -> Optional[int]:
-    """Tasks running or waiting for a CPU besides the caller: the median of ``samples`` reads of
-    ``procs_running`` in ``/proc/stat`` (which counts the reading thread itself), or None if unreadable."""
-    counts = []
-    for i in range(samples):
-        for line in (_read(Path(proc_root) / "stat") or "").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "procs_running" and value.strip().isdigit():
-                counts.append(int(value) - 1)
-        if i + 1 < samples:
-            time.sleep(interval_s)
-    if not counts:
-        return None
-    return max(0, sorted(counts)[len(counts) // 2])
-
-
-def free_cpus(cgroup_root: PathLike = "/sys/fs/cgroup", proc_root: PathLike = "/proc",
-              host_cpus: Optional[int] = None, affinity: Optional[int] = None) -> int:
-    """CPUs this process can keep busy now: :func:`usable_cpus`, less the host CPUs other runnable
-    tasks occupy (at least 1). A parallel region of more threads than that waits, at every
-    barrier, for a thread the scheduler has put behind another job."""
-    usable = usable_cpus(cgroup_root, proc_root, affinity)
-    others = runnable_elsewhere(proc_root)
-    host = host_cpus if host_cpus is not None else (os.cpu_count() or usable)
-    if others is None:
-        return usable
-    return max(1, min(usable, host - others))
-
-
-__all__ = ["free_cpus", "runnable_elsewhere", "available_memory", "cgroup_cpu_quota", "cgroup_memory_headroom", "physical_available_memory",
+__all__ = ["available_memory", "cgroup_cpu_quota", "cgroup_memory_headroom", "physical_available_memory",
            "usable_cpus"]
