@@ -77,6 +77,9 @@ class Preset:
     #: Post-softmax operand: ``"log2"`` / ``"log_sqrt2"`` log quantizer (docs/lowbit.md §4) instead of
     #: the twin/uniform one (``"none"``).
     softmax_log: str = "none"
+    #: Bits of the classifier head's weight and input (0: the run's w_bits/a_bits). The head's input
+    #: feeds the logits directly (docs/lowbit.md §7).
+    head_bits: int = 0
 
     @property
     def gradients(self) -> "GradSource | None":
@@ -106,6 +109,8 @@ class Preset:
             raise UserError(f"softmax_log must be one of {SOFTMAX_LOG}, got {self.softmax_log!r}")
         if self.rotate_fc2 and self.gelu_twin:
             raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
+        if self.head_bits != 0 and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
+            raise UserError(f"head_bits must be 0 (the run's bits) or an integer from 2 to 8, got {self.head_bits!r}")
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
 
@@ -160,9 +165,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="rotq",
         description="ptq4vit's Hessian-guided search and softmax twin on a rotated model (residual stream, "
                     "per-head q/k/v, online fc2 input), with per-channel GPTQ-rounded linear weights; "
-                    "a coarser grid (alpha=0.2, 50 candidates), since rotated operands have no far outliers to clip",
+                    "a coarser grid (alpha=0.2, 50 candidates), since rotated operands have no far outliers to clip; "
+                    "the classifier head at 8 bits",
         alpha=0.2, n_candidates=50, rotate_residual=True, rotate_heads=True, rotate_fc2=True, gelu_twin=False,
-        w_granularity="channel", weight_rounding="gptq",
+        w_granularity="channel", weight_rounding="gptq", head_bits=8,
     ),
 )}
 
@@ -186,6 +192,7 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "round to nearest": dict(weight_rounding="nearest"),
     "per-block weight scales": dict(w_granularity="block"),
     "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
+    "head at the run's bits": dict(head_bits=0),
 }
 
 

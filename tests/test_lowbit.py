@@ -8,8 +8,11 @@ import torch
 import ptq4vit
 from ptq4vit import checkpoint as ck
 from ptq4vit.harness.fidelity import kl_per_image, mean_kl, top1_agreement
+from ptq4vit.nn import QuantLinear
 from ptq4vit.quant import LogQuantizer, log_codes, log_fake_quant
 from ptq4vit.transforms import OnlineRotation
+
+from conftest import make_tiny
 
 
 def test_log2_codes_and_values_on_hand_made_values():
@@ -93,3 +96,47 @@ def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as
     out = make_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
     c = compare_outputs(ref, out)
     assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+def _bits_of(q):
+    """(weight bits, input bits) of every linear site."""
+    return {n: (s.w_quant.bits, s.a_quant.bits) for n, s in q.sites().items() if isinstance(s, QuantLinear)}
+
+
+@pytest.mark.parametrize("kind", ["deit_distilled", "swin"])
+def test_head_bits_set_the_classifier_heads_alone(kind, tmp_path):
+    model, images = make_tiny(kind)
+    q = ptq4vit.quantize(model, images, "ptq4vit", 4, 4, progress=False, n_candidates=4, rounds=1, head_bits=8)
+    heads = {"deit_distilled": {"head", "head_dist"}, "swin": {"head.fc"}}[kind]
+    bits = _bits_of(q)
+    assert {n for n, b in bits.items() if b == (8, 8)} == heads
+    assert all(b == (4, 4) for n, b in bits.items() if n not in heads)
+    ck.save(q, tmp_path / "q.safetensors")
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    assert _bits_of(q2) == bits
+    with torch.no_grad():
+        assert torch.equal(q(images), q2(images))
+
+
+def test_head_bits_export_to_integer_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.bench import compare_outputs
+    from ptq4vit.export.ort import make_session
+
+    m, x = _tiny()
+    q = ptq4vit.quantize(m, x, "ptq4vit", 6, 6, progress=False, n_candidates=4, rounds=1, head_bits=8)
+    rep = export_onnx(q, tmp_path / "m.onnx")
+    assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
+    head = [s for s in rep.sites if s.name == "head"][0]
+    assert head.integer
+    with torch.no_grad():
+        ref = q(x).numpy()
+    c = compare_outputs(ref, make_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0])
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+@pytest.mark.parametrize("bad", [1, 9, 2.5, "8"])
+def test_head_bits_outside_2_to_8_are_refused(bad):
+    with pytest.raises(ptq4vit.errors.UserError, match="head_bits must be 0"):
+        ptq4vit.get_preset("rotq", head_bits=bad)

@@ -20,16 +20,24 @@ class SiteBuilder:
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
 
-    def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None) -> QuantLinear:
+    def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None,
+               bits: tuple[int, int] | None = None) -> QuantLinear:
         """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each, or every output
-        row its own with ``w_granularity="channel"`` (a refinement of the q/k/v blocks, docs/lowbit.md §3)."""
+        row its own with ``w_granularity="channel"`` (a refinement of the q/k/v blocks, docs/lowbit.md §3).
+        ``bits``: (weight, input) bits, default the run's."""
         device = linear.weight.device
+        w_bits, a_bits = bits or (self.w_bits, self.a_bits)
         if self.preset.w_granularity == "channel":
             w_groups = linear.out_features
-        w_quant = UniformQuantizer(self.w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
+        w_quant = UniformQuantizer(w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
         if a_quant is None:
-            a_quant = UniformQuantizer(self.a_bits, device=device)
+            a_quant = UniformQuantizer(a_bits, device=device)
         return QuantLinear(linear, w_quant, a_quant)
+
+    def classifier(self, linear: nn.Linear) -> QuantLinear:
+        """The classifier head: a linear layer at ``preset.head_bits`` if set (docs/lowbit.md §7)."""
+        bits = (self.preset.head_bits, self.preset.head_bits) if self.preset.head_bits else None
+        return self.linear(linear, bits=bits)
 
     def qkv_linear(self, linear: nn.Linear) -> QuantLinear:
         """A fused q/k/v projection: one weight scale per q, k and v block (docs/method.md §1)."""

@@ -123,5 +123,5 @@ class SwinAdapter(Adapter):
         if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
             p.keep_float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
         else:
-            p.site(f"{path}.fc", head.fc, nn.Linear, build.linear)
+            p.site(f"{path}.fc", head.fc, nn.Linear, build.classifier)
         p.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")

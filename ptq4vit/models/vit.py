@@ -117,7 +117,7 @@ class VitAdapter(Adapter):
             if isinstance(head, nn.Identity):  # num_classes=0: features only
                 p.keep_float(name, head, (nn.Identity,), "classifier")
             elif head is not None:
-                p.site(name, head, nn.Linear, build.linear)
+                p.site(name, head, nn.Linear, build.classifier)
         return p
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
