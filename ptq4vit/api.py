@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from .calib import calibrate_model, default_memory_budget
+from .calib.percentile import calibrate_percentile
 from .errors import UserError
+from .models import norm_linear_pairs
 from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
@@ -70,6 +72,12 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     sites = prepare_sites(model, preset, w_bits, a_bits)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
 
+    desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"
+    if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
+        pairs = norm_linear_pairs(model) if preset.reparam_ln else []
+        with qmodel.quantization_disabled():
+            calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc)
+        return qmodel
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():
         plan = calibrate_model(model, images, sites, preset, budget, capture_batch,

@@ -43,7 +43,7 @@ from torch import nn
 from .errors import CheckpointError
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
-from .quant import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
+from .quant import AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
@@ -148,8 +148,10 @@ def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
     if q is None:
         return None
     kind: dict = {"type": type(q).__name__, "bits": q.bits}
-    if isinstance(q, UniformQuantizer):
+    if isinstance(q, (UniformQuantizer, AsymmetricQuantizer)):
         kind.update(groups=q.groups, axis=q.axis)
+    elif isinstance(q, LogQuantizer) and q.scaled:
+        kind.update(scaled=True)
     elif isinstance(q, TwinSoftmaxQuantizer):
         kind.update(form=q.form)
     elif isinstance(q, TwinGeluQuantizer):
@@ -160,7 +162,7 @@ def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
 def _site_kind(site: nn.Module) -> dict:
     kind: dict = {"type": type(site).__name__}
     for role in ("w_quant", "a_quant", "b_quant"):
-        if hasattr(site, role):
+        if getattr(site, role, None) is not None:  # (a conv's absent input quantizer is None)
             kind[role] = _quantizer_kind(getattr(site, role))
     return kind
 

@@ -23,6 +23,7 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 W_GRANULARITIES = ("block", "channel")
 ROTATION_KINDS = ("hadamard", "orthogonal")
 SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
+CALIBRATIONS = ("search", "percentile")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,20 @@ class Preset:
     #: Bits of the classifier head's weight and input (0: the run's w_bits/a_bits). The head's input
     #: feeds the logits directly (docs/lowbit.md §7).
     head_bits: int = 0
+    #: ``"search"``: symmetric quantizers, scales from the grid search of docs/method.md §2.
+    #: ``"percentile"``: RepQ-ViT's (docs/lowbit.md §6): asymmetric (zero-point) uniform quantizers,
+    #: per-channel weights, each range the best of three percentile pairs by MSE, activations
+    #: calibrated in forward order on the outputs of the already quantized layers.
+    calibration: str = "search"
+    #: RepQ-ViT's reparameterization (docs/lowbit.md §6): the input of each linear layer after a
+    #: LayerNorm (qkv, fc1) is calibrated per channel, then the channels' ranges are folded into the
+    #: LayerNorm's affine and the layer's weight and bias, leaving one per-tensor quantizer.
+    reparam_ln: bool = False
+    #: The log softmax quantizer has a calibrated largest level (percentile of the probabilities) and
+    #: ``2^bits`` levels plus zero, as RepQ-ViT releases it (docs/lowbit.md §6); needs ``softmax_log``.
+    softmax_log_scale: bool = False
+    #: Quantize the patch embedding's image input to this many bits (asymmetric, per tensor); 0: float.
+    patch_input_bits: int = 0
 
     @property
     def gradients(self) -> "GradSource | None":
@@ -111,8 +126,37 @@ class Preset:
             raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
         if self.head_bits != 0 and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
             raise UserError(f"head_bits must be 0 (the run's bits) or an integer from 2 to 8, got {self.head_bits!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise UserError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        self._check_percentile()
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
+
+    def _check_percentile(self) -> None:
+        """The RepQ-ViT fields need percentile calibration; it has no initialisation for the rest."""
+        percentile = self.calibration == "percentile"
+        needs = [name for name, on in (("reparam_ln", self.reparam_ln), ("softmax_log_scale", self.softmax_log_scale),
+                                       ("patch_input_bits", self.patch_input_bits != 0)) if on]
+        if needs and not percentile:
+            raise UserError(f"{', '.join(needs)} need(s) calibration='percentile' (RepQ-ViT's asymmetric quantizers)")
+        if self.patch_input_bits != 0 and not 2 <= self.patch_input_bits <= 8:
+            raise UserError(f"patch_input_bits must be 0 (float image) or 2..8, got {self.patch_input_bits}")
+        if self.softmax_log_scale and self.softmax_log == "none":
+            raise UserError("softmax_log_scale needs a log softmax quantizer: set softmax_log='log_sqrt2' or 'log2'")
+        if not percentile:
+            return
+        clash = [name for name, on in (
+            ("gelu_twin", self.gelu_twin),
+            ("softmax_twin (without softmax_log)", self.softmax_twin and self.softmax_log == "none"),
+            ("weight_rounding='gptq'", self.weight_rounding == "gptq"),
+            ("w_granularity='channel'", self.w_granularity == "channel")) if on]
+        if clash:
+            raise UserError(f"calibration='percentile' has no initialisation for {', '.join(clash)}: turn "
+                            f"{'it' if len(clash) == 1 else 'them'} off (its weights are always per channel)")
+        if self.softmax_log != "none" and not self.softmax_log_scale:
+            raise UserError("calibration='percentile' calibrates the log softmax quantizer's scale: set softmax_log_scale=True")
+        if self.reparam_ln and self.rotate_residual:
+            raise UserError("reparam_ln folds into LayerNorm's affine, which rotate_residual folds away: use one of them")
 
     @property
     def second_order_weights(self) -> bool:
@@ -170,6 +214,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         alpha=0.2, n_candidates=50, rotate_residual=True, rotate_heads=True, rotate_fc2=True, gelu_twin=False,
         w_granularity="channel", weight_rounding="gptq", head_bits=8,
     ),
+    Preset(
+        name="repq-vit",
+        description="RepQ-ViT (Li et al., ICCV 2023) as released: asymmetric uniform quantizers with percentile "
+                    "ranges calibrated in forward order on quantized inputs, per-channel weights, per-channel "
+                    "post-LayerNorm ranges reparameterized into LayerNorm and qkv/fc1, a scaled log-sqrt2 "
+                    "post-softmax quantizer, the image input at 8 bits",
+        calibration="percentile", reparam_ln=True, softmax_twin=False, softmax_log="log_sqrt2",
+        softmax_log_scale=True, gelu_twin=False, gelu_pow2=False, patch_input_bits=8,
+    ),
 )}
 
 #: The six ablation rows of the paper's README: (label, overrides).
@@ -193,6 +246,14 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "per-block weight scales": dict(w_granularity="block"),
     "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
     "head at the run's bits": dict(head_bits=0),
+}
+
+
+#: One component of ``repq-vit`` switched off per row (docs/lowbit.md §6): (label, overrides of ``repq-vit``).
+REPQ_ABLATION_ROWS: dict[str, dict] = {
+    "no reparameterization": dict(reparam_ln=False),
+    "uniform softmax": dict(softmax_log="none", softmax_log_scale=False),
+    "float image": dict(patch_input_bits=0),
 }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
-from .quant import LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .quant import AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 
 
 def model_name(model: nn.Module) -> str:
@@ -24,6 +24,13 @@ def model_name(model: nn.Module) -> str:
 
 def _floats(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.detach().reshape(-1).cpu()]
+
+
+def _scales(entry: dict, role: str, q: Quantizer) -> None:
+    """``<role>_scale`` and, for an asymmetric quantizer, ``<role>_zero_point`` (signed codes, docs/lowbit.md §6)."""
+    entry[f"{role}_scale"] = _floats(q.scale)
+    if isinstance(q, AsymmetricQuantizer):
+        entry[f"{role}_zero_point"] = _floats(q.zero_point)
 
 
 class QuantizedModel(nn.Module):
@@ -76,15 +83,16 @@ class QuantizedModel(nn.Module):
                     entry["split"] = float(site.a_quant.split)
                 elif isinstance(site.a_quant, LogQuantizer):
                     entry["a_log"] = site.a_quant.base
+                    if site.a_quant.scaled:
+                        entry["a_scale"] = _floats(site.a_quant.scale)
                 else:
-                    entry["a_scale"] = _floats(site.a_quant.scale)
-                entry["b_scale"] = _floats(site.b_quant.scale)
-            elif isinstance(site, QuantConv2d):
-                entry = {"kind": "conv", "w_scale": _floats(site.w_quant.scale)}
+                    _scales(entry, "a", site.a_quant)
+                _scales(entry, "b", site.b_quant)
             else:
-                entry = {"kind": "linear", "w_scale": _floats(site.w_quant.scale)}
+                entry = {"kind": "conv" if isinstance(site, QuantConv2d) else "linear"}
+                _scales(entry, "w", site.w_quant)
                 if site.a_quant is not None:
-                    entry["a_scale"] = _floats(site.a_quant.scale)
+                    _scales(entry, "a", site.a_quant)
                     if isinstance(site.a_quant, TwinGeluQuantizer):
                         entry["a_neg_scale"] = float(site.a_quant.neg_scale)
             modules[name] = entry

@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..nn import QuantLinear, QuantMatMul
 from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
 from .lowering import (INT32_LIMIT, Emitter, GeluTwin, Lowering, SoftmaxTwin, act_encoding, column_scales, f32,
+                       require_symmetric_linear,
                        weight_codes)
 from .report import SiteExport
 
@@ -40,6 +41,7 @@ _MMITF = "com.microsoft::MatMulIntegerToFloat"
 
 class ContribLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear, gemm: str, twin_combine: str):
+        require_symmetric_linear(site)
         super().__init__(site)
         wq, aq = site.w_quant, site.a_quant
         codes = weight_codes(site)                                   # (N, K)

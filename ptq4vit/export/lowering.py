@@ -35,6 +35,17 @@ def weight_codes(site) -> torch.Tensor:
     return site.w_quant.codes(site.weight.detach()).float().cpu()
 
 
+def require_symmetric_linear(site) -> None:
+    """NotImplementedError (the site is then exported as a float fallback) unless the linear lowerings
+    know its quantizers: symmetric uniform weight, symmetric uniform or GELU-twin input. Asymmetric
+    (zero-point) quantizers (docs/lowbit.md §6) have no integer lowering here."""
+    wq, aq = site.w_quant, site.a_quant
+    if not isinstance(wq, UniformQuantizer):
+        raise NotImplementedError(f"weight quantizer {type(wq).__name__}")
+    if not isinstance(aq, (UniformQuantizer, TwinGeluQuantizer)):
+        raise NotImplementedError(f"input quantizer {type(aq).__name__}")
+
+
 def column_scales(wq: UniformQuantizer, out_features: int) -> np.ndarray:
     """Δw of each output column (per q/k/v block or per channel, repeated over the block)."""
     s = wq.scale.detach().float().cpu().numpy()

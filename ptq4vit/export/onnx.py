@@ -77,10 +77,17 @@ def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, tw
     for name, site in qmodel.sites().items():
         if isinstance(site, QuantConv2d):
             w = (site.w_quant.fake_quant(site.weight.detach()) if _enabled(site.w_quant) else site.weight.detach()).clone()
-            exports.append(SiteExport(name, "conv", False, "float Conv2d, weight dequantized from its int8 codes",
-                                      "its input is the float image (not quantized by the method, docs/method.md §1)"))
+            aq = site.a_quant if _enabled(site.a_quant) else None
+            if aq is None:
+                exports.append(SiteExport(name, "conv", False, "float Conv2d, weight dequantized from its int8 codes",
+                                          "its input is the float image (not quantized by the method, docs/method.md §1)"))
+            else:  # RepQ-ViT's quantized image (docs/lowbit.md §6): fake-quantized in float ops
+                exports.append(SiteExport(name, "conv", False, "float Conv2d on the fake-quantized image, weight "
+                                          "dequantized from its int8 codes", "no integer lowering for a quantized conv input"))
 
-            def conv_fwd(x, s=site, w=w):
+            def conv_fwd(x, s=site, w=w, aq=aq):
+                if aq is not None:
+                    x = aq.fake_quant(x)
                 return F.conv2d(x, w, s.bias, s.stride, s.padding, s.dilation, s.conv_groups)
             patches.append((site, conv_fwd))
             continue
@@ -88,7 +95,12 @@ def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, tw
             if not (_enabled(site.w_quant) and _enabled(site.a_quant)):
                 exports.append(SiteExport(name, "linear", False, "float MatMul", "a quantizer of this site is disabled"))
                 continue
-            low = QdqLinear(name, site) if fmt == "qdq" else ContribLinear(name, site, gemm, twin_combine)
+            try:
+                low = QdqLinear(name, site) if fmt == "qdq" else ContribLinear(name, site, gemm, twin_combine)
+            except NotImplementedError as err:  # traced as the site's own fake-quantized float ops
+                exports.append(SiteExport(name, "linear", False, "float MatMul on fake-quantized operands",
+                                          f"no integer lowering for {err}"))
+                continue
             n_inputs = 1
         elif isinstance(site, QuantMatMul):
             if float_attention:

@@ -32,7 +32,8 @@ import numpy as np
 from ..nn import QuantLinear, QuantMatMul
 from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
 from .contrib import head_shape
-from .lowering import Emitter, GeluTwin, Lowering, SoftmaxTwin, column_scales, f32, weight_codes
+from .lowering import (Emitter, GeluTwin, Lowering, SoftmaxTwin, column_scales, f32, require_symmetric_linear,
+                       weight_codes)
 from .report import SiteExport
 
 __all__ = ["QdqLinear", "QdqMatMul"]
@@ -60,6 +61,7 @@ def _uniform_range(e: Emitter, x, scale: float, bits: int):
 
 class QdqLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear):
+        require_symmetric_linear(site)
         super().__init__(site)
         wq, aq = site.w_quant, site.a_quant
         self.w = weight_codes(site).t().contiguous().numpy().astype(_I8)   # (K, N): MatMul's right operand

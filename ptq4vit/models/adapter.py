@@ -165,3 +165,17 @@ class Adapter(ABC):
     @abstractmethod
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         """Account for every module of ``model``; raise UnsupportedModelError on anything unknown."""
+
+    def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        """``(LayerNorm, linear layer)`` paths where the norm's output feeds that one linear layer only,
+        for RepQ-ViT's reparameterization (``reparam_ln``, docs/lowbit.md §6). Families that do not
+        list them refuse it."""
+        raise UnsupportedModelError(f"reparam_ln (RepQ-ViT's LayerNorm reparameterization) is not supported for "
+                                    f"{type(model).__name__} by the {self.family} adapter")
+
+
+def check_affine_norm(path: str, norm: nn.Module, family: str) -> None:
+    """Refuse a norm that has no per-channel affine for a reparameterization to fold into."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        raise UnsupportedModelError(f"module {path!r} of type {type(norm).__name__} cannot take reparam_ln in the "
+                                    f"{family} adapter: it needs a LayerNorm with a weight and a bias")

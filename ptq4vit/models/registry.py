@@ -67,3 +67,9 @@ def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: in
     plan.check_complete(model)
     plan.apply(model)
     return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, QUANT_MODULES))
+
+
+def norm_linear_pairs(model: nn.Module, *, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> list[tuple[str, str]]:
+    """The ``(LayerNorm, linear)`` paths of ``model`` that ``reparam_ln`` folds (docs/lowbit.md §6);
+    UnsupportedModelError, naming the family or the module, where it does not apply."""
+    return adapters.adapter_for(model).norm_linear_pairs(model)

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, check_bits
+from ..quant import (AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+                     UniformQuantizer, check_bits)
 
 
 class SiteBuilder:
@@ -19,6 +20,12 @@ class SiteBuilder:
         self.preset = preset
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
+        #: RepQ-ViT's quantizers: asymmetric everywhere, weights per output channel (docs/lowbit.md §6).
+        self.zero_point = preset.calibration == "percentile"
+
+    def activation(self, bits: int, device) -> Quantizer:
+        """A per-tensor activation quantizer of the preset's kind."""
+        return AsymmetricQuantizer(bits, device=device) if self.zero_point else UniformQuantizer(bits, device=device)
 
     def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None,
                bits: tuple[int, int] | None = None) -> QuantLinear:
@@ -27,11 +34,14 @@ class SiteBuilder:
         ``bits``: (weight, input) bits, default the run's."""
         device = linear.weight.device
         w_bits, a_bits = bits or (self.w_bits, self.a_bits)
+        if a_quant is None:
+            a_quant = self.activation(a_bits, device)
+        if self.zero_point:
+            w_quant: Quantizer = AsymmetricQuantizer(w_bits, linear.out_features, axis=0, device=device)
+            return QuantLinear(linear, w_quant, a_quant)
         if self.preset.w_granularity == "channel":
             w_groups = linear.out_features
         w_quant = UniformQuantizer(w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
-        if a_quant is None:
-            a_quant = UniformQuantizer(a_bits, device=device)
         return QuantLinear(linear, w_quant, a_quant)
 
     def classifier(self, linear: nn.Linear) -> QuantLinear:
@@ -51,8 +61,12 @@ class SiteBuilder:
         return self.linear(linear)
 
     def patch_conv(self, conv: nn.Conv2d) -> QuantConv2d:
-        """The patch embedding: weight only (its input is the image), per channel if the preset says so."""
+        """The patch embedding: its weight, per channel if the preset says so; its image input only with
+        ``patch_input_bits`` (RepQ-ViT quantizes it at 8 bits)."""
         device = conv.weight.device
+        if self.zero_point:
+            a_quant = self.activation(self.preset.patch_input_bits, device) if self.preset.patch_input_bits else None
+            return QuantConv2d(conv, AsymmetricQuantizer(self.w_bits, conv.out_channels, axis=0, device=device), a_quant)
         if self.preset.conv_per_channel:
             return QuantConv2d(conv, UniformQuantizer(self.w_bits, conv.out_channels, axis=0, device=device))
         return QuantConv2d(conv, UniformQuantizer(self.w_bits, device=device))
@@ -61,12 +75,15 @@ class SiteBuilder:
         """``q @ kᵀ`` and ``softmax @ v``, per-head operands, on the device of ``like`` (the qkv layer)."""
         device = like.weight.device
 
-        def per_head() -> UniformQuantizer:
+        def per_head() -> Quantizer:
+            if self.zero_point:  # RepQ-ViT: one range per operand
+                return self.activation(self.a_bits, device)
             return UniformQuantizer(self.a_bits, num_heads, axis=1, device=device)
 
         matmul1 = QuantMatMul(per_head(), per_head())
         if self.preset.softmax_log != "none":  # the log quantizer replaces uniform and twin alike
-            softmax_quant: Quantizer = LogQuantizer(self.a_bits, self.preset.softmax_log)
+            softmax_quant: Quantizer = LogQuantizer(self.a_bits, self.preset.softmax_log,
+                                                    scaled=self.preset.softmax_log_scale, device=device)
         elif self.preset.softmax_twin:
             softmax_quant = TwinSoftmaxQuantizer(self.a_bits, self.preset.softmax_twin_form, device=device)
         else:

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import (Attention, Block, LayerScale, Parall
                                             VisionTransformer)
 
 from ..nn import QuantLinear, QuantMatMul
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .sites import SiteBuilder
 
 #: Why the known non-standard blocks are refused.
@@ -119,6 +119,15 @@ class VitAdapter(Adapter):
             elif head is not None:
                 p.site(name, head, nn.Linear, build.classifier)
         return p
+
+    def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        """norm1 feeds only qkv, norm2 only fc1 (pre-norm blocks; :meth:`plan` refuses other blocks)."""
+        pairs = []
+        for i, block in enumerate(model.blocks):
+            for norm, linear in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
+                check_affine_norm(f"blocks.{i}.{norm}", getattr(block, norm), self.family)
+                pairs.append((f"blocks.{i}.{norm}", f"blocks.{i}.{linear}"))
+        return pairs
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:

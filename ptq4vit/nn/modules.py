@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import Quantizer, UniformQuantizer
+from ..quant import Quantizer
 
 
 class QuantLinear(nn.Module):
     """``nn.Linear`` with a (grouped) weight quantizer and an optional input quantizer."""
 
-    def __init__(self, linear: nn.Linear, w_quant: UniformQuantizer, a_quant: Optional[Quantizer]):
+    def __init__(self, linear: nn.Linear, w_quant: Quantizer, a_quant: Optional[Quantizer]):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -37,9 +37,10 @@ class QuantLinear(nn.Module):
 
 
 class QuantConv2d(nn.Module):
-    """``nn.Conv2d`` with a weight quantizer (the patch embedding; its image input stays float)."""
+    """``nn.Conv2d`` with a weight quantizer (the patch embedding); its image input stays float unless
+    an input quantizer is given (RepQ-ViT's 8-bit image, docs/lowbit.md §6)."""
 
-    def __init__(self, conv: nn.Conv2d, w_quant: UniformQuantizer):
+    def __init__(self, conv: nn.Conv2d, w_quant: Quantizer, a_quant: Optional[Quantizer] = None):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("QuantConv2d supports numeric zero padding only")
@@ -53,8 +54,11 @@ class QuantConv2d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self.w_quant = w_quant
+        self.a_quant = a_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_quant is not None:
+            x = self.a_quant(x)
         return F.conv2d(x, self.w_quant(self.weight), self.bias, self.stride, self.padding, self.dilation, self.conv_groups)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .asymmetric import asymmetric_codes, asymmetric_dequantize
 from .twin import SoftmaxTwinForm, gelu_twin_fake_quant, gelu_twin_neg_step, softmax_twin_fake_quant
 from .uniform import check_bits, uniform_codes, uniform_dequantize
 
@@ -108,6 +109,49 @@ class UniformQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, axis={self.axis}"
+
+
+class AsymmetricQuantizer(Quantizer):
+    """Asymmetric uniform quantizer (a step and a zero point per group), RepQ-ViT's kind (docs/lowbit.md §6).
+
+    Groups as in :class:`UniformQuantizer`: ``axis=None`` one step for the tensor, ``axis=0`` on a
+    weight per output row, ``axis=-1`` on an activation per channel (its last dim). Codes are
+    signed (:mod:`.asymmetric`), so a weight's codes are stored as int8 like the symmetric ones.
+    Deliberately not a UniformQuantizer: code that lowers symmetric codes must not take it for one.
+    """
+
+    def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None, device: Optional[torch.device] = None):
+        super().__init__(bits)
+        if axis is None and groups != 1:
+            raise ValueError("a per-tensor quantizer (axis=None) has exactly one group")
+        self.groups = groups
+        self.axis = axis
+        self.register_buffer("scale", torch.ones(groups, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(groups, dtype=torch.float32, device=device))
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.groups))
+        self.zero_point.copy_(zero_point.reshape(self.groups))
+        self.calibrated = True
+
+    def _views(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return scale_view(self.scale, self.axis, ndim), scale_view(self.zero_point, self.axis, ndim)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Signed integer codes of ``x`` (float32 values, shape of x)."""
+        scale, zp = self._views(x.dim())
+        return asymmetric_codes(group_view(x, self.axis, self.groups), scale, zp, self.bits).reshape(x.shape)
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(codes - z) · Δ`` rounded once to ``dtype``."""
+        scale, zp = self._views(codes.dim())
+        return asymmetric_dequantize(group_view(codes, self.axis, self.groups), scale, zp, dtype).reshape(codes.shape)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.codes(x), x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.groups}, axis={self.axis}, zero_point=True"
 
 
 class TwinSoftmaxQuantizer(Quantizer):

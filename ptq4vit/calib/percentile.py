@@ -1,0 +1,158 @@
+"""RepQ-ViT's calibration (``calibration="percentile"``, docs/lowbit.md §6).
+
+Every range is the best of three percentile pairs: for ``p`` in 0.999, 0.9999, 0.99999 the
+quantiles ``(1 - p, p)`` of the group's values give a step and a zero point, and the pair whose
+fake quantization has the smallest mean squared error wins (the first on ties). Weights are
+calibrated per output channel from the weights alone. Activations are calibrated in one forward
+pass over all calibration images in model order, each site on the input that the already
+quantized sites before it produce, and is quantized from then on (the released code's order).
+
+With ``reparam_ln`` the input of each linear layer after a LayerNorm is first calibrated per
+channel (and quantized per channel for the rest of the pass); afterwards the channels' ranges are
+folded into the LayerNorm and the layer (:mod:`ptq4vit.transforms.reparam`), whose weight is then
+calibrated again.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..quant import AsymmetricQuantizer, LogQuantizer, Quantizer, asymmetric_codes, asymmetric_dequantize, range_to_step
+from ..quant.log import scaled_log_fake_quant
+from ..transforms.reparam import fold_channel_ranges
+
+log = logging.getLogger(__name__)
+
+#: The upper percentiles tried for each range (the lower one is ``1 - p``).
+PERCENTILES = (0.999, 0.9999, 0.99999)
+
+
+def quantiles(rows: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """``torch.quantile(rows, q, dim=1)`` (linear interpolation) for every ``q``, from one sort: ``(len(qs), G)``.
+
+    As torch.quantile does, ``q`` is first rounded to the rows' dtype and the rank ``q·(n-1)`` then
+    taken in float64, so the results are torch.quantile's to the last bit (tests/test_repq.py)
+    without its sort per call.
+    """
+    s = rows.sort(dim=1).values
+    n = s.shape[1]
+    out = []
+    for q in qs:
+        rank = torch.tensor(q, dtype=s.dtype).double() * (n - 1)
+        below = rank.floor()
+        lo, hi = s[:, int(below)], s[:, min(int(rank.ceil()), n - 1)]
+        out.append(torch.lerp(lo, hi, (rank - below).to(s.dtype).item()))
+    return torch.stack(out)
+
+
+def percentile_ranges(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Δ, z)`` per row of ``rows`` (``(G, n)``, float32): the best of the percentile pairs by MSE."""
+    rows = rows.float()
+    qs = quantiles(rows, tuple(PERCENTILES) + tuple(1.0 - p for p in PERCENTILES))
+    best = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    step = torch.ones_like(best)
+    zp = torch.zeros_like(best)
+    k = len(PERCENTILES)
+    for i in range(k):
+        s, z = range_to_step(qs[k + i], qs[i], bits)
+        s1, z1 = s[:, None], z[:, None]
+        err = asymmetric_dequantize(asymmetric_codes(rows, s1, z1, bits), s1, z1, torch.float32).sub_(rows)
+        score = err.square_().mean(dim=1)
+        better = score < best
+        best = torch.where(better, score, best)
+        step = torch.where(better, s, step)
+        zp = torch.where(better, z, zp)
+    return step, zp
+
+
+def log_scale(x: torch.Tensor, bits: int, base: str) -> torch.Tensor:
+    """The largest level of RepQ-ViT's log quantizer: the upper percentile with the smallest MSE."""
+    flat = x.detach().float().reshape(1, -1)
+    best, chosen = float("inf"), None
+    for delta in quantiles(flat, PERCENTILES)[:, 0]:
+        score = float((scaled_log_fake_quant(flat, delta, bits, base) - flat).square_().mean())
+        if score < best:
+            best, chosen = score, delta
+    return chosen if chosen is not None else flat.max()
+
+
+def calibrate_tensor(q: Quantizer, x: torch.Tensor) -> None:
+    """Calibrate a per-tensor activation quantizer (asymmetric, or the scaled log one) on ``x``."""
+    if isinstance(q, LogQuantizer):
+        q.set_scale(log_scale(x, q.bits, q.base))
+    elif isinstance(q, AsymmetricQuantizer) and q.axis is None:
+        q.set_params(*percentile_ranges(x.detach().reshape(1, -1), q.bits))
+    else:
+        raise TypeError(f"percentile calibration has no initialisation for {q!r}")
+
+
+def calibrate_weight(site: nn.Module) -> None:
+    """Per-output-channel ranges of a site's weight."""
+    q = site.w_quant
+    if not (isinstance(q, AsymmetricQuantizer) and q.axis == 0 and q.groups == site.weight.shape[0]):
+        raise TypeError(f"percentile calibration needs per-channel asymmetric weights, got {q!r}")
+    q.set_params(*percentile_ranges(site.weight.detach().reshape(q.groups, -1), q.bits))
+
+
+def per_channel(x: torch.Tensor, bits: int) -> AsymmetricQuantizer:
+    """A per-channel (last dim) asymmetric quantizer calibrated on ``x``."""
+    channels = x.shape[-1]
+    q = AsymmetricQuantizer(bits, channels, axis=-1, device=x.device)
+    q.set_params(*percentile_ranges(x.detach().reshape(-1, channels).t(), bits))
+    return q
+
+
+def _site_quantizers(site: nn.Module) -> list[Quantizer]:
+    return [q for q in (getattr(site, r, None) for r in ("w_quant", "a_quant", "b_quant")) if q is not None]
+
+
+@torch.no_grad()
+def calibrate_percentile(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
+                         pairs: list[tuple[str, str]], progress: bool = True, desc: str = "calibrating") -> None:
+    """Calibrate every site of ``model`` (its quantizers disabled on entry) as RepQ-ViT does.
+
+    ``pairs``: the ``(LayerNorm, linear site)`` paths to reparameterize (empty without ``reparam_ln``).
+    All of ``images`` go through the model in one batch, as the released code's one calibration batch.
+    """
+    for site in sites.values():
+        if isinstance(site, (QuantLinear, QuantConv2d)):
+            calibrate_weight(site)
+    targets = {linear for _, linear in pairs}
+    final: dict[str, Quantizer] = {}
+    bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)
+
+    def hook(name: str, site: nn.Module, args: tuple) -> Optional[tuple]:
+        if isinstance(site, QuantMatMul):
+            calibrate_tensor(site.a_quant, args[0])
+            calibrate_tensor(site.b_quant, args[1])
+        elif name in targets:
+            final[name] = site.a_quant
+            site.a_quant = per_channel(args[0], site.a_quant.bits)
+        elif site.a_quant is not None:
+            calibrate_tensor(site.a_quant, args[0])
+        for q in _site_quantizers(site):
+            q.enabled = True  # quantized from now on: later sites calibrate on its output
+        bar.update()
+        return None
+
+    handles = [site.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, site in sites.items()]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    for norm_path, linear in pairs:
+        site = sites[linear]
+        channel_q = site.a_quant
+        step, zp = fold_channel_ranges(model.get_submodule(norm_path), site, channel_q.scale, channel_q.zero_point,
+                                       channel_q.bits)
+        site.a_quant = final[linear]
+        site.a_quant.set_params(step, zp)
+        calibrate_weight(site)
+    log.debug("percentile calibration: %d sites, %d LayerNorm reparameterizations", len(sites), len(pairs))

@@ -1,0 +1,48 @@
+"""RepQ-ViT's scale reparameterization of a LayerNorm and the linear layer it feeds (docs/lowbit.md §6).
+
+The input of the linear layer has one range per channel (step ``Δ_c``, zero point ``z_c``). With
+``Δ = mean(Δ_c)``, ``z`` the mean zero point, ``r_c = Δ_c / Δ`` and ``b_c = min_c / r_c - min``
+(``min_c = -z_c Δ_c``, ``min = -z Δ``), the norm's output ``y`` becomes ``y / r - b``, whose every
+channel has the range ``[min, min + (2^bits - 1) Δ]`` of one per-tensor quantizer, and the layer
+computes ``(W diag(r)) (y / r - b) + (bias + W diag(r) b) = W y + bias``: the float function is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import qmax
+
+
+def zero_bias(linear: nn.Module) -> None:
+    """Give a bias-free linear layer a zero bias, for the fold to write into (same function)."""
+    if linear.bias is None:
+        w = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
+@torch.no_grad()
+def fold_channel_ranges(norm: nn.LayerNorm, linear: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor,
+                        bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the per-channel ranges ``(Δ_c, z_c)`` (signed zero points) of ``linear``'s input into ``norm``'s
+    affine and ``linear``'s weight and bias, in place; return the per-tensor ``(Δ, z)`` that replaces them.
+
+    The target zero point is the channels' mean rounded to an integer (the released code keeps the
+    unrounded mean, a zero point no integer kernel takes); ``b`` is computed from the rounded one, so
+    the fold stays exact. Computed in float64, written back in the parameters' dtype.
+    """
+    f64 = torch.float64
+    step = scale.to(f64)
+    zp_u = zero_point.to(f64) + qmax(bits)            # RepQ-ViT's unsigned zero points
+    target_step = step.mean()
+    target_zp_u = zp_u.mean().round()
+    r = step / target_step
+    b = (-zp_u * step) / r + target_zp_u * target_step
+    gamma, beta = norm.weight, norm.bias
+    w = linear.weight.to(f64) * r
+    new_bias = linear.bias.to(f64) + w @ b
+    gamma.copy_((gamma.to(f64) / r).to(gamma.dtype))
+    beta.copy_((beta.to(f64) / r - b).to(beta.dtype))
+    linear.weight.copy_(w.to(linear.weight.dtype))
+    linear.bias.copy_(new_bias.to(linear.bias.dtype))
+    return target_step.float(), (target_zp_u - qmax(bits)).float()
