@@ -46,6 +46,10 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         inplace: quantize ``model`` itself instead of a copy.
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
 
+    A ``calibration="percentile"`` preset (``repq-vit``, docs/lowbit.md §6) runs all of
+    ``calib_images`` through the model in one batch, as RepQ-ViT does; ``memory_budget``,
+    ``capture_batch`` and ``threads`` apply to the search presets only.
+
     Calibration runs on the device of the model's parameters, with images in the model's
     floating dtype (float32, bfloat16 or float16; the scale search itself runs in float32);
     it is deterministic, so the same inputs give bit-identical scales. Scales are float32 and

@@ -99,7 +99,7 @@ class Preset:
     @property
     def gradients(self) -> "GradSource | None":
         """Where calibration's ``g = dL/dO`` comes from; None when the metric needs no gradients."""
-        return self.grad_source if self.metric == "hessian" else None
+        return self.grad_source if self.metric == "hessian" and self.calibration == "search" else None
 
     def __post_init__(self):
         if self.metric not in METRICS:
