@@ -80,7 +80,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
         pairs = norm_linear_pairs(model) if preset.reparam_ln else []
         with qmodel.quantization_disabled():
-            calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc)
+            calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
+                                 round_zero_point=preset.reparam_round_zero_point)
         return qmodel
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():

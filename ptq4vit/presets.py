@@ -90,6 +90,9 @@ class Preset:
     #: LayerNorm (qkv, fc1) is calibrated per channel, then the channels' ranges are folded into the
     #: LayerNorm's affine and the layer's weight and bias, leaving one per-tensor quantizer.
     reparam_ln: bool = False
+    #: Round the per-tensor zero point the fold leaves (an integer, as integer kernels need); RepQ-ViT
+    #: keeps the channels' mean zero point unrounded (docs/lowbit.md §6).
+    reparam_round_zero_point: bool = False
     #: The log softmax quantizer has a calibrated largest level (percentile of the probabilities) and
     #: ``2^bits`` levels plus zero, as RepQ-ViT releases it (docs/lowbit.md §6); needs ``softmax_log``.
     softmax_log_scale: bool = False
@@ -136,6 +139,7 @@ class Preset:
         """The RepQ-ViT fields need percentile calibration; it has no initialisation for the rest."""
         percentile = self.calibration == "percentile"
         needs = [name for name, on in (("reparam_ln", self.reparam_ln), ("softmax_log_scale", self.softmax_log_scale),
+                                       ("reparam_round_zero_point", self.reparam_round_zero_point),
                                        ("patch_input_bits", self.patch_input_bits != 0)) if on]
         if needs and not percentile:
             raise UserError(f"{', '.join(needs)} need(s) calibration='percentile' (RepQ-ViT's asymmetric quantizers)")
@@ -254,6 +258,7 @@ REPQ_ABLATION_ROWS: dict[str, dict] = {
     "no reparameterization": dict(reparam_ln=False),
     "uniform softmax": dict(softmax_log="none", softmax_log_scale=False),
     "float image": dict(patch_input_bits=0),
+    "rounded zero point": dict(reparam_round_zero_point=True),
 }
 
 

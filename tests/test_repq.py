@@ -118,7 +118,8 @@ def test_scaled_log_sqrt2_on_hand_made_values():
 # ---- reparameterization
 
 
-def test_fold_keeps_the_function_in_float64_and_aligns_every_channel():
+@pytest.mark.parametrize("round_zp", [False, True])
+def test_fold_keeps_the_function_in_float64_and_aligns_every_channel(round_zp):
     g = torch.Generator().manual_seed(3)
     norm = nn.LayerNorm(6).double()
     lin = nn.Linear(6, 4).double()
@@ -127,18 +128,20 @@ def test_fold_keeps_the_function_in_float64_and_aligns_every_channel():
         norm.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
     x = torch.randn(10, 6, generator=g, dtype=torch.float64) * 5
     before = lin(norm(x))
+    gamma, beta = norm.weight.detach().clone(), norm.bias.detach().clone()
     scale = torch.tensor([0.1, 0.4, 0.05, 1.0, 0.2, 0.3])
-    zp = torch.tensor([-3.0, 0.0, 5.0, -8.0, 2.0, 7.0])
-    bits = 4
-    step, zero = fold_channel_ranges(norm, lin, scale, zp, bits)
+    zp = torch.tensor([-3.0, 0.0, 5.0, -8.0, 2.0, 7.0])   # signed, 4 bits: unsigned mean (5+8+13+0+10+15)/6 = 8.5
+    step, zero = fold_channel_ranges(norm, lin, scale, zp, 4, round_zero_point=round_zp)
     assert (lin(norm(x)) - before).abs().max() < 1e-13
     assert step.item() == pytest.approx(float(scale.double().mean()), rel=1e-7)
-    assert zero.item() == round(float((zp + 8).double().mean())) - 8
-    # each channel's old range start -z_c Δ_c lands on the per-tensor one -z Δ after y/r - b
-    zp_u, target = zp.double() + 8, -(zero.double() + 8) * step.double()
+    assert zero.item() == (0.0 if round_zp else 0.5)       # round(8.5) = 8 (half to even) or 8.5, less qmax = 8
+    # every channel's range start -z_c Δ_c is mapped by y/r - b onto the per-tensor one -z Δ
     r = scale.double() / scale.double().mean()
-    mapped = (-zp_u * scale.double()) / r - ((-zp_u * scale.double()) / r + (zero.double() + 8) * scale.double().mean())
-    assert torch.allclose(mapped, target.expand(6), rtol=0, atol=1e-7)
+    start = -(zp.double() + 8) * scale.double()
+    mapped = (start - beta) / gamma * norm.weight.detach() + norm.bias.detach()  # the new affine at the old range start
+    assert torch.allclose(mapped, torch.full((6,), -(zero.item() + 8) * scale.double().mean().item(), dtype=torch.float64),
+                          rtol=0, atol=1e-12)
+    assert torch.allclose(norm.weight.detach(), gamma / r, rtol=1e-15, atol=0)
 
 
 def test_repq_model_with_quantization_off_is_the_float_model_in_float64():
