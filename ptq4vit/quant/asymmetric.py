@@ -6,7 +6,8 @@ they fit int8 like the symmetric ones); the range ``[min, max]`` of the data sit
 ``z``. RepQ-ViT writes the same quantizer with unsigned codes ``[0, 2^b - 1]`` and zero point
 ``z + qmax``: the integers differ by ``qmax``, the values are identical.
 
-Pure tensor functions; scales and zero points are float32 (a zero point holds an integer) and
+Pure tensor functions; scales and zero points are float32 (an integer, except the unrounded one
+RepQ-ViT's fold leaves on an activation, docs/lowbit.md §6) and
 broadcast against the operand like the symmetric ones (:mod:`.uniform`).
 """
 from __future__ import annotations
