@@ -1,7 +1,8 @@
 """ptq4vit int8 on ONNX Runtime and OpenVINO against NNCF + OpenVINO int8: speed, top-1, agreement.
 
 Usage: python benchmarks/deploy_vs_nncf.py [--models vit_s14_cifar10 deit_s] [--batches 8 1] [--repeats 10]
-           [--threads 2] [--limit 100] [--checkpoint FILE] [--preset fast8] [--workdir runs/deploy_vs_nncf]
+           [--threads 2] [--limit 100] [--checkpoint FILE] [--preset fast8] [--deploy-preset deploy8]
+           [--workdir runs/deploy_vs_nncf]
            [--variants ...] [--no-accuracy] [--build-only]
 
 Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VIT_SHARED``).
@@ -14,15 +15,19 @@ Needs the ``bench`` extra (onnxruntime, openvino, nncf) and ../shared (``$PTQ4VI
     ``nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=32)``.
   - ptq4vit W8A8 with ``--preset`` (default ``fast8``, about a minute); ``--checkpoint`` uses a saved
     quantized ViT-S/14 instead (e.g. the full ``ptq4vit`` preset, 8-17 min to calibrate).
+  - ptq4vit W8A8 with ``--deploy-preset`` (default ``deploy8``: only the linear layers quantized,
+    per-channel smoothed weights, attention float, no twins; its calibration seconds are printed).
   Everything built (checkpoints, ONNX, OpenVINO IR) is cached in ``--workdir``: a re-run only times.
 * Variants (``--variants`` picks a subset): ``ort-fp32``, ``ort-contrib`` (ptq4vit int8,
   ``MatMulIntegerToFloat``, ``gemm="auto"``), ``ort-qdq`` (ptq4vit standard QDQ), ``ov-fp32``
   (OpenVINO, INFERENCE_PRECISION_HINT=f32), ``ov-qdq`` (ptq4vit QDQ on OpenVINO, f32 hint),
   ``ov-qdq-fa`` (the same with ``float_attention=True``: q @ kᵀ and softmax @ v float, which
   lets OpenVINO fuse attention as it does for NNCF's model, which leaves them float),
-  ``nncf`` (NNCF int8, f32 hint), and the same four OpenVINO ones with the plugin's default
-  precision (``ov-default``, ``ov-qdq-default``, ``ov-qdq-fa-default``, ``nncf-default``: bf16
-  float layers where the CPU has it).
+  ``ov-deploy`` (the ``--deploy-preset`` model's QDQ graph on OpenVINO, f32 hint), ``ort-deploy``
+  (the same graph on ONNX Runtime), ``nncf`` (NNCF int8, f32 hint), and the same five OpenVINO
+  ones with the plugin's default precision (``ov-default``, ``ov-qdq-default``,
+  ``ov-qdq-fa-default``, ``ov-deploy-default``, ``nncf-default``: bf16 float layers where the CPU
+  has it).
 * Timing: for each batch size all variants run once in turn, ``--repeats`` times (interleaved:
   other load on the machine hits them alike), after 3 warm-up rounds; medians; ratios are
   against each runtime's own float32 (ORT variants vs ``ort-fp32``; OpenVINO variants vs
@@ -59,10 +64,10 @@ from ptq4vit.export.openvino import compile_onnx, executed_layers
 from ptq4vit.export.ort import make_session
 
 MODELS = {"vit_s14_cifar10": "real weights (shared/models)", "deit_s": "random init, seed 0"}
-VARIANTS = ("ort-fp32", "ort-contrib", "ort-qdq", "ov-fp32", "ov-qdq", "ov-qdq-fa", "nncf", "ov-default",
-            "ov-qdq-default", "ov-qdq-fa-default", "nncf-default")
+VARIANTS = ("ort-fp32", "ort-contrib", "ort-qdq", "ort-deploy", "ov-fp32", "ov-qdq", "ov-qdq-fa", "ov-deploy", "nncf",
+            "ov-default", "ov-qdq-default", "ov-qdq-fa-default", "ov-deploy-default", "nncf-default")
 BASELINE = {"ort": "ort-fp32", "ov": "ov-fp32", "ov-default": "ov-default"}
-ACCURACY_DEFAULT = ("ort-fp32", "ort-contrib", "ov-qdq", "ov-qdq-fa", "nncf")
+ACCURACY_DEFAULT = ("ort-fp32", "ort-contrib", "ov-qdq", "ov-qdq-fa", "ov-deploy", "nncf")
 
 
 def runtime_of(variant: str) -> str:
@@ -76,9 +81,9 @@ def log(msg: str) -> None:
 
 
 class Built:
-    """The files of one model: float ONNX, ptq4vit int8 (contrib, QDQ), NNCF int8 IR."""
+    """The files of one model: float ONNX, ptq4vit int8 (contrib, QDQ, deployment preset QDQ), NNCF int8 IR."""
 
-    def __init__(self, workdir: Path, key: str):
+    def __init__(self, workdir: Path, key: str, deploy_preset: str):
         self.dir = workdir / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fp32 = self.dir / "fp32.onnx"
@@ -86,6 +91,8 @@ class Built:
         self.qdq = self.dir / "ptq4vit_int8_qdq.onnx"
         self.qdq_fa = self.dir / "ptq4vit_int8_qdq_float_attention.onnx"
         self.nncf = self.dir / "nncf_int8.xml"
+        self.deploy_ckpt = self.dir / f"ptq4vit_{deploy_preset}_w8a8.safetensors"
+        self.deploy = self.dir / f"ptq4vit_{deploy_preset}_int8_qdq.onnx"
 
 
 def load_model(key: str, shared: Path):
@@ -98,11 +105,13 @@ def load_model(key: str, shared: Path):
 
 
 def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
-    b = Built(Path(args.workdir), key)
+    b = Built(Path(args.workdir), key, args.deploy_preset)
     if not b.fp32.exists():
         export_onnx(lm.model, b.fp32, int8=False, batch_size=None)
         log(f"  wrote {b.fp32}")
-    if not (b.contrib.exists() and b.qdq.exists() and b.qdq_fa.exists()):
+    wanted = set(args.variants)
+    if (wanted & {"ort-contrib", "ort-qdq", "ov-qdq", "ov-qdq-fa", "ov-qdq-default", "ov-qdq-fa-default"}
+            and not (b.contrib.exists() and b.qdq.exists() and b.qdq_fa.exists())):
         ckpt = Path(args.checkpoint) if (args.checkpoint and key == "vit_s14_cifar10") else \
             b.dir / f"ptq4vit_{args.preset}_w8a8.safetensors"
         if ckpt.exists():
@@ -118,7 +127,19 @@ def build(key: str, args, shared: Path, calib: torch.Tensor, lm) -> Built:
         log("  " + rep.summary().replace("\n", "\n  "))
         export_onnx(q, b.qdq, format="qdq")
         export_onnx(q, b.qdq_fa, format="qdq", float_attention=True)
-    if not b.nncf.exists():
+    if wanted & {"ort-deploy", "ov-deploy", "ov-deploy-default"} and not b.deploy.exists():
+        if b.deploy_ckpt.exists():
+            q = ptq4vit.load(b.deploy_ckpt)  # (not model=: calibration rewrote the linear weights it rounded)
+            log(f"  loaded {b.deploy_ckpt}")
+        else:
+            t0 = time.perf_counter()
+            q = ptq4vit.quantize(lm.model, calib, args.deploy_preset, 8, 8, progress=False)
+            log(f"  ptq4vit {args.deploy_preset} W8A8 on {len(calib)} images: calibration {time.perf_counter() - t0:.1f} s "
+                f"(contended unless the machine was idle)")
+            ck.save(q, b.deploy_ckpt, data_config=lm.data_config)
+        rep = export_onnx(q, b.deploy, format="qdq")
+        log("  " + rep.summary().replace("\n", "\n  "))
+    if wanted & {"nncf", "nncf-default"} and not b.nncf.exists():
         import nncf
         import openvino as ov
         t0 = time.perf_counter()
@@ -135,11 +156,12 @@ def runners(b: Built, variants, threads: int) -> dict:
     out = {}
     for v in variants:
         if v.startswith("ort"):
-            path = {"ort-fp32": b.fp32, "ort-contrib": b.contrib, "ort-qdq": b.qdq}[v]
+            path = {"ort-fp32": b.fp32, "ort-contrib": b.contrib, "ort-qdq": b.qdq, "ort-deploy": b.deploy}[v]
             s = make_session(str(path), threads=threads)
             out[v] = lambda x, s=s: s.run(None, {"input": x})[0]
         else:
             path = (b.nncf if v.startswith("nncf") else b.qdq_fa if v.startswith("ov-qdq-fa") else
+                    b.deploy if v.startswith("ov-deploy") else
                     b.qdq if v.startswith("ov-qdq") else b.fp32)
             m = compile_onnx(path, "default" if v.endswith("default") else "f32", threads=threads)
             req = m.infer_request()
@@ -196,6 +218,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=100, help="cifar10/test images per class for accuracy")
     p.add_argument("--checkpoint", default=None, help="quantized ViT-S/14 checkpoint to use instead of calibrating")
     p.add_argument("--preset", default="fast8", help="ptq4vit preset when calibrating (default: %(default)s)")
+    p.add_argument("--deploy-preset", default="deploy8",
+                   help="ptq4vit preset of the ov-deploy/ort-deploy variants (default: %(default)s)")
     p.add_argument("--workdir", default="runs/deploy_vs_nncf")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--accuracy-variants", nargs="+", default=list(ACCURACY_DEFAULT), choices=VARIANTS)
@@ -233,8 +257,9 @@ def main() -> None:
                 base = BASELINE[runtime_of(v)]
                 ratio = f"{med[base] / med[v]:5.2f}x vs {base}" if base in med and v != base else ""
                 log(f"  {v:<16s} {med[v]:9.1f} ms  {ratio}")
-            for a, c in (("ov-qdq", "nncf"), ("ov-qdq-fa", "nncf"), ("ort-contrib", "nncf"), ("ort-qdq", "nncf"),
-                         ("ov-qdq-default", "nncf-default"), ("ov-qdq-fa-default", "nncf-default")):
+            for a, c in (("ov-qdq", "nncf"), ("ov-qdq-fa", "nncf"), ("ov-deploy", "nncf"), ("ort-contrib", "nncf"),
+                         ("ort-qdq", "nncf"), ("ort-deploy", "nncf"), ("ov-qdq-default", "nncf-default"),
+                         ("ov-qdq-fa-default", "nncf-default"), ("ov-deploy-default", "nncf-default")):
                 if a in med and c in med:
                     log(f"  {a} / {c} speed: {med[c] / med[a]:.2f}x (>1: ptq4vit faster)")
         if not args.no_accuracy:

@@ -24,6 +24,9 @@ W_GRANULARITIES = ("block", "channel")
 ROTATION_KINDS = ("hadamard", "orthogonal")
 SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
 CALIBRATIONS = ("search", "percentile")
+#: Switches validated as real booleans (a string "false" would otherwise be truthy).
+_BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
+                "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ class Preset:
     softmax_log_scale: bool = False
     #: Quantize the patch embedding's image input to this many bits (asymmetric, per tensor); 0: float.
     patch_input_bits: int = 0
+    #: Quantize the attention matmuls ``q @ kᵀ`` and ``softmax @ v``. ``False`` keeps them float
+    #: (plain matmuls, not sites; the softmax options then have no effect): runtimes run float
+    #: attention in one fused kernel, as NNCF's int8 models leave it (docs/deployment.md).
+    quantize_attention: bool = True
+    #: SmoothQuant migration strength α for the inputs of qkv, fc1 and (without the GELU twin) fc2:
+    #: ``x / s``, ``W diag(s)`` with ``s_j = max|x_j|^α / max|W_:j|^(1-α)`` from the calibration
+    #: inputs; 0 = off (docs/deployment.md).
+    smooth_alpha: float = 0.0
 
     @property
     def gradients(self) -> "GradSource | None":
@@ -132,6 +143,11 @@ class Preset:
         if self.calibration not in CALIBRATIONS:
             raise UserError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         self._check_percentile()
+        if not 0 <= self.smooth_alpha <= 1:
+            raise UserError(f"smooth_alpha must be in [0, 1] (0: no smoothing), got {self.smooth_alpha}")
+        for flag in _BOOL_FIELDS:
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
 
@@ -208,6 +224,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "evenly spaced tokens of each activation, one round, no gradients (at 8 bits the "
                     "wide grid and the hessian metric buy little)",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
+    ),
+    Preset(
+        name="deploy8",
+        description="Deployment at 8 bits on a runtime's int8 kernels (OpenVINO, ONNX Runtime): only the "
+                    "linear layers are quantized (per-tensor activations, per-channel weights rounded to "
+                    "nearest), attention stays float for the runtimes' fused attention kernels, no twins "
+                    "(one integer GEMM per layer), the inputs of qkv, fc1 and fc2 smoothed (alpha 0.5; "
+                    "the division folds into the LayerNorm / fc1 at run time); input scales from fast8's "
+                    "short cosine grid on 2048 tokens, one pass, no gradients",
+        metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
+        softmax_twin=False, gelu_twin=False, gelu_pow2=False, quantize_attention=False,
+        w_granularity="channel", smooth_alpha=0.5,
     ),
     Preset(
         name="rotq",

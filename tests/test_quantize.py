@@ -16,7 +16,7 @@ from conftest import make_tiny
 FAST = dict(n_candidates=12, progress=False)
 
 
-@pytest.mark.parametrize("preset", ["base", "official", "ptq4vit", "fast8"])
+@pytest.mark.parametrize("preset", ["base", "official", "ptq4vit", "fast8", "deploy8"])
 def test_every_family_quantizes_close_to_float_at_w8a8(tiny_model, preset):
     model, images = tiny_model
     q = ptq4vit.quantize(model, images, preset, 8, 8, **FAST)

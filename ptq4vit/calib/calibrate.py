@@ -24,7 +24,7 @@ from ..presets import Preset
 from ..quant import (MIN_SCALE, LogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
                      gelu_twin_fake_quant, initial_scale, softmax_split_candidates, softmax_twin_fake_quant,
                      uniform_fake_quant)
-from .gptq import gptq_quantize, input_hessian, row_scales, search_group_scales
+from .gptq import gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
 from .search import Product, best_index, score
 
 
@@ -147,26 +147,29 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
 
 def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
                                   budget: int) -> None:
-    """Weight scales from ``H``, round-to-nearest or GPTQ weights, then the input scale search."""
+    """Weight scales from ``H`` (its diagonal when rounding to nearest), round-to-nearest or GPTQ
+    weights, then the input scale search (scored on ``search_rows`` rows, ranges from all)."""
     wq = site.w_quant
     w = site.weight.detach()
     x2 = x.reshape(-1, x.shape[-1])
-    h = input_hessian(x2)
+    gptq = preset.weight_rounding == "gptq"
+    h = input_hessian(x2) if gptq else input_energy(x2)
     factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(w.device)
     scales = search_group_scales(w, h, wq.groups, wq.bits, factors, budget)
     per_row = row_scales(scales, w.shape[0])
-    if preset.weight_rounding == "gptq":
+    if gptq:
         wq_values = gptq_quantize(w, h.to(w.device), per_row, wq.bits, damp=preset.gptq_damp,
                                   act_order=preset.gptq_act_order, block=preset.gptq_block)
     else:
         wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
     if site.a_quant is not None:
         grid = _Grid(preset, x.device)
-        xx = x2.unsqueeze(0)
-        g = grad.reshape(1, -1, grad.shape[-1]) if grad is not None else None
+        x_all = x2.unsqueeze(0)
+        xx = _some_rows(x_all, 1, preset.search_rows)
+        g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, preset.search_rows) if grad is not None else None
         layer = Product(a=xx, b=w.t().unsqueeze(0), bias=site.bias.detach() if site.bias is not None else None,
                         grad=g, metric=preset.metric)
-        inp = _InputSearch(site.a_quant, xx, grid)
+        inp = _InputSearch(site.a_quant, x_all, grid)
         best = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
         site.a_quant.set_scale(best.reshape(1))
     with torch.no_grad():
@@ -282,10 +285,31 @@ def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tenso
                               for h, prod in enumerate(per_head)]))
 
 
+def smoothing_factors(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|x_j|^α / max|W_:j|^(1-α)`` per input channel ``j`` (float32), 1 for a
+    channel that is zero in ``x`` or ``W`` (nothing to migrate there)."""
+    xmax = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+    wmax = w.abs().amax(0).float()
+    s = xmax.pow(alpha) / wmax.pow(1 - alpha)
+    return torch.where((xmax > 0) & (wmax > 0) & torch.isfinite(s), s, torch.ones_like(s))
+
+
+def _smooth(site: QuantLinear, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Set the site's smoothing divisor from its captured input, fold it into the weight
+    (``W diag(s)``) and return the input as the layer now sees it (``x / s``)."""
+    s = smoothing_factors(x, site.weight.detach(), alpha)
+    with torch.no_grad():
+        site.smooth.copy_(s)
+        site.weight.mul_(site.smooth)
+    return x / site.smooth.to(x.dtype)
+
+
 def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype)."""
     inputs = [_search_float(t) for t in inputs]
     grad = _search_float(grad)
+    if isinstance(site, QuantLinear) and site.smooth is not None:
+        inputs[0] = _smooth(site, inputs[0], preset.smooth_alpha)
     if isinstance(site, QuantLinear) and preset.second_order_weights:
         calibrate_linear_second_order(site, inputs[0], grad, preset, budget)
     elif isinstance(site, QuantLinear):

@@ -32,6 +32,13 @@ def input_hessian(x: torch.Tensor) -> torch.Tensor:
     return x2.t() @ x2
 
 
+def input_energy(x: torch.Tensor) -> torch.Tensor:
+    """``diag(XᵀX)`` in float64 (each input channel's energy): all that the scale search reads of
+    ``H``, at ``K`` times less work than :func:`input_hessian` when no GPTQ follows."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return x2.square().sum(0)
+
+
 def row_scales(scales: torch.Tensor, rows: int) -> torch.Tensor:
     """Per-row scales from ``(groups,)`` scales of contiguous row blocks."""
     return scales.repeat_interleave(rows // scales.numel())
@@ -41,12 +48,12 @@ def search_group_scales(w: torch.Tensor, h: torch.Tensor, groups: int, bits: int
                         budget_bytes: int = 64 << 20) -> torch.Tensor:
     """``(groups,)`` scales minimising the ``diag(H)``-weighted round-to-nearest error of each block of rows.
 
-    Candidates are ``Δ0 · factors`` with ``Δ0`` from each group's absolute maximum; the first
+    ``h`` is ``H`` ``(K, K)`` or its diagonal ``(K,)`` (:func:`input_energy`). Candidates are ``Δ0 · factors`` with ``Δ0`` from each group's absolute maximum; the first
     minimum wins on ties.
     """
     rows, k = w.shape
     wd = w.to(torch.float64)
-    energy = torch.diagonal(h).to(torch.float64)                                       # (K,)
+    energy = (torch.diagonal(h) if h.dim() == 2 else h).to(torch.float64)              # (K,)
     per_group = rows // groups
     start = initial_scale(wd.reshape(groups, -1).abs().amax(1), bits)                # (groups,)
     cands = factors.to(wd).reshape(-1, 1) * start                                      # (n, groups)

@@ -83,6 +83,7 @@ class ContribLinear(Lowering):
         return not (self.twin and self.shift is not None)
 
     def emit(self, e: Emitter, x):
+        x = self.smoothed_input(e, x)
         if not self.twin:
             xq = e.quantize(x, f32(self.a_scale), self.a_zp, clip=self.a_clip)
             args = [xq, e.const(self.b), e.const(f32(self.a_scale)), e.const(self.col_scale),

@@ -6,12 +6,19 @@ import numpy as np
 __all__ = ["postprocess"]
 
 
-def postprocess(path: str, meta: dict) -> None:
+def postprocess(path: str, meta: dict, quantize_before_layout: bool = False) -> None:
+    """Apply the rewrites to the ONNX file at ``path`` and write ``meta`` as its metadata.
+
+    ``quantize_before_layout`` (QDQ graphs): move per-tensor ``QuantizeLinear`` above the
+    ``Transpose``/``Reshape`` chains that feed it (see :func:`_quantize_before_layout`).
+    """
     import onnx
 
     model = onnx.load(path)
     _fold_constant_muls(model.graph)
     _quantize_before_transpose(model.graph)
+    if quantize_before_layout:
+        _quantize_before_layout(model.graph)
     _drop_unused(model.graph)
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -50,6 +57,75 @@ def _quantize_before_transpose(graph) -> None:
         idx = min(idx, len(graph.node))
         graph.node.insert(idx - 1 if idx else 0, new_q)
         graph.node.insert(idx if idx else 1, new_t)
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape")
+
+
+def _is_per_tensor(graph, q) -> bool:
+    """A QuantizeLinear with one scale (no quantization axis to follow through a reshape)."""
+    from onnx import numpy_helper
+
+    if any(a.name == "axis" for a in q.attribute):
+        return False
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == q.input[1]:
+            return numpy_helper.to_array(n.attribute[0].t).size == 1
+    for init in graph.initializer:
+        if init.name == q.input[1]:
+            return numpy_helper.to_array(init).size == 1
+    return False
+
+
+def _quantize_before_layout(graph) -> None:
+    """``Q(Reshape(Transpose(x)))`` -> ``Reshape(Transpose(Q(x)))`` for a per-tensor Q, when the
+    moved ops feed nothing else. Exact (Q is elementwise with one scale) and the layout ops then
+    move int8 bytes; above all, the Q then directly follows the op that computes ``x``, which
+    a runtime can fuse it into: OpenVINO runs the Q of proj's input as a post-op of its fused
+    attention kernel instead of as a stand-alone FakeQuantize (docs/deployment.md)."""
+    moved = True
+    while moved:
+        moved = False
+        consumers: dict = {}
+        for n in graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        producer = {o: n for n in graph.node for o in n.output}
+        outputs = {o.name for o in graph.output}
+        for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+            t = producer.get(q.input[0])
+            if (t is None or t.op_type not in _LAYOUT_OPS or len(consumers.get(t.output[0], [])) != 1
+                    or t.output[0] in outputs or not _is_per_tensor(graph, q)):
+                continue
+            x, out = t.input[0], q.output[0]
+            mid = out + "_before_" + t.op_type.lower()
+            q.input[0], q.output[0] = x, mid
+            t.input[0], t.output[0] = mid, out
+            moved = True
+        if moved:
+            _topological_sort(graph)
+
+
+def _topological_sort(graph) -> None:
+    """Reorder the nodes so that each comes after the producers of its inputs (stable otherwise)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError("graph has a cycle or an undefined input")
+        pending = rest
+    nodes = [type(n)() for n in ordered]
+    for new, old in zip(nodes, ordered):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _drop_unused(graph) -> None:

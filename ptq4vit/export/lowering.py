@@ -161,17 +161,25 @@ class Lowering:
             with torch.no_grad():
                 self._w = frozen_copy(site.w_quant).fake_quant(site.weight.detach().clone())
             self._bias = None if site.bias is None else site.bias.detach().clone()
+            self._smooth = None if site.smooth is None else site.smooth.detach().clone()
 
     def torch_forward(self, *args):
         if len(args) == 2:
             out = self._aq.fake_quant(args[0]) @ self._bq.fake_quant(args[1])
         else:
-            out = F.linear(self._aq.fake_quant(args[0]), self._w, self._bias)
+            x = args[0] if self._smooth is None else args[0] / self._smooth
+            out = F.linear(self._aq.fake_quant(x), self._w, self._bias)
         self.out_shape = tuple(out.shape)
         return out
 
     def uses_contrib_ops(self) -> bool:
         return False
+
+    def smoothed_input(self, e: "Emitter", x):
+        """``x / s`` for a linear site with a smoothing divisor (a ``Div``, as torch computes it), else ``x``."""
+        if getattr(self, "_smooth", None) is None:
+            return x
+        return e.op("Div", x, e.const(f32(self._smooth.float().cpu().numpy())))
 
     def emit(self, e: Emitter, *inputs):
         raise NotImplementedError

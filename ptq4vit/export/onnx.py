@@ -14,9 +14,10 @@ each lowering in place of its module's forward while torch's TorchScript-based e
 (``dynamo=False``) traces the model, and hands the graph to :mod:`.graph` for the final rewrites.
 
 What stays float is what the method keeps float (LayerNorm, softmax, GELU, residuals, biases,
-embeddings) plus the sites listed in :attr:`ExportReport.fallbacks`: the patch embedding (its
+embeddings) plus the products listed in :attr:`ExportReport.fallbacks`: the patch embedding (its
 input is the float image, docs/method.md §1: the weight is dequantized from its int8 codes and
-the conv runs in float) and any site whose quantizers are disabled.
+the conv runs in float), any site whose quantizers are disabled, attention matmuls that the preset
+keeps float (``quantize_attention=False``) or the export keeps float (``float_attention=True``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..nn import QUANT_MODULES, FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
 from ..quantized import QuantizedModel
 from .contrib import ContribLinear, ContribMatMul
 from .cpu import cpu_has_vnni
@@ -74,7 +75,13 @@ def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, tw
     """Decide every site's lowering; return (patches, site exports, lowerings)."""
     shapes = _record_shapes(qmodel, example)
     patches, exports, lowerings = [], [], []
-    for name, site in qmodel.sites().items():
+    for name, site in qmodel.model.named_modules():
+        if isinstance(site, FloatMatMul):
+            exports.append(SiteExport(name, "matmul", False, "float MatMul",
+                                      "kept float by the preset (quantize_attention=False: runtimes fuse float attention)"))
+            continue
+        if not isinstance(site, QUANT_MODULES):
+            continue
         if isinstance(site, QuantConv2d):
             w = (site.w_quant.fake_quant(site.weight.detach()) if _enabled(site.w_quant) else site.weight.detach()).clone()
             aq = site.a_quant if _enabled(site.a_quant) else None
@@ -235,7 +242,7 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                      "ptq4vit.gemm": gemm, "ptq4vit.twin_combine": twin_combine,
                      "ptq4vit.float_attention": int(float_attention),
                      "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none"})
-        postprocess(path, meta)
+        postprocess(path, meta, quantize_before_layout=format == "qdq")
         return report
     finally:
         inner.train(was_training)

@@ -79,6 +79,7 @@ class QdqLinear(Lowering):
         return e.dequantize(e.const(self.w), self.col_scale, np.zeros(len(self.col_scale), _I8), axis=1)
 
     def emit(self, e: Emitter, x):
+        x = self.smoothed_input(e, x)
         flat = len(self.out_shape) == 2
         if flat:  # (B, C), the head: ORT would fuse a 2-D MatMul + Add into a float Gemm before its QDQ fusion
             x = e.op("Unsqueeze", x, e.const(np.array([1], np.int64)))

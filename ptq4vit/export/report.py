@@ -45,6 +45,12 @@ class ExportReport:
                     kinds[s.lowering] = kinds.get(s.lowering, 0) + 1
             for what, n in kinds.items():
                 lines.append(f"    {n:3d} x {what}")
+            groups: dict = {}
             for s in self.fallbacks:
-                lines.append(f"  float fallback: {s.name} ({s.kind}): {s.reason}")
+                groups.setdefault((s.kind, s.reason), []).append(s.name)
+            for (kind, reason), names in groups.items():
+                if len(names) == 1:
+                    lines.append(f"  float fallback: {names[0]} ({kind}): {reason}")
+                else:
+                    lines.append(f"  float fallback, {len(names)} {kind}s: {reason}: {', '.join(names)}")
         return "\n".join(lines)

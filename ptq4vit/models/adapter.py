@@ -106,7 +106,7 @@ class SitePlan:
         if type(mlp) is not Mlp:
             raise self.refuse(path, mlp, "only timm's Mlp (fc1, activation, fc2) is a known MLP layout")
         self.container(path)
-        self.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.linear)
+        self.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
         if build.preset.gelu_twin and not isinstance(mlp.act, nn.GELU):
             raise self.refuse(f"{path}.act", mlp.act, "the post-GELU twin quantizer (docs/method.md §4) needs nn.GELU; "
                                                       "turn gelu_twin off to quantize fc2's input uniformly")

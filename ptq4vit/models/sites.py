@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..nn import FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
 from ..quant import (AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
                      UniformQuantizer, check_bits)
@@ -28,10 +28,11 @@ class SiteBuilder:
         return AsymmetricQuantizer(bits, device=device) if self.zero_point else UniformQuantizer(bits, device=device)
 
     def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None,
-               bits: tuple[int, int] | None = None) -> QuantLinear:
+               bits: tuple[int, int] | None = None, smooth: bool = False) -> QuantLinear:
         """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each, or every output
         row its own with ``w_granularity="channel"`` (a refinement of the q/k/v blocks, docs/lowbit.md §3).
-        ``bits``: (weight, input) bits, default the run's."""
+        ``bits``: (weight, input) bits, default the run's. ``smooth``: a per-input-channel smoothing
+        divisor, calibrated when the preset has ``smooth_alpha``."""
         device = linear.weight.device
         w_bits, a_bits = bits or (self.w_bits, self.a_bits)
         if a_quant is None:
@@ -42,7 +43,7 @@ class SiteBuilder:
         if self.preset.w_granularity == "channel":
             w_groups = linear.out_features
         w_quant = UniformQuantizer(w_bits, w_groups, axis=0 if w_groups > 1 else None, device=device)
-        return QuantLinear(linear, w_quant, a_quant)
+        return QuantLinear(linear, w_quant, a_quant, smooth=smooth and self.preset.smooth_alpha > 0)
 
     def classifier(self, linear: nn.Linear) -> QuantLinear:
         """The classifier head: a linear layer at ``preset.head_bits`` if set (docs/lowbit.md §7)."""
@@ -50,15 +51,21 @@ class SiteBuilder:
         return self.linear(linear, bits=bits)
 
     def qkv_linear(self, linear: nn.Linear) -> QuantLinear:
-        """A fused q/k/v projection: one weight scale per q, k and v block (docs/method.md §1)."""
-        return self.linear(linear, w_groups=3)
+        """A fused q/k/v projection: one weight scale per q, k and v block (docs/method.md §1); its
+        input is a norm's output, smoothed if the preset says so."""
+        return self.linear(linear, w_groups=3, smooth=True)
+
+    def normed_linear(self, linear: nn.Linear) -> QuantLinear:
+        """A linear layer whose input is a norm's output (fc1): smoothed if the preset says so, since a
+        runtime folds the per-channel division into the norm (docs/deployment.md)."""
+        return self.linear(linear, smooth=True)
 
     def post_gelu_linear(self, linear: nn.Linear) -> QuantLinear:
         """fc2 of an MLP: its input is the GELU output (the post-GELU twin, docs/method.md §4)."""
         if self.preset.gelu_twin:
             twin = TwinGeluQuantizer(self.a_bits, pow2=self.preset.gelu_pow2, device=linear.weight.device)
             return self.linear(linear, a_quant=twin)
-        return self.linear(linear)
+        return self.linear(linear, smooth=True)  # the division folds into fc1's output (and GELU) at run time
 
     def patch_conv(self, conv: nn.Conv2d) -> QuantConv2d:
         """The patch embedding: its weight, per channel if the preset says so; its image input only with
@@ -71,8 +78,11 @@ class SiteBuilder:
             return QuantConv2d(conv, UniformQuantizer(self.w_bits, conv.out_channels, axis=0, device=device))
         return QuantConv2d(conv, UniformQuantizer(self.w_bits, device=device))
 
-    def attention_matmuls(self, num_heads: int, like: nn.Linear) -> tuple[QuantMatMul, QuantMatMul]:
-        """``q @ kᵀ`` and ``softmax @ v``, per-head operands, on the device of ``like`` (the qkv layer)."""
+    def attention_matmuls(self, num_heads: int, like: nn.Linear) -> tuple[nn.Module, nn.Module]:
+        """``q @ kᵀ`` and ``softmax @ v``, per-head operands, on the device of ``like`` (the qkv layer);
+        two :class:`FloatMatMul` when the preset keeps attention float."""
+        if not self.preset.quantize_attention:
+            return FloatMatMul(), FloatMatMul()
         device = like.weight.device
 
         def per_head() -> Quantizer:

@@ -16,7 +16,7 @@ from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, SwinTransformerStage,
                                           WindowAttention)
 
-from ..nn import QuantLinear, QuantMatMul
+from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .sites import SiteBuilder
 
@@ -24,7 +24,8 @@ from .sites import SiteBuilder
 class QuantWindowAttention(nn.Module):
     """Replacement for Swin's ``WindowAttention``: relative position bias and shift mask stay float."""
 
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: QuantMatMul, matmul2: QuantMatMul):
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: "QuantMatMul | FloatMatMul",
+                 matmul2: "QuantMatMul | FloatMatMul"):
         super().__init__()
         self.num_heads = attn.num_heads
         self.scale = attn.scale

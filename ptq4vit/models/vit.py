@@ -21,7 +21,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import (Attention, Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock,
                                             VisionTransformer)
 
-from ..nn import QuantLinear, QuantMatMul
+from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .sites import SiteBuilder
 
@@ -56,7 +56,8 @@ class QuantAttention(nn.Module):
     power of four.
     """
 
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: QuantMatMul, matmul2: QuantMatMul):
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: "QuantMatMul | FloatMatMul",
+                 matmul2: "QuantMatMul | FloatMatMul"):
         super().__init__()
         self.num_heads = attn.num_heads
         self.head_dim = attn.head_dim

@@ -16,9 +16,15 @@ from ..quant import Quantizer
 
 
 class QuantLinear(nn.Module):
-    """``nn.Linear`` with a (grouped) weight quantizer and an optional input quantizer."""
+    """``nn.Linear`` with a (grouped) weight quantizer and an optional input quantizer.
 
-    def __init__(self, linear: nn.Linear, w_quant: Quantizer, a_quant: Optional[Quantizer]):
+    With ``smooth=True`` the layer has a per-input-channel divisor ``smooth`` (ones until
+    calibration sets it, docs/deployment.md): it computes ``q(x / s) · q(W diag(s))ᵀ``, the stored
+    weight being ``W diag(s)``, which moves an activation channel's outliers into the weight's
+    per-channel scales (SmoothQuant). The float function is unchanged up to rounding.
+    """
+
+    def __init__(self, linear: nn.Linear, w_quant: Quantizer, a_quant: Optional[Quantizer], smooth: bool = False):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -26,14 +32,20 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.w_quant = w_quant
         self.a_quant = a_quant
+        self.smooth: Optional[torch.Tensor]
+        self.register_buffer("smooth", torch.ones(linear.in_features, dtype=linear.weight.dtype,
+                                                  device=linear.weight.device) if smooth else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
         if self.a_quant is not None:
             x = self.a_quant(x)
         return F.linear(x, self.w_quant(self.weight), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (", smooth=True" if self.smooth is not None else ""))
 
 
 class QuantConv2d(nn.Module):
@@ -75,6 +87,14 @@ class QuantMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.a_quant(a) @ self.b_quant(b)
+
+
+class FloatMatMul(nn.Module):
+    """``a @ b`` left float by the preset (``quantize_attention=False``): not a quantization site,
+    a module of its own so that the export report can name it (docs/deployment.md)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
 
 
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMatMul)

@@ -1,0 +1,145 @@
+"""The deployment preset ``deploy8``: only the linear layers are quantized (attention float, no
+twins), the inputs of qkv, fc1 and fc2 smoothed. Its QDQ graph runs on OpenVINO as NNCF's int8
+models do (every linear an integer layer, the activation quantizers fused into the ops before
+them) and agrees with the fake-quantized torch model as closely as float rounding allows."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+import ptq4vit
+from ptq4vit import checkpoint as ck
+from ptq4vit.calib.calibrate import smoothing_factors
+from ptq4vit.errors import UserError
+from ptq4vit.nn import FloatMatMul, QuantLinear, QuantMatMul
+from ptq4vit.presets import get_preset, parse_field
+
+from test_export import MODELS, torch_out
+
+IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+_CACHE: dict = {}
+
+
+def deploy(key="vit"):
+    """A tiny model calibrated with deploy8 (the real search: it is fast at this size)."""
+    if key not in _CACHE:
+        name, kw = MODELS[key]
+        torch.manual_seed(0)
+        m = timm.create_model(name, pretrained=False, **kw).eval()
+        _CACHE[key] = (m, ptq4vit.quantize(m, IMAGES, "deploy8", 8, 8, progress=False, threads=1))
+    return _CACHE[key]
+
+
+def test_new_preset_fields_are_typed_and_checked():
+    assert get_preset("deploy8").quantize_attention is False and get_preset("ptq4vit").quantize_attention is True
+    assert parse_field("quantize_attention", "off") is False
+    assert parse_field("smooth_alpha", "0.25") == 0.25
+    with pytest.raises(UserError, match="smooth_alpha must be in"):
+        get_preset("deploy8", smooth_alpha=1.5)
+    with pytest.raises(UserError, match="quantize_attention must be True or False"):
+        get_preset("deploy8", quantize_attention="no")
+    with pytest.raises(UserError, match="preset field smooth_alpha must be float"):
+        parse_field("smooth_alpha", "strong")
+
+
+def test_smoothing_factors_on_hand_made_tensors():
+    x = torch.tensor([[1.0, -4.0, 0.0, 2.0], [-9.0, 1.0, 0.0, 0.5]])
+    w = torch.tensor([[1.0, 0.5, 3.0, 0.0], [-4.0, 2.0, 1.0, 0.0]])
+    s = smoothing_factors(x, w, 0.5)
+    # max|x| = 9, 4, 0, 2; max|W| per input column = 4, 2, 3, 0: sqrt(9/4), sqrt(4/2); zero channels keep 1
+    assert torch.equal(s, torch.tensor([1.5, 2.0 ** 0.5, 1.0, 1.0]))
+    assert torch.equal(smoothing_factors(x, w, 1.0)[:2], torch.tensor([9.0, 4.0]))
+
+
+def test_only_linear_layers_are_sites_and_attention_stays_float():
+    m, q = deploy("vit")
+    sites = q.sites()
+    assert not any(isinstance(s, QuantMatMul) for s in sites.values())
+    floats = [n for n, mod in q.model.named_modules() if isinstance(mod, FloatMatMul)]
+    assert floats == [f"blocks.{i}.attn.matmul{j}" for i in range(2) for j in (1, 2)]
+    smoothed = sorted(n for n, s in sites.items() if isinstance(s, QuantLinear) and s.smooth is not None)
+    assert smoothed == sorted(f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "mlp.fc1", "mlp.fc2"))
+    assert all(not torch.all(sites[n].smooth == 1) for n in smoothed)
+    with q.quantization_disabled():  # smoothing moves scale between x and W: the float function stays
+        out = torch_out(q, IMAGES)
+    ref = torch_out(m, IMAGES)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_export_report_lists_the_float_attention(tmp_path):
+    from ptq4vit.export import export_onnx
+    _, q = deploy("vit")
+    rep = export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    floats = {s.name: s.reason for s in rep.fallbacks}
+    assert set(floats) == {"patch_embed.proj"} | {f"blocks.{i}.attn.matmul{j}" for i in range(2) for j in (1, 2)}
+    assert "quantize_attention=False" in floats["blocks.0.attn.matmul1"]
+    assert sum(s.integer for s in rep.sites) == 9  # qkv, proj, fc1, fc2 of two blocks, the head
+    assert "float fallback, 4 matmuls: kept float by the preset" in rep.summary()
+
+
+def test_checkpoint_round_trip_keeps_the_smoothing(tmp_path):
+    _, q = deploy("vit")
+    ck.save(q, tmp_path / "d.safetensors")
+    q2 = ptq4vit.load(tmp_path / "d.safetensors")
+    assert torch.equal(q2.model.blocks[1].mlp.fc2.smooth, q.model.blocks[1].mlp.fc2.smooth)
+    np.testing.assert_array_equal(torch_out(q2, IMAGES), torch_out(q, IMAGES))
+
+
+def test_quantize_linear_directly_follows_the_op_it_quantizes(tmp_path):
+    """proj's input quantizer is moved above the head-merging Transpose/Reshape onto the attention
+    output, where a runtime fuses it; no per-tensor QuantizeLinear reads a layout op."""
+    import onnx
+    from onnx import numpy_helper
+    from ptq4vit.export import export_onnx
+    _, q = deploy("vit")
+    export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {o: n for n in g.node for o in n.output}
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 9
+    for n in qs:
+        assert producer[n.input[0]].op_type not in ("Reshape", "Transpose"), n.name
+    proj = [n for n in qs if "attn/proj" in n.name]
+    assert [producer[n.input[0]].op_type for n in proj] == ["MatMul", "MatMul"]  # softmax @ v
+
+
+ov = pytest.importorskip("openvino")
+
+
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_openvino_runs_every_linear_in_integers_with_fused_quantizers(key, tmp_path):
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
+    _, q = deploy(key)
+    rep = export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    m = compile_onnx(tmp_path / "q.onnx", "f32", threads=1)
+    fc = executed_layers(m, ("FullyConnected",))
+    assert len(fc) == sum(s.integer for s in rep.sites)
+    assert all(prec in INTEGER_PRECISIONS for _, prec, _ in fc), fc
+    if key == "vit":  # every quantizer but the head's (on the class token, after a Gather) is a post-op
+        standalone = [names for _, _, names in executed_layers(m, ("FakeQuantize",))]
+        assert len(standalone) == 1 and "head" in standalone[0], standalone
+
+
+@pytest.mark.parametrize("key", ["vit", "swin"])
+def test_runtimes_agree_with_fake_quant_torch_as_closely_as_float_rounding_allows(key, tmp_path):
+    """As tests/test_openvino.py: each runtime within 1.5x the torch model's change under a
+    relative input perturbation the size of the float graphs' ORT/OpenVINO difference."""
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.openvino import compile_onnx
+    from ptq4vit.export.ort import make_session
+    from test_openvino import _rel
+    _, q = deploy(key)
+    export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    xs = x.numpy()
+    F = _rel(compile_onnx(tmp_path / "f.onnx", "f32").run(xs), make_session(str(tmp_path / "f.onnx")).run(None, {"input": xs})[0])
+    assert 0 < F < 1e-5
+    ref = torch_out(q, x)
+    floor = max(_rel(torch_out(q, x * (1 + F * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))), ref)
+                for s in range(4))
+    q_ort = make_session(str(tmp_path / "q.onnx")).run(None, {"input": xs})[0]
+    q_ov = compile_onnx(tmp_path / "q.onnx", "f32").run(xs)
+    assert _rel(q_ort, ref) <= 1.5 * floor + 1e-6
+    assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6
