@@ -10,6 +10,7 @@ from torch import nn
 
 from .calib import calibrate_model, default_memory_budget
 from .calib.percentile import calibrate_percentile
+from .checkpoint import float_weights_digest
 from .errors import UserError
 from .models import norm_linear_pairs
 from .prepare import prepare_sites
@@ -73,8 +74,10 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     device, dtype = _device_and_dtype(model)
     # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
     images = calib_images.to(device=device, dtype=dtype)
+    float_digest = float_weights_digest(model)  # before rotation, smoothing or rounding rewrite weights
     sites = prepare_sites(model, preset, w_bits, a_bits)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
+    qmodel.float_weights_sha256 = float_digest
 
     desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"
     if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image

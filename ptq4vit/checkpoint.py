@@ -398,7 +398,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         "preset": dataclasses.asdict(qmodel.preset), "w_bits": qmodel.w_bits, "a_bits": qmodel.a_bits,
         "quantized_weights": quantized,
         "structure": structure(model),
-        "float_weights_sha256": float_weights_digest(model),
+        "float_weights_sha256": qmodel.float_weights_sha256 or float_weights_digest(model),
     }
     if data_config is not None:
         meta["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
@@ -553,6 +553,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         except Exception as e:
             raise CheckpointError(f"cannot rebuild {name!r} with timm.create_model(pretrained=False, "
                                   f"**{info['create_kwargs']}): {e}") from None
+    qmodel.float_weights_sha256 = meta["float_weights_sha256"]
     _match_dtypes(qmodel.model, meta)
     if "structure" in meta:  # format 1 files carry a digest of timm internals instead: not compared
         diff = _structure_difference(meta["structure"], structure(qmodel))

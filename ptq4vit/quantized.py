@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Optional, Iterator, Union
 
 import torch
 from torch import nn
@@ -47,6 +47,10 @@ class QuantizedModel(nn.Module):
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.name = name
+        #: Digest of the float weights it was calibrated from (``ptq4vit.checkpoint.float_weights_digest``),
+        #: taken before calibration; None when unknown. Rotations, smoothing and second-order
+        #: rounding rewrite the weights, so it cannot be recomputed from this model.
+        self.float_weights_sha256: Optional[str] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -91,6 +95,8 @@ class QuantizedModel(nn.Module):
             else:
                 entry = {"kind": "conv" if isinstance(site, QuantConv2d) else "linear"}
                 _scales(entry, "w", site.w_quant)
+                if getattr(site, "smooth", None) is not None:
+                    entry["smooth"] = _floats(site.smooth)
                 if site.a_quant is not None:
                     _scales(entry, "a", site.a_quant)
                     if isinstance(site.a_quant, TwinGeluQuantizer):

@@ -78,11 +78,19 @@ def test_export_report_lists_the_float_attention(tmp_path):
 
 
 def test_checkpoint_round_trip_keeps_the_smoothing(tmp_path):
-    _, q = deploy("vit")
+    m, q = deploy("vit")
     ck.save(q, tmp_path / "d.safetensors")
     q2 = ptq4vit.load(tmp_path / "d.safetensors")
     assert torch.equal(q2.model.blocks[1].mlp.fc2.smooth, q.model.blocks[1].mlp.fc2.smooth)
     np.testing.assert_array_equal(torch_out(q2, IMAGES), torch_out(q, IMAGES))
+    # calibration rewrote the linear weights (W diag(s), rounded), yet the checkpoint names the
+    # float weights it came from: loading onto them works, onto other weights is refused
+    assert ck.read_metadata(tmp_path / "d.safetensors")["float_weights_sha256"] == ck.float_weights_digest(m)
+    np.testing.assert_array_equal(torch_out(ptq4vit.load(tmp_path / "d.safetensors", model=m), IMAGES),
+                                  torch_out(q, IMAGES))
+    other = timm.create_model(MODELS["vit"][0], pretrained=False, **MODELS["vit"][1]).eval()
+    with pytest.raises(ck.CheckpointError, match="other float weights"):
+        ptq4vit.load(tmp_path / "d.safetensors", model=other)
 
 
 def test_quantize_linear_directly_follows_the_op_it_quantizes(tmp_path):
