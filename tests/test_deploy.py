@@ -60,7 +60,13 @@ def test_only_linear_layers_are_sites_and_attention_stays_float():
     smoothed = sorted(n for n, s in sites.items() if isinstance(s, QuantLinear) and s.smooth is not None)
     assert smoothed == sorted(f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "mlp.fc1", "mlp.fc2"))
     assert all(not torch.all(sites[n].smooth == 1) for n in smoothed)
-    with q.quantization_disabled():  # smoothing moves scale between x and W: the float function stays
+
+
+def test_smoothing_keeps_the_float_function():
+    """x / s times W diag(s) is x Wᵀ up to float rounding: with its quantizers off the smoothed
+    model is the float model."""
+    m, q = deploy("vit")
+    with q.quantization_disabled():
         out = torch_out(q, IMAGES)
     ref = torch_out(m, IMAGES)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()

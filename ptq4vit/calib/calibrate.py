@@ -172,8 +172,9 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
         inp = _InputSearch(site.a_quant, x_all, grid)
         best = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
         site.a_quant.set_scale(best.reshape(1))
-    with torch.no_grad():
-        site.weight.copy_(wq_values)
+    if gptq:  # GPTQ's values are not what the quantizer rounds W to: they replace W (round to nearest: it is)
+        with torch.no_grad():
+            site.weight.copy_(wq_values)
     wq.set_scale(scales)
 
 

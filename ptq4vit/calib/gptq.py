@@ -16,8 +16,9 @@ already gives (the layer's inputs). Two uses:
 
 Linear-layer calibration with this path (``calibrate.calibrate_linear_second_order``) then searches
 the input quantizer with the preset's metric against the quantized weight, as the PTQ4ViT
-path does, and writes the quantized weight into the layer (so that fake quantization, the
-checkpoint codes and the ONNX export all reproduce exactly the GPTQ-rounded values).
+path does, and with GPTQ writes the quantized weight into the layer (so that fake quantization, the
+checkpoint codes and the ONNX export all reproduce exactly the GPTQ-rounded values; rounded to
+nearest, the weight is left float: the quantizer rounds it to the same values).
 """
 from __future__ import annotations
 
