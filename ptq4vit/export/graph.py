@@ -9,8 +9,8 @@ __all__ = ["postprocess"]
 def postprocess(path: str, meta: dict, quantize_before_layout: bool = False) -> None:
     """Apply the rewrites to the ONNX file at ``path`` and write ``meta`` as its metadata.
 
-    ``quantize_before_layout`` (QDQ graphs): move per-tensor ``QuantizeLinear`` above the
-    ``Transpose``/``Reshape`` chains that feed it (see :func:`_quantize_before_layout`).
+    ``quantize_before_layout`` (QDQ graphs): repeat a per-tensor ``QuantizeLinear`` above the
+    ``Transpose``/``Reshape`` chain that feeds it (see :func:`_quantize_before_layout`).
     """
     import onnx
 
@@ -78,32 +78,39 @@ def _is_per_tensor(graph, q) -> bool:
 
 
 def _quantize_before_layout(graph) -> None:
-    """``Q(Reshape(Transpose(x)))`` -> ``Reshape(Transpose(Q(x)))`` for a per-tensor Q, when the
-    moved ops feed nothing else. Exact (Q is elementwise with one scale) and the layout ops then
-    move int8 bytes; above all, the Q then directly follows the op that computes ``x``, which
-    a runtime can fuse it into: OpenVINO runs the Q of proj's input as a post-op of its fused
-    attention kernel instead of as a stand-alone FakeQuantize (docs/deployment.md)."""
-    moved = True
-    while moved:
-        moved = False
-        consumers: dict = {}
-        for n in graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
-        producer = {o: n for n in graph.node for o in n.output}
-        outputs = {o.name for o in graph.output}
-        for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-            t = producer.get(q.input[0])
-            if (t is None or t.op_type not in _LAYOUT_OPS or len(consumers.get(t.output[0], [])) != 1
-                    or t.output[0] in outputs or not _is_per_tensor(graph, q)):
-                continue
-            x, out = t.input[0], q.output[0]
-            mid = out + "_before_" + t.op_type.lower()
-            q.input[0], q.output[0] = x, mid
-            t.input[0], t.output[0] = mid, out
-            moved = True
-        if moved:
-            _topological_sort(graph)
+    """``Q(Reshape(Transpose(x)))`` -> ``Q(Reshape(Transpose(DQ(Q(x)))))`` for a per-tensor Q whose
+    layout ops feed nothing else: the same quantizer once more right after the op that computes
+    ``x``. Exact (``DQ(Q(x))`` is on the grid, so the second Q gives the same codes). The new Q
+    directly follows that op, where a runtime fuses it: OpenVINO runs proj's input quantizer
+    as a post-op of its fused attention kernel (the one after the layout ops then only moves
+    codes) instead of as a stand-alone FakeQuantize (docs/deployment.md); ONNX Runtime sees the
+    usual ``DQ → Transpose/Reshape → Q`` of a QDQ graph and keeps its integer GEMM. (Moving the
+    Q instead leaves ONNX Runtime a ``Reshape → DQ → MatMul`` it runs in float.)"""
+    from onnx import helper
+
+    consumers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    added = False
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        first, t = None, producer.get(q.input[0])
+        while (t is not None and t.op_type in _LAYOUT_OPS and len(consumers.get(t.output[0], [])) == 1
+               and t.output[0] not in outputs):
+            first, t = t, producer.get(t.input[0])
+        if first is None or t is None or t.op_type == "DequantizeLinear" or not _is_per_tensor(graph, q):
+            continue
+        codes, grid = first.input[0] + "_codes", first.input[0] + "_on_grid"
+        graph.node.append(helper.make_node("QuantizeLinear", [first.input[0], *q.input[1:]], [codes],
+                                           name=q.name + "_before_layout"))
+        graph.node.append(helper.make_node("DequantizeLinear", [codes, *q.input[1:]], [grid],
+                                           name=q.name + "_before_layout_dq"))
+        first.input[0] = grid
+        added = True
+    if added:
+        _topological_sort(graph)
 
 
 def _topological_sort(graph) -> None:
