@@ -141,21 +141,8 @@ def test_openvino_runs_every_linear_in_integers_with_fused_quantizers(key, tmp_p
 def test_runtimes_agree_with_fake_quant_torch_as_closely_as_float_rounding_allows(key, tmp_path):
     """As tests/test_openvino.py: each runtime within 1.5x the torch model's change under a
     relative input perturbation the size of the float graphs' ORT/OpenVINO difference."""
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import compile_onnx
-    from ptq4vit.export.ort import make_session
-    from test_openvino import _rel
+    from test_openvino import _rel, runtime_outputs_and_noise_floor
     _, q = deploy(key)
-    export_onnx(q, tmp_path / "q.onnx", format="qdq")
-    export_onnx(q, tmp_path / "f.onnx", int8=False)
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    xs = x.numpy()
-    F = _rel(compile_onnx(tmp_path / "f.onnx", "f32").run(xs), make_session(str(tmp_path / "f.onnx")).run(None, {"input": xs})[0])
-    assert 0 < F < 1e-5
-    ref = torch_out(q, x)
-    floor = max(_rel(torch_out(q, x * (1 + F * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))), ref)
-                for s in range(4))
-    q_ort = make_session(str(tmp_path / "q.onnx")).run(None, {"input": xs})[0]
-    q_ov = compile_onnx(tmp_path / "q.onnx", "f32").run(xs)
+    ref, q_ort, q_ov, floor = runtime_outputs_and_noise_floor(q, tmp_path)
     assert _rel(q_ort, ref) <= 1.5 * floor + 1e-6
     assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6

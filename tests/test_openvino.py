@@ -20,6 +20,27 @@ def _rel(a, ref):
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
+def runtime_outputs_and_noise_floor(q, tmp_path):
+    """Export ``q`` as int8 QDQ and float, run both on 64 images; return the fake-quantized torch
+    logits, the int8 logits of ONNX Runtime and OpenVINO (f32), and the noise floor: the largest
+    relative change of the torch model under an input perturbation of relative size F, F being
+    the float graphs' ORT/OpenVINO difference (asserted to be float rounding)."""
+    export_onnx(q, tmp_path / "q.onnx", format="qdq")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    xs = x.numpy()
+    f_ort = make_session(str(tmp_path / "f.onnx")).run(None, {"input": xs})[0]
+    f_ov = compile_onnx(tmp_path / "f.onnx", "f32").run(xs)
+    F = _rel(f_ov, f_ort)
+    assert 0 < F < 1e-5
+    ref = torch_out(q, x)
+    floor = max(_rel(torch_out(q, x * (1 + F * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))), ref)
+                for s in range(4))
+    q_ort = make_session(str(tmp_path / "q.onnx")).run(None, {"input": xs})[0]
+    q_ov = compile_onnx(tmp_path / "q.onnx", "f32").run(xs)
+    return ref, q_ort, q_ov, floor
+
+
 @pytest.mark.parametrize("precision", ["f32", "default"])
 def test_every_product_runs_in_integers(precision, tmp_path):
     _, q = quantized("vit")
@@ -42,19 +63,7 @@ def test_outputs_agree_as_closely_as_float_rounding_allows(key, tmp_path):
     the fake-quantized torch model when its input is multiplied by 1 + F·N(0, 1) (4 draws). Each
     int8 runtime must stay within 1.5x that floor of the torch model."""
     _, q = quantized(key)
-    export_onnx(q, tmp_path / "q.onnx", format="qdq")
-    export_onnx(q, tmp_path / "f.onnx", int8=False)
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    xs = x.numpy()
-    f_ort = make_session(str(tmp_path / "f.onnx")).run(None, {"input": xs})[0]
-    f_ov = compile_onnx(tmp_path / "f.onnx", "f32").run(xs)
-    F = _rel(f_ov, f_ort)
-    assert 0 < F < 1e-5
-    ref = torch_out(q, x)
-    floor = max(_rel(torch_out(q, x * (1 + F * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))), ref)
-                for s in range(4))
-    q_ort = make_session(str(tmp_path / "q.onnx")).run(None, {"input": xs})[0]
-    q_ov = compile_onnx(tmp_path / "q.onnx", "f32").run(xs)
+    ref, q_ort, q_ov, floor = runtime_outputs_and_noise_floor(q, tmp_path)
     assert _rel(q_ort, ref) <= 1.5 * floor + 1e-6
     assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6
     assert np.mean(q_ov.argmax(1) == ref.argmax(1)) >= 0.95
