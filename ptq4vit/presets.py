@@ -26,7 +26,8 @@ SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
 CALIBRATIONS = ("search", "percentile")
 #: Switches validated as real booleans (a string "false" would otherwise be truthy).
 _BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
-                "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention")
+                "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention",
+                "asymmetric_inputs", "bias_correction")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,17 @@ class Preset:
     #: ``x / s``, ``W diag(s)`` with ``s_j = max|x_j|^α / max|W_:j|^(1-α)`` from the calibration
     #: inputs; 0 = off (docs/deployment.md).
     smooth_alpha: float = 0.0
+    #: The inputs of qkv, fc1, fc2 (without the GELU twin) and the head get an asymmetric per-tensor
+    #: quantizer: a step and an integer zero point, the range ``[min(x, 0), max(x, 0)]`` on all ``2^b``
+    #: codes, its width searched on the preset's grid. A one-signed input (post-GELU) then uses every
+    #: code instead of half of them; runtimes take it as ``QuantizeLinear`` with a zero point
+    #: (docs/deployment.md). proj's input (OpenVINO fuses only a symmetric quantizer into its fused
+    #: attention kernel) and the attention operands stay symmetric.
+    asymmetric_inputs: bool = False
+    #: Bias correction of each linear layer: its bias is shifted by the mean output error its
+    #: quantization (input and weight) causes on the calibration inputs, ``mean(x) Wᵀ - mean(q(x)) q(W)ᵀ``
+    #: (docs/deployment.md). Quantization disabled then no longer gives the float biases back.
+    bias_correction: bool = False
 
     @property
     def gradients(self) -> "GradSource | None":
@@ -148,6 +160,10 @@ class Preset:
         for flag in _BOOL_FIELDS:
             if not isinstance(getattr(self, flag), bool):
                 raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.asymmetric_inputs and self.calibration != "search":
+            raise UserError("asymmetric_inputs is for calibration='search': calibration='percentile' is asymmetric everywhere")
+        if self.bias_correction and self.calibration != "search":
+            raise UserError("bias_correction needs calibration='search' (percentile calibration has no such step)")
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
 
@@ -235,7 +251,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "short cosine grid on 2048 tokens, one pass, no gradients",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
         softmax_twin=False, gelu_twin=False, gelu_pow2=False, quantize_attention=False,
-        w_granularity="channel", smooth_alpha=0.5,
+        w_granularity="channel", smooth_alpha=0.5, asymmetric_inputs=True, bias_correction=True,
     ),
     Preset(
         name="rotq",

@@ -9,9 +9,11 @@ import torch
 
 import ptq4vit
 from ptq4vit import checkpoint as ck
-from ptq4vit.calib.calibrate import smoothing_factors
+from ptq4vit.calib.bias_correction import bias_shift, correct_bias
+from ptq4vit.calib.calibrate import calibrate_site, smoothing_factors
 from ptq4vit.errors import UserError
 from ptq4vit.nn import FloatMatMul, QuantLinear, QuantMatMul
+from ptq4vit.quant import AsymmetricQuantizer, UniformQuantizer
 from ptq4vit.presets import get_preset, parse_field
 
 from test_export import MODELS, torch_out
@@ -20,14 +22,15 @@ IMAGES = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 _CACHE: dict = {}
 
 
-def deploy(key="vit"):
+def deploy(key="vit", **overrides):
     """A tiny model calibrated with deploy8 (the real search: it is fast at this size)."""
-    if key not in _CACHE:
+    cache_key = (key, tuple(sorted(overrides.items())))
+    if cache_key not in _CACHE:
         name, kw = MODELS[key]
         torch.manual_seed(0)
         m = timm.create_model(name, pretrained=False, **kw).eval()
-        _CACHE[key] = (m, ptq4vit.quantize(m, IMAGES, "deploy8", 8, 8, progress=False, threads=1))
-    return _CACHE[key]
+        _CACHE[cache_key] = (m, ptq4vit.quantize(m, IMAGES, "deploy8", 8, 8, progress=False, threads=1, **overrides))
+    return _CACHE[cache_key]
 
 
 def test_new_preset_fields_are_typed_and_checked():
@@ -51,6 +54,102 @@ def test_smoothing_factors_on_hand_made_tensors():
     assert torch.equal(smoothing_factors(x, w, 1.0)[:2], torch.tensor([9.0, 4.0]))
 
 
+def test_deployment_switches_are_typed_and_checked():
+    assert get_preset("deploy8").asymmetric_inputs is True and get_preset("deploy8").bias_correction is True
+    assert get_preset("ptq4vit").asymmetric_inputs is False and get_preset("ptq4vit").bias_correction is False
+    assert parse_field("bias_correction", "off") is False
+    with pytest.raises(UserError, match="asymmetric_inputs must be True or False"):
+        get_preset("deploy8", asymmetric_inputs="yes")
+    with pytest.raises(UserError, match="asymmetric_inputs is for calibration='search'"):
+        get_preset("repq-vit", asymmetric_inputs=True)
+    with pytest.raises(UserError, match="bias_correction needs calibration='search'"):
+        get_preset("repq-vit", bias_correction=True)
+
+
+def _linear_site(a_quant, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 6, generator=g))
+        lin.bias.copy_(torch.randn(4, generator=g))
+    return QuantLinear(lin, UniformQuantizer(8, 4, axis=0), a_quant)
+
+
+@pytest.mark.parametrize("low,high,step,zero_point", [(-1.0, 3.0, 4 / 255, -64), (0.0, 2.0, 2 / 255, -128),
+                                                      (-2.0, -0.5, 2 / 255, 127)])
+def test_asymmetric_input_range_and_codes_on_hand_made_tensors(low, high, step, zero_point):
+    """The input's range, widened to include 0, on all 256 codes: Δ = (max - min) / 255,
+    z = round(-min / Δ) - 128 (one candidate on the grid, factor 1: the range itself)."""
+    site = _linear_site(AsymmetricQuantizer(8))
+    x = torch.linspace(low, high, 60).reshape(1, 10, 6)
+    preset = get_preset("deploy8", alpha=1.0, beta=1.2, n_candidates=1, bias_correction=False, smooth_alpha=0.0)
+    calibrate_site(site, [x], None, preset, 1 << 24)
+    aq = site.a_quant
+    assert aq.calibrated and aq.zero_point.item() == zero_point
+    assert aq.scale.item() == torch.tensor(step, dtype=torch.float32).item()
+    # every code in reach, zero a code, values beyond the range clamped
+    probe = torch.tensor([min(low, 0.0), 0.0, max(high, 0.0), high + 5, low - 5])
+    lowest, zero = -128, zero_point
+    assert aq.codes(probe).tolist() == [lowest, zero, 127, 127, lowest]
+    assert aq.fake_quant(torch.tensor([0.0])).item() == 0.0
+
+
+def test_bias_correction_matches_a_plain_loop():
+    """The bias moves by the mean over the rows of (x Wᵀ - q(x) q(W)ᵀ), computed here one row and
+    one output at a time; afterwards the quantized layer's mean output is the float layer's."""
+    aq = UniformQuantizer(8)
+    aq.set_scale(torch.tensor([0.07]))           # coarse: a visible systematic error
+    site = _linear_site(aq)
+    site.w_quant.set_scale(site.weight.detach().abs().amax(1) / 127.5 * 1.9)
+    w_float = site.weight.detach().clone()
+    x = torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(2)) + 0.4
+    rows = x.reshape(-1, 6).double()
+    qx = aq.fake_quant(x.reshape(-1, 6)).double()
+    qw = site.w_quant.fake_quant(site.weight.detach()).double()
+    expected = []
+    for j in range(4):
+        total = 0.0
+        for r in range(rows.shape[0]):
+            total += sum(float(rows[r, k] * w_float[j, k]) - float(qx[r, k] * qw[j, k]) for k in range(6))
+        expected.append(total / rows.shape[0])
+    before = site.bias.detach().clone()
+    assert torch.allclose(bias_shift(site, x, w_float), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    correct_bias(site, x, w_float)
+    shift = (site.bias.detach() - before).double()
+    assert torch.allclose(shift, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert max(abs(e) for e in expected) > 1e-3  # the error was not already zero
+    with torch.no_grad():
+        quant_mean = site(x).reshape(-1, 4).double().mean(0)
+        float_mean = torch.nn.functional.linear(x, w_float, before).reshape(-1, 4).double().mean(0)
+    assert torch.allclose(quant_mean, float_mean, rtol=0, atol=1e-5)
+
+
+def test_linear_without_bias_is_left_alone():
+    lin = torch.nn.Linear(6, 4, bias=False)
+    aq = UniformQuantizer(8)
+    aq.set_scale(torch.tensor([0.05]))
+    site = QuantLinear(lin, UniformQuantizer(8, 4, axis=0), aq)
+    site.w_quant.set_scale(torch.full((4,), 0.01))
+    correct_bias(site, torch.randn(5, 6), lin.weight.detach().clone())
+    assert site.bias is None
+
+
+@pytest.mark.parametrize("zero_point,groups,why", [(0.5, 1, "zero point 0.5"), (3.0, 6, "6 groups")])
+def test_export_refuses_asymmetric_inputs_it_cannot_represent(zero_point, groups, why, tmp_path):
+    """A fractional zero point (RepQ-ViT's unrounded fold) or per-channel zero points have no integer
+    lowering: the layer is a listed float fallback, never an integer GEMM with a misread scale."""
+    from ptq4vit.export import export_onnx
+    from ptq4vit.quantized import QuantizedModel
+    aq = AsymmetricQuantizer(8, groups, axis=-1 if groups > 1 else None)
+    aq.set_params(torch.full((groups,), 0.02), torch.full((groups,), zero_point))
+    site = _linear_site(aq)
+    site.w_quant.set_scale(torch.full((4,), 0.01))
+    wrapped = QuantizedModel(torch.nn.Sequential(site), get_preset("deploy8"), 8, 8, "site")
+    for fmt in ("qdq", "contrib"):
+        rep = export_onnx(wrapped, tmp_path / f"{fmt}.onnx", input_size=(5, 6), format=fmt)
+        assert not rep.sites[0].integer and why in rep.sites[0].reason, rep.sites[0]
+
+
 def test_only_linear_layers_are_sites_and_attention_stays_float():
     m, q = deploy("vit")
     sites = q.sites()
@@ -64,8 +163,8 @@ def test_only_linear_layers_are_sites_and_attention_stays_float():
 
 def test_smoothing_keeps_the_float_function():
     """x / s times W diag(s) is x Wᵀ up to float rounding: with its quantizers off the smoothed
-    model is the float model."""
-    m, q = deploy("vit")
+    model is the float model (bias correction, which changes the biases, off)."""
+    m, q = deploy("vit", bias_correction=False)
     with q.quantization_disabled():
         out = torch_out(q, IMAGES)
     ref = torch_out(m, IMAGES)

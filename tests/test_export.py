@@ -17,7 +17,8 @@ from ptq4vit.export.bench import benchmark, compare_outputs  # noqa: E402
 from ptq4vit.export.ort import make_session, optimized_op_counts, profile_ops  # noqa: E402
 from ptq4vit.nn import QuantLinear, QuantMatMul  # noqa: E402
 from ptq4vit.presets import get_preset  # noqa: E402
-from ptq4vit.quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax  # noqa: E402
+from ptq4vit.quant import (AsymmetricQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax,  # noqa: E402
+                          range_to_step)
 from ptq4vit.quantized import QuantizedModel  # noqa: E402
 
 from _fastq import fast_quantize  # noqa: E402  (scales from absolute maxima; the export must honour any scales)
@@ -51,6 +52,10 @@ def _linear_site(bits, kind, seed=0):
         aq = UniformQuantizer(bits)
         aq.set_scale(torch.tensor([3.0 / qmax(bits)]))
         x = torch.randn(4, 10, 64, generator=g) * 2
+    elif kind == "asymmetric":  # range [-1, 4] on the codes (zero point != 0): both ends clip
+        aq = AsymmetricQuantizer(bits)
+        aq.set_params(*range_to_step(torch.tensor([-1.0]), torch.tensor([4.0]), bits))
+        x = torch.randn(4, 10, 64, generator=g) * 2 + 1.5
     else:
         aq = TwinGeluQuantizer(bits, pow2=True)
         aq.set_scale(aq.neg_scale * 16 if kind == "gelu-pow2" else aq.neg_scale * 13.7)
@@ -89,7 +94,7 @@ FORMATS = [("contrib", "gemm"), ("contrib", "int32"), ("qdq", "gemm")]
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
-@pytest.mark.parametrize("kind", ["uniform", "gelu-pow2", "gelu-free"])
+@pytest.mark.parametrize("kind", ["uniform", "asymmetric", "gelu-pow2", "gelu-free"])
 @pytest.mark.parametrize("fmt,combine", FORMATS)
 def test_linear_site_is_exact(bits, kind, fmt, combine, tmp_path):
     mod, x = _linear_site(bits, kind)
@@ -161,27 +166,36 @@ def test_softmax_twin_shift_in_gemm_scale_equals_int32_shift(form, tmp_path):
     np.testing.assert_array_equal(run_onnx(tmp_path / "g.onnx", x), run_onnx(tmp_path / "i.onnx", x))
 
 
-def _saturating_site():
+def _saturating_site(asymmetric: bool = False):
     """Full-range 8-bit codes times extreme int8 weights: ORT's AVX2 u8 x s8 kernel saturates int16
-    pair sums here (codes 127, uint8 255 with zero point 128, times weight codes 127)."""
+    pair sums here (codes 127, uint8 255 with zero point 128, times weight codes 127; asymmetric:
+    step 1/255, zero point -128, so the uint8 codes are 255 with zero point 0)."""
     lin = nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         lin.weight.fill_(1.0)
-    wq, aq = UniformQuantizer(8), UniformQuantizer(8)
+    wq = UniformQuantizer(8)
     wq.set_scale(torch.tensor([1.0 / 127]))
-    aq.set_scale(torch.tensor([1.0 / 127]))
+    if asymmetric:
+        aq = AsymmetricQuantizer(8)
+        aq.set_params(torch.tensor([1.0 / 255]), torch.tensor([-128.0]))
+    else:
+        aq = UniformQuantizer(8)
+        aq.set_scale(torch.tensor([1.0 / 127]))
     return nn.Sequential(QuantLinear(lin, wq, aq)), torch.ones(2, 5, 64)
 
 
+@pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("fmt,gemm", [("contrib", "portable"), ("contrib", "vnni"), ("qdq", "portable")])
-def test_every_file_is_exact_on_this_cpu_where_u8s8_saturates(fmt, gemm, tmp_path):
+def test_every_file_is_exact_on_this_cpu_where_u8s8_saturates(fmt, gemm, asymmetric, tmp_path):
     """make_session picks the operand types for the CPU that loads the file: a file exported for
     VNNI (u8 x s8) or as standard QDQ stays exact on an AVX2-only CPU (u8 x u8 there)."""
-    mod, x = _saturating_site()
+    mod, x = _saturating_site(asymmetric)
     rep = export_onnx(_Wrap(mod), tmp_path / "p.onnx", input_size=(5, 64), gemm=gemm, format=fmt)
     if fmt == "contrib":
         assert ("u8 x u8" if gemm == "portable" else "u8 x s8") in rep.sites[0].lowering
     np.testing.assert_allclose(run_onnx(tmp_path / "p.onnx", x), torch_out(mod, x), rtol=1e-6)
+    avx2 = make_session(str(tmp_path / "p.onnx"), vnni=False).run(None, {"input": x.numpy()})[0]  # as an AVX2 CPU loads it
+    np.testing.assert_allclose(avx2, torch_out(mod, x), rtol=1e-6)
     raw = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
     out = raw.run(None, {"input": x.numpy()})[0]
     if not cpu_has_vnni() and (fmt, gemm) != ("contrib", "portable"):  # why the load-time choice exists

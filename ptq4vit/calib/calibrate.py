@@ -21,9 +21,10 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (MIN_SCALE, LogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
+from ..quant import (MIN_SCALE, AsymmetricQuantizer, LogQuantizer, asymmetric_codes, asymmetric_dequantize, range_to_step, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
                      gelu_twin_fake_quant, initial_scale, softmax_split_candidates, softmax_twin_fake_quant,
                      uniform_fake_quant)
+from .bias_correction import correct_bias
 from .gptq import gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
 from .search import Product, best_index, score
 
@@ -61,12 +62,21 @@ def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 class _InputSearch:
-    """A linear layer's input quantizer during the search: uniform or post-GELU twin."""
+    """A linear layer's input quantizer during the search: uniform, asymmetric or post-GELU twin."""
 
     def __init__(self, quant, x: torch.Tensor, grid: _Grid):
         self.quant = quant
+        self.zero_point = None
         bits = quant.bits
-        if isinstance(quant, TwinGeluQuantizer):
+        if isinstance(quant, AsymmetricQuantizer):
+            # The range [min(x, 0), max(x, 0)] on all 2^b codes fixes the zero point (an integer, so
+            # zero is a code); the candidates scale the step, shrinking the range towards zero on
+            # both sides in proportion (docs/deployment.md).
+            start, zp = range_to_step(x.min().clamp(max=0).reshape(1), x.max().clamp(min=0).reshape(1), bits)
+            self.zero_point = zp
+            self.fn = lambda t, s: asymmetric_dequantize(asymmetric_codes(t, s, zp, bits), s, zp, t.dtype)
+            self.cands = grid.around(start).reshape(-1)
+        elif isinstance(quant, TwinGeluQuantizer):
             neg = quant.neg_scale.to(x)
             self.fn = lambda t, s: gelu_twin_fake_quant(t, s, neg, bits)
             start = initial_scale(x.max().reshape(1), bits)  # signed max: the positive range
@@ -82,6 +92,13 @@ class _InputSearch:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.scale)
+
+    def store(self) -> None:
+        """Write the chosen scale (and zero point) into the quantizer."""
+        if self.zero_point is None:
+            self.quant.set_scale(self.scale)
+        else:
+            self.quant.set_params(self.scale, self.zero_point)
 
 
 def _some_rows(t: Optional[torch.Tensor], dim: int, keep: int) -> Optional[torch.Tensor]:
@@ -142,7 +159,7 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
             break
     wq.set_scale(w_scale)
     if inp is not None:
-        inp.quant.set_scale(inp.scale)
+        inp.store()
 
 
 def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
@@ -170,8 +187,9 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
         layer = Product(a=xx, b=w.t().unsqueeze(0), bias=site.bias.detach() if site.bias is not None else None,
                         grad=g, metric=preset.metric)
         inp = _InputSearch(site.a_quant, x_all, grid)
-        best = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)]
-        site.a_quant.set_scale(best.reshape(1))
+        inp.scale = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
+                                         budget)].reshape(1)
+        inp.store()
     if gptq:  # GPTQ's values are not what the quantizer rounds W to: they replace W (round to nearest: it is)
         with torch.no_grad():
             site.weight.copy_(wq_values)
@@ -311,6 +329,8 @@ def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[t
     grad = _search_float(grad)
     if isinstance(site, QuantLinear) and site.smooth is not None:
         inputs[0] = _smooth(site, inputs[0], preset.smooth_alpha)
+    # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
+    float_weight = site.weight.detach().clone() if preset.bias_correction and isinstance(site, QuantLinear) else None
     if isinstance(site, QuantLinear) and preset.second_order_weights:
         calibrate_linear_second_order(site, inputs[0], grad, preset, budget)
     elif isinstance(site, QuantLinear):
@@ -321,3 +341,5 @@ def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[t
         calibrate_matmul(site, inputs[0], inputs[1], grad, preset, budget)
     else:
         raise TypeError(f"not a quantization site: {type(site).__name__}")
+    if float_weight is not None:
+        correct_bias(site, inputs[0], float_weight)

@@ -29,9 +29,8 @@ import numpy as np
 from ..errors import UserError
 from ..nn import QuantLinear, QuantMatMul
 from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
-from .lowering import (INT32_LIMIT, Emitter, GeluTwin, Lowering, SoftmaxTwin, act_encoding, column_scales, f32,
-                       require_symmetric_linear,
-                       weight_codes)
+from .lowering import (INT32_LIMIT, Emitter, GeluTwin, LinearInput, Lowering, SoftmaxTwin, act_encoding, column_scales,
+                       f32, require_integer_linear, weight_codes)
 from .report import SiteExport
 
 __all__ = ["ContribLinear", "ContribMatMul"]
@@ -41,7 +40,7 @@ _MMITF = "com.microsoft::MatMulIntegerToFloat"
 
 class ContribLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear, gemm: str, twin_combine: str):
-        require_symmetric_linear(site)
+        require_integer_linear(site)
         super().__init__(site)
         wq, aq = site.w_quant, site.a_quant
         codes = weight_codes(site)                                   # (N, K)
@@ -67,8 +66,9 @@ class ContribLinear(Lowering):
             else:
                 how = "GELU twin: 2 MatMulIntegerToFloat u8 x s8, free Δ+ (not 2^m Δ-)"
         else:
-            self.a_scale = float(aq.scale.detach().float().cpu()[0])
-            self.a_zp, self.a_clip, narrow = act_encoding(aq.bits)
+            inp = LinearInput.of(aq)
+            self.a_scale = inp.scale
+            self.a_zp, self.a_clip, narrow = act_encoding(inp.bits, inp.zero_point)
             if narrow or gemm == "vnni":
                 self.b = codes.t().contiguous().numpy().astype(np.int8)
                 self.b_zp = np.int8(0)

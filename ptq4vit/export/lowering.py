@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantMatMul
-from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
+from ..quant import AsymmetricQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
 from .report import SiteExport
 
 INT32_LIMIT = 2 ** 31 - 1
@@ -35,15 +35,48 @@ def weight_codes(site) -> torch.Tensor:
     return site.w_quant.codes(site.weight.detach()).float().cpu()
 
 
-def require_symmetric_linear(site) -> None:
+def require_integer_linear(site) -> None:
     """NotImplementedError (the site is then exported as a float fallback) unless the linear lowerings
-    know its quantizers: symmetric uniform weight, symmetric uniform or GELU-twin input. Asymmetric
-    (zero-point) quantizers (docs/lowbit.md §6) have no integer lowering here."""
+    know its quantizers: symmetric uniform weight; symmetric uniform, GELU-twin or per-tensor
+    asymmetric input with an integer zero point (:class:`LinearInput`). Asymmetric weights and
+    RepQ-ViT's per-channel or fractional zero points (docs/lowbit.md §6) have no integer lowering here."""
     wq, aq = site.w_quant, site.a_quant
     if not isinstance(wq, UniformQuantizer):
         raise NotImplementedError(f"weight quantizer {type(wq).__name__}")
-    if not isinstance(aq, (UniformQuantizer, TwinGeluQuantizer)):
+    if isinstance(aq, AsymmetricQuantizer):
+        LinearInput.of(aq)
+    elif not isinstance(aq, (UniformQuantizer, TwinGeluQuantizer)):
         raise NotImplementedError(f"input quantizer {type(aq).__name__}")
+
+
+@dataclass(frozen=True)
+class LinearInput:
+    """A linear layer's per-tensor input codes ``clamp(round(x/Δ) + z, -q, q-1)``, value ``(c - z)·Δ``:
+    symmetric (``z = 0``) or asymmetric with an integer zero point ``z`` (which ``QuantizeLinear``
+    takes as it is: int8 codes with zero point ``z`` are exactly these)."""
+    bits: int
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def of(cls, aq) -> "LinearInput":
+        if isinstance(aq, UniformQuantizer) and aq.groups == 1:
+            return cls(aq.bits, float(aq.scale.detach().float().cpu()[0]), 0)
+        if not isinstance(aq, AsymmetricQuantizer) or aq.groups != 1:
+            raise NotImplementedError(f"input quantizer {type(aq).__name__} with {getattr(aq, 'groups', '?')} groups "
+                                      f"(only per-tensor inputs have an integer lowering)")
+        z = float(aq.zero_point.detach().float().cpu()[0])
+        q = qmax(aq.bits)
+        if z != round(z) or not -q <= z <= q - 1:
+            raise NotImplementedError(f"asymmetric input with zero point {z} (an integer code in [{-q}, {q - 1}] "
+                                      f"is needed for integer kernels)")
+        return cls(aq.bits, float(aq.scale.detach().float().cpu()[0]), int(z))
+
+    @property
+    def code_range(self) -> tuple[float, float]:
+        """The float values of the lowest and highest code, ``(-q - z)·Δ`` and ``(q - 1 - z)·Δ``."""
+        q, z, s = qmax(self.bits), self.zero_point, np.float32(self.scale)
+        return float((-q - z) * s), float((q - 1 - z) * s)
 
 
 def column_scales(wq: UniformQuantizer, out_features: int) -> np.ndarray:
@@ -221,9 +254,9 @@ def traced_forward(low: Lowering, n_inputs: int):
     return lambda x: _Site1.apply(x, low)
 
 
-def act_encoding(bits: int):
-    """Zero point, clip and narrowness of a uniform symmetric activation stored as uint8 ``code + qmax``."""
+def act_encoding(bits: int, zero_point: int = 0):
+    """Zero point, clip and narrowness of a uniform activation (symmetric, or with an integer zero
+    point ``z``) stored as uint8 ``code + qmax`` (its zero point ``z + qmax``)."""
     q = qmax(bits)
     clip = None if bits == 8 else (0, 2 * q - 1)
-    return np.uint8(q), clip, 2 * q - 1 <= 128
-
+    return np.uint8(q + zero_point), clip, 2 * q - 1 <= 128

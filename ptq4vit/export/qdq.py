@@ -4,7 +4,8 @@ Runtimes (ONNX Runtime, OpenVINO, TensorRT) recognise ``DequantizeLinear → Mat
 an integer GEMM; nothing here needs a runtime's private operators. Each product keeps the
 integers of the contrib lowering (:mod:`.contrib`), so both graphs compute the same thing:
 
-* linear: ``Q(x, Δx) → DQ(Δx)`` (int8, zero point 0) times ``DQ(W codes, Δw per column, axis=1)``
+* linear: ``Q(x, Δx, z) → DQ(Δx, z)`` (int8, zero point 0, or the asymmetric quantizer's integer
+  ``z``: then the codes are torch's ``clamp(round(x/Δ) + z)`` as they are) times ``DQ(W codes, Δw per column, axis=1)``
   (int8 initializer), then the bias. Below 8 bits a float ``Clip`` to the code range comes
   first (``round(clip(x)/Δ)`` equals ``clamp(round(x/Δ))``).
 * per-head operands (``q @ kᵀ``, ``softmax @ v``): the right operand's ``Q`` has the head axis as
@@ -32,7 +33,7 @@ import numpy as np
 from ..nn import QuantLinear, QuantMatMul
 from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
 from .contrib import head_shape
-from .lowering import (Emitter, GeluTwin, Lowering, SoftmaxTwin, column_scales, f32, require_symmetric_linear,
+from .lowering import (Emitter, GeluTwin, LinearInput, Lowering, SoftmaxTwin, column_scales, f32, require_integer_linear,
                        weight_codes)
 from .report import SiteExport
 
@@ -51,17 +52,9 @@ def _qdq(e: Emitter, x, scale: float, zp, dq_scale: float = None):
     return e.dequantize(q, f32(scale if dq_scale is None else dq_scale), zp)
 
 
-def _uniform_range(e: Emitter, x, scale: float, bits: int):
-    """Clip ``x`` to the codes ``[-q, q-1]`` in float where int8 saturation does not already do it."""
-    if bits == 8:
-        return x
-    q = qmax(bits)
-    return _clip(e, x, -q * np.float32(scale), (q - 1) * np.float32(scale))
-
-
 class QdqLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear):
-        require_symmetric_linear(site)
+        require_integer_linear(site)
         super().__init__(site)
         wq, aq = site.w_quant, site.a_quant
         self.w = weight_codes(site).t().contiguous().numpy().astype(_I8)   # (K, N): MatMul's right operand
@@ -69,8 +62,9 @@ class QdqLinear(Lowering):
         self.bias = None if site.bias is None else f32(site.bias.detach().float().cpu().numpy())
         self.gelu = GeluTwin.of(aq) if isinstance(aq, TwinGeluQuantizer) else None
         if self.gelu is None:
-            self.a_bits, self.a_scale = aq.bits, float(aq.scale.detach().float().cpu()[0])
-            how = "QDQ MatMul, int8 activation x int8 weight"
+            self.inp = LinearInput.of(aq)
+            how = ("QDQ MatMul, int8 activation x int8 weight" if self.inp.zero_point == 0 else
+                   "QDQ MatMul, int8 activation with zero point x int8 weight")
         else:
             how = "GELU twin: 2 QDQ MatMuls (pos uint8, neg int8) x int8 weight, added in float"
         self.site_export = SiteExport(name, "linear", True, how)
@@ -84,7 +78,10 @@ class QdqLinear(Lowering):
         if flat:  # (B, C), the head: ORT would fuse a 2-D MatMul + Add into a float Gemm before its QDQ fusion
             x = e.op("Unsqueeze", x, e.const(np.array([1], np.int64)))
         if self.gelu is None:
-            xq = _qdq(e, _uniform_range(e, x, self.a_scale, self.a_bits), self.a_scale, _I8(0))
+            inp = self.inp
+            if inp.bits < 8:  # int8 saturation does the clamp at 8 bits
+                x = _clip(e, x, *inp.code_range)
+            xq = _qdq(e, x, inp.scale, _I8(inp.zero_point))
             y = e.op("MatMul", xq, self._weight(e))
         else:
             t = self.gelu

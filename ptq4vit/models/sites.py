@@ -28,13 +28,16 @@ class SiteBuilder:
         return AsymmetricQuantizer(bits, device=device) if self.zero_point else UniformQuantizer(bits, device=device)
 
     def linear(self, linear: nn.Linear, w_groups: int = 1, a_quant: Quantizer | None = None,
-               bits: tuple[int, int] | None = None, smooth: bool = False) -> QuantLinear:
+               bits: tuple[int, int] | None = None, smooth: bool = False, asymmetric: bool = False) -> QuantLinear:
         """A linear layer; ``w_groups`` contiguous blocks of output rows get a scale each, or every output
         row its own with ``w_granularity="channel"`` (a refinement of the q/k/v blocks, docs/lowbit.md §3).
         ``bits``: (weight, input) bits, default the run's. ``smooth``: a per-input-channel smoothing
-        divisor, calibrated when the preset has ``smooth_alpha``."""
+        divisor, calibrated when the preset has ``smooth_alpha``. ``asymmetric``: a zero-point input
+        quantizer when the preset has ``asymmetric_inputs``."""
         device = linear.weight.device
         w_bits, a_bits = bits or (self.w_bits, self.a_bits)
+        if a_quant is None and asymmetric and self.preset.asymmetric_inputs:
+            a_quant = AsymmetricQuantizer(a_bits, device=device)
         if a_quant is None:
             a_quant = self.activation(a_bits, device)
         if self.zero_point:
@@ -48,24 +51,24 @@ class SiteBuilder:
     def classifier(self, linear: nn.Linear) -> QuantLinear:
         """The classifier head: a linear layer at ``preset.head_bits`` if set (docs/lowbit.md §7)."""
         bits = (self.preset.head_bits, self.preset.head_bits) if self.preset.head_bits else None
-        return self.linear(linear, bits=bits)
+        return self.linear(linear, bits=bits, asymmetric=True)
 
     def qkv_linear(self, linear: nn.Linear) -> QuantLinear:
         """A fused q/k/v projection: one weight scale per q, k and v block (docs/method.md §1); its
         input is a norm's output, smoothed if the preset says so."""
-        return self.linear(linear, w_groups=3, smooth=True)
+        return self.linear(linear, w_groups=3, smooth=True, asymmetric=True)
 
     def normed_linear(self, linear: nn.Linear) -> QuantLinear:
         """A linear layer whose input is a norm's output (fc1): smoothed if the preset says so, since a
         runtime folds the per-channel division into the norm (docs/deployment.md)."""
-        return self.linear(linear, smooth=True)
+        return self.linear(linear, smooth=True, asymmetric=True)
 
     def post_gelu_linear(self, linear: nn.Linear) -> QuantLinear:
         """fc2 of an MLP: its input is the GELU output (the post-GELU twin, docs/method.md §4)."""
         if self.preset.gelu_twin:
             twin = TwinGeluQuantizer(self.a_bits, pow2=self.preset.gelu_pow2, device=linear.weight.device)
             return self.linear(linear, a_quant=twin)
-        return self.linear(linear, smooth=True)  # the division folds into fc1's output (and GELU) at run time
+        return self.linear(linear, smooth=True, asymmetric=True)  # the division folds into fc1's output (and GELU) at run time
 
     def patch_conv(self, conv: nn.Conv2d) -> QuantConv2d:
         """The patch embedding: its weight, per channel if the preset says so; its image input only with
