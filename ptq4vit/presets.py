@@ -251,7 +251,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "short cosine grid on 2048 tokens, one pass, no gradients",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
         softmax_twin=False, gelu_twin=False, gelu_pow2=False, quantize_attention=False,
-        w_granularity="channel", smooth_alpha=0.5, asymmetric_inputs=True, bias_correction=True,
+        w_granularity="channel", smooth_alpha=0.95, asymmetric_inputs=True, bias_correction=True,
     ),
     Preset(
         name="rotq",
@@ -294,6 +294,15 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "per-block weight scales": dict(w_granularity="block"),
     "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
     "head at the run's bits": dict(head_bits=0),
+}
+
+
+#: One component of ``deploy8`` switched off per row (docs/deployment.md): (label, overrides of ``deploy8``).
+DEPLOY_ABLATION_ROWS: dict[str, dict] = {
+    "symmetric inputs": dict(asymmetric_inputs=False),
+    "no bias correction": dict(bias_correction=False),
+    "smoothing alpha 0.5": dict(smooth_alpha=0.5),
+    "no smoothing": dict(smooth_alpha=0.0),
 }
 
 

@@ -66,6 +66,12 @@ def test_deployment_switches_are_typed_and_checked():
         get_preset("repq-vit", bias_correction=True)
 
 
+def test_deploy_ablation_rows_are_valid_presets():
+    from ptq4vit.presets import DEPLOY_ABLATION_ROWS
+    for label, overrides in DEPLOY_ABLATION_ROWS.items():
+        assert get_preset("deploy8", **overrides).overrides() == overrides, label
+
+
 def _linear_site(a_quant, seed=0):
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(6, 4)
