@@ -246,9 +246,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         description="Deployment at 8 bits on a runtime's int8 kernels (OpenVINO, ONNX Runtime): only the "
                     "linear layers are quantized (per-tensor activations, per-channel weights rounded to "
                     "nearest), attention stays float for the runtimes' fused attention kernels, no twins "
-                    "(one integer GEMM per layer), the inputs of qkv, fc1 and fc2 smoothed (alpha 0.5; "
-                    "the division folds into the LayerNorm / fc1 at run time); input scales from fast8's "
-                    "short cosine grid on 2048 tokens, one pass, no gradients",
+                    "(one integer GEMM per layer), the inputs of qkv, fc1 and fc2 smoothed (alpha 0.95; "
+                    "the division folds into the LayerNorm / fc1 at run time), the inputs of qkv, fc1, fc2 "
+                    "and the head asymmetric (an integer zero point), each bias corrected by the mean "
+                    "output error of its layer's quantization; input scales from fast8's short cosine "
+                    "grid on 2048 tokens, one pass, no gradients",
         metric="cosine", alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048,
         softmax_twin=False, gelu_twin=False, gelu_pow2=False, quantize_attention=False,
         w_granularity="channel", smooth_alpha=0.95, asymmetric_inputs=True, bias_correction=True,

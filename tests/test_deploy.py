@@ -165,6 +165,10 @@ def test_only_linear_layers_are_sites_and_attention_stays_float():
     smoothed = sorted(n for n, s in sites.items() if isinstance(s, QuantLinear) and s.smooth is not None)
     assert smoothed == sorted(f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "mlp.fc1", "mlp.fc2"))
     assert all(not torch.all(sites[n].smooth == 1) for n in smoothed)
+    # zero-point inputs where a runtime fuses them (not proj: its quantizer fuses into attention only when symmetric)
+    asym = sorted(n for n, s in sites.items() if isinstance(s.a_quant, AsymmetricQuantizer))
+    assert asym == sorted(smoothed + ["head"])
+    assert all(isinstance(sites[f"blocks.{i}.attn.proj"].a_quant, UniformQuantizer) for i in range(2))
 
 
 def test_smoothing_keeps_the_float_function():
