@@ -23,7 +23,9 @@ def test_every_family_quantizes_close_to_float_at_w8a8(tiny_model, preset):
     with torch.no_grad():
         ref, out = model(images), q(images)
         with q.quantization_disabled():
-            assert torch.equal(q(images), ref) or torch.allclose(q(images), ref, atol=1e-4)
+            disabled = q(images)
+    if not q.preset.bias_correction:  # bias correction moves the biases: disabled is no longer float (docs/deployment.md)
+        assert torch.equal(disabled, ref) or torch.allclose(disabled, ref, atol=1e-4)
     assert torch.isfinite(out).all()
     rel = (out - ref).norm() / ref.norm()
     # benchmarks/tolerance_figures.py printed 0.025-0.048 over these nine cases (2026-11-30): about 2x margin
