@@ -82,6 +82,10 @@ class Preset:
     #: Post-softmax operand: ``"log2"`` / ``"log_sqrt2"`` log quantizer (docs/lowbit.md §4) instead of
     #: the twin/uniform one (``"none"``).
     softmax_log: str = "none"
+    #: Scale each row of the quantized post-softmax operand so that it sums to what the float row
+    #: sums to (1): rounding a row's many small probabilities to zero otherwise removes part of its
+    #: mass, and every output shrinks (docs/lowbit.md §9). A per-row factor on the product's output.
+    softmax_renorm: bool = False
     #: Bits of the classifier head's weight and input (0: the run's w_bits/a_bits). The head's input
     #: feeds the logits directly (docs/lowbit.md §7).
     head_bits: int = 0
@@ -148,6 +152,8 @@ class Preset:
             raise UserError(f"rotation_kind must be one of {ROTATION_KINDS}, got {self.rotation_kind!r}")
         if self.softmax_log not in SOFTMAX_LOG:
             raise UserError(f"softmax_log must be one of {SOFTMAX_LOG}, got {self.softmax_log!r}")
+        if self.softmax_renorm and not self.quantize_attention:
+            raise UserError("softmax_renorm rescales the quantized post-softmax operand: it needs quantize_attention=True")
         if self.rotate_fc2 and self.gelu_twin:
             raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
         if self.head_bits != 0 and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):

@@ -9,7 +9,8 @@ import ptq4vit
 from ptq4vit import checkpoint as ck
 from ptq4vit.harness.fidelity import kl_per_image, mean_kl, top1_agreement
 from ptq4vit.nn import QuantLinear
-from ptq4vit.quant import LogQuantizer, log_codes, log_fake_quant
+from ptq4vit.errors import UserError
+from ptq4vit.quant import LogQuantizer, log_codes, log_fake_quant, renormalize_rows
 from ptq4vit.transforms import OnlineRotation
 
 from conftest import make_tiny
@@ -140,3 +141,50 @@ def test_head_bits_export_to_integer_onnx(tmp_path):
 def test_head_bits_outside_2_to_8_are_refused(bad):
     with pytest.raises(ptq4vit.errors.UserError, match="head_bits must be 0"):
         ptq4vit.get_preset("rotq", head_bits=bad)
+
+
+def test_renormalize_rows_on_hand_made_rows():
+    x = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.3, 0.3]])
+    q = torch.tensor([[0.5, 0.25, 0.0], [0.0, 0.0, 0.0]])   # the second row lost all its mass
+    out = renormalize_rows(q, x)
+    assert torch.allclose(out, torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 0.0, 0.0]]), rtol=0, atol=1e-7)
+    # a stack of candidates (leading dim) against one operand, in half precision
+    stacked = renormalize_rows(torch.stack([q, 2 * q]).half(), x)
+    assert stacked.dtype == torch.float16
+    assert torch.allclose(stacked[1].float(), out, atol=1e-3)
+
+
+def test_softmax_renorm_keeps_row_mass_in_the_model_round_trips_and_exports_as_float(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.bench import compare_outputs
+    from ptq4vit.export.ort import make_session
+
+    m, x = _tiny()
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, softmax_renorm=True)
+    mm = q.model.blocks[0].attn.matmul2
+    assert mm.renorm_rows
+    seen = {}
+    mm.register_forward_hook(lambda mod, args, out: seen.update(a=args[0], b=args[1], out=out))
+    with torch.no_grad():
+        out = q(x)
+        quantized = renormalize_rows(mm.a_quant(seen["a"]), seen["a"])
+        assert (mm.a_quant(seen["a"]).sum(-1) - 1).abs().max() > 1e-3                 # rounding removed mass ...
+        assert (quantized.sum(-1) - 1).abs().max() < 1e-5                              # ... that renorm restores
+        assert torch.equal(seen["out"], quantized @ mm.b_quant(seen["b"]))            # and the layer computes
+    ck.save(q, tmp_path / "q.safetensors")
+    q2 = ptq4vit.load(tmp_path / "q.safetensors")
+    assert q2.model.blocks[0].attn.matmul2.renorm_rows
+    with torch.no_grad():
+        assert torch.equal(out, q2(x))
+    rep = export_onnx(q, tmp_path / "m.onnx")
+    reason = [s for s in rep.fallbacks if s.name == "blocks.0.attn.matmul2"][0].reason
+    assert "softmax_renorm" in reason
+    c = compare_outputs(out.numpy(), make_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0])
+    assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+def test_softmax_renorm_needs_quantized_attention():
+    with pytest.raises(UserError, match="softmax_renorm .* needs quantize_attention=True"):
+        ptq4vit.get_preset("deploy8", softmax_renorm=True)

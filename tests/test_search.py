@@ -156,3 +156,33 @@ def test_pruning_keeps_the_first_of_tied_candidates():
     p = Product(a=torch.ones(1, 40, 4), b=torch.ones(1, 4, 3), metric="mse")
     cands = torch.tensor([[10.0], [1.0], [1.0], [0.5], [1.0]])  # 1.0 and 0.5 are both exact
     assert best_pruned(p, "a", p.b, q, cands, 1 << 9) == 1
+
+
+def test_split_search_with_renormalized_rows_scores_what_the_layer_computes():
+    """softmax_renorm: the split is scored on renormalized rows (a plain loop), which here picks
+    another split than scoring the plain twin would."""
+    torch.manual_seed(0)
+    attn = torch.softmax(torch.randn(4, 2, 16, 16) * 3, -1)
+    v = torch.randn(4, 2, 16, 8) + 1.0   # a mean in v: mass lost from a row shifts its output
+    grad = torch.randn(4, 2, 16, 8)
+    preset = get_preset("ptq4vit", n_candidates=20, rounds=1)
+    picked = {}
+    for renorm in (False, True):
+        site = QuantMatMul(TwinSoftmaxQuantizer(4), UniformQuantizer(4, 2, axis=1), renorm_rows=renorm)
+        calibrate_matmul(site, attn, v, grad, preset, 1 << 22)
+        picked[renorm] = site.a_quant.split.item()
+    b_fixed = uniform_fake_quant(v, (v.transpose(0, 1).reshape(2, -1).abs().amax(1) / 7.5).reshape(1, 2, 1, 1), 4)
+    out = attn @ v
+
+    def loop_best(renorm):
+        scores = []
+        for i in range(20):
+            q = softmax_twin_fake_quant(attn, torch.tensor(2.0 ** -i), 4, "select")
+            if renorm:
+                q = q * (attn.sum(-1, keepdim=True) / q.sum(-1, keepdim=True))
+            scores.append((spec_score((q @ b_fixed).flatten(0, 1), out.flatten(0, 1), grad.flatten(0, 1), "hessian"), -i))
+        return 2.0 ** max(scores)[1]
+
+    assert picked[True] == loop_best(True)
+    assert picked[False] == loop_best(False)
+    assert picked[True] != picked[False]

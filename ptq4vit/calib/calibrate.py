@@ -21,8 +21,9 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (MIN_SCALE, AsymmetricQuantizer, LogQuantizer, asymmetric_codes, asymmetric_dequantize, range_to_step, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, candidate_factors,
-                     gelu_twin_fake_quant, initial_scale, softmax_split_candidates, softmax_twin_fake_quant,
+from ..quant import (MIN_SCALE, AsymmetricQuantizer, LogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+                     UniformQuantizer, asymmetric_codes, asymmetric_dequantize, candidate_factors, gelu_twin_fake_quant,
+                     initial_scale, range_to_step, renormalize_rows, softmax_split_candidates, softmax_twin_fake_quant,
                      uniform_fake_quant)
 from .bias_correction import correct_bias
 from .gptq import gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
@@ -236,6 +237,7 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     a, grad = _some_rows(a, 2, rows), _some_rows(grad, 2, rows)
     if isinstance(site.a_quant, LogQuantizer):
         return _calibrate_matmul_fixed_a(site, a, b, grad, preset, budget, grid)
+    renorm = _renormalized if site.renorm_rows else (lambda fn: fn)
 
     # Made when searched, so one head's float product exists at a time.
     def head_product(h: int) -> Product:
@@ -251,11 +253,11 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         def whole_product() -> Product:
             return Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
                            metric=preset.metric)
-        a_fn = lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form)
+        a_fn = renorm(lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form))
         a_cands = softmax_split_candidates().to(a.device).reshape(-1, 1)
         b_quantized_in_a_search = preset.split_search_quantized_b
     else:
-        a_fn = _uniform(aq.bits)
+        a_fn = renorm(_uniform(aq.bits))
         a_cands = grid.around(initial_scale(_per_head_absmax(a_all), aq.bits))   # (n, heads)
         b_quantized_in_a_search = True
 
@@ -291,11 +293,18 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     bq.set_scale(b_scale)
 
 
+def _renormalized(fn):
+    """``fn``'s quantized operand with its rows renormalized, as :class:`QuantMatMul` computes it."""
+    return lambda t, s: renormalize_rows(fn(t, s), t)
+
+
 def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor],
                               preset: Preset, budget: int, grid: _Grid) -> None:
     """Operand A has no parameter to search (log quantizer): search B's per-head scales once against q(A)."""
     heads = a.shape[1]
     a_fixed = site.a_quant.fake_quant(a)
+    if site.renorm_rows:
+        a_fixed = renormalize_rows(a_fixed, a)
     bq: UniformQuantizer = site.b_quant
     b_cands = grid.around(initial_scale(_per_head_absmax(b), bq.bits))
     per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)

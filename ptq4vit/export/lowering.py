@@ -188,6 +188,8 @@ class Lowering:
         # What the site computes, from private copies: this runs inside a traced
         # autograd.Function, where the model's own parameters and buffers must not appear.
         if isinstance(site, QuantMatMul):
+            if site.renorm_rows:
+                raise NotImplementedError("row renormalization of the quantized softmax (softmax_renorm)")
             self._aq, self._bq = frozen_copy(site.a_quant), frozen_copy(site.b_quant)
         else:
             self._aq = frozen_copy(site.a_quant)

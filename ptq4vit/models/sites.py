@@ -101,4 +101,4 @@ class SiteBuilder:
             softmax_quant = TwinSoftmaxQuantizer(self.a_bits, self.preset.softmax_twin_form, device=device)
         else:
             softmax_quant = per_head()
-        return matmul1, QuantMatMul(softmax_quant, per_head())
+        return matmul1, QuantMatMul(softmax_quant, per_head(), renorm_rows=self.preset.softmax_renorm)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import Quantizer
+from ..quant import Quantizer, renormalize_rows
 
 
 class QuantLinear(nn.Module):
@@ -78,15 +78,26 @@ class QuantConv2d(nn.Module):
 
 
 class QuantMatMul(nn.Module):
-    """``a @ b`` between two activations (the attention matmuls), both operands quantized."""
+    """``a @ b`` between two activations (the attention matmuls), both operands quantized.
 
-    def __init__(self, a_quant: Quantizer, b_quant: Quantizer):
+    ``renorm_rows=True`` (the post-softmax operand, ``softmax_renorm``): each row of ``q(a)`` is
+    scaled to the sum of the row of ``a`` (:func:`~ptq4vit.quant.renormalize_rows`, docs/lowbit.md §9).
+    """
+
+    def __init__(self, a_quant: Quantizer, b_quant: Quantizer, renorm_rows: bool = False):
         super().__init__()
         self.a_quant = a_quant
         self.b_quant = b_quant
+        self.renorm_rows = renorm_rows
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.a_quant(a) @ self.b_quant(b)
+        qa = self.a_quant(a)
+        if self.renorm_rows and self.a_quant.enabled:
+            qa = renormalize_rows(qa, a)
+        return qa @ self.b_quant(b)
+
+    def extra_repr(self) -> str:
+        return "renorm_rows=True" if self.renorm_rows else ""
 
 
 class FloatMatMul(nn.Module):
