@@ -43,7 +43,7 @@ from torch import nn
 from .errors import CheckpointError
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
-from .quant import AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
+from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
@@ -156,6 +156,8 @@ def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
         kind.update(form=q.form)
     elif isinstance(q, TwinGeluQuantizer):
         kind.update(pow2=q.pow2)
+    elif isinstance(q, GeluLogQuantizer):
+        kind.update(base=q.base)
     return kind
 
 

@@ -23,6 +23,7 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 W_GRANULARITIES = ("block", "channel")
 ROTATION_KINDS = ("hadamard", "orthogonal")
 SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
+GELU_LOG = ("none", "log2", "log_sqrt2")
 CALIBRATIONS = ("search", "percentile")
 #: Switches validated as real booleans (a string "false" would otherwise be truthy).
 _BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
@@ -86,6 +87,10 @@ class Preset:
     #: sums to (1): rounding a row's many small probabilities to zero otherwise removes part of its
     #: mass, and every output shrinks (docs/lowbit.md §9). A per-row factor on the product's output.
     softmax_renorm: bool = False
+    #: fc2's post-GELU input: ``"log2"`` / ``"log_sqrt2"`` log quantizer with a searched largest level and the
+    #: GELU twin's fixed negative step (docs/lowbit.md §8) instead of the uniform one (``"none"``); replaces
+    #: ``gelu_twin``, so it needs ``gelu_twin=False``.
+    gelu_log: str = "none"
     #: Bits of the classifier head's weight and input (0: the run's w_bits/a_bits). The head's input
     #: feeds the logits directly (docs/lowbit.md §7).
     head_bits: int = 0
@@ -110,7 +115,7 @@ class Preset:
     #: (plain matmuls, not sites; the softmax options then have no effect): runtimes run float
     #: attention in one fused kernel, as NNCF's int8 models leave it (docs/deployment.md).
     quantize_attention: bool = True
-    #: SmoothQuant migration strength α for the inputs of qkv, fc1 and (without the GELU twin) fc2:
+    #: SmoothQuant migration strength α for the inputs of qkv, fc1 and (without the GELU twin or log quantizer) fc2:
     #: ``x / s``, ``W diag(s)`` with ``s_j = max|x_j|^α / max|W_:j|^(1-α)`` from the calibration
     #: inputs; 0 = off (docs/deployment.md).
     smooth_alpha: float = 0.0
@@ -156,6 +161,7 @@ class Preset:
             raise UserError("softmax_renorm rescales the quantized post-softmax operand: it needs quantize_attention=True")
         if self.rotate_fc2 and self.gelu_twin:
             raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
+        self._check_gelu_log()
         if self.head_bits != 0 and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
             raise UserError(f"head_bits must be 0 (the run's bits) or an integer from 2 to 8, got {self.head_bits!r}")
         if self.calibration not in CALIBRATIONS:
@@ -172,6 +178,22 @@ class Preset:
             raise UserError("bias_correction needs calibration='search' (percentile calibration has no such step)")
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
+
+    def _check_gelu_log(self) -> None:
+        """The post-GELU log quantizer replaces the twin and needs fc2's input to be the GELU output."""
+        if self.gelu_log not in GELU_LOG:
+            raise UserError(f"gelu_log must be one of {GELU_LOG}, got {self.gelu_log!r}")
+        if self.gelu_log == "none":
+            return
+        if self.gelu_twin:
+            raise UserError(f"gelu_log={self.gelu_log!r} and gelu_twin both quantize fc2's post-GELU input: "
+                            f"set gelu_twin=False with it")
+        if self.rotate_fc2:
+            raise UserError(f"gelu_log={self.gelu_log!r} needs fc2's input post-GELU, which rotate_fc2 rotates: "
+                            f"use one of them")
+        if self.calibration == "percentile":
+            raise UserError(f"gelu_log={self.gelu_log!r} has no initialisation under calibration='percentile': "
+                            f"use calibration='search'")
 
     def _check_percentile(self) -> None:
         """The RepQ-ViT fields need percentile calibration; it has no initialisation for the rest."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
-from .quant import AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 
 
 def model_name(model: nn.Module) -> str:
@@ -99,8 +99,10 @@ class QuantizedModel(nn.Module):
                     entry["smooth"] = _floats(site.smooth)
                 if site.a_quant is not None:
                     _scales(entry, "a", site.a_quant)
-                    if isinstance(site.a_quant, TwinGeluQuantizer):
+                    if isinstance(site.a_quant, (TwinGeluQuantizer, GeluLogQuantizer)):
                         entry["a_neg_scale"] = float(site.a_quant.neg_scale)
+                    if isinstance(site.a_quant, GeluLogQuantizer):
+                        entry["a_log"] = site.a_quant.base
             modules[name] = entry
         return {"model": self.name, "preset": self.preset.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "overrides": self.preset.overrides(), "modules": modules}

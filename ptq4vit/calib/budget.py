@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
-from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer
+from ..quant import GeluLogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
 from .capture import frozen_parameters
 from .resources import available_memory
 from .search import SEARCH_CHUNK_BYTES
@@ -45,10 +45,12 @@ TRANSIENT_ACTIVATIONS = 4
 STEP_SHARE = 8
 
 #: Fake-quantizing a tensor keeps up to this many same-sized tensors alive at once (x / Δ and
-#: its rounding for a uniform quantizer; both twin halves for GELU; mask, both regions and
+#: its rounding for a uniform quantizer; both twin halves for GELU; the codes, the positive and
+#: negative values and their selection for the post-GELU log quantizer; mask, both regions and
 #: their temporaries for the softmax twin).
 QUANT_COPIES_UNIFORM = 2
 QUANT_COPIES_GELU_TWIN = 3
+QUANT_COPIES_GELU_LOG = 4
 QUANT_COPIES_SOFTMAX_TWIN = 5
 
 MIB = 1 << 20
@@ -108,7 +110,8 @@ def _site_cost(site: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.
     out = _search_nbytes(output)
     if isinstance(site, QuantLinear):
         x = _search_nbytes(inputs[0])
-        copies = QUANT_COPIES_GELU_TWIN if isinstance(site.a_quant, TwinGeluQuantizer) else QUANT_COPIES_UNIFORM
+        copies = (QUANT_COPIES_GELU_TWIN if isinstance(site.a_quant, TwinGeluQuantizer) else
+                  QUANT_COPIES_GELU_LOG if isinstance(site.a_quant, GeluLogQuantizer) else QUANT_COPIES_UNIFORM)
         # The fixed input while the weight is searched, then the layer's float output.
         work = max(copies * x, x + out)
         return SiteCost(held, widen + work, _weight_copies(site.weight))

@@ -21,10 +21,10 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (MIN_SCALE, AsymmetricQuantizer, LogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
-                     UniformQuantizer, asymmetric_codes, asymmetric_dequantize, candidate_factors, gelu_twin_fake_quant,
-                     initial_scale, range_to_step, renormalize_rows, softmax_split_candidates, softmax_twin_fake_quant,
-                     uniform_fake_quant)
+from ..quant import (MIN_SCALE, AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, TwinGeluQuantizer,
+                     TwinSoftmaxQuantizer, UniformQuantizer, asymmetric_codes, asymmetric_dequantize, candidate_factors,
+                     gelu_log_fake_quant, gelu_twin_fake_quant, initial_scale, range_to_step, renormalize_rows,
+                     softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
 from .bias_correction import correct_bias
 from .gptq import gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
 from .search import Product, best_index, score
@@ -63,7 +63,7 @@ def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 class _InputSearch:
-    """A linear layer's input quantizer during the search: uniform, asymmetric or post-GELU twin."""
+    """A linear layer's input quantizer during the search: uniform, asymmetric, post-GELU twin or post-GELU log."""
 
     def __init__(self, quant, x: torch.Tensor, grid: _Grid):
         self.quant = quant
@@ -85,6 +85,12 @@ class _InputSearch:
             if quant.pow2:
                 self.cands = _pow2_candidates(self.cands, neg)
                 start = self.cands[(self.cands - start).abs().argmin()].reshape(1)
+        elif isinstance(quant, GeluLogQuantizer):
+            neg, base = quant.neg_scale.to(x), quant.base
+            self.fn = lambda t, s: gelu_log_fake_quant(t, s, neg, bits, base)
+            # Δ is the largest level, so the max-based start is the largest value itself (docs/lowbit.md §8)
+            start = x.max().reshape(1).clamp_min(MIN_SCALE)
+            self.cands = grid.around(start).reshape(-1)
         else:
             self.fn = _uniform(bits)
             start = initial_scale(x.abs().max().reshape(1), bits)

@@ -110,6 +110,9 @@ class SitePlan:
         if build.preset.gelu_twin and not isinstance(mlp.act, nn.GELU):
             raise self.refuse(f"{path}.act", mlp.act, "the post-GELU twin quantizer (docs/method.md §4) needs nn.GELU; "
                                                       "turn gelu_twin off to quantize fc2's input uniformly")
+        if build.preset.gelu_log != "none" and not isinstance(mlp.act, nn.GELU):
+            raise self.refuse(f"{path}.act", mlp.act, "the post-GELU log quantizer (docs/lowbit.md §8) needs nn.GELU; "
+                                                      "set gelu_log='none' to quantize fc2's input uniformly")
         self.keep_float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")
         self.keep_float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
         norm = getattr(mlp, "norm", None)

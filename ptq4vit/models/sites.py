@@ -9,8 +9,8 @@ from torch import nn
 
 from ..nn import FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (AsymmetricQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
-                     UniformQuantizer, check_bits)
+from ..quant import (AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer,
+                     TwinSoftmaxQuantizer, UniformQuantizer, check_bits)
 
 
 class SiteBuilder:
@@ -64,7 +64,11 @@ class SiteBuilder:
         return self.linear(linear, smooth=True, asymmetric=True)
 
     def post_gelu_linear(self, linear: nn.Linear) -> QuantLinear:
-        """fc2 of an MLP: its input is the GELU output (the post-GELU twin, docs/method.md §4)."""
+        """fc2 of an MLP: its input is the GELU output (the post-GELU twin, docs/method.md §4, or the
+        post-GELU log quantizer, docs/lowbit.md §8; neither is smoothed: the input must stay GELU's)."""
+        if self.preset.gelu_log != "none":
+            log = GeluLogQuantizer(self.a_bits, self.preset.gelu_log, device=linear.weight.device)
+            return self.linear(linear, a_quant=log)
         if self.preset.gelu_twin:
             twin = TwinGeluQuantizer(self.a_bits, pow2=self.preset.gelu_pow2, device=linear.weight.device)
             return self.linear(linear, a_quant=twin)
