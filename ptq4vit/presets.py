@@ -336,6 +336,15 @@ DEPLOY_ABLATION_ROWS: dict[str, dict] = {
 }
 
 
+#: fc2's post-GELU input quantizer, one kind per row (docs/lowbit.md §8): (label, overrides of ``ptq4vit``).
+POST_GELU_ROWS: dict[str, dict] = {
+    "GELU twin": dict(gelu_twin=True),
+    "uniform": dict(gelu_twin=False),
+    "log2": dict(gelu_twin=False, gelu_log="log2"),
+    "log-sqrt2": dict(gelu_twin=False, gelu_log="log_sqrt2"),
+}
+
+
 #: One component of ``repq-vit`` switched off per row (docs/lowbit.md §6): (label, overrides of ``repq-vit``).
 REPQ_ABLATION_ROWS: dict[str, dict] = {
     "no reparameterization": dict(reparam_ln=False),
