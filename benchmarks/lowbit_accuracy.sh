@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Low-bit fidelity of the real ViT-S/14 (CIFAR-10 head) in ../shared (docs/lowbit.md §5, §6): base, ptq4vit,
+# Low-bit fidelity of the real ViT-S/14 (CIFAR-10 head) in ../shared (docs/lowbit.md §5, §6, §8): base, ptq4vit,
 # rotq and repq-vit at W8A8, W6A6, W4A4, then rotq and repq-vit with one component switched off per run
-# (ptq4vit.presets.ROTQ_ABLATION_ROWS, REPQ_ABLATION_ROWS) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
+# (ptq4vit.presets.ROTQ_ABLATION_ROWS, REPQ_ABLATION_ROWS) and ptq4vit with each post-GELU quantizer of fc2's
+# input (POST_GELU_ROWS: twin, uniform, log2, log-sqrt2) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
 # the first 100 test images per class; every row has top-1, agreement with the float model, mean
 # KL(float||quant) and calibration seconds. Resumable: re-running skips finished runs.
 # Usage: bash benchmarks/lowbit_accuracy.sh [extra sweep options, e.g. --limit 1000 for all 10 000 images]
@@ -15,8 +16,8 @@ sweep() {
         --limit 100 --out "$OUT" "$@"
 }
 sweep --preset base,ptq4vit,rotq,repq-vit --bits W8A8,W6A6,W4A4 "$@"
-.venv/bin/python -c 'from ptq4vit.presets import REPQ_ABLATION_ROWS, ROTQ_ABLATION_ROWS
-for preset, rows in (("rotq", ROTQ_ABLATION_ROWS), ("repq-vit", REPQ_ABLATION_ROWS)):
+.venv/bin/python -c 'from ptq4vit.presets import POST_GELU_ROWS, REPQ_ABLATION_ROWS, ROTQ_ABLATION_ROWS
+for preset, rows in (("rotq", ROTQ_ABLATION_ROWS), ("repq-vit", REPQ_ABLATION_ROWS), ("ptq4vit", POST_GELU_ROWS)):
     for ov in rows.values(): print(preset, " ".join(f"--set {k}={v}" for k, v in ov.items()))' |
 while read -r preset sets; do
     # shellcheck disable=SC2086
