@@ -17,7 +17,9 @@ What stays float is what the method keeps float (LayerNorm, softmax, GELU, resid
 embeddings) plus the products listed in :attr:`ExportReport.fallbacks`: the patch embedding (its
 input is the float image, docs/method.md §1: the weight is dequantized from its int8 codes and
 the conv runs in float), any site whose quantizers are disabled, attention matmuls that the preset
-keeps float (``quantize_attention=False``) or the export keeps float (``float_attention=True``).
+keeps float (``quantize_attention=False``) or the export keeps float (``float_attention=True``), and
+sites whose quantizer has no integer lowering (asymmetric, log-domain: docs/lowbit.md §4, §6, §8),
+traced as their own fake-quantized float ops.
 """
 from __future__ import annotations
 
