@@ -43,7 +43,8 @@ from torch import nn
 from .errors import CheckpointError
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
-from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
+from .quant import (AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+                    UniformQuantizer)
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
