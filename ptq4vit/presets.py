@@ -288,9 +288,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         description="ptq4vit's Hessian-guided search and softmax twin on a rotated model (residual stream, "
                     "per-head q/k/v, online fc2 input), with per-channel GPTQ-rounded linear weights; "
                     "a coarser grid (alpha=0.2, 50 candidates), since rotated operands have no far outliers to clip; "
-                    "the classifier head at 8 bits",
+                    "the classifier head at 8 bits; each quantized softmax row rescaled to its float mass",
         alpha=0.2, n_candidates=50, rotate_residual=True, rotate_heads=True, rotate_fc2=True, gelu_twin=False,
-        w_granularity="channel", weight_rounding="gptq", head_bits=8,
+        w_granularity="channel", weight_rounding="gptq", head_bits=8, softmax_renorm=True,
     ),
     Preset(
         name="repq-vit",
@@ -324,6 +324,7 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "per-block weight scales": dict(w_granularity="block"),
     "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
     "head at the run's bits": dict(head_bits=0),
+    "no softmax renormalization": dict(softmax_renorm=False),
 }
 
 
