@@ -36,6 +36,14 @@ def make_tiny(kind: str, seed: int = 0):
     return model, images
 
 
+def make_tiny_dinov2(depth: int):
+    """A tiny DINOv2-style ViT (register token, LayerScale) and 4 images, as the low-bit tests use it."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=28, num_classes=10, pretrained=False, depth=depth,
+                              embed_dim=96, num_heads=3, reg_tokens=1, init_values=0.3).eval()
+    return model, torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def tiny_model(request):
     return make_tiny(request.param)

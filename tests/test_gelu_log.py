@@ -14,6 +14,7 @@ from ptq4vit.presets import POST_GELU_ROWS, get_preset
 from ptq4vit.quant import (GeluLogQuantizer, UniformQuantizer, gelu_log_codes, gelu_log_dequantize, gelu_log_fake_quant,
                            gelu_twin_neg_step, uniform_fake_quant)
 
+from conftest import make_tiny_dinov2
 from test_search import spec_score
 from test_search_refs import f32, factors, first_best
 
@@ -139,13 +140,6 @@ def test_post_gelu_rows_are_valid_ptq4vit_variants():
     assert kinds == {(True, "none"), (False, "none"), (False, "log2"), (False, "log_sqrt2")}
 
 
-def _tiny():
-    torch.manual_seed(0)
-    m = timm.create_model("vit_small_patch14_dinov2", img_size=28, num_classes=10, pretrained=False, depth=2,
-                          embed_dim=96, num_heads=3, reg_tokens=1, init_values=0.3).eval()
-    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    return m, x
-
 
 @pytest.mark.parametrize("preset,overrides", [
     ("ptq4vit", dict(gelu_twin=False, gelu_log="log2")),
@@ -153,7 +147,7 @@ def _tiny():
     ("rotq", dict(rotate_fc2=False, gelu_log="log_sqrt2")),
 ])
 def test_checkpoint_round_trip_is_bit_identical(preset, overrides, tmp_path):
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=2)
     q = ptq4vit.quantize(m, x, preset, 4, 4, progress=False, n_candidates=6, rounds=1, **overrides)
     fc2 = q.model.blocks[1].mlp.fc2
     assert isinstance(fc2.a_quant, GeluLogQuantizer) and fc2.a_quant.base == overrides["gelu_log"]
@@ -177,7 +171,7 @@ def test_export_lists_each_log_quantized_fc2_as_a_float_part(fmt, tmp_path):
     from ptq4vit.export.bench import compare_outputs
     from ptq4vit.export.ort import make_session
 
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=2)
     q = ptq4vit.quantize(m, x, "ptq4vit", 8, 8, progress=False, n_candidates=6, rounds=1, gelu_twin=False,
                          gelu_log="log2")
     rep = export_onnx(q, tmp_path / "m.onnx", format=fmt)

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import timm
 import torch
 
 import ptq4vit
@@ -13,7 +12,7 @@ from ptq4vit.errors import UserError
 from ptq4vit.quant import LogQuantizer, log_codes, log_fake_quant, renormalize_rows
 from ptq4vit.transforms import OnlineRotation
 
-from conftest import make_tiny
+from conftest import make_tiny, make_tiny_dinov2
 
 
 def test_log2_codes_and_values_on_hand_made_values():
@@ -51,16 +50,9 @@ def test_fidelity_metrics_on_hand_made_logits():
         top1_agreement(ref, out[:2])
 
 
-def _tiny():
-    torch.manual_seed(0)
-    m = timm.create_model("vit_small_patch14_dinov2", img_size=28, num_classes=10, pretrained=False, depth=1,
-                          embed_dim=96, num_heads=3, reg_tokens=1, init_values=0.3).eval()
-    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    return m, x
-
 
 def test_rotq_with_log_softmax_round_trips_through_a_checkpoint(tmp_path):
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=1)
     q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, softmax_log="log_sqrt2")
     params = q.qparams()
     assert params["modules"]["blocks.0.attn.matmul2"]["a_log"] == "log_sqrt2"
@@ -86,7 +78,7 @@ def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as
     from ptq4vit.export.bench import compare_outputs
     from ptq4vit.export.ort import make_session
 
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=1)
     q = ptq4vit.quantize(m, x, "rotq", 8, 8, progress=False, n_candidates=4, rounds=1, softmax_log="log2",
                          softmax_renorm=False)  # (renormalized rows are a float fallback of their own)
     rep = export_onnx(q, tmp_path / "m.onnx")
@@ -126,7 +118,7 @@ def test_head_bits_export_to_integer_onnx(tmp_path):
     from ptq4vit.export.bench import compare_outputs
     from ptq4vit.export.ort import make_session
 
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=1)
     q = ptq4vit.quantize(m, x, "ptq4vit", 6, 6, progress=False, n_candidates=4, rounds=1, head_bits=8)
     rep = export_onnx(q, tmp_path / "m.onnx")
     assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
@@ -162,7 +154,7 @@ def test_softmax_renorm_keeps_row_mass_in_the_model_round_trips_and_exports_as_f
     from ptq4vit.export.bench import compare_outputs
     from ptq4vit.export.ort import make_session
 
-    m, x = _tiny()
+    m, x = make_tiny_dinov2(depth=1)
     q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, softmax_renorm=True)
     mm = q.model.blocks[0].attn.matmul2
     assert mm.renorm_rows

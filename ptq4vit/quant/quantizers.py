@@ -73,12 +73,13 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
 
-class UniformQuantizer(Quantizer):
-    """Symmetric uniform quantizer with ``groups`` scales along dim ``axis`` of its operand.
+class GroupedQuantizer(Quantizer):
+    """Base of the uniform quantizers: ``groups`` steps (``scale``) along dim ``axis`` of the operand.
 
-    ``axis=None``: one scale for the tensor. ``axis=0`` on a weight: contiguous blocks of output
+    ``axis=None``: one step for the tensor. ``axis=0`` on a weight: contiguous blocks of output
     rows (``groups=3`` gives the q/k/v blocks of a fused qkv projection; ``groups=out`` is per
-    channel). ``axis=1`` on a ``(B, heads, ...)`` attention operand: one scale per head.
+    channel). ``axis=1`` on a ``(B, heads, ...)`` attention operand: one step per head; ``axis=-1``
+    on an activation: one per channel (its last dim).
     """
 
     def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None, device: Optional[torch.device] = None):
@@ -88,6 +89,11 @@ class UniformQuantizer(Quantizer):
         self.groups = groups
         self.axis = axis
         self.register_buffer("scale", torch.ones(groups, dtype=torch.float32, device=device))
+
+
+class UniformQuantizer(GroupedQuantizer):
+    """Symmetric uniform quantizer with ``groups`` scales along dim ``axis`` of its operand (see
+    :class:`GroupedQuantizer`)."""
 
     def set_scale(self, scale: torch.Tensor) -> None:
         self.scale.copy_(scale.reshape(self.groups))
@@ -111,22 +117,16 @@ class UniformQuantizer(Quantizer):
         return f"bits={self.bits}, groups={self.groups}, axis={self.axis}"
 
 
-class AsymmetricQuantizer(Quantizer):
+class AsymmetricQuantizer(GroupedQuantizer):
     """Asymmetric uniform quantizer (a step and a zero point per group), RepQ-ViT's kind (docs/lowbit.md §6).
 
-    Groups as in :class:`UniformQuantizer`: ``axis=None`` one step for the tensor, ``axis=0`` on a
-    weight per output row, ``axis=-1`` on an activation per channel (its last dim). Codes are
-    signed (:mod:`.asymmetric`), so a weight's codes are stored as int8 like the symmetric ones.
-    Deliberately not a UniformQuantizer: code that lowers symmetric codes must not take it for one.
+    Groups as in :class:`GroupedQuantizer`. Codes are signed (:mod:`.asymmetric`), so a weight's
+    codes are stored as int8 like the symmetric ones. Deliberately not a UniformQuantizer: code that
+    lowers symmetric codes must not take it for one.
     """
 
     def __init__(self, bits: int, groups: int = 1, axis: Optional[int] = None, device: Optional[torch.device] = None):
-        super().__init__(bits)
-        if axis is None and groups != 1:
-            raise ValueError("a per-tensor quantizer (axis=None) has exactly one group")
-        self.groups = groups
-        self.axis = axis
-        self.register_buffer("scale", torch.ones(groups, dtype=torch.float32, device=device))
+        super().__init__(bits, groups, axis, device)
         self.register_buffer("zero_point", torch.zeros(groups, dtype=torch.float32, device=device))
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
