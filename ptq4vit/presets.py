@@ -227,6 +227,12 @@ class Preset:
         """Linear weights calibrated from ``H = XᵀX`` (per-channel scales or GPTQ) instead of the PTQ4ViT search."""
         return self.weight_rounding == "gptq" or self.w_granularity == "channel"
 
+    @property
+    def rewrites_sites(self) -> bool:
+        """Calibration rewrites sites' float tensors (GPTQ-rounded weights, smoothing, corrected biases),
+        so capture passes after the first must be shown the float ones (``calib.run``)."""
+        return self.weight_rounding == "gptq" or self.smooth_alpha > 0 or self.bias_correction
+
     def overrides(self) -> dict:
         """Fields that differ from the named preset this one was derived from."""
         base = PRESETS.get(self.name)

@@ -181,3 +181,33 @@ def test_default_budget_follows_the_cgroup_limit(tmp_path):
     assert default_memory_budget(torch.device("cpu"), tmp_path / "cg", tmp_path / "proc") == 512 * MIB
     (tmp_path / "cg" / "memory.max").write_text("max\n")
     assert default_memory_budget(torch.device("cpu"), tmp_path / "cg", tmp_path / "proc") == 16 << 30
+
+
+@pytest.mark.parametrize("preset, overrides, small", [
+    ("ptq4vit", {}, 4),
+    # GPTQ, bias correction and smoothing rewrite weights and biases; two copies of them are reserved.
+    ("rotq", dict(bias_correction=True), 14),
+    ("deploy8", {}, 13),
+])
+def test_results_do_not_depend_on_the_memory_budget(preset, overrides, small, monkeypatch):
+    """A small budget splits calibration into several capture passes (and smaller ones); the later
+    passes must still see the float model, so every scale and weight is the one budget gets."""
+    model, images = make_tiny("vit")
+    plans = []
+    real = run_module.calibrate_model
+
+    def recording(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(ptq4vit.api, "calibrate_model", recording)
+    results = []
+    for budget in (1 << 30, small * MIB):
+        q = ptq4vit.quantize(model, images, preset, 6, 6, memory_budget=budget, **FAST, **overrides)
+        results.append((q.qparams(), q.model.state_dict()))
+    assert len(plans[0].groups) == 1 and len(plans[1].groups) > 1
+    (qp_large, sd_large), (qp_small, sd_small) = results
+    assert qp_large == qp_small
+    assert sd_large.keys() == sd_small.keys()
+    for k in sd_large:
+        assert torch.equal(sd_large[k], sd_small[k]), k

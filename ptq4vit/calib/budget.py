@@ -11,7 +11,10 @@ Beyond the model and the calibration images, calibration allocates:
   fake-quantized, the float output the candidates are scored against, unfolded patches,
   one attention head's product at a time) and the weight-sized fake-quantized copies;
 * **search steps**: the candidates' stacked operands and products, at most
-  ``2 * step_bytes`` (each of the two fits one step's byte budget, ``search._plan``).
+  ``2 * step_bytes`` (each of the two fits one step's byte budget, ``search._plan``);
+* **set-aside tensors**: where calibration rewrites sites' weights or biases (GPTQ, smoothing,
+  bias correction), two copies of those tensors, so that later capture passes see the float
+  ones (``run.calibrate_model``).
 
 On CPU, calibration's workers run capture passes and then site searches side by side: the
 capture peak counts one pass per worker; the search peak counts, next to the site starting,
@@ -191,13 +194,14 @@ def _search_peaks(group: list[SiteCost], n_images: int, step_bytes: int, workers
 
 
 def plan(costs: dict[str, SiteCost], pass_cost: PassCost, n_images: int, budget: int, capture_batch: int,
-         with_grad: bool, full_batch_targets: bool = False, workers: int = 1) -> Plan:
+         with_grad: bool, full_batch_targets: bool = False, workers: int = 1, reserved: int = 0) -> Plan:
     """Capture groups that keep calibration within ``budget`` bytes beyond the model and images.
 
     A capture pass takes ``capture_batch`` images, fewer where the ``workers`` passes in flight
     would take more than half the budget. ``full_batch_targets`` (``kl-official``): each capture starts with a float
     pass over all images, and the pass size is kept, since it sets that loss's scale.
     ``workers`` capture passes, then ``workers`` site searches, run side by side (:mod:`.run`).
+    ``reserved`` bytes are held throughout (copies of the tensors calibration rewrites).
     Raises UserError when the budget is too small for even one site or one image.
     """
     step_bytes = min(SEARCH_CHUNK_BYTES, budget // STEP_SHARE)
@@ -211,8 +215,8 @@ def plan(costs: dict[str, SiteCost], pass_cost: PassCost, n_images: int, budget:
 
     def peak_of(group: list[str]) -> int:
         g = [costs[n] for n in group]
-        return max(_capture_peak(sum(c.held for c in g), n_images, batch, pass_cost, with_grad, workers),
-                   _search_peaks(g, n_images, step_bytes, workers), targets)
+        return reserved + max(_capture_peak(sum(c.held for c in g), n_images, batch, pass_cost, with_grad, workers),
+                              _search_peaks(g, n_images, step_bytes, workers), targets)
 
     groups: list[list[str]] = []
     peak = 0

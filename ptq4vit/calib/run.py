@@ -76,13 +76,33 @@ def search_group(sites: dict[str, nn.Module], data: dict, names: list[str], pres
             raise
 
 
+def _own_tensors(site: nn.Module) -> dict[str, torch.Tensor]:
+    """The site's own float tensors (weight, bias, smoothing divisor), not its quantizers' scales."""
+    own = dict(site.named_parameters(recurse=False))
+    own.update(site.named_buffers(recurse=False))
+    return {k: t for k, t in own.items() if t is not None}
+
+
+def _swap_own_tensors(site: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write ``values`` into the site's own tensors; return copies of what they held."""
+    held = {}
+    with torch.no_grad():
+        for k, t in _own_tensors(site).items():
+            held[k] = t.detach().clone()
+            t.copy_(values[k])
+    return held
+
+
 def make_plan(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], preset: Preset, budget: int,
               capture_batch: int, workers: int = 1) -> Plan:
     grad_source = preset.gradients
     costs, pass_cost = measure_costs(model, images, sites, with_grad=grad_source is not None)
     kl = grad_source == "kl-official"
+    # Sites that calibration rewrites keep two copies of their own tensors until it ends (calibrate_model).
+    reserved = 2 * sum(t.numel() * t.element_size() for s in sites.values() for t in _own_tensors(s).values()) \
+        if preset.rewrites_sites else 0
     return plan(costs, pass_cost, len(images), budget, preset.grad_chunk if kl else capture_batch,
-                with_grad=grad_source is not None, full_batch_targets=kl, workers=workers)
+                with_grad=grad_source is not None, full_batch_targets=kl, workers=workers, reserved=reserved)
 
 
 def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], preset: Preset,
@@ -94,7 +114,10 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
     (see :mod:`.budget`). ``threads`` workers (default :func:`default_workers`) run the capture
     passes, then the site searches, side by side, each on one intra-op thread; torch's setting
     is restored afterwards. Every pass and every search runs on one thread whatever the number
-    of workers, so the scales do not depend on it. Returns the plan it followed.
+    of workers, so the scales do not depend on it. Where the preset rewrites sites' float tensors
+    (GPTQ, smoothing, bias correction) and the budget needs several capture passes, each group's
+    rewritten tensors are set aside and its float ones put back until the last pass, so every pass
+    sees the float model and the result does not depend on the budget. Returns the plan it followed.
     """
     grad_source = preset.gradients
     workers = threads if threads is not None else default_workers(images.device)
@@ -105,11 +128,19 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
         log.debug("%d capture group(s), search steps of %d bytes, planned peak %d bytes, %d worker(s)",
                   len(p.groups), p.step_bytes, p.peak_bytes, workers)
         bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)
-        for group in p.groups:
+        set_aside: dict[str, dict[str, torch.Tensor]] = {}
+        for i, group in enumerate(p.groups):
             data = capture(model, images, {n: sites[n] for n in group}, grad_source, p.capture_batch,
                            preset.grad_chunk, workers)
+            later_passes = preset.rewrites_sites and i < len(p.groups) - 1
+            floats = {n: {k: t.detach().clone() for k, t in _own_tensors(sites[n]).items()} for n in group} \
+                if later_passes else {}
             search_group(sites, data, group, preset, p.step_bytes, workers, bar)
             del data
+            for n in group if later_passes else ():
+                set_aside[n] = _swap_own_tensors(sites[n], floats.pop(n))
+        for n, values in set_aside.items():
+            _swap_own_tensors(sites[n], values)
         bar.close()
     return p
 
