@@ -28,7 +28,7 @@ CALIBRATIONS = ("search", "percentile")
 #: Switches validated as real booleans (a string "false" would otherwise be truthy).
 _BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
                 "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention",
-                "asymmetric_inputs", "bias_correction")
+                "asymmetric_inputs", "bias_correction", "gptq_quantized_inputs")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ class Preset:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     gptq_block: int = 128
+    #: GPTQ fits the weight to the layer's quantized inputs: it rounds ``W*``, the weight that maps
+    #: ``q(X)`` closest to the float output ``X Wᵀ``, under ``H̃ = q(X)ᵀq(X)``, so that the weight also
+    #: compensates the input quantizer's error (docs/lowbit.md §10). Needs ``weight_rounding="gptq"``.
+    gptq_quantized_inputs: bool = False
     #: Post-softmax operand: ``"log2"`` / ``"log_sqrt2"`` log quantizer (docs/lowbit.md §4) instead of
     #: the twin/uniform one (``"none"``).
     softmax_log: str = "none"
@@ -178,6 +182,9 @@ class Preset:
             raise UserError("bias_correction needs calibration='search' (percentile calibration has no such step)")
         if not 0 <= self.gptq_damp or self.gptq_block < 1:
             raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
+        if self.gptq_quantized_inputs and (self.weight_rounding != "gptq" or self.gptq_damp <= 0):
+            raise UserError(f"gptq_quantized_inputs needs weight_rounding='gptq' and gptq_damp > 0, got "
+                            f"weight_rounding={self.weight_rounding!r}, gptq_damp={self.gptq_damp}")
 
     def _check_gelu_log(self) -> None:
         """The post-GELU log quantizer replaces the twin and needs fc2's input to be the GELU output."""

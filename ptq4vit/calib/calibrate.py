@@ -26,7 +26,7 @@ from ..quant import (MIN_SCALE, AsymmetricQuantizer, GeluLogQuantizer, LogQuanti
                      gelu_log_fake_quant, gelu_twin_fake_quant, initial_scale, range_to_step, renormalize_rows,
                      softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
 from .bias_correction import correct_bias
-from .gptq import gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
+from .gptq import compensated_target, gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
 from .search import Product, best_index, score
 
 
@@ -172,7 +172,12 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
 def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
                                   budget: int) -> None:
     """Weight scales from ``H`` (its diagonal when rounding to nearest), round-to-nearest or GPTQ
-    weights, then the input scale search (scored on ``search_rows`` rows, ranges from all)."""
+    weights, then the input scale search (scored on ``search_rows`` rows, ranges from all).
+
+    With ``gptq_quantized_inputs`` the input scale is first searched against the round-to-nearest
+    weight, GPTQ then rounds the weight fitted to those quantized inputs (docs/lowbit.md §10), and
+    the input scale is searched again against the result.
+    """
     wq = site.w_quant
     w = site.weight.detach()
     x2 = x.reshape(-1, x.shape[-1])
@@ -181,11 +186,7 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
     factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(w.device)
     scales = search_group_scales(w, h, wq.groups, wq.bits, factors, budget)
     per_row = row_scales(scales, w.shape[0])
-    if gptq:
-        wq_values = gptq_quantize(w, h.to(w.device), per_row, wq.bits, damp=preset.gptq_damp,
-                                  act_order=preset.gptq_act_order, block=preset.gptq_block)
-    else:
-        wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
+    inp = layer = None
     if site.a_quant is not None:
         grid = _Grid(preset, x.device)
         x_all = x2.unsqueeze(0)
@@ -194,8 +195,25 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
         layer = Product(a=xx, b=w.t().unsqueeze(0), bias=site.bias.detach() if site.bias is not None else None,
                         grad=g, metric=preset.metric)
         inp = _InputSearch(site.a_quant, x_all, grid)
-        inp.scale = inp.cands[best_index(layer, "a", wq_values.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
+
+    def search_input(w_fixed: torch.Tensor) -> None:
+        inp.scale = inp.cands[best_index(layer, "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
                                          budget)].reshape(1)
+
+    if gptq and inp is not None and preset.gptq_quantized_inputs:
+        search_input(uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits))
+        target, h = compensated_target(w, x2, inp.apply, preset.gptq_damp)
+        scales = search_group_scales(target, h, wq.groups, wq.bits, factors.to(target.dtype), budget).to(w.dtype)
+        per_row = row_scales(scales, w.shape[0])
+    else:
+        target = w
+    if gptq:
+        wq_values = gptq_quantize(target, h.to(w.device), per_row, wq.bits, damp=preset.gptq_damp,
+                                  act_order=preset.gptq_act_order, block=preset.gptq_block).to(w.dtype)
+    else:
+        wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
+    if inp is not None:
+        search_input(wq_values)
         inp.store()
     if gptq:  # GPTQ's values are not what the quantizer rounds W to: they replace W (round to nearest: it is)
         with torch.no_grad():

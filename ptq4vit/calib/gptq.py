@@ -9,6 +9,10 @@ already gives (the layer's inputs). Two uses:
   ``diag(H)`` (``Σ_k H_kk D_rk²``, the input channels' energies) is smallest. The full
   ``D H Dᵀ`` would cost ``K`` times more per candidate (about 3 TFLOP for a ViT-S); GPTQ's
   rounding then accounts for the off-diagonal part.
+* :func:`compensated_target`: with ``gptq_quantized_inputs``, the float weight ``W*`` that maps the
+  layer's *quantized* inputs ``X̃`` closest to its float outputs (a damped least-squares fit,
+  docs/lowbit.md §10), and ``H̃ = X̃ᵀX̃``; GPTQ then rounds ``W*`` under ``H̃``, so the weights also
+  compensate the input quantizer's error.
 * :func:`gptq_quantize`: with those scales fixed, quantize the columns one by one and spread
   each column's rounding error over the columns not yet quantized (GPTQ/OPTQ, Frantar et al.
   2023), in blocks of columns with a lazy update of the rest, optionally in decreasing
@@ -38,6 +42,34 @@ def input_energy(x: torch.Tensor) -> torch.Tensor:
     ``H``, at ``K`` times less work than :func:`input_hessian` when no GPTQ follows."""
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
     return x2.square().sum(0)
+
+
+def compensated_target(w: torch.Tensor, x: torch.Tensor, quant, damp: float, rows_per_step: int = 4096):
+    """``(W*, H̃)`` in float64: the weight fitting the quantized inputs to the float outputs, and ``X̃ᵀX̃``.
+
+    ``W* = argmin ||X Wᵀ - X̃ W*ᵀ||² + λ ||W* - W||²`` with ``X̃ = quant(X)`` and
+    ``λ = damp · mean(diag H̃)``: the normal equations ``(H̃ + λI) W*ᵀ = X̃ᵀX Wᵀ + λ Wᵀ``. The
+    damping pulls ``W*`` towards ``W`` where ``X̃`` says little (dead or rare input channels). The
+    output error of any ``Ŵ`` then splits into the fit's residual plus ``(W* - Ŵ) H̃ (W* - Ŵ)ᵀ``
+    (exactly when ``λ = 0``), which is what GPTQ minimises given ``H̃``. ``x`` is ``(..., K)``; rows
+    are quantized and accumulated ``rows_per_step`` at a time in float64, so no quantized copy of
+    all of ``x`` is made.
+    """
+    if damp <= 0:
+        raise ValueError("compensated_target needs damp > 0 (the fit is singular for dead input channels)")
+    x2 = x.reshape(-1, x.shape[-1])
+    k = x2.shape[1]
+    hq = torch.zeros(k, k, dtype=torch.float64, device=x2.device)
+    cross = torch.zeros_like(hq)
+    for r0 in range(0, x2.shape[0], rows_per_step):
+        xs = x2[r0:r0 + rows_per_step]
+        xq = quant(xs).to(torch.float64)
+        hq += xq.t() @ xq
+        cross += xq.t() @ xs.to(torch.float64)
+    w64 = w.to(torch.float64)
+    lam = damp * torch.diagonal(hq).mean()
+    eye = torch.eye(k, dtype=torch.float64, device=hq.device)
+    return torch.linalg.solve(hq + lam * eye, cross @ w64.t() + lam * w64.t()).t(), hq
 
 
 def row_scales(scales: torch.Tensor, rows: int) -> torch.Tensor:
