@@ -5,8 +5,11 @@
 # input (POST_GELU_ROWS: twin, uniform, log2, log-sqrt2) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
 # the first 100 test images per class; every row has top-1, agreement with the float model, mean
 # KL(float||quant) and calibration seconds. Resumable: re-running skips finished runs.
-# Usage: bash benchmarks/lowbit_accuracy.sh [extra sweep options, e.g. --limit 1000 for all 10 000 images]
+# Usage: bash benchmarks/lowbit_accuracy.sh [--main-only] [extra sweep options, e.g. --limit 1000 for all 10 000 images]
+# --main-only: the four presets at three bit settings (12 runs), without the ablation rows.
 set -euo pipefail
+MAIN_ONLY=0
+if [ "${1:-}" = "--main-only" ]; then MAIN_ONLY=1; shift; fi
 cd "$(dirname "$0")/.."
 SHARED=${PTQ4VIT_SHARED:-../shared}
 OUT=${OUT:-runs/lowbit_vit_s14}
@@ -16,6 +19,10 @@ sweep() {
         --limit 100 --out "$OUT" "$@"
 }
 sweep --preset base,ptq4vit,rotq,repq-vit --bits W8A8,W6A6,W4A4 "$@"
+if [ "$MAIN_ONLY" = 1 ]; then
+    .venv/bin/ptq4vit report "$OUT/results.jsonl" --out "$OUT/report"
+    exit 0
+fi
 .venv/bin/python -c 'from ptq4vit.presets import POST_GELU_ROWS, REPQ_ABLATION_ROWS, ROTQ_ABLATION_ROWS
 for preset, rows in (("rotq", ROTQ_ABLATION_ROWS), ("repq-vit", REPQ_ABLATION_ROWS), ("ptq4vit", POST_GELU_ROWS)):
     for ov in rows.values(): print(preset, " ".join(f"--set {k}={v}" for k, v in ov.items()))' |

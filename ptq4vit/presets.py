@@ -301,9 +301,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         description="ptq4vit's Hessian-guided search and softmax twin on a rotated model (residual stream, "
                     "per-head q/k/v, online fc2 input), with per-channel GPTQ-rounded linear weights; "
                     "a coarser grid (alpha=0.2, 50 candidates), since rotated operands have no far outliers to clip; "
-                    "the classifier head at 8 bits; each quantized softmax row rescaled to its float mass",
+                    "the classifier head at 8 bits; each quantized softmax row rescaled to its float mass; "
+                    "the inputs of qkv, fc1, fc2 and the head asymmetric (an integer zero point) and each "
+                    "linear layer's bias corrected by its mean output error",
         alpha=0.2, n_candidates=50, rotate_residual=True, rotate_heads=True, rotate_fc2=True, gelu_twin=False,
         w_granularity="channel", weight_rounding="gptq", head_bits=8, softmax_renorm=True,
+        asymmetric_inputs=True, bias_correction=True,
     ),
     Preset(
         name="repq-vit",
@@ -338,6 +341,8 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
     "head at the run's bits": dict(head_bits=0),
     "no softmax renormalization": dict(softmax_renorm=False),
+    "symmetric inputs": dict(asymmetric_inputs=False),
+    "no bias correction": dict(bias_correction=False),
 }
 
 
