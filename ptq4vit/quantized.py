@@ -11,7 +11,7 @@ from torch import nn
 
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
-from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, PostGeluQuantizer, Quantizer, TwinSoftmaxQuantizer
 
 
 def model_name(model: nn.Module) -> str:
@@ -99,7 +99,7 @@ class QuantizedModel(nn.Module):
                     entry["smooth"] = _floats(site.smooth)
                 if site.a_quant is not None:
                     _scales(entry, "a", site.a_quant)
-                    if isinstance(site.a_quant, (TwinGeluQuantizer, GeluLogQuantizer)):
+                    if isinstance(site.a_quant, PostGeluQuantizer):
                         entry["a_neg_scale"] = float(site.a_quant.neg_scale)
                     if isinstance(site.a_quant, GeluLogQuantizer):
                         entry["a_log"] = site.a_quant.base

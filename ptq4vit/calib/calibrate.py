@@ -203,7 +203,7 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
     if gptq and inp is not None and preset.gptq_quantized_inputs:
         search_input(uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits))
         target, h = compensated_target(w, x2, inp.apply, preset.gptq_damp)
-        scales = search_group_scales(target, h, wq.groups, wq.bits, factors.to(target.dtype), budget).to(w.dtype)
+        scales = search_group_scales(target, h, wq.groups, wq.bits, factors, budget).to(w.dtype)
         per_row = row_scales(scales, w.shape[0])
     else:
         target = w

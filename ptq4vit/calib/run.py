@@ -83,12 +83,15 @@ def _own_tensors(site: nn.Module) -> dict[str, torch.Tensor]:
     return {k: t for k, t in own.items() if t is not None}
 
 
+def _copy_own_tensors(site: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: t.detach().clone() for k, t in _own_tensors(site).items()}
+
+
 def _swap_own_tensors(site: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Write ``values`` into the site's own tensors; return copies of what they held."""
-    held = {}
+    held = _copy_own_tensors(site)
     with torch.no_grad():
         for k, t in _own_tensors(site).items():
-            held[k] = t.detach().clone()
             t.copy_(values[k])
     return held
 
@@ -133,8 +136,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
             data = capture(model, images, {n: sites[n] for n in group}, grad_source, p.capture_batch,
                            preset.grad_chunk, workers)
             later_passes = preset.rewrites_sites and i < len(p.groups) - 1
-            floats = {n: {k: t.detach().clone() for k, t in _own_tensors(sites[n]).items()} for n in group} \
-                if later_passes else {}
+            floats = {n: _copy_own_tensors(sites[n]) for n in group} if later_passes else {}
             search_group(sites, data, group, preset, p.step_bytes, workers, bar)
             del data
             for n in group if later_passes else ():

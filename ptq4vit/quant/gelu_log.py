@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 
 from .log import LOG_BASES
-from .quantizers import Quantizer
-from .twin import gelu_twin_neg_step
+from .quantizers import PostGeluQuantizer
 from .uniform import compute_dtype, qmax
 
 
@@ -71,20 +70,14 @@ def gelu_log_fake_quant(x: torch.Tensor, scale: torch.Tensor, neg_step: float | 
     return gelu_log_dequantize(gelu_log_codes(x, scale, neg_step, bits, base), scale, neg_step, bits, base, x.dtype)
 
 
-class GeluLogQuantizer(Quantizer):
+class GeluLogQuantizer(PostGeluQuantizer):
     """Post-GELU log quantizer (base 2 or √2): a searched largest level ``scale`` (Δ) and the
     post-GELU twin's fixed negative step ``neg_scale`` (Δ-); see the module doc."""
 
     def __init__(self, bits: int, base: str = "log2", device: Optional[torch.device] = None):
-        super().__init__(bits)
+        super().__init__(bits, device)
         _codes_per_halving(base)
         self.base = base
-        self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
-        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits), dtype=torch.float32, device=device))
-
-    def set_scale(self, scale: torch.Tensor) -> None:
-        self.scale.copy_(scale.reshape(1))
-        self.calibrated = True
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Signed codes of ``x`` (float32 values, shape of x)."""

@@ -175,7 +175,21 @@ class TwinSoftmaxQuantizer(Quantizer):
         return f"bits={self.bits}, form={self.form}"
 
 
-class TwinGeluQuantizer(Quantizer):
+class PostGeluQuantizer(Quantizer):
+    """A quantizer of post-GELU values: one searched ``scale`` for the positive side and the GELU
+    twin's fixed negative step ``neg_scale`` (Δ-), which covers GELU's small negative range."""
+
+    def __init__(self, bits: int, device: Optional[torch.device] = None):
+        super().__init__(bits)
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits), dtype=torch.float32, device=device))
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(1))
+        self.calibrated = True
+
+
+class TwinGeluQuantizer(PostGeluQuantizer):
     """Twin uniform quantizer for post-GELU values: fixed Δ- and a searched Δ+.
 
     With ``pow2=True`` the search only considers ``Δ+ = 2^m Δ-``, so integer kernels can
@@ -183,14 +197,8 @@ class TwinGeluQuantizer(Quantizer):
     """
 
     def __init__(self, bits: int, pow2: bool = False, device: Optional[torch.device] = None):
-        super().__init__(bits)
+        super().__init__(bits, device)
         self.pow2 = pow2
-        self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
-        self.register_buffer("neg_scale", torch.tensor(gelu_twin_neg_step(bits), dtype=torch.float32, device=device))
-
-    def set_scale(self, scale: torch.Tensor) -> None:
-        self.scale.copy_(scale.reshape(1))
-        self.calibrated = True
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return gelu_twin_fake_quant(x, self.scale, self.neg_scale, self.bits)
