@@ -101,6 +101,33 @@ def test_sweep_killed_and_resumed(tiny_cli_args, tmp_path):
     assert len(_rows(results)) == 6
 
 
+def test_sweep_runs_again_a_result_made_by_another_preset_definition(tiny_cli_args, tmp_path, capsys):
+    out = tmp_path / "stale"
+    args = ["sweep", "--models", "vit_tiny_patch16_224", *tiny_cli_args, "--presets", "base", "--bits", "W8A8",
+            "--calib-sizes", "8", "--out", str(out)]
+    results = out / "results.jsonl"
+    assert main(args) == 0
+    (row,) = _rows(results)
+    assert row["preset_fields"]["name"] == "base" and row["preset_fields"]["n_candidates"] == 10
+    # the same run key, stored when the preset defined a field otherwise
+    edited = {**row, "preset_fields": {**row["preset_fields"], "metric": "mse"}, "quant_top1": -1.0}
+    results.write_text(json.dumps(edited) + "\n")
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(row["key"]) and len(captured.out.splitlines()) == 1
+    assert "another definition of preset 'base' (fields metric differ)" in captured.err
+    assert main(args) == 0
+    (again,) = _rows(results)
+    assert again["key"] == row["key"] and again["preset_fields"] == row["preset_fields"]
+    assert again["quant_top1"] == row["quant_top1"]   # recomputed, bit-reproducibly, in place of the stale row
+    # a row from before rows recorded their preset's fields cannot be checked: it counts as done
+    legacy = {k: v for k, v in edited.items() if k != "preset_fields"}
+    results.write_text(json.dumps(legacy) + "\n")
+    assert main([*args, "--dry-run"]) == 0
+    assert "1 already in" in capsys.readouterr().err
+
+
 def test_ablation_and_report(tiny_cli_args, tmp_path, capsys, cifar_dir):
     out = tmp_path / "abl"
     rc = main(["ablation", "--models", "vit_tiny_patch16_224", *tiny_cli_args, "--rows", "1,6",

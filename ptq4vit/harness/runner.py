@@ -14,6 +14,7 @@ worker process per GPU, or several CPU workers).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -111,10 +112,13 @@ def parse_bits(text: str) -> tuple[int, int]:
     return w, a
 
 
-def check_preset(preset: str, overrides: dict) -> None:
-    """A UserError naming the bad preset or field, before any run starts."""
+def check_preset(preset: str, overrides: dict) -> dict:
+    """The fields ``preset`` with ``overrides`` resolves to, as stored in a results row (JSON values);
+    a UserError naming the bad preset or field, before any run starts."""
     from ..presets import get_preset
-    get_preset(preset, **overrides)
+    fields = dataclasses.asdict(get_preset(preset, **overrides))
+    del fields["description"]
+    return json.loads(json.dumps(fields))
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Resolved:
     key: str
     float_key: str
     identity: dict
+    preset_fields: dict               # what the preset resolved to (a stored row made otherwise is stale)
 
 
 class Planner:
@@ -165,7 +170,7 @@ class Planner:
 
     def resolve(self, job: Job) -> Resolved:
         check_bits(job.w_bits, job.a_bits)
-        check_preset(job.preset, job.overrides)
+        preset_fields = check_preset(job.preset, job.overrides)
         entry, weights, mident = self.model_identity(job.model)
         if self.calib_set is not None and job.calib_size > len(self.calib_set):
             raise UserError(f"calibration size {job.calib_size} is larger than the {len(self.calib_set)} images "
@@ -175,7 +180,7 @@ class Planner:
                     "w_bits": job.w_bits, "a_bits": job.a_bits, "calib_dir": str(self.calib_dir),
                     "calib_size": job.calib_size, "calib_seed": job.calib_seed, "ablation_row": job.ablation_row}
         return Resolved(entry, weights, mident, self.eval_dir, self.calib_dir, run_key(identity),
-                        run_key({**mident, **eval_ident, "float": True}), identity)
+                        run_key({**mident, **eval_ident, "float": True}), identity, preset_fields)
 
 
 # --------------------------------------------------------------------------- running
@@ -334,6 +339,7 @@ class Runner:
             "init_seed": self.opts.init_seed if res.weights == "random-init" else None,
             "preset": job.preset,
             "overrides": dict(job.overrides),
+            "preset_fields": res.preset_fields,
             "ablation_row": job.ablation_row,
             "w_bits": job.w_bits,
             "a_bits": job.a_bits,
@@ -362,7 +368,6 @@ class Runner:
             qdir = self.out / "qparams"
             qdir.mkdir(parents=True, exist_ok=True)
             qpath = qdir / f"{slug(lm.name)}_{slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
-            import json
             atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n")
             row["qparams"] = str(qpath)
             self.results.append(row, replace=replace)
@@ -373,17 +378,28 @@ class Runner:
 # --------------------------------------------------------------------------- job lists
 
 
-def pending_jobs(planner: Planner, jobs: list[Job], results: ResultsFile, force: bool = False) -> list[tuple[Job, str]]:
-    """``(job, key)`` for the jobs not yet in ``results`` (all of them with ``force``); duplicates dropped."""
-    done = set() if force else results.keys()
-    seen, out = set(), []
+def pending_jobs(planner: Planner, jobs: list[Job], results: ResultsFile,
+                 force: bool = False) -> tuple[list[tuple[Job, str]], list[tuple[Job, list[str]]]]:
+    """``(job, key)`` for the jobs not yet in ``results`` (all of them with ``force``), duplicates dropped,
+    and, among them, ``(job, changed fields)`` for the stale ones: stored under their key by a preset
+    that then resolved to other field values (a preset whose definition has changed since). Rows
+    written before rows recorded ``preset_fields`` cannot be checked and count as done."""
+    stored = {} if force else {r["key"]: r for r in results.rows() if r.get("key")}
+    seen, out, stale = set(), [], []
     for job in jobs:
-        key = planner.resolve(job).key
-        if key in done or key in seen:
+        res = planner.resolve(job)
+        if res.key in seen:
             continue
-        seen.add(key)
-        out.append((job, key))
-    return out
+        row = stored.get(res.key)
+        if row is not None:
+            before = row.get("preset_fields")
+            if before is None or before == res.preset_fields:
+                continue
+            stale.append((job, sorted(k for k in set(before) | set(res.preset_fields)
+                                      if before.get(k) != res.preset_fields.get(k))))
+        seen.add(res.key)
+        out.append((job, res.key))
+    return out, stale
 
 
 def run_serial(runner: Runner, jobs: list[Job], *, replace: bool = False,
@@ -415,7 +431,7 @@ def run_serial(runner: Runner, jobs: list[Job], *, replace: bool = False,
     return rows
 
 
-def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q) -> None:
+def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q, replace: bool) -> None:
     configure_logging(0)  # a spawned process starts with no handlers
     try:
         if threads:
@@ -434,7 +450,7 @@ def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q
         i, job = item
         try:
             runner.log(f"start {job.label()}")
-            row = runner.run(job)
+            row = runner.run(job, replace=replace)
             out_q.put(("row", i, row))
         except UserError as e:
             out_q.put(("error", i, str(e)))
@@ -444,9 +460,11 @@ def _worker(wid: int, device: str, threads: int, opts: RunOptions, jobs_q, out_q
 
 
 def run_parallel(opts: RunOptions, jobs: list[Job], devices: list[str],
-                 on_row: Optional[Callable[[dict], None]] = None) -> tuple[list[dict], list[str]]:
+                 on_row: Optional[Callable[[dict], None]] = None,
+                 replace: bool = False) -> tuple[list[dict], list[str]]:
     """Run jobs over one worker process per entry of ``devices`` (e.g. every visible GPU); each worker takes
-    the next job from a shared queue, and appends its row to the results file as soon as it finishes."""
+    the next job from a shared queue, and appends its row to the results file as soon as it finishes
+    (``replace``: in place of a stored row with its key, as :func:`run_serial`)."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     jobs_q, out_q = ctx.Queue(), ctx.Queue()
@@ -458,8 +476,8 @@ def run_parallel(opts: RunOptions, jobs: list[Job], devices: list[str],
     n_cpu = sum(1 for d in devices if d.startswith("cpu"))
     threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
     wopts = dataclasses.replace(opts, progress=False)
-    procs = [ctx.Process(target=_worker, args=(w, d, threads if d.startswith("cpu") else 0, wopts, jobs_q, out_q),
-                         daemon=False) for w, d in enumerate(devices)]
+    procs = [ctx.Process(target=_worker, args=(w, d, threads if d.startswith("cpu") else 0, wopts, jobs_q, out_q,
+                                               replace), daemon=False) for w, d in enumerate(devices)]
     for p in procs:
         p.start()
     rows, errors, finished = {}, [], 0

@@ -92,11 +92,15 @@ def _run_sweep(args, jobs) -> int:
     results = ResultsFile(opts.results_path)
     if not args.dry_run:
         check_output(opts)
-    todo = pending_jobs(planner, jobs, results, force=args.force)
+    todo, stale = pending_jobs(planner, jobs, results, force=args.force)
+    for job, changed in stale:
+        log(f"{job.label()}: its stored result was made by another definition of preset {job.preset!r} "
+            f"(fields {', '.join(changed)} differ): running it again")
     devices = _devices(args)
     if os.environ.get("WORLD_SIZE", "1") != "1" and devices:
         raise UserError("--devices/--jobs cannot be combined with torchrun (torchrun already shards evaluation)")
     log(f"{len(jobs)} runs in this sweep, {len(jobs) - len(todo)} already in {opts.results_path}, {len(todo)} to run")
+    replace = args.force or bool(stale)  # the only stored rows a pending job's key can meet are forced or stale
     if args.dry_run:
         for job, key in todo:
             print(f"{key}  {job.label()}")
@@ -107,7 +111,7 @@ def _run_sweep(args, jobs) -> int:
     if len(devices) > 1:
         rows, errors = run_parallel(opts, todo_jobs, devices,
                                     on_row=lambda r: log(f"done: {r['model']} {r['preset']} W{r['w_bits']}A{r['a_bits']} "
-                                                          f"-> {r['quant_top1']:.2f}"))
+                                                          f"-> {r['quant_top1']:.2f}"), replace=replace)
         if rows:
             print(format_rows(rows))
         return _report_failures(errors, len(todo_jobs))
@@ -116,7 +120,7 @@ def _run_sweep(args, jobs) -> int:
     device = setup_device(opts)
     runner = Runner(opts, planner, device, log=log)
     errors: list[str] = []
-    rows = run_serial(runner, todo_jobs, replace=args.force, errors=errors)
+    rows = run_serial(runner, todo_jobs, replace=replace, errors=errors)
     if dist_info()[0] != 0:
         return 1 if errors else 0
     if rows:
