@@ -84,7 +84,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         pairs = norm_linear_pairs(model) if preset.reparam_ln else []
         with qmodel.quantization_disabled():
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
-                                 round_zero_point=preset.reparam_round_zero_point)
+                                 round_zero_point=preset.reparam_round_zero_point,
+                                 fold_dtype=getattr(torch, preset.reparam_fold_dtype))
         return qmodel
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():

@@ -1,5 +1,6 @@
 """RepQ-ViT as a preset (docs/lowbit.md §6): asymmetric quantizer, percentile ranges, scaled log√2
 quantizer, LayerNorm reparameterization, sequential calibration, checkpoints, export, refusals."""
+import copy
 import math
 
 import pytest
@@ -144,6 +145,32 @@ def test_fold_keeps_the_function_in_float64_and_aligns_every_channel(round_zp):
     assert torch.allclose(norm.weight.detach(), gamma / r, rtol=1e-15, atol=0)
 
 
+def test_float32_fold_rounds_like_the_released_code_op_for_op():
+    g = torch.Generator().manual_seed(5)
+    norm, lin = nn.LayerNorm(64), nn.Linear(64, 48)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) * 3 + 0.1)
+        norm.bias.copy_(torch.randn(64, generator=g))
+    scale = torch.rand(64, generator=g) * 0.3 + 0.01
+    zp = torch.randint(-8, 8, (64,), generator=g).float()
+    # the released code's statements, in float32, with its unsigned zero points
+    d, z = scale, zp + 8
+    td, tz = d.mean(), z.mean()
+    r = d / td
+    b = (-z * d) / r - (-tz * td)
+    ref_gamma, ref_beta = norm.weight.detach() / r, norm.bias.detach() / r - b
+    ref_w = lin.weight.detach() * r
+    ref_bias = lin.bias.detach() + torch.mm(ref_w, b.reshape(-1, 1)).reshape(-1)
+    exact_norm, exact_lin = copy.deepcopy(norm), copy.deepcopy(lin)
+    fold_channel_ranges(norm, lin, scale, zp, 4, dtype=torch.float32)
+    for got, ref in ((norm.weight, ref_gamma), (norm.bias, ref_beta), (lin.weight, ref_w), (lin.bias, ref_bias)):
+        assert torch.equal(got.detach(), ref)
+    # the float64 default rounds once at the end: it differs in the last bits somewhere
+    fold_channel_ranges(exact_norm, exact_lin, scale, zp, 4)
+    assert not torch.equal(exact_lin.bias.detach(), ref_bias) or not torch.equal(exact_norm.bias.detach(), ref_beta)
+    assert torch.allclose(exact_lin.bias.detach(), ref_bias, rtol=1e-5, atol=1e-5)
+
+
 def test_repq_model_with_quantization_off_is_the_float_model_in_float64():
     m, x = _tiny(torch.float64)
     ref = m(x)
@@ -230,6 +257,8 @@ def test_repq_export_lists_every_float_part_and_matches_torch(tmp_path):
     (dict(calibration="percentile"), "gelu_twin"),
     (dict(calibration="percentile", gelu_twin=False, softmax_log="log2"), "softmax_log_scale=True"),
     (dict(calibration="grid"), "calibration must be one of"),
+    (dict(reparam_fold_dtype="float32"), "calibration='percentile'"),
+    (dict(calibration="percentile", gelu_twin=False, reparam_fold_dtype="half"), "reparam_fold_dtype must be one of"),
 ])
 def test_preset_validation_errors(overrides, match):
     with pytest.raises(UserError, match=match):

@@ -125,11 +125,12 @@ def _site_quantizers(site: nn.Module) -> list[Quantizer]:
 @torch.no_grad()
 def calibrate_percentile(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
                          pairs: list[tuple[str, str]], progress: bool = True, desc: str = "calibrating",
-                         round_zero_point: bool = False) -> None:
+                         round_zero_point: bool = False, fold_dtype: torch.dtype = torch.float64) -> None:
     """Calibrate every site of ``model`` (its quantizers disabled on entry) as RepQ-ViT does.
 
     ``pairs``: the ``(LayerNorm, linear site)`` paths to reparameterize (empty without ``reparam_ln``);
-    ``round_zero_point``: round the zero point each fold leaves (``reparam_round_zero_point``).
+    ``round_zero_point``: round the zero point each fold leaves (``reparam_round_zero_point``);
+    ``fold_dtype``: the precision the folds compute in (``reparam_fold_dtype``).
     All of ``images`` go through the model in one batch, as the released code's one calibration batch.
     """
     for site in sites.values():
@@ -164,7 +165,7 @@ def calibrate_percentile(model: nn.Module, images: torch.Tensor, sites: dict[str
         site = sites[linear]
         channel_q = site.a_quant
         step, zp = fold_channel_ranges(model.get_submodule(norm_path), site, channel_q.scale, channel_q.zero_point,
-                                       channel_q.bits, round_zero_point)
+                                       channel_q.bits, round_zero_point, fold_dtype)
         site.a_quant = final[linear]
         site.a_quant.set_params(step, zp)
         calibrate_weight(site)

@@ -23,27 +23,28 @@ def zero_bias(linear: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_channel_ranges(norm: nn.LayerNorm, linear: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor,
-                        bits: int, round_zero_point: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        bits: int, round_zero_point: bool = False,
+                        dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the per-channel ranges ``(Δ_c, z_c)`` (signed zero points) of ``linear``'s input into ``norm``'s
     affine and ``linear``'s weight and bias, in place; return the per-tensor ``(Δ, z)`` that replaces them.
 
     The target zero point is the channels' mean, unrounded as in the released code (the quantizer
     then clamps at ``-z`` and ``2^bits - 1 - z`` steps, off the grid), or with ``round_zero_point`` rounded
     to the integer that integer kernels need; ``b`` is computed from the zero point used, so the fold
-    is exact either way. Computed in float64, written back in the parameters' dtype.
+    is exact either way. Computed in ``dtype`` (float64 by default; float32 rounds like the released
+    code, op for op), written back in the parameters' dtype.
     """
-    f64 = torch.float64
-    step = scale.to(f64)
-    zp_u = zero_point.to(f64) + qmax(bits)            # RepQ-ViT's unsigned zero points
+    step = scale.to(dtype)
+    zp_u = zero_point.to(dtype) + qmax(bits)          # RepQ-ViT's unsigned zero points
     target_step = step.mean()
     target_zp_u = zp_u.mean().round() if round_zero_point else zp_u.mean()
     r = step / target_step
     b = (-zp_u * step) / r + target_zp_u * target_step
     gamma, beta = norm.weight, norm.bias
-    w = linear.weight.to(f64) * r
-    new_bias = linear.bias.to(f64) + w @ b
-    gamma.copy_((gamma.to(f64) / r).to(gamma.dtype))
-    beta.copy_((beta.to(f64) / r - b).to(beta.dtype))
+    w = linear.weight.to(dtype) * r
+    new_bias = linear.bias.to(dtype) + torch.mm(w, b.reshape(-1, 1)).reshape(-1)
+    gamma.copy_((gamma.to(dtype) / r).to(gamma.dtype))
+    beta.copy_((beta.to(dtype) / r - b).to(beta.dtype))
     linear.weight.copy_(w.to(linear.weight.dtype))
     linear.bias.copy_(new_bias.to(linear.bias.dtype))
     return target_step.float(), (target_zp_u.float() - qmax(bits))
