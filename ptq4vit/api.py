@@ -85,7 +85,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         with qmodel.quantization_disabled():
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
                                  round_zero_point=preset.reparam_round_zero_point,
-                                 fold_dtype=getattr(torch, preset.reparam_fold_dtype))
+                                 fold_dtype=torch.float64 if preset.reparam_fold_float64 else None)
         return qmodel
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():

@@ -25,11 +25,11 @@ ROTATION_KINDS = ("hadamard", "orthogonal")
 SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
 GELU_LOG = ("none", "log2", "log_sqrt2")
 CALIBRATIONS = ("search", "percentile")
-FOLD_DTYPES = ("float64", "float32")
 #: Switches validated as real booleans (a string "false" would otherwise be truthy).
 _BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
                 "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention",
-                "asymmetric_inputs", "bias_correction", "gptq_quantized_inputs")
+                "asymmetric_inputs", "bias_correction", "gptq_quantized_inputs", "reparam_ln",
+                "reparam_round_zero_point", "reparam_fold_float64")
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,10 @@ class Preset:
     #: Round the per-tensor zero point the fold leaves (an integer, as integer kernels need); RepQ-ViT
     #: keeps the channels' mean zero point unrounded (docs/lowbit.md §6).
     reparam_round_zero_point: bool = False
-    #: The precision the fold computes in: ``"float64"`` (exact to the parameters' rounding) or
-    #: ``"float32"``, which rounds op for op like the released code (docs/lowbit.md §6).
-    reparam_fold_dtype: Literal["float64", "float32"] = "float64"
+    #: Compute the fold in float64, rounded once at the end; off, it computes in the parameters'
+    #: precision (at least float32) op for op as the released code does, which keeps ``repq-vit``
+    #: bit-identical to it on a float32 model (docs/lowbit.md §6).
+    reparam_fold_float64: bool = False
     #: The log softmax quantizer has a calibrated largest level (percentile of the probabilities) and
     #: ``2^bits`` levels plus zero, as RepQ-ViT releases it (docs/lowbit.md §6); needs ``softmax_log``.
     softmax_log_scale: bool = False
@@ -145,6 +146,9 @@ class Preset:
         return self.grad_source if self.metric == "hessian" and self.calibration == "search" else None
 
     def __post_init__(self):
+        for flag in _BOOL_FIELDS:
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.metric not in METRICS:
             raise UserError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.grad_source not in GRAD_SOURCES:
@@ -177,9 +181,6 @@ class Preset:
         self._check_percentile()
         if not 0 <= self.smooth_alpha <= 1:
             raise UserError(f"smooth_alpha must be in [0, 1] (0: no smoothing), got {self.smooth_alpha}")
-        for flag in _BOOL_FIELDS:
-            if not isinstance(getattr(self, flag), bool):
-                raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.asymmetric_inputs and self.calibration != "search":
             raise UserError("asymmetric_inputs is for calibration='search': calibration='percentile' is asymmetric everywhere")
         if self.bias_correction and self.calibration != "search":
@@ -208,12 +209,10 @@ class Preset:
 
     def _check_percentile(self) -> None:
         """The RepQ-ViT fields need percentile calibration; it has no initialisation for the rest."""
-        if self.reparam_fold_dtype not in FOLD_DTYPES:
-            raise UserError(f"reparam_fold_dtype must be one of {FOLD_DTYPES}, got {self.reparam_fold_dtype!r}")
         percentile = self.calibration == "percentile"
         needs = [name for name, on in (("reparam_ln", self.reparam_ln), ("softmax_log_scale", self.softmax_log_scale),
                                        ("reparam_round_zero_point", self.reparam_round_zero_point),
-                                       ("reparam_fold_dtype", self.reparam_fold_dtype != "float64"),
+                                       ("reparam_fold_float64", self.reparam_fold_float64),
                                        ("patch_input_bits", self.patch_input_bits != 0)) if on]
         if needs and not percentile:
             raise UserError(f"{', '.join(needs)} need(s) calibration='percentile' (RepQ-ViT's asymmetric quantizers)")

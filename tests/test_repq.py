@@ -12,7 +12,8 @@ import ptq4vit
 from ptq4vit import checkpoint as ck
 from ptq4vit.calib.percentile import PERCENTILES, percentile_ranges, quantiles
 from ptq4vit.errors import UnsupportedModelError, UserError
-from ptq4vit.quant import AsymmetricQuantizer, LogQuantizer, range_to_step, scaled_log_fake_quant
+from ptq4vit.quant import (AsymmetricQuantizer, LogQuantizer, asymmetric_codes, asymmetric_dequantize,
+                           asymmetric_fake_quant, range_to_step, scaled_log_fake_quant)
 from ptq4vit.transforms.reparam import fold_channel_ranges
 
 from conftest import make_tiny
@@ -39,6 +40,24 @@ def test_asymmetric_codes_and_values_on_hand_made_values():
     # int8 codes (a checkpoint's) dequantize to the same values; half precision rounds once
     assert torch.equal(q.dequantize(q.codes(x).to(torch.int8), torch.float32), q(x))
     assert q(x.half()).dtype == torch.float16 and q(x.half()).tolist() == q(x).tolist()
+
+
+def test_asymmetric_fake_quant_is_codes_then_values_and_rounds_a_fractional_zero_point_as_released():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4096, generator=g) * 3
+    step = torch.tensor(0.07)
+    # an integer zero point: exactly the codes, then their values (clamping included)
+    for zp in (-5.0, 0.0, 31.0):
+        z = torch.tensor(zp)
+        assert torch.equal(asymmetric_fake_quant(x, step, z, 6), asymmetric_dequantize(asymmetric_codes(x, step, z, 6),
+                                                                                       step, z, torch.float32))
+    # the fractional one RepQ-ViT's fold leaves: the released statements with its unsigned zero point
+    z = torch.tensor(-0.3)
+    unsigned = z + 32
+    released = (torch.clamp(torch.round(x / step) + unsigned, 0, 63) - unsigned) * step
+    assert torch.equal(asymmetric_fake_quant(x, step, z, 6), released)
+    # which the signed form rounds otherwise
+    assert not torch.equal(asymmetric_dequantize(asymmetric_codes(x, step, z, 6), step, z, torch.float32), released)
 
 
 def test_asymmetric_per_channel_weight_and_activation_groups():
@@ -145,7 +164,7 @@ def test_fold_keeps_the_function_in_float64_and_aligns_every_channel(round_zp):
     assert torch.allclose(norm.weight.detach(), gamma / r, rtol=1e-15, atol=0)
 
 
-def test_float32_fold_rounds_like_the_released_code_op_for_op():
+def test_fold_rounds_like_the_released_code_op_for_op():
     g = torch.Generator().manual_seed(5)
     norm, lin = nn.LayerNorm(64), nn.Linear(64, 48)
     with torch.no_grad():
@@ -162,11 +181,11 @@ def test_float32_fold_rounds_like_the_released_code_op_for_op():
     ref_w = lin.weight.detach() * r
     ref_bias = lin.bias.detach() + torch.mm(ref_w, b.reshape(-1, 1)).reshape(-1)
     exact_norm, exact_lin = copy.deepcopy(norm), copy.deepcopy(lin)
-    fold_channel_ranges(norm, lin, scale, zp, 4, dtype=torch.float32)
+    fold_channel_ranges(norm, lin, scale, zp, 4)
     for got, ref in ((norm.weight, ref_gamma), (norm.bias, ref_beta), (lin.weight, ref_w), (lin.bias, ref_bias)):
         assert torch.equal(got.detach(), ref)
-    # the float64 default rounds once at the end: it differs in the last bits somewhere
-    fold_channel_ranges(exact_norm, exact_lin, scale, zp, 4)
+    # in float64 it rounds once at the end: it differs in the last bits somewhere
+    fold_channel_ranges(exact_norm, exact_lin, scale, zp, 4, dtype=torch.float64)
     assert not torch.equal(exact_lin.bias.detach(), ref_bias) or not torch.equal(exact_norm.bias.detach(), ref_beta)
     assert torch.allclose(exact_lin.bias.detach(), ref_bias, rtol=1e-5, atol=1e-5)
 
@@ -257,8 +276,8 @@ def test_repq_export_lists_every_float_part_and_matches_torch(tmp_path):
     (dict(calibration="percentile"), "gelu_twin"),
     (dict(calibration="percentile", gelu_twin=False, softmax_log="log2"), "softmax_log_scale=True"),
     (dict(calibration="grid"), "calibration must be one of"),
-    (dict(reparam_fold_dtype="float32"), "calibration='percentile'"),
-    (dict(calibration="percentile", gelu_twin=False, reparam_fold_dtype="half"), "reparam_fold_dtype must be one of"),
+    (dict(reparam_fold_float64=True), "calibration='percentile'"),
+    (dict(reparam_fold_float64="yes"), "reparam_fold_float64 must be True"),
 ])
 def test_preset_validation_errors(overrides, match):
     with pytest.raises(UserError, match=match):

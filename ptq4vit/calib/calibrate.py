@@ -22,7 +22,7 @@ from torch import nn
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
 from ..quant import (MIN_SCALE, AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, TwinGeluQuantizer,
-                     TwinSoftmaxQuantizer, UniformQuantizer, asymmetric_codes, asymmetric_dequantize, candidate_factors,
+                     TwinSoftmaxQuantizer, UniformQuantizer, asymmetric_fake_quant, candidate_factors,
                      gelu_log_fake_quant, gelu_twin_fake_quant, initial_scale, range_to_step, renormalize_rows,
                      softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
 from .bias_correction import correct_bias
@@ -75,7 +75,7 @@ class _InputSearch:
             # both sides in proportion (docs/deployment.md).
             start, zp = range_to_step(x.min().clamp(max=0).reshape(1), x.max().clamp(min=0).reshape(1), bits)
             self.zero_point = zp
-            self.fn = lambda t, s: asymmetric_dequantize(asymmetric_codes(t, s, zp, bits), s, zp, t.dtype)
+            self.fn = lambda t, s: asymmetric_fake_quant(t, s, zp, bits)
             self.cands = grid.around(start).reshape(-1)
         elif isinstance(quant, TwinGeluQuantizer):
             neg = quant.neg_scale.to(x)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
-from ..quant import AsymmetricQuantizer, LogQuantizer, Quantizer, asymmetric_codes, asymmetric_dequantize, range_to_step
+from ..quant import AsymmetricQuantizer, LogQuantizer, Quantizer, asymmetric_fake_quant, range_to_step
 from ..quant.log import scaled_log_fake_quant
 from ..transforms.reparam import fold_channel_ranges
 
@@ -72,7 +72,7 @@ def percentile_ranges(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     for i in range(k):
         s, z = range_to_step(qs[k + i], qs[i], bits)
         s1, z1 = s[:, None], z[:, None]
-        err = asymmetric_dequantize(asymmetric_codes(rows, s1, z1, bits), s1, z1, torch.float32).sub_(rows)
+        err = asymmetric_fake_quant(rows, s1, z1, bits).sub_(rows)
         score = err.square_().mean(dim=1)
         better = score < best
         best = torch.where(better, score, best)
@@ -125,12 +125,13 @@ def _site_quantizers(site: nn.Module) -> list[Quantizer]:
 @torch.no_grad()
 def calibrate_percentile(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
                          pairs: list[tuple[str, str]], progress: bool = True, desc: str = "calibrating",
-                         round_zero_point: bool = False, fold_dtype: torch.dtype = torch.float64) -> None:
+                         round_zero_point: bool = False, fold_dtype: Optional[torch.dtype] = None) -> None:
     """Calibrate every site of ``model`` (its quantizers disabled on entry) as RepQ-ViT does.
 
     ``pairs``: the ``(LayerNorm, linear site)`` paths to reparameterize (empty without ``reparam_ln``);
     ``round_zero_point``: round the zero point each fold leaves (``reparam_round_zero_point``);
-    ``fold_dtype``: the precision the folds compute in (``reparam_fold_dtype``).
+    ``fold_dtype``: the precision the folds compute in (float64 with ``reparam_fold_float64``; None:
+    the parameters', at least float32).
     All of ``images`` go through the model in one batch, as the released code's one calibration batch.
     """
     for site in sites.values():

@@ -23,6 +23,20 @@ def asymmetric_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return torch.round(x.to(compute_dtype(x)) / scale).add_(zero_point).clamp_(-q, q - 1)
 
 
+def asymmetric_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(clamp(round(x / Δ) + z_u, 0, 2^b - 1) - z_u) · Δ`` with ``z_u = z + qmax``, in float32 (float64
+    for a float64 x), rounded once to x's dtype.
+
+    Computed with RepQ-ViT's unsigned zero point: for an integer ``z`` every step is exact and the
+    values are those of :func:`asymmetric_codes` then :func:`asymmetric_dequantize`; for the
+    fractional one its fold leaves (docs/lowbit.md §6) the sums round as the released code's do.
+    """
+    q = qmax(bits)
+    unsigned_zero = zero_point + q
+    u = torch.round(x.to(compute_dtype(x)) / scale).add_(unsigned_zero).clamp_(0, 2 * q - 1)
+    return u.sub_(unsigned_zero).mul_(scale).to(x.dtype)
+
+
 def asymmetric_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                           dtype: torch.dtype) -> torch.Tensor:
     """``(codes - z) · Δ`` in float32, rounded once to ``dtype``; overwrites ``codes`` when it is float."""

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .asymmetric import asymmetric_codes, asymmetric_dequantize
+from .asymmetric import asymmetric_codes, asymmetric_dequantize, asymmetric_fake_quant
 from .twin import SoftmaxTwinForm, gelu_twin_fake_quant, gelu_twin_neg_step, softmax_twin_fake_quant
 from .uniform import check_bits, uniform_codes, uniform_dequantize
 
@@ -148,7 +148,8 @@ class AsymmetricQuantizer(GroupedQuantizer):
         return asymmetric_dequantize(group_view(codes, self.axis, self.groups), scale, zp, dtype).reshape(codes.shape)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.codes(x), x.dtype)
+        scale, zp = self._views(x.dim())
+        return asymmetric_fake_quant(group_view(x, self.axis, self.groups), scale, zp, self.bits).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, axis={self.axis}, zero_point=True"

@@ -8,6 +8,8 @@ computes ``(W diag(r)) (y / r - b) + (bias + W diag(r) b) = W y + bias``: the fl
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -24,16 +26,19 @@ def zero_bias(linear: nn.Module) -> None:
 @torch.no_grad()
 def fold_channel_ranges(norm: nn.LayerNorm, linear: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor,
                         bits: int, round_zero_point: bool = False,
-                        dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                        dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold the per-channel ranges ``(Δ_c, z_c)`` (signed zero points) of ``linear``'s input into ``norm``'s
     affine and ``linear``'s weight and bias, in place; return the per-tensor ``(Δ, z)`` that replaces them.
 
     The target zero point is the channels' mean, unrounded as in the released code (the quantizer
     then clamps at ``-z`` and ``2^bits - 1 - z`` steps, off the grid), or with ``round_zero_point`` rounded
     to the integer that integer kernels need; ``b`` is computed from the zero point used, so the fold
-    is exact either way. Computed in ``dtype`` (float64 by default; float32 rounds like the released
-    code, op for op), written back in the parameters' dtype.
+    is exact either way. Computed in ``dtype``, by default the parameters' (at least float32), op for
+    op as the released code computes it (so its rounding is the released code's); float64 rounds
+    only when written back in the parameters' dtype.
     """
+    if dtype is None:
+        dtype = torch.promote_types(linear.weight.dtype, torch.float32)
     step = scale.to(dtype)
     zp_u = zero_point.to(dtype) + qmax(bits)          # RepQ-ViT's unsigned zero points
     target_step = step.mean()
