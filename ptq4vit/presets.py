@@ -378,6 +378,12 @@ REPQ_ABLATION_ROWS: dict[str, dict] = {
     "rounded zero point": dict(reparam_round_zero_point=True),
 }
 
+#: Each preset's named variants (one component switched off or swapped): the rows of its ablation.
+VARIANT_ROWS: dict[str, dict[str, dict]] = {
+    "rotq": ROTQ_ABLATION_ROWS, "repq-vit": REPQ_ABLATION_ROWS, "ptq4vit": POST_GELU_ROWS,
+    "deploy8": DEPLOY_ABLATION_ROWS,
+}
+
 
 def get_preset(preset: "str | Preset", **overrides) -> Preset:
     """A preset by name (or a Preset), with fields overridden; unknown names and fields raise UserError."""

@@ -121,6 +121,27 @@ def test_report_tables_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_variants_beside_their_preset(tmp_path):
+    rows = [
+        _row("1", preset="rotq", quant_top1=70.4, agreement=91.4, kl=0.0466),
+        _row("2", preset="rotq", overrides={"rotate_heads": False}, quant_top1=68.4, agreement=87.8, kl=0.0721),
+        _row("3", preset="rotq", overrides={"head_bits": 0, "softmax_renorm": False}, quant_top1=69.0, agreement=90.0,
+             kl=0.05),
+        _row("4", preset="rotq", w_bits=4, a_bits=4, overrides={"rotate_heads": False}, quant_top1=49.1,
+             agreement=53.3, kl=0.9),   # no rotq W4A4 as is: left out
+        _row("5", preset="ptq4vit", quant_top1=59.9, agreement=69.9, kl=0.392),
+    ]
+    header, table = report.variants_table(rows)
+    assert header[2:6] == ["variant", "bits", "top-1", "agreement %"]
+    assert [line[2:4] for line in table] == [["(as is)", "W6A6"], ["no head rotation", "W6A6"],
+                                            ["head_bits=0, softmax_renorm=False", "W6A6"]]
+    assert table[0][7] is None and table[1][7] == pytest.approx(87.8 - 91.4) and table[1][6] == "0.0721"
+    written = report.write_report(rows, tmp_path / "rep", plots=False)
+    assert "| ViT-S/224 | rotq | no head rotation | W6A6 | 68.40 | 87.80 | 0.0721 | -3.60 |" in \
+        (tmp_path / "rep" / "report.md").read_text()
+    assert len(written["variants_table"].read_text().splitlines()) == 4
+
+
 def test_report_needs_rows(tmp_path):
     with pytest.raises(UserError, match="no results"):
         report.write_report([], tmp_path)

@@ -93,6 +93,38 @@ def ablation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     return header, table
 
 
+def variant_name(preset: str, overrides: dict) -> str:
+    """The name ``presets.VARIANT_ROWS`` gives ``overrides`` of ``preset``, else ``field=value, ...``."""
+    from ..presets import VARIANT_ROWS
+    for name, row in VARIANT_ROWS.get(preset, {}).items():
+        if row == overrides:
+            return name
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def variants_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Each run of a preset with overrides beside the same preset as it is (same model and bits):
+    one line per run, the preset's own first, with the agreement it gains or loses against it."""
+    rows = [r for r in rows if r.get("ablation_row") is None]
+    as_is = {(r["model"], r["preset"], bits_label(r)): r for r in rows if not r.get("overrides")}
+    varied = [r for r in rows if r.get("overrides") and (r["model"], r["preset"], bits_label(r)) in as_is]
+    header = ["model", "preset", "variant", "bits", "top-1", "agreement %", "KL(float‖quant)", "agreement vs preset"]
+    table = []
+    for model in model_order(r["model"] for r in varied):
+        for preset in sorted({r["preset"] for r in varied if r["model"] == model}):
+            for b in sorted({bits_label(r) for r in varied if r["model"] == model and r["preset"] == preset},
+                            key=bits_order):
+                base = as_is[(model, preset, b)]
+                for r in [base] + [r for r in varied if r["model"] == model and r["preset"] == preset
+                                   and bits_label(r) == b]:
+                    gain = (None if r is base or r.get("agreement") is None or base.get("agreement") is None
+                            else r["agreement"] - base["agreement"])
+                    table.append([model, preset, "(as is)" if r is base else variant_name(preset, r["overrides"]), b,
+                                  r.get("quant_top1"), r.get("agreement"),
+                                  None if r.get("kl") is None else f"{r['kl']:.4f}", gain])
+    return header, table
+
+
 def _markdown(header: list[str], table: list[list], paired: bool) -> str:
     """Markdown; with ``paired`` each "X" / "X paper" column pair is shown as one ``ours (paper)`` cell."""
     if paired:
@@ -164,6 +196,9 @@ def render_markdown(rows: list[dict]) -> str:
             parts += ["## Main table", "", _caption(g, mrows), "", _markdown(*main_table(mrows), paired=True), ""]
         if arows:
             parts += ["## Ablation", "", _caption(g, arows), "", _markdown(*ablation_table(arows), paired=False), ""]
+        vheader, vtable = variants_table(grows)
+        if vtable:
+            parts += ["## Variants", "", _caption(g, grows), "", _markdown(vheader, vtable, paired=False), ""]
     parts += ["## All runs", "", _markdown(*_runs_table(rows), paired=False), ""]
     return "\n".join(parts)
 
@@ -189,7 +224,7 @@ def _runs_table(rows: list[dict]) -> tuple[list[str], list[list]]:
 
 def write_report(rows: list[dict], out_dir, *, plots: bool = True) -> dict:
     """Write ``report.md``, ``results.csv`` (one line per run), ``main_table.csv``, ``ablation_table.csv``,
-    ``report.json`` and ``accuracy_drop.png`` into ``out_dir``; returns {name: path}."""
+    ``variants_table.csv``, ``report.json`` and ``accuracy_drop.png`` into ``out_dir``; returns {name: path}."""
     out = ensure_writable_dir(out_dir)
     rows = latest_by_key(rows)
     if not rows:
@@ -213,6 +248,11 @@ def write_report(rows: list[dict], out_dir, *, plots: bool = True) -> dict:
         atomic_write_text(out / "ablation_table.csv", _csv_text(h, t))
         written["ablation_table"] = out / "ablation_table.csv"
         tables["ablation"] = [dict(zip(h, line)) for line in t]
+    h, t = variants_table(rows)
+    if t:
+        atomic_write_text(out / "variants_table.csv", _csv_text(h, t))
+        written["variants_table"] = out / "variants_table.csv"
+        tables["variants"] = [dict(zip(h, line)) for line in t]
     atomic_write_text(out / "report.json", json.dumps({"tables": tables, "runs": lrows}, indent=1, default=str) + "\n")
     written["json"] = out / "report.json"
     if plots:
