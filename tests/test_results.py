@@ -21,7 +21,7 @@ def _row(key, **kw):
 
 def test_append_and_keys(tmp_path):
     f = store.ResultsFile(tmp_path / "r.jsonl")
-    assert f.rows() == [] and f.keys() == set()
+    assert f.rows() == [] and f.by_key() == {}
     assert f.append(_row("a"))
     assert f.append(_row("b"))
     assert not f.append(_row("a", quant_top1=1.0))  # never duplicated
@@ -29,6 +29,7 @@ def test_append_and_keys(tmp_path):
     assert f.append(_row("a", quant_top1=1.0), replace=True)
     rows = f.rows()
     assert [r["key"] for r in rows] == ["b", "a"] and rows[-1]["quant_top1"] == 1.0
+    assert list(f.by_key()) == ["b", "a"] and f.by_key()["a"]["quant_top1"] == 1.0
     assert f.path.read_text().count("\n") == 2
 
 

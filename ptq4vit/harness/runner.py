@@ -384,7 +384,7 @@ def pending_jobs(planner: Planner, jobs: list[Job], results: ResultsFile,
     and, among them, ``(job, changed fields)`` for the stale ones: stored under their key by a preset
     that then resolved to other field values (a preset whose definition has changed since). Rows
     written before rows recorded ``preset_fields`` cannot be checked and count as done."""
-    stored = {} if force else {r["key"]: r for r in results.rows() if r.get("key")}
+    stored = {} if force else results.by_key()
     seen, out, stale = set(), [], []
     for job in jobs:
         res = planner.resolve(job)

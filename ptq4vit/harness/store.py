@@ -76,8 +76,9 @@ class ResultsFile:
             raise UserError(f"cannot read results file {self.path}: {e.strerror or e}") from None
         return self._parse(data)[0]
 
-    def keys(self) -> set:
-        return {r.get("key") for r in self.rows() if r.get("key")}
+    def by_key(self) -> dict[str, dict]:
+        """The stored row of each key (the last one written)."""
+        return {r["key"]: r for r in self.rows() if r.get("key")}
 
     # ---- writing
     @contextlib.contextmanager
