@@ -107,21 +107,23 @@ def variants_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     one line per run, the preset's own first, with the agreement it gains or loses against it."""
     rows = [r for r in rows if r.get("ablation_row") is None]
     as_is = {(r["model"], r["preset"], bits_label(r)): r for r in rows if not r.get("overrides")}
-    varied = [r for r in rows if r.get("overrides") and (r["model"], r["preset"], bits_label(r)) in as_is]
+    varied: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in rows:
+        cell = (r["model"], r["preset"], bits_label(r))
+        if r.get("overrides") and cell in as_is:
+            varied.setdefault(cell, []).append(r)
+    models = model_order(model for model, _, _ in varied)
     header = ["model", "preset", "variant", "bits", "top-1", "agreement %", "KL(float‖quant)", "agreement vs preset"]
     table = []
-    for model in model_order(r["model"] for r in varied):
-        for preset in sorted({r["preset"] for r in varied if r["model"] == model}):
-            for b in sorted({bits_label(r) for r in varied if r["model"] == model and r["preset"] == preset},
-                            key=bits_order):
-                base = as_is[(model, preset, b)]
-                for r in [base] + [r for r in varied if r["model"] == model and r["preset"] == preset
-                                   and bits_label(r) == b]:
-                    gain = (None if r is base or r.get("agreement") is None or base.get("agreement") is None
-                            else r["agreement"] - base["agreement"])
-                    table.append([model, preset, "(as is)" if r is base else variant_name(preset, r["overrides"]), b,
-                                  r.get("quant_top1"), r.get("agreement"),
-                                  None if r.get("kl") is None else f"{r['kl']:.4f}", gain])
+    for cell in sorted(varied, key=lambda c: (models.index(c[0]), c[1], bits_order(c[2]))):
+        model, preset, b = cell
+        base = as_is[cell]
+        for r in [base] + varied[cell]:
+            gain = (None if r is base or r.get("agreement") is None or base.get("agreement") is None
+                    else r["agreement"] - base["agreement"])
+            table.append([model, preset, "(as is)" if r is base else variant_name(preset, r["overrides"]), b,
+                          r.get("quant_top1"), r.get("agreement"),
+                          None if r.get("kl") is None else f"{r['kl']:.4f}", gain])
     return header, table
 
 
