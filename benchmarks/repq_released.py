@@ -73,13 +73,11 @@ def adapt_to_timm1(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def run_released(tq, model: torch.nn.Module, calib: torch.Tensor, test, bits: int):
-    """``test_quant.main()`` at W``bits``A``bits`` on ``model``; returns the logits its validation saw
-    and its quantized model."""
-    kept, quantized = [], []
+def run_released(tq, model: torch.nn.Module, calib: torch.Tensor, test, bits: int) -> torch.Tensor:
+    """``test_quant.main()`` at W``bits``A``bits`` on ``model``; returns the logits its validation saw."""
+    kept = []
 
     def validate(args, val_loader, q_model, criterion, device):
-        quantized.append(q_model)
         with torch.no_grad():
             kept.extend(q_model(images) for images, _ in val_loader)
         return 0.0, 0.0, 0.0
@@ -97,10 +95,10 @@ def run_released(tq, model: torch.nn.Module, calib: torch.Tensor, test, bits: in
     tq.build_model = lambda name: adapt_to_timm1(released_build_model(name))
     tq.validate = validate
     tq.main()
-    return torch.cat(kept), quantized[0]
+    return torch.cat(kept)
 
 
-def fidelity(name: str, logits: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, seconds: float) -> str:
+def table_row(name: str, logits: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, seconds: float) -> str:
     top1 = 100.0 * float((logits.argmax(-1) == labels).double().mean())
     return (f"| {name} | {top1:.1f} | {top1_agreement(ref, logits):.1f} | {mean_kl(ref, logits):.4f} "
             f"| {seconds:.0f} |")
@@ -132,16 +130,16 @@ def main() -> None:
         if w_bits != a_bits:
             raise SystemExit(f"--bits {bits_text}: the released code takes one bit width for both")
         t0 = time.perf_counter()
-        released, _ = run_released(tq, lm.model, calib, test, w_bits)
+        released = run_released(tq, lm.model, calib, test, w_bits)
         t1 = time.perf_counter()
-        print(fidelity(f"released RepQ-ViT {bits_text}", released, ref, labels, t1 - t0))
+        print(table_row(f"released RepQ-ViT {bits_text}", released, ref, labels, t1 - t0))
         for fold_float64 in (False, True):
             t1 = time.perf_counter()
             q = ptq4vit.quantize(lm.model, calib, "repq-vit", w_bits, a_bits, progress=False,
                                  reparam_fold_float64=fold_float64)
             mine, _ = logits_of(q, test)
             name = f"`repq-vit` {bits_text}" + (" reparam_fold_float64=true" if fold_float64 else "")
-            print(fidelity(name, mine, ref, labels, time.perf_counter() - t1))
+            print(table_row(name, mine, ref, labels, time.perf_counter() - t1))
             print(f"| (alike with the released: {top1_agreement(released, mine):.1f}% of predictions, largest logit "
                   f"difference {float((released - mine).abs().max()):.2e}) | | | | |", flush=True)
 
