@@ -2,7 +2,7 @@
 # Low-bit fidelity of the real ViT-S/14 (CIFAR-10 head) in ../shared (docs/lowbit.md §5, §6, §8): base, ptq4vit,
 # rotq and repq-vit at W8A8, W6A6, W4A4, then rotq and repq-vit with one component switched off per run
 # (ptq4vit.presets.ROTQ_ABLATION_ROWS, REPQ_ABLATION_ROWS) and ptq4vit with each post-GELU quantizer of fc2's
-# input (POST_GELU_ROWS: twin, uniform, log2, log-sqrt2) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
+# input (POST_GELU_ROWS: uniform, log2, log-sqrt2; the twin is ptq4vit itself) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
 # the first 100 test images per class; every row has top-1, agreement with the float model, mean
 # KL(float||quant) and calibration seconds. Resumable: re-running skips finished runs.
 # Usage: bash benchmarks/lowbit_accuracy.sh [--main-only] [extra sweep options, e.g. --limit 1000 for all 10 000 images]

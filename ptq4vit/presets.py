@@ -362,8 +362,8 @@ DEPLOY_ABLATION_ROWS: dict[str, dict] = {
 
 
 #: fc2's post-GELU input quantizer, one kind per row (docs/lowbit.md §8): (label, overrides of ``ptq4vit``).
+#: The GELU twin has no row: it is ``ptq4vit`` as it is, the "(as is)" line of the report's Variants table.
 POST_GELU_ROWS: dict[str, dict] = {
-    "GELU twin": dict(gelu_twin=True),
     "uniform": dict(gelu_twin=False),
     "log2": dict(gelu_twin=False, gelu_log="log2"),
     "log-sqrt2": dict(gelu_twin=False, gelu_log="log_sqrt2"),
