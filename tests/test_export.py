@@ -268,6 +268,7 @@ def test_vit_export_agrees_and_runs_integer_kernels(tmp_path):
     assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
     assert sum(s.integer for s in rep.sites) == len(rep.sites) - 1
     assert "patch_embed.proj" in rep.summary()
+    assert rep.float_transforms == [] and "float transform" not in rep.summary()
     ops = optimized_op_counts(str(path))
     # 2 blocks: qkv, proj, fc1, 2 x fc2 twin, q@k, 2 x softmax twin; + head
     assert ops.get("MatMulIntegerToFloat", 0) == 2 * 8 + 1

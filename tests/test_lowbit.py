@@ -72,7 +72,7 @@ def test_rotq_ablation_rows_are_valid_presets():
 
 
 def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as_float(tmp_path):
-    pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from ptq4vit.export import export_onnx
     from ptq4vit.export.bench import compare_outputs
@@ -85,11 +85,29 @@ def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as
     # integer everywhere but the float-image patch embedding and the log-quantized softmax operand
     assert sorted(s.name for s in rep.fallbacks) == ["blocks.0.attn.matmul2", "patch_embed.proj"]
     assert "LogQuantizer" in [s for s in rep.fallbacks if s.name == "blocks.0.attn.matmul2"][0].reason
+    # fc2's online input rotation has no integer lowering: listed as a float part, in the file's metadata too
+    assert [t.name for t in rep.float_transforms] == ["blocks.0.mlp.norm"]
+    assert ("  float transform: blocks.0.mlp.norm: online rotation (3 x 128), float MatMuls (no integer lowering)"
+            in rep.summary().splitlines())
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["ptq4vit.float_transforms"] == "blocks.0.mlp.norm: online rotation (3 x 128), float MatMuls"
     with torch.no_grad():
         ref = q(x).numpy()
     out = make_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
     c = compare_outputs(ref, out)
     assert c["max_abs_logit_error"] <= 0.05 * c["max_abs_logit"]
+
+
+def test_export_summary_groups_float_transforms_by_kind():
+    from ptq4vit.export import ExportReport, FloatTransform
+
+    rep = ExportReport("m.onnx", True, "portable", "gemm", 17, ("batch", 3, 28, 28))
+    rep.float_transforms = [FloatTransform("blocks.0.mlp.norm", "online rotation (3 x 128)"),
+                            FloatTransform("blocks.1.mlp.norm", "online rotation (3 x 128)"),
+                            FloatTransform("blocks.1.x", "other")]
+    assert rep.summary().splitlines()[2:] == [
+        "  float transforms, 2 x online rotation (3 x 128) (no integer lowering): blocks.0.mlp.norm, blocks.1.mlp.norm",
+        "  float transform: blocks.1.x: other (no integer lowering)"]
 
 
 def _bits_of(q):

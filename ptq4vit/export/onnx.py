@@ -19,7 +19,9 @@ input is the float image, docs/method.md §1: the weight is dequantized from its
 the conv runs in float), any site whose quantizers are disabled, attention matmuls that the preset
 keeps float (``quantize_attention=False``) or the export keeps float (``float_attention=True``), and
 sites whose quantizer has no integer lowering (asymmetric, log-domain: docs/lowbit.md §4, §6, §8),
-traced as their own fake-quantized float ops.
+traced as their own fake-quantized float ops. Modules a method adds that have no integer lowering
+at all (fc2's online input rotation, docs/lowbit.md §2) are listed in
+:attr:`ExportReport.float_transforms`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from .cpu import cpu_has_vnni
 from .graph import postprocess
 from .lowering import traced_forward
 from .qdq import QdqLinear, QdqMatMul
-from .report import ExportReport, SiteExport
+from ..transforms.modules import OnlineRotation
+from .report import ExportReport, FloatTransform, SiteExport
 
 __all__ = ["export_onnx", "ExportReport", "SiteExport", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
 
@@ -236,6 +239,8 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
             raise UserError("int8 export needs a QuantizedModel (from ptq4vit.quantize or ptq4vit.load)")
         from .. import __version__
         patches, report.sites, lowerings = _plan(model, example, format, gemm, twin_combine, float_attention)
+        report.float_transforms = [FloatTransform(name, f"online rotation ({m.extra_repr()}), float MatMuls")
+                                   for name, m in model.model.named_modules() if isinstance(m, OnlineRotation)]
         contrib = any(low.uses_contrib_ops() for low in lowerings)
         with _patched(patches):
             _torch_export(model, example, path, opset, batch_size is None, contrib_ops=contrib)
@@ -243,7 +248,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                      "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits, "ptq4vit.format": format,
                      "ptq4vit.gemm": gemm, "ptq4vit.twin_combine": twin_combine,
                      "ptq4vit.float_attention": int(float_attention),
-                     "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none"})
+                     "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none",
+                     "ptq4vit.float_transforms": "; ".join(f"{t.name}: {t.what}" for t in report.float_transforms)
+                     or "none"})
         postprocess(path, meta, quantize_before_layout=format == "qdq")
         return report
     finally:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SiteExport", "ExportReport"]
+__all__ = ["SiteExport", "FloatTransform", "ExportReport"]
 
 
 @dataclass
@@ -17,6 +17,14 @@ class SiteExport:
 
 
 @dataclass
+class FloatTransform:
+    """A module a quantization method added that runs in float in every export (no integer lowering):
+    e.g. fc2's online input rotation (docs/lowbit.md §2)."""
+    name: str
+    what: str
+
+
+@dataclass
 class ExportReport:
     path: str
     int8: bool
@@ -26,6 +34,7 @@ class ExportReport:
     input_shape: tuple
     format: str = "contrib"
     sites: list = field(default_factory=list)
+    float_transforms: list = field(default_factory=list)
 
     @property
     def fallbacks(self) -> list:
@@ -53,4 +62,12 @@ class ExportReport:
                     lines.append(f"  float fallback: {names[0]} ({kind}): {reason}")
                 else:
                     lines.append(f"  float fallback, {len(names)} {kind}s: {reason}: {', '.join(names)}")
+            transforms: dict = {}
+            for t in self.float_transforms:
+                transforms.setdefault(t.what, []).append(t.name)
+            for what, names in transforms.items():
+                if len(names) == 1:
+                    lines.append(f"  float transform: {names[0]}: {what} (no integer lowering)")
+                else:
+                    lines.append(f"  float transforms, {len(names)} x {what} (no integer lowering): {', '.join(names)}")
         return "\n".join(lines)
