@@ -7,9 +7,9 @@ parameters to ``<out>/qparams/``. Jobs whose key is already in the results file 
 a killed sweep resumes where it stopped.
 
 Under ``torchrun`` every rank runs every job: calibration is repeated on each rank and rank 0's
-scales are broadcast (so all ranks hold the same quantized model), evaluation is sharded, and
-only rank 0 writes. :func:`run_parallel` instead spreads whole jobs over several devices (one
-worker process per GPU, or several CPU workers).
+quantized model is broadcast whole (every parameter and buffer, checked by a digest), evaluation
+is sharded, and only rank 0 writes. :func:`run_parallel` instead spreads whole jobs over several
+devices (one worker process per GPU, or several CPU workers).
 """
 from __future__ import annotations
 
@@ -203,18 +203,83 @@ def describe_device(device: torch.device, world: int = 1) -> str:
     return f"{world}x {d}" if world > 1 else d
 
 
-def sync_quantizers(qmodel) -> None:
-    """Give every rank rank 0's calibrated quantizer buffers (no-op outside torch.distributed)."""
+def _model_tensors(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, the non-persistent buffers included."""
+    tensors = dict(qmodel.named_parameters())
+    tensors.update(qmodel.named_buffers())
+    return tensors
+
+
+def _layout(qmodel: torch.nn.Module) -> dict:
+    """What has to agree across ranks before tensors can be exchanged: every tensor's name, dtype and
+    shape, and the kind of every quantizer (:func:`ptq4vit.checkpoint.structure`)."""
+    from ..checkpoint import structure
+    tensors = {k: [str(t.dtype).replace("torch.", ""), list(t.shape)] for k, t in _model_tensors(qmodel).items()}
+    return {"tensors": tensors, "sites": structure(qmodel)["sites"]}
+
+
+def _layout_difference(ref: dict, other: dict) -> str:
+    for part, what in (("tensors", "tensor"), ("sites", "quantization site")):
+        a, b = ref[part], other[part]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return f"{what} {k!r} is {b.get(k, 'absent')} there and {a.get(k, 'absent')} on rank 0"
+    return "none"
+
+
+def _gather(obj) -> list:
+    from torch import distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def model_digest(qmodel: torch.nn.Module) -> str:
+    """sha256 of a model's whole state: the layout and the value of every parameter and buffer."""
+    from ..checkpoint import _content_digest
+    return _content_digest(json.dumps(_layout(qmodel), sort_keys=True), _model_tensors(qmodel))
+
+
+def check_same_model(qmodel: torch.nn.Module) -> None:
+    """Raise unless every rank holds exactly rank 0's model (no-op outside torch.distributed)."""
+    if dist_info()[1] == 1:
+        return
+    digests = _gather(model_digest(qmodel))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"rank(s) {differ} hold another quantized model than rank 0 (state sha256 "
+                           f"{digests[differ[0]][:16]}... vs {digests[0][:16]}...)")
+
+
+def sync_model(qmodel: torch.nn.Module) -> None:
+    """Give every rank rank 0's quantized model: every parameter and buffer, not only the scales.
+
+    Calibration runs on every rank, and rotations, second-order rounding, smoothing, bias
+    correction and LayerNorm reparameterization rewrite the weights themselves, so a rank whose
+    arithmetic differs (another GPU, a nondeterministic kernel) would otherwise evaluate rank 0's
+    scales on its own weights. The layouts are compared first, the result checked by a digest.
+    No-op outside torch.distributed.
+    """
     rank, world = dist_info()
     if world == 1:
         return
-    from ..quant import Quantizer
-    bufs = {f"{n}.{b}": t for n, m in qmodel.named_modules() if isinstance(m, Quantizer)
-            for b, t in m.named_buffers(recurse=False)}
-    src = broadcast_object({k: v.detach().cpu() for k, v in bufs.items()} if rank == 0 else None)
+    from torch import distributed as dist
+    layouts = _gather(_layout(qmodel))
+    for r, other in enumerate(layouts):
+        if other != layouts[0]:
+            raise UserError(f"torchrun rank {r} calibrated a quantized model of another layout than rank 0: "
+                            f"{_layout_difference(layouts[0], other)}; run the same ptq4vit, timm and torch on every rank")
+    # nccl exchanges only GPU tensors, gloo CPU ones; sent as bytes, so that every dtype (bool, bf16) goes
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     with torch.no_grad():
-        for k, v in src.items():
-            bufs[k].copy_(v.to(bufs[k].device))
+        for _, t in sorted(_model_tensors(qmodel).items()):
+            if t.numel() == 0:
+                continue
+            buf = t.detach().to(comm).contiguous()
+            dist.broadcast(buf.reshape(-1).view(torch.uint8), src=0)
+            if rank != 0:
+                t.copy_(buf)
+    check_same_model(qmodel)
 
 
 class Runner:
@@ -321,7 +386,7 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         calib_seconds = time.perf_counter() - t0
-        sync_quantizers(qmodel)
+        sync_model(qmodel)
         r = evaluate(qmodel, self._eval_set, batch_size=self.opts.batch_size, num_workers=self.opts.num_workers,
                      device=self.device, progress=self.opts.progress,
                      desc=f"{job.preset} {job.bits} {lm.name}", return_logits=True)
