@@ -40,6 +40,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .atomic_write import atomic_write_bytes
 from .errors import CheckpointError
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
@@ -369,7 +370,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     ``data_config`` (timm's evaluation data config: input size, interpolation, crop, mean/std)
     is stored for tools that evaluate the checkpoint later.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_tensors
 
     if not isinstance(qmodel, QuantizedModel):
         raise CheckpointError(f"save() takes a QuantizedModel (from ptq4vit.quantize or ptq4vit.load), got {type(qmodel).__name__}")
@@ -411,10 +412,10 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         raise CheckpointError(f"the checkpoint metadata cannot be written as JSON ({e}); pass plain values in "
                               f"create_kwargs/data_config") from None
     digest = _content_digest(meta_json, tensors)
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
-    os.replace(tmp, path)
+    # safetensors' own save_file writes through a private temporary file created 0600; serialising
+    # to bytes lets atomic_write give the file the umask's mode and clean up after any failure.
+    data = save_tensors(tensors, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
+    atomic_write_bytes(path, data, what="checkpoint", error=CheckpointError)
     return meta
 
 
