@@ -93,7 +93,7 @@ def main() -> None:
     test = ImageFolder(cifar / "test", tf, limit_per_class=args.limit, strict=True)
     cache = out / f"float_logits_limit{args.limit}.pt"
     if cache.exists():
-        ref, labels = torch.load(cache)
+        ref, labels = torch.load(cache, map_location="cpu", weights_only=True)
     else:
         ref, labels = logits_of(lm.model, test)
         torch.save((ref, labels), cache)

@@ -26,7 +26,11 @@ its weights are the dequantized ones.)
 Anything that does not fit raises :class:`CheckpointError`, a :class:`~ptq4vit.errors.UserError`
 with a one-line message: a file that is not safetensors or is truncated, a safetensors file
 that is not a ptq4vit checkpoint, a tensor or metadata changed after saving, a float model
-(``load(path, model=...)``) with other weights or another architecture than the checkpoint's.
+(``load(path, model=...)``) with other weights or another architecture than the checkpoint's,
+and content that is not sense even though its digest holds (:mod:`.checkpoint_checks`: a model
+name without an adapter, ``create_model`` arguments that are not the family's architecture
+arguments, metadata that disagrees with the tensors, scales that are not finite and positive,
+codes outside their recorded bits). ``save`` refuses what ``load`` would refuse, before writing.
 """
 from __future__ import annotations
 
@@ -40,7 +44,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .atomic_write import atomic_write_bytes
+from .checkpoint_checks import (DTYPES, bad_quantizer_value, check_data_config, check_metadata,
+                                check_tensors_match_structure, codes_problem)
 from .errors import CheckpointError
+from .models import DEFAULT_ADAPTERS
+from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
 from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
 from .presets import Preset
 from .quant import (AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
@@ -209,38 +218,6 @@ def _structure_difference(saved: dict, rebuilt: dict) -> Optional[str]:
 # rebuilding the float architecture
 
 
-def _vit_kwargs(m: nn.Module) -> dict:
-    blk = m.blocks[0]
-    fc1 = blk.mlp.fc1
-    kw = dict(
-        patch_size=list(m.patch_embed.patch_size), embed_dim=m.embed_dim, depth=len(m.blocks),
-        num_heads=blk.attn.num_heads, mlp_ratio=fc1.out_features / fc1.in_features,
-        qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
-        qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
-        init_values=None if isinstance(blk.ls1, nn.Identity) else 1e-5,  # any value: gamma comes from the file
-        class_token=m.has_class_token, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
-        global_pool=m.global_pool, pre_norm=not isinstance(m.norm_pre, nn.Identity),
-        # timm puts the final norm either before pooling (``norm``) or after it (``fc_norm``, average
-        # pool); ``final_norm=False`` removes both, so either one being present means True.
-        fc_norm=not isinstance(m.fc_norm, nn.Identity),
-        final_norm=not (isinstance(m.norm, nn.Identity) and isinstance(m.fc_norm, nn.Identity)),
-        dynamic_img_size=m.dynamic_img_size, pool_include_prefix=getattr(m, "pool_include_prefix", False),
-    )
-    return kw
-
-
-def _swin_kwargs(m: nn.Module) -> dict:
-    layers = list(m.layers)
-    blk = layers[0].blocks[0]
-    fc1 = blk.mlp.fc1
-    return dict(
-        patch_size=list(m.patch_embed.patch_size)[0], embed_dim=m.embed_dim if isinstance(m.embed_dim, int) else
-        layers[0].dim, depths=[len(l.blocks) for l in layers], num_heads=[l.blocks[0].attn.num_heads for l in layers],
-        window_size=list(blk.window_size), mlp_ratio=fc1.out_features / fc1.in_features,
-        qkv_bias=blk.attn.qkv.bias is not None, global_pool=m.global_pool,
-    )
-
-
 def _base_kwargs(m: nn.Module) -> dict:
     kw: dict = {"num_classes": m.num_classes}
     pe = getattr(m, "patch_embed", None)
@@ -305,14 +282,22 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
     then every architectural argument read off the model; each candidate is checked by
     building it (on the meta device, no memory) and comparing its module types, hyper-parameters
     and tensors with the model's (the same timm is on both sides here, so this is strict).
-    ``extra`` is merged on top of each candidate (for arguments that cannot be read off a model).
+    ``extra`` is merged on top of each candidate (for arguments that cannot be read off a model); it
+    may hold only the architecture arguments the model's adapter declares (``create_args``).
     Raises :class:`CheckpointError` when no candidate rebuilds the same structure.
     """
-    from timm.models.swin_transformer import SwinTransformer
-
     m = qmodel.model
+    adapter = DEFAULT_ADAPTERS.adapter_for(m)
+    if extra:  # checked before anything is built with them: load will pass on nothing else
+        try:
+            extra = json.loads(json.dumps(extra))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"create_kwargs must be plain JSON values ({e})") from None
+        problem = create_args_problem(extra, {**COMMON_CREATE_ARGS, **adapter.create_args})
+        if problem is not None:
+            raise CheckpointError(f"create_kwargs: {problem}")
     base = _base_kwargs(m)
-    family = _accepted(type(m), _swin_kwargs(m) if isinstance(m, SwinTransformer) else _vit_kwargs(m))
+    family = _accepted(type(m), adapter.create_kwargs(m))
     want = _architecture_lines(m)
     candidates = [dict(base), dict(base, **family)]
     last = None
@@ -369,13 +354,19 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     ``data_config`` (timm's evaluation data config: input size, interpolation, crop, mean/std)
     is stored for tools that evaluate the checkpoint later.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_tensors
 
     if not isinstance(qmodel, QuantizedModel):
         raise CheckpointError(f"save() takes a QuantizedModel (from ptq4vit.quantize or ptq4vit.load), got {type(qmodel).__name__}")
     uncalibrated = [n for n, m in qmodel.model.named_modules() if isinstance(m, Quantizer) and not m.calibrated]
     if uncalibrated:
         raise CheckpointError(f"the model has uncalibrated quantizers ({', '.join(uncalibrated[:3])}...); quantize it first")
+    bad = bad_quantizer_value(qmodel.model)
+    if bad is not None:
+        raise CheckpointError(f"cannot save {os.fspath(path)}: {bad}; the model's quantization parameters are "
+                              f"unusable (calibrate again with finite calibration images)")
+    if data_config is not None:
+        check_data_config(os.fspath(path), data_config)
     model = qmodel.model
     weight_sites = _quantized_weight_sites(qmodel)
     dtype = next(iter(weight_sites.values())).weight.dtype if weight_sites else torch.float32
@@ -410,11 +401,12 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint metadata cannot be written as JSON ({e}); pass plain values in "
                               f"create_kwargs/data_config") from None
+    check_metadata(os.fspath(path), json.loads(meta_json))  # never write a file that load would refuse
     digest = _content_digest(meta_json, tensors)
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
-    os.replace(tmp, path)
+    # safetensors' own save_file writes through a private temporary file created 0600; serialising
+    # to bytes lets atomic_write give the file the umask's mode and clean up after any failure.
+    data = save_tensors(tensors, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
+    atomic_write_bytes(path, data, what="checkpoint", error=CheckpointError)
     return meta
 
 
@@ -445,6 +437,9 @@ def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
     if digest != file_meta.get(DIGEST_KEY):
         raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
                               f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
+    check_metadata(path, meta)
+    if "structure" in meta:
+        check_tensors_match_structure(path, meta["structure"], tensors, CODES_SUFFIX)
     return meta, file_meta[META_KEY], tensors
 
 
@@ -488,21 +483,20 @@ def read_metadata(path: PathLike) -> dict:
     return _read(path)[0]
 
 
-def _preset_from(meta: dict) -> Preset:
-    fields = {f.name for f in dataclasses.fields(Preset)}
-    stored = meta["preset"]
-    unknown = sorted(set(stored) - fields)
-    if unknown:
-        raise CheckpointError(f"the checkpoint's preset has fields this ptq4vit does not know ({', '.join(unknown)}); "
-                              f"upgrade ptq4vit")
-    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+def _preset_from(path: str, meta: dict) -> Preset:
+    """The stored preset (its fields and their types are checked by ``check_metadata``; the
+    combination is checked here by Preset itself)."""
+    try:
+        return Preset(**meta["preset"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the checkpoint's preset is not valid: {e}") from None
 
 
 def _match_dtypes(model: nn.Module, meta: dict) -> None:
     """Give every parameter and buffer the dtype it was saved with (format 1: one dtype for all)."""
-    saved = {k: getattr(torch, v[0]) for k, v in meta["structure"]["tensors"].items()} if "structure" in meta else None
+    saved = {k: DTYPES[v[0]] for k, v in meta["structure"]["tensors"].items()} if "structure" in meta else None
     if saved is None:
-        model.to(getattr(torch, meta["model"].get("dtype", "float32")))
+        model.to(DTYPES[meta["model"].get("dtype", "float32")])
         return
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -527,8 +521,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
 
     The result computes exactly what the saved model computed (bit-identical outputs).
     """
+    path = os.fspath(path)
     meta, _, tensors = _read(path)
-    preset = _preset_from(meta)
+    preset = _preset_from(path, meta)
     w_bits, a_bits = meta["w_bits"], meta["a_bits"]
     info = meta["model"]
     name = info["name"]
@@ -568,6 +563,12 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
     if set(sites) != set(meta["quantized_weights"]):
         raise CheckpointError(f"the checkpoint's quantized weights do not match the rebuilt model's sites "
                               f"({sorted(set(sites) ^ set(meta['quantized_weights']))[:4]})")
+    for n, site in sites.items():
+        wq, recorded = site.w_quant, meta["quantized_weights"][n]
+        rebuilt = {"bits": wq.bits, "groups": wq.groups, "axis": wq.axis, "shape": list(site.weight.shape)}
+        if recorded != rebuilt:
+            raise CheckpointError(f"{path}: the recorded quantized weight {n} is {recorded}, the preset and bits "
+                                  f"recorded rebuild {rebuilt}")
     state = {}
     for key, t in tensors.items():
         if key.endswith(CODES_SUFFIX):
@@ -589,6 +590,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         qmodel.model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"the checkpoint's tensors do not fit the rebuilt model: {e}") from None
+    bad = bad_quantizer_value(qmodel.model)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad}; the checkpoint's quantization parameters are unusable")
+    for n, site in sites.items():
+        problem = codes_problem(n, tensors[n + CODES_SUFFIX], site.w_quant.bits)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}; the metadata disagrees with the tensors")
     with torch.no_grad():
         for n, site in sites.items():  # scales are loaded now, so dequantize with them
             site.weight.copy_(site.w_quant.dequantize(tensors[n + CODES_SUFFIX], site.weight.dtype))

@@ -9,6 +9,7 @@ from typing import Optional, Iterator, Union
 import torch
 from torch import nn
 
+from .atomic_write import atomic_write_text
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
 from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, PostGeluQuantizer, Quantizer, TwinSoftmaxQuantizer
@@ -114,6 +115,4 @@ def write_qparams_json(qmodel: QuantizedModel, path: Union[str, os.PathLike]) ->
     This is a human- and tool-readable report of the calibration, not a checkpoint: to save a
     model that loads back, use :func:`ptq4vit.save`.
     """
-    with open(path, "w") as f:
-        json.dump(qmodel.qparams(), f, indent=1)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(qmodel.qparams(), indent=1) + "\n", what="qparams JSON")

@@ -51,7 +51,7 @@ def test_quantize_end_to_end(tiny_cli_args, tmp_path, capsys, cifar_dir):
         assert abs(r["drop"] - (r["float_top1"] - r["quant_top1"])) < 1e-9
         assert 0 <= r["agreement"] <= 100 and r["kl"] >= 0
         # the float logits are kept once per evaluation set and give the float top-1
-        float_logits = torch.load(out / "float_logits" / f"{r['float_key']}.pt")
+        float_logits = torch.load(out / "float_logits" / f"{r['float_key']}.pt", weights_only=True)
         targets = torch.tensor(ImageFolder(cifar_dir / "test", limit_per_class=3).targets)
         assert 100.0 * float((float_logits.argmax(-1) == targets).double().mean()) == r["float_top1"]
         q = json.loads(Path(r["qparams"]).read_text())

@@ -8,11 +8,12 @@ import json
 import math
 from collections import OrderedDict
 
+from ..atomic_write import atomic_write_text
 from ..errors import UserError
 from .labels import bits_label, bits_order, method_label, model_order
 from .paper import PAPER_METHOD, PAPER_ROWS, PRESET_ORDER, paper_top1
 from .plots import plot_accuracy_drop
-from .store import atomic_write_text, canonical, ensure_writable_dir, latest_by_key
+from .store import canonical, ensure_writable_dir, latest_by_key
 
 
 def _paper_comparable(r: dict) -> bool:

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..atomic_write import atomic_write, atomic_write_text
 from ..errors import UserError
 from ..quant import check_bits as check_quant_bits
 from . import zoo
@@ -35,7 +36,7 @@ from .evaluate import barrier, broadcast_object, dist_info, evaluate
 from .fidelity import fidelity
 from .labels import slug
 from .logs import configure_logging
-from .store import ResultsFile, atomic_write_text, canonical, run_key
+from .store import ResultsFile, canonical, run_key
 
 
 logger = logging.getLogger(__name__)
@@ -346,8 +347,9 @@ class Runner:
             for r in self.results.rows():
                 if r.get("float_key") == res.float_key and r.get("float_top1") is not None:
                     found = r
-            found = broadcast_object((found, torch.load(path) if found is not None and path.is_file() else None)
-                                     if self.rank == 0 else None)
+            cached = (torch.load(path, map_location="cpu", weights_only=True)
+                      if self.rank == 0 and found is not None and path.is_file() else None)
+            found = broadcast_object((found, cached) if self.rank == 0 else None)
             found = found if found is not None and found[1] is not None else None
         if found is not None:
             row, logits = found
@@ -359,9 +361,7 @@ class Runner:
                 self.log(f"warning: skipped unreadable image {p}")
             if self.rank == 0 and r.logits is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(r.logits, tmp)
-                os.replace(tmp, path)
+                atomic_write(path, lambda f: torch.save(r.logits, f), what="float logits cache")
             val = (r.top1, r.total, r.skipped, round(r.seconds, 3), r.logits)
         self._float_cache[res.float_key] = val
         return val
@@ -433,7 +433,7 @@ class Runner:
             qdir = self.out / "qparams"
             qdir.mkdir(parents=True, exist_ok=True)
             qpath = qdir / f"{slug(lm.name)}_{slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
-            atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n")
+            atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n", what="qparams JSON")
             row["qparams"] = str(qpath)
             self.results.append(row, replace=replace)
         barrier()

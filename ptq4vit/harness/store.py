@@ -1,4 +1,4 @@
-"""The results store: an append-only JSONL file of finished runs, and atomic file writes.
+"""The results store: an append-only JSONL file of finished runs.
 
 :class:`ResultsFile` appends each run as one line with a single ``write`` + ``flush`` + ``fsync``
 under a lock, so a killed sweep leaves at most a partial last line, which readers ignore and the
@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..atomic_write import atomic_write_bytes
 from ..errors import UserError
 
 
@@ -86,7 +87,7 @@ class ResultsFile:
         import fcntl
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name("." + self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -112,9 +113,9 @@ class ResultsFile:
                     if not replace:
                         return False
                     kept = b"".join((json.dumps(r, default=str) + "\n").encode() for r in rows if r.get("key") != key)
-                    _atomic_write_bytes(self.path, kept + line)
+                    atomic_write_bytes(self.path, kept + line, what="results file")
                     return True
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
                 try:
                     if good_end < len(data):
                         os.ftruncate(fd, good_end)  # cut off a partial last line left by a killed writer
@@ -134,26 +135,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file via a temporary file and rename, so readers never see half of it."""
-    _atomic_write_bytes(Path(path), text.encode())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def ensure_writable_dir(path) -> Path:

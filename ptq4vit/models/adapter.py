@@ -22,6 +22,7 @@ from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
 
 from ..errors import UnsupportedModelError
 from ..transforms.modules import OnlineRotation, RMSNorm
+from .create_args import ArgKind
 from .sites import SiteBuilder
 
 #: Float modules allowed where a norm goes (elementwise over features). RMSNorm is what a
@@ -164,10 +165,20 @@ class Adapter(ABC):
     family: str = ""
     #: The exact model classes this adapter handles (subclasses are not assumed to be alike).
     model_classes: tuple[type[nn.Module], ...] = ()
+    #: The timm modules (``timm.models.<name>``) whose registered model names build those classes: a
+    #: checkpoint naming a model of any other module is refused before timm builds anything.
+    timm_modules: tuple[str, ...] = ()
+    #: The ``timm.create_model`` arguments that rebuild this family's architecture besides
+    #: ``COMMON_CREATE_ARGS``, with the values each takes; a checkpoint passes nothing else to timm.
+    create_args: dict[str, ArgKind] = {}
 
     @abstractmethod
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         """Account for every module of ``model``; raise UnsupportedModelError on anything unknown."""
+
+    def create_kwargs(self, model: nn.Module) -> dict:
+        """This family's ``create_args`` as read off ``model`` (plain JSON values), for a checkpoint to rebuild it."""
+        return {}
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """``(LayerNorm, linear layer)`` paths where the norm's output feeds that one linear layer only,

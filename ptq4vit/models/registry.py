@@ -40,6 +40,22 @@ class AdapterRegistry:
         """A new registry with ``adapter`` added."""
         return AdapterRegistry((*self.adapters, adapter))
 
+    def adapter_for_name(self, name: str) -> Adapter:
+        """The adapter of the timm model name ``name`` (``architecture`` or ``architecture.tag``), found
+        without building anything: by the timm module that registers the architecture."""
+        import timm.models
+
+        arch = name.partition(".")[0]
+        if not timm.models.is_model(arch):
+            raise UnsupportedModelError(f"{name!r} is not a model name timm {timm.__version__} knows")
+        module = timm.models.model_entrypoint(arch).__module__
+        for adapter in self.adapters:
+            if module in adapter.timm_modules:
+                return adapter
+        raise UnsupportedModelError(
+            f"timm model {name!r} (from {module}) has no ptq4vit adapter; ptq4vit has adapters for the models of "
+            f"{', '.join(m for a in self.adapters for m in a.timm_modules)}")
+
     def adapter_for(self, model: nn.Module) -> Adapter:
         adapter = self._by_class.get(type(model))
         if adapter is None:

@@ -18,6 +18,7 @@ from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTra
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 
 
@@ -62,6 +63,23 @@ class QuantWindowAttention(nn.Module):
 class SwinAdapter(Adapter):
     family = "timm SwinTransformer"
     model_classes = (SwinTransformer,)
+    timm_modules = ("timm.models.swin_transformer",)
+    create_args = dict(
+        patch_size=POSITIVE_INT, embed_dim=POSITIVE_INT, depths=POSITIVE_INTS, num_heads=POSITIVE_INTS,
+        window_size=SIZE, mlp_ratio=POSITIVE_NUMBER, qkv_bias=BOOL, global_pool=one_of("", "avg", "avgmax", "max"),
+    )
+
+    def create_kwargs(self, model: nn.Module) -> dict:
+        layers = list(model.layers)
+        blk = layers[0].blocks[0]
+        fc1 = blk.mlp.fc1
+        return dict(
+            patch_size=list(model.patch_embed.patch_size)[0],
+            embed_dim=model.embed_dim if isinstance(model.embed_dim, int) else layers[0].dim,
+            depths=[len(stage.blocks) for stage in layers], num_heads=[stage.blocks[0].attn.num_heads for stage in layers],
+            window_size=list(blk.window_size), mlp_ratio=fc1.out_features / fc1.in_features,
+            qkv_bias=blk.attn.qkv.bias is not None, global_pool=model.global_pool,
+        )
 
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         p = SitePlan(self.family)

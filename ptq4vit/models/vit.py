@@ -23,6 +23,7 @@ from timm.models.vision_transformer import (Attention, Block, LayerScale, Parall
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
+from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 
 #: Why the known non-standard blocks are refused.
@@ -92,6 +93,31 @@ class QuantAttention(nn.Module):
 class VitAdapter(Adapter):
     family = "timm VisionTransformer"
     model_classes = (VisionTransformer, VisionTransformerDistilled)
+    timm_modules = ("timm.models.vision_transformer", "timm.models.deit")
+    create_args = dict(
+        patch_size=SIZE, embed_dim=POSITIVE_INT, depth=POSITIVE_INT, num_heads=POSITIVE_INT, mlp_ratio=POSITIVE_NUMBER,
+        qkv_bias=BOOL, proj_bias=BOOL, qk_norm=BOOL, init_values=NUMBER_OR_NONE, class_token=BOOL, reg_tokens=COUNT,
+        no_embed_class=BOOL, global_pool=one_of("", "token", "avg", "avgmax", "max", "map"), pre_norm=BOOL,
+        fc_norm=BOOL_OR_NONE, final_norm=BOOL, dynamic_img_size=BOOL, pool_include_prefix=BOOL,
+    )
+
+    def create_kwargs(self, model: nn.Module) -> dict:
+        blk = model.blocks[0]
+        fc1 = blk.mlp.fc1
+        return dict(
+            patch_size=list(model.patch_embed.patch_size), embed_dim=model.embed_dim, depth=len(model.blocks),
+            num_heads=blk.attn.num_heads, mlp_ratio=fc1.out_features / fc1.in_features,
+            qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
+            qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+            init_values=None if isinstance(blk.ls1, nn.Identity) else 1e-5,  # any value: gamma comes from the file
+            class_token=model.has_class_token, reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class,
+            global_pool=model.global_pool, pre_norm=not isinstance(model.norm_pre, nn.Identity),
+            # timm puts the final norm either before pooling (``norm``) or after it (``fc_norm``, average
+            # pool); ``final_norm=False`` removes both, so either one being present means True.
+            fc_norm=not isinstance(model.fc_norm, nn.Identity),
+            final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+            dynamic_img_size=model.dynamic_img_size, pool_include_prefix=getattr(model, "pool_include_prefix", False),
+        )
 
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         p = SitePlan(self.family)
