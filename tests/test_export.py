@@ -430,7 +430,7 @@ def test_cli_export_bench_eval(tmp_path, capsys):
     assert main(["bench", "--checkpoint", str(ckpt), "--data-dir", str(data), "--batch-sizes", "1",
                  "--repeats", "1", "--threads", "1", "--providers", "cpu", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "int8/float32 ONNX speed ratio" in out and "top-1 agreement" in out
+    assert "int8/float32 ONNX Runtime speed ratio" in out and "top-1 agreement" in out
     assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
     torch_line = capsys.readouterr().out
     assert "top-1" in torch_line and "6 images" in torch_line

@@ -43,9 +43,9 @@ from .graph import postprocess
 from .lowering import traced_forward
 from .qdq import QdqLinear, QdqMatMul
 from ..transforms.modules import OnlineRotation
-from .report import ExportReport, FloatTransform, SiteExport
+from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
 
-__all__ = ["export_onnx", "ExportReport", "SiteExport", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
+__all__ = ["export_onnx", "ExportReport", "SiteExport", "AllFloatError", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
 
 FORMATS = ("contrib", "qdq")
 GEMM_MODES = ("portable", "vnni", "auto")
@@ -181,7 +181,7 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: in
 def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.PathLike], *, int8: bool = True,
                 format: str = "contrib", batch_size: Optional[int] = None, input_size: Optional[tuple] = None,
                 gemm: str = "portable", twin_combine: str = "gemm", opset: int = DEFAULT_OPSET,
-                float_attention: bool = False) -> ExportReport:
+                float_attention: bool = False, allow_float: bool = False) -> ExportReport:
     """Write ``model`` as ONNX; return what was done (:class:`ExportReport`).
 
     Args:
@@ -203,6 +203,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
         float_attention: keep ``q @ kᵀ`` and ``softmax @ v`` float (listed as fallbacks): the graph
             then differs from the fake-quantized model there, and runtimes can fuse the float
             attention into one kernel (OpenVINO's MHA), as NNCF's int8 models leave it.
+        allow_float: write an int8 graph in which no quantization site runs in integers (e.g. a
+            preset whose quantizers have no integer lowering). Without it such an export raises
+            :class:`AllFloatError` before anything is written: the file would be int8 in name only.
     """
     if format not in FORMATS:
         raise UserError(f"format must be one of {FORMATS}, got {format!r}")
@@ -239,6 +242,10 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
             raise UserError("int8 export needs a QuantizedModel (from ptq4vit.quantize or ptq4vit.load)")
         from .. import __version__
         patches, report.sites, lowerings = _plan(model, example, format, gemm, twin_combine, float_attention)
+        if not allow_float and not any(s.integer for s in report.sites):
+            raise AllFloatError(f"no quantization site of {model.name} ({model.preset.name} W{model.w_bits}"
+                                f"A{model.a_bits}) would run in integers in the {format} graph: all "
+                                f"{len(report.sites)} stay float ({report.float_kinds()})")
         report.float_transforms = [FloatTransform(name, f"online rotation ({m.extra_repr()}), float MatMuls")
                                    for name, m in model.model.named_modules() if isinstance(m, OnlineRotation)]
         contrib = any(low.uses_contrib_ops() for low in lowerings)

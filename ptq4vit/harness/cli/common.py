@@ -163,6 +163,49 @@ def check_output(opts) -> None:
         raise UserError(f"results file {rp} is not a file")
 
 
+def add_save_arg(p: argparse.ArgumentParser, folder_only: bool = False) -> None:
+    if folder_only:
+        what = "write the checkpoint of every run this sweep makes into folder PATH"
+    else:
+        what = ("write the checkpoint of every run (safetensors; for export, deploy, eval): with one run PATH is the "
+                "file (or an existing folder to write it into), with several runs a folder")
+    p.add_argument("--save", metavar="PATH", help=f"{what}; each file in a folder is named "
+                   "<model>_<preset>_<bits>_c<calib size>_s<calib seed>_<run key>.safetensors, like its qparams file")
+
+
+def check_save(opts, n_runs: int, folder_only: bool = False) -> None:
+    """Check ``--save`` before any work and decide whether it names a file or a folder
+    (``opts.save_folder``); a UserError, with nothing written, where it cannot be used."""
+    from ..store import ensure_writable_dir
+    if opts.save is None:
+        return
+    p = Path(opts.save).expanduser()
+    opts.save_folder = folder_only or n_runs > 1 or p.is_dir()
+    if opts.save_folder:
+        if p.exists() and not p.is_dir():
+            why = "a sweep" if folder_only else f"{n_runs} runs"
+            raise UserError(f"--save {p} is a file, but {why} need a folder (one checkpoint per run)")
+        if not p.exists():
+            _check_creatable(p)
+        else:
+            ensure_writable_dir(p)
+        return
+    _check_creatable(p.parent)
+    if p.parent.exists():
+        ensure_writable_dir(p.parent)
+
+
+def _check_creatable(folder: Path) -> None:
+    """A folder that exists and is writable, or can be created: its nearest existing parent is a writable folder."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write under {folder}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"cannot write under {folder}: {parent} is not writable")
+            return
+
+
 def setup_device(opts):
     """Join a torchrun process group if launched by torchrun; this process's device."""
     from ..evaluate import init_distributed
