@@ -440,3 +440,77 @@ def test_cli_export_bench_eval(tmp_path, capsys):
     bad.write_bytes(ckpt.read_bytes()[:1000])
     assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "truncated" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ input size and provenance
+
+
+def _dynamic_vit():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10,
+                          dynamic_img_size=True).eval()
+    return fast_quantize(m, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "base", 8, 8)
+
+
+def test_export_at_another_size_is_refused_by_a_fixed_size_model(tmp_path, capfd):
+    _, q = quantized("vit")
+    with pytest.raises(ptq4vit.UserError, match=r"takes 3x32x32 images and cannot be exported at 3x48x48"):
+        export_onnx(q, tmp_path / "q.onnx", input_size=(3, 48, 48))
+    with pytest.raises(ptq4vit.UserError, match=r"input_size must be \(C, H, W\) for this image model \(3x32x32\)"):
+        export_onnx(q, tmp_path / "q.onnx", input_size=(48, 48))
+    assert list(tmp_path.iterdir()) == []
+    assert capfd.readouterr() == ("", "")
+
+
+def test_dynamic_size_model_exports_at_another_size(tmp_path, capfd):
+    q = _dynamic_vit()
+    x = torch.randn(3, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    rep = export_onnx(q, tmp_path / "q.onnx", input_size=(3, 48, 40))
+    assert rep.input_shape == ("batch", 3, 48, 40)
+    ref = torch_out(q, x)
+    c = compare_outputs(ref, run_onnx(tmp_path / "q.onnx", x))
+    assert c["top1_agreement"] == 100.0 and c["max_abs_logit_error"] <= REL_LOGIT_BOUND[("vit", "base", 6)] * c["max_abs_logit"]
+    export_onnx(q, tmp_path / "f.onnx", int8=False, input_size=(3, 48, 40))
+    with q.quantization_disabled():
+        np.testing.assert_allclose(run_onnx(tmp_path / "f.onnx", x), torch_out(q, x), atol=1e-5)
+    # the model is as it was: its own size still runs, and gives what it gave before the exports
+    x32 = torch.randn(2, 3, 32, 32)
+    assert q.model.pos_embed.shape[1] == 1 + 16 and q.model.patch_embed.grid_size == (4, 4)
+    np.testing.assert_array_equal(torch_out(q, x32), torch_out(_dynamic_vit(), x32))
+    assert capfd.readouterr() == ("", "")  # no TorchScript graph printed
+
+
+def test_export_records_the_model_it_came_from(tmp_path):
+    from ptq4vit.export.provenance import MODEL_DIGEST_KEY, check_exported_from, model_digest, read_onnx_metadata
+    _, q = quantized("vit")
+    _, other = quantized("vit", seed=1)
+    ck.save(q, tmp_path / "q.safetensors")
+    reloaded = ptq4vit.load(tmp_path / "q.safetensors")
+    assert model_digest(reloaded) == model_digest(q) != model_digest(other)
+    export_onnx(q, tmp_path / "q.onnx")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    for f in ("q.onnx", "f.onnx"):
+        assert read_onnx_metadata(tmp_path / f)[MODEL_DIGEST_KEY] == model_digest(q)
+        check_exported_from(tmp_path / f, reloaded, input_size=(3, 32, 32))
+        with pytest.raises(ptq4vit.UserError, match=rf"{f} was exported from another model .* than the checkpoint"):
+            check_exported_from(tmp_path / f, other, "the checkpoint")
+    with pytest.raises(ptq4vit.UserError, match=r"q.onnx takes 3x32x32 images; the images here are 3x48x48"):
+        check_exported_from(tmp_path / "q.onnx", q, input_size=(3, 48, 48))
+
+
+def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import ptq4vit.export.onnx as onnx_export
+    _, q = quantized("vit")
+    target = tmp_path / "q.onnx"
+    target.write_bytes(b"previous export")
+
+    def interrupted(*args, **kwargs):
+        open(args[2], "wb").write(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_torch_export", interrupted)
+    for int8 in (True, False):
+        with pytest.raises(KeyboardInterrupt):
+            export_onnx(q, target, int8=int8)
+        assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
+
