@@ -33,3 +33,43 @@ def test_verbosity_flags_set_the_log_level(monkeypatch, flag, level):
     _replace_models_command(monkeypatch, lambda args: 0)
     assert cli.main(([flag] if flag else []) + ["models"]) == 0
     assert logging.getLogger("ptq4vit").level == level
+
+
+# ---- bad input of every command: one line naming the input, exit status 2, nothing written
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ptq4vit: error: "), err
+    for n in needles:
+        assert str(n) in err[0], err[0]
+
+
+def _files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+def test_file_and_folder_arguments_of_quantize_and_sweep(tiny_cli_args, cifar_dir, tmp_path, capsys):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / "out"
+    quant = ["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "8", "--out", str(out)]
+    before = _files(tmp_path)
+    cases = [
+        (quant + ["--results", str(tmp_path / "adir")], ["results file", tmp_path / "adir", "is a folder"]),
+        (quant + ["--results", str(blocker / "r.jsonl")], [blocker / "r.jsonl", "not a folder"]),
+        (quant[:-2] + ["--out", str(blocker / "runs")], ["output folder", blocker / "runs"]),
+        (quant + ["--val-dir", str(tmp_path / "nowhere")], [tmp_path / "nowhere", "does not exist"]),
+        (quant + ["--calib-dir", str(blocker)], [blocker]),
+        (["sweep", "--models", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-sizes", "8",
+          "--out", str(out), "--results", str(tmp_path / "adir")], ["results file", tmp_path / "adir"]),
+    ]
+    for argv, needles in cases:
+        assert cli.main(argv) == 2, argv
+        _one_line(capsys, *needles)
+    assert _files(tmp_path) == before
+    # --weights: a file that is not there (random-init excluded: it would conflict)
+    args = [a for a in quant if a != "--random-init"] + ["--weights", str(tmp_path / "w.safetensors")]
+    assert cli.main(args) == 2
+    _one_line(capsys, tmp_path / "w.safetensors", "does not exist")
+    assert _files(tmp_path) == before

@@ -514,3 +514,66 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatc
             export_onnx(q, target, int8=int8)
         assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
 
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ptq4vit: error: "), err
+    for n in needles:
+        assert str(n) in err[0], err[0]
+
+
+def test_cli_export_eval_bench_refuse_bad_paths_before_writing(tmp_path, capsys):
+    from ptq4vit.harness.cli import main
+    ckpt, data = saved_vit_and_images(tmp_path, 1)
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 not a protobuf")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    export = ["export", "--checkpoint", str(ckpt), "--check", "0"]
+    cases = [
+        (export + ["--out", str(blocker / "q.onnx")], [blocker / "q.onnx", blocker, "not a folder"]),
+        (export + ["--out", str(data)], [data, "is a folder"]),
+        (export + ["--out", str(ckpt)], ["--checkpoint and --out name the same file"]),
+        (export + ["--out", str(tmp_path / "q.onnx"), "--float-out", str(blocker / "f.onnx")], [blocker / "f.onnx"]),
+        (["export", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "q.onnx")],
+         ["checkpoint", tmp_path / "missing.safetensors", "does not exist"]),
+        (["export", "--checkpoint", str(data), "--out", str(tmp_path / "q.onnx")], ["checkpoint", data, "not a file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / "missing.onnx")],
+         ["--onnx file", tmp_path / "missing.onnx", "does not exist"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(data)], ["--onnx file", "not a file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(garbage)],
+         [garbage, "not a readable ONNX file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "nodata")], [tmp_path / "nodata", "does not exist"]),
+        (["bench", "--checkpoint", str(ckpt), "--json", str(blocker / "b.json")], ["--json file", blocker / "b.json"]),
+        (["bench", "--checkpoint", str(ckpt), "--onnx-dir", str(blocker / "onnx")], ["--onnx-dir folder", blocker]),
+        (["bench", "--checkpoint", str(ckpt), "--data-dir", str(blocker)], ["--data-dir folder", blocker, "not a folder"]),
+    ]
+    for argv, needles in cases:
+        assert main(argv) == 2, argv
+        _one_line(capsys, *needles)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_eval_refuses_an_onnx_file_of_another_checkpoint(tmp_path, capsys):
+    import onnx
+    from ptq4vit.harness.cli import main
+    ckpt, data = saved_vit_and_images(tmp_path, 1)
+    _, other = quantized("vit", seed=1)
+    ck.save(other, tmp_path / "other.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "other.onnx"),
+                 "--float-out", str(tmp_path / "other_f.onnx"), "--check", "0"]) == 0
+    capsys.readouterr()
+    for f in ("other.onnx", "other_f.onnx"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / f)]) == 2
+        _one_line(capsys, tmp_path / f, "was exported from another model", f"than the checkpoint {ckpt}")
+    assert main(["eval", "--checkpoint", str(tmp_path / "other.safetensors"), "--data-dir", str(data),
+                 "--onnx", str(tmp_path / "other.onnx")]) == 0
+    assert "ONNX Runtime" in capsys.readouterr().out
+    # a file that records nothing (another tool, or an older ptq4vit): refused, with the way out
+    m = onnx.load(str(tmp_path / "other.onnx"))
+    del m.metadata_props[:]
+    onnx.save(m, str(tmp_path / "bare.onnx"))
+    assert main(["eval", "--checkpoint", str(tmp_path / "other.safetensors"), "--data-dir", str(data),
+                 "--onnx", str(tmp_path / "bare.onnx")]) == 2
+    _one_line(capsys, "does not record which model it was exported from", "ptq4vit export")
