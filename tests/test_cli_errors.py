@@ -48,7 +48,7 @@ def _files(root):
     return sorted(p.relative_to(root) for p in root.rglob("*"))
 
 
-def test_file_and_folder_arguments_of_quantize_and_sweep(tiny_cli_args, cifar_dir, tmp_path, capsys):
+def test_file_and_folder_arguments_of_quantize_sweep_report(tiny_cli_args, cifar_dir, tmp_path, capsys):
     blocker = tmp_path / "somefile"
     blocker.write_text("x")
     (tmp_path / "adir").mkdir()
@@ -63,6 +63,8 @@ def test_file_and_folder_arguments_of_quantize_and_sweep(tiny_cli_args, cifar_di
         (quant + ["--calib-dir", str(blocker)], [blocker]),
         (["sweep", "--models", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-sizes", "8",
           "--out", str(out), "--results", str(tmp_path / "adir")], ["results file", tmp_path / "adir"]),
+        (["report", str(tmp_path / "missing.jsonl")], ["results file", tmp_path / "missing.jsonl", "does not exist"]),
+        (["report", str(tmp_path / "adir")], ["results file", tmp_path / "adir", "not a file"]),
     ]
     for argv, needles in cases:
         assert cli.main(argv) == 2, argv
@@ -73,3 +75,29 @@ def test_file_and_folder_arguments_of_quantize_and_sweep(tiny_cli_args, cifar_di
     assert cli.main(args) == 2
     _one_line(capsys, tmp_path / "w.safetensors", "does not exist")
     assert _files(tmp_path) == before
+
+
+def test_report_activations_is_checked_before_the_report_is_written(tiny_cli_args, tmp_path, capsys):
+    """A deploy8 run keeps attention float: there is no post-softmax grid to plot, which is known before any
+    report file is written (as a missing report folder parent is)."""
+    out = tmp_path / "runs"
+    assert cli.main(["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "8",
+                     "--preset", "deploy8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    results = out / "results.jsonl"
+    rep = tmp_path / "rep"
+    assert cli.main(["report", str(results), "--out", str(rep), "--activations"]) == 2
+    _one_line(capsys, "attn.matmul2", "keeps attention float")
+    assert not rep.exists()
+    assert cli.main(["report", str(results), "--out", str(rep), "--activations", "--layer", "7"]) == 2
+    _one_line(capsys, "block index 7 out of range")
+    assert cli.main(["report", str(results), "--out", str(rep), "--activations", "--calib-dir",
+                     str(tmp_path / "nocalib")]) == 2
+    _one_line(capsys, tmp_path / "nocalib", "does not exist")
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    assert cli.main(["report", str(results), "--out", str(blocker / "rep")]) == 2
+    _one_line(capsys, "report folder", blocker / "rep")
+    assert not rep.exists()
+    assert cli.main(["report", str(results), "--out", str(rep), "--no-plots"]) == 0  # without --activations it reports
+    assert (rep / "report.md").is_file()
