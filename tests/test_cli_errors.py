@@ -101,3 +101,58 @@ def test_report_activations_is_checked_before_the_report_is_written(tiny_cli_arg
     assert not rep.exists()
     assert cli.main(["report", str(results), "--out", str(rep), "--no-plots"]) == 0  # without --activations it reports
     assert (rep / "report.md").is_file()
+
+
+def _offline_hub(monkeypatch, tmp_path, offline: bool):
+    """No Hugging Face cache and no network: any socket use, and any attempt to build the model, fails the test."""
+    import socket
+
+    import huggingface_hub
+    import timm
+
+    from ptq4vit.harness import zoo
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(timm, "create_model", no_network)
+    monkeypatch.setattr(zoo, "_hub_reachable", {})
+
+
+def test_quantize_hub_model_offline_is_one_line_at_once(cifar_dir, tmp_path, capsys, monkeypatch):
+    """HF_HUB_OFFLINE=1 and weights not cached: one line, no request made (so no minute of retries), nothing written."""
+    _offline_hub(monkeypatch, tmp_path, offline=True)
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", "ViT-Ti/224", "--data", str(cifar_dir), "--val-split", "test", "--calib-dir",
+            str(cifar_dir / "calib"), "--calib-size", "8", "--limit", "1", "--workers", "0", "--out", str(out)]
+    assert cli.main(argv) == 2
+    _one_line(capsys, "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "not in the local Hugging Face cache",
+              "HF_HUB_OFFLINE", "--weights")
+    assert not out.exists()
+
+
+def test_hub_that_does_not_answer_is_asked_once(tmp_path, monkeypatch):
+    """Online mode, hub unreachable: one short request (no retries), then a UserError; the model is never built."""
+    import huggingface_hub
+
+    from ptq4vit.harness import zoo
+    _offline_hub(monkeypatch, tmp_path, offline=False)
+    requests = []
+
+    class Unreachable:
+        def head(self, url, timeout):
+            requests.append((url, timeout))
+            raise ConnectionError("simulated: no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Unreachable())
+    for _ in range(2):
+        with pytest.raises(UserError, match=r"deit_tiny_patch16_224.fb_in1k are not in the local Hugging Face cache "
+                                            r"and the hub does not answer \(ConnectionError: simulated"):
+            zoo.create("DeiT-Ti/224")
+    assert requests == [("https://huggingface.co/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors",
+                         zoo.HUB_PROBE_TIMEOUT)]

@@ -243,6 +243,15 @@ def check_output(opts) -> None:
         ensure_writable_dir(rp.parent)
 
 
+def check_hub_weights(planner, models) -> None:
+    """Before anything is written: refuse at once models whose hub weights are not cached and cannot be fetched."""
+    from ..zoo import check_hub_weights as check
+    for name in dict.fromkeys(models):
+        entry, weights, _ = planner.model_identity(name)
+        if weights == "hub":
+            check(entry)
+
+
 def setup_device(opts):
     """Join a torchrun process group if launched by torchrun; this process's device."""
     from ..evaluate import init_distributed

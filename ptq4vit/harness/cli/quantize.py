@@ -8,6 +8,7 @@ from .common import (
     add_model_args,
     add_preset_args,
     add_run_args,
+    check_hub_weights,
     check_output,
     log,
     parse_overrides,
@@ -54,6 +55,7 @@ def cmd_quantize(args) -> int:
     planner = Planner(opts)
     for job in jobs:
         planner.resolve(job)
+    check_hub_weights(planner, [args.model])
     check_output(opts)
     device = setup_device(opts)
     runner = Runner(opts, planner, device, log=log)

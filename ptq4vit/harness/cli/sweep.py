@@ -12,6 +12,7 @@ from .common import (
     add_model_args,
     add_preset_args,
     add_run_args,
+    check_hub_weights,
     check_output,
     log,
     parse_int_list,
@@ -91,6 +92,7 @@ def _run_sweep(args, jobs) -> int:
     planner = Planner(opts)
     results = ResultsFile(opts.results_path)
     if not args.dry_run:
+        check_hub_weights(planner, [job.model for job in jobs])
         check_output(opts)
     todo, stale = pending_jobs(planner, jobs, results, force=args.force)
     for job, changed in stale:
