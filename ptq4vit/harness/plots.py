@@ -85,7 +85,7 @@ def activation_entries(qparams: dict, block: str, what: str = "the run") -> tupl
     m2 = mods.get(f"{block}.attn.matmul2")
     f2 = mods.get(f"{block}.mlp.fc2")
     if m2 is None:
-        raise UserError(f"{what} has no quantized post-softmax product {block}.attn.matmul2 to plot (its preset "
+        raise UserError(f"{what} has no {block}.attn.matmul2 entry, a quantized post-softmax product, to plot (its preset "
                         f"{qparams.get('preset', '?')!r} keeps attention float); --activations needs a run that "
                         f"quantizes attention")
     if "split" not in m2 and ("a_scale" not in m2 or "a_log" in m2):
