@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...errors import UserError
-from .common import Command, log, parse_int_list
+from .common import Command, distinct_outputs, input_file, input_folder, log, make_parent, output_file, output_folder, parse_int_list
 
 
 def _need_onnx() -> None:
@@ -116,24 +116,23 @@ def cmd_deploy(args) -> int:
     from ...checkpoint import data_config
     from ..data import ImageFolder, eval_transform
     from ..deployment import deploy, format_deployment
-    from ..store import ensure_writable_dir
     for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be at least 1, got {v}")
-    _need_onnx()
-    ckpt = Path(args.checkpoint)
+    ckpt = input_file(args.checkpoint, "checkpoint")
+    input_folder(args.data_dir, "--data-dir folder")
     out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}_{args.runtime}.onnx")
-    for f in (out, args.float_out):
-        if f is not None and Path(f).is_dir():
-            raise UserError(f"output {f} is a folder; give the ONNX file to write")
-    if out.resolve() == ckpt.resolve():
-        raise UserError(f"--out {out} is the checkpoint itself")
+    output_file(out, "--out file")
+    if args.float_out:
+        output_file(args.float_out, "--float-out file")
+    distinct_outputs(**{"--checkpoint": ckpt, "--out": out, "--float-out": args.float_out})
+    _need_onnx()
     qmodel, meta = _load(args.checkpoint)
     ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
                      limit_per_class=args.limit, what="image folder")
     for f in (out, args.float_out):
         if f is not None:
-            ensure_writable_dir(Path(f).parent)
+            make_parent(f)
     with _allow_float_switch():
         res = deploy(qmodel, ds, args.runtime, out, float_out=args.float_out, format=args.format,
                      precision=args.precision, allow_float=args.allow_float, batch_size=args.batch_size,
@@ -185,10 +184,17 @@ def cmd_export(args) -> int:
     from ...export.onnx import export_onnx
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.check < 0:
+        raise UserError(f"--check must be 0 (skip) or a number of inputs, got {args.check}")
+    input_file(args.checkpoint, "checkpoint")
+    output_file(args.out, "--out file")
+    if args.float_out:
+        output_file(args.float_out, "--float-out file")
+    distinct_outputs(**{"--checkpoint": args.checkpoint, "--out": args.out, "--float-out": args.float_out})
     qmodel, _ = _load(args.checkpoint)
     for f in (args.out, args.float_out):
         if f:
-            Path(f).parent.mkdir(parents=True, exist_ok=True)
+            make_parent(f)
     with _allow_float_switch():
         rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine,
                           format=args.format, allow_float=args.allow_float)
@@ -260,6 +266,14 @@ def cmd_bench(args) -> int:
             if full not in available_providers():
                 raise UserError(f"ORT provider {p!r} is not available here (available: {', '.join(available_providers())})")
             providers.append(full)
+    input_file(args.checkpoint, "checkpoint")
+    if args.data_dir:
+        input_folder(args.data_dir, "--data-dir folder")
+    if args.onnx_dir:
+        output_folder(args.onnx_dir, "--onnx-dir folder")
+    if args.json:
+        output_file(args.json, "--json file")
+        distinct_outputs(**{"--checkpoint": args.checkpoint, "--json": args.json})
     qmodel, meta = _load(args.checkpoint)
     images = labels = None
     if args.data_dir:
@@ -285,6 +299,7 @@ def cmd_bench(args) -> int:
                "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r["provider"], r["batch"]) for r in res.timings
                                                                           if r["runtime"] == RUNTIME_OF["int8-onnx"]})},
                "openvino_ratios": {str(b): res.ratio(CPU, b, runtime="openvino") for b in sizes}}
+        make_parent(args.json)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
@@ -310,20 +325,29 @@ def cmd_eval_checkpoint(args) -> int:
     from ..evaluate import evaluate
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.openvino and not args.onnx:
+        raise UserError("--openvino runs an exported graph: give it with --onnx FILE")
+    input_file(args.checkpoint, "checkpoint")
+    input_folder(args.data_dir, "--data-dir folder")
+    if args.onnx:
+        input_file(args.onnx, "--onnx file")
+        if not args.openvino:
+            _need_onnx()
     qmodel, meta = _load(args.checkpoint)
+    if args.onnx:  # the file must be this checkpoint's export, for images of the size the checkpoint takes
+        from ...export.provenance import check_exported_from
+        check_exported_from(args.onnx, qmodel, f"the checkpoint {args.checkpoint}",
+                            input_size=data_config(meta, qmodel).get("input_size"))
     ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
                      limit_per_class=args.limit, what="image folder")
     model = qmodel
     what = f"{qmodel.name} {meta['preset']['name']} W{qmodel.w_bits}A{qmodel.a_bits} (fake-quantized torch)"
-    if args.openvino and not args.onnx:
-        raise UserError("--openvino runs an exported graph: give it with --onnx FILE")
     if args.onnx and args.openvino:
         from ...export.openvino import compile_onnx
         ov = compile_onnx(args.onnx, args.openvino)
         model = _NumpyModule(ov.run)
         what = f"{args.onnx} (OpenVINO, float layers in {ov.precision})"
     elif args.onnx:
-        _need_onnx()
         from ...export.ort import make_session
         session = make_session(args.onnx)
         model = _NumpyModule(lambda x: session.run(None, {"input": x})[0])

@@ -9,6 +9,7 @@ from .common import (
     add_preset_args,
     add_run_args,
     add_save_arg,
+    check_hub_weights,
     check_output,
     check_save,
     log,
@@ -59,6 +60,7 @@ def cmd_quantize(args) -> int:
         planner.resolve(job)
     opts.save = args.save
     check_save(opts, len(jobs))
+    check_hub_weights(planner, [args.model])
     check_output(opts)
     device = setup_device(opts)
     runner = Runner(opts, planner, device, log=log)

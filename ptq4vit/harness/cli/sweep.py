@@ -13,6 +13,7 @@ from .common import (
     add_preset_args,
     add_run_args,
     add_save_arg,
+    check_hub_weights,
     check_output,
     check_save,
     log,
@@ -96,6 +97,7 @@ def _run_sweep(args, jobs) -> int:
     opts.save = args.save
     check_save(opts, len(jobs), folder_only=True)
     if not args.dry_run:
+        check_hub_weights(planner, [job.model for job in jobs])
         check_output(opts)
     todo, stale = pending_jobs(planner, jobs, results, force=args.force)
     for job, changed in stale:
