@@ -67,9 +67,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     if memory_budget is not None and memory_budget < 1:
         raise UserError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     if capture_batch < 1:
-        raise UserError(f"capture_batch must be at least 1, got {capture_batch}")
+        raise UserError(f"capture_batch must be a positive integer, got {capture_batch}")
     if threads is not None and threads < 1:
-        raise UserError(f"threads must be at least 1, got {threads}")
+        raise UserError(f"threads must be a positive integer, got {threads}")
     _check_images(model, calib_images)
 
     name = model_name(model)
