@@ -24,6 +24,9 @@ class QuantLinear(nn.Module):
     per-channel scales (SmoothQuant). The float function is unchanged up to rounding.
     """
 
+    #: ``smooth`` divides the input: finite and positive (ptq4vit.finite).
+    positive_buffers: tuple[str, ...] = ("smooth",)
+
     def __init__(self, linear: nn.Linear, w_quant: Quantizer, a_quant: Optional[Quantizer], smooth: bool = False):
         super().__init__()
         self.in_features = linear.in_features

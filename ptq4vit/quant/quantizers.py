@@ -43,6 +43,10 @@ def scale_view(scale: torch.Tensor, axis: Optional[int], ndim: int) -> torch.Ten
 class Quantizer(nn.Module):
     """Base class: identity while disabled, an error if enabled before calibration."""
 
+    #: Buffers that are steps (a scale, the GELU twin's negative step, the softmax split): each value
+    #: must be finite and positive (ptq4vit.finite); any other floating buffer (a zero point) finite.
+    positive_buffers: tuple[str, ...] = ("scale", "neg_scale", "split")
+
     def __init__(self, bits: int):
         super().__init__()
         self.bits = check_bits(bits)
