@@ -22,6 +22,7 @@ from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
 
 from ..errors import UnsupportedModelError
 from ..transforms.modules import OnlineRotation, RMSNorm
+from ..transforms.rotation_layout import RotationLayout
 from .create_args import ArgKind
 from .sites import SiteBuilder
 
@@ -185,6 +186,14 @@ class Adapter(ABC):
         for RepQ-ViT's reparameterization (``reparam_ln``, docs/lowbit.md §6). Families that do not
         list them refuse it."""
         raise UnsupportedModelError(f"reparam_ln (RepQ-ViT's LayerNorm reparameterization) is not supported for "
+                                    f"{type(model).__name__} by the {self.family} adapter")
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        """Where the rotations of docs/lowbit.md §2 fold in ``model`` (the residual stream's writers,
+        readers, norms and layer scales only with ``residual``), after checking that the model has the
+        layout they assume; UnsupportedModelError naming the module otherwise. Families that do not
+        describe it refuse every rotation."""
+        raise UnsupportedModelError(f"rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for "
                                     f"{type(model).__name__} by the {self.family} adapter")
 
 

@@ -22,9 +22,11 @@ from timm.models.vision_transformer import (Attention, Block, LayerScale, Parall
                                             VisionTransformer)
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
+from .vit_rotation import vit_rotation_layout
 
 #: Why the known non-standard blocks are refused.
 _BLOCK_REFUSALS = {
@@ -155,6 +157,9 @@ class VitAdapter(Adapter):
                 check_affine_norm(f"blocks.{i}.{norm}", getattr(block, norm), self.family)
                 pairs.append((f"blocks.{i}.{norm}", f"blocks.{i}.{linear}"))
         return pairs
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return vit_rotation_layout(model, residual)
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:
