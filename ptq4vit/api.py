@@ -12,7 +12,7 @@ from .calib import calibrate_model, default_memory_budget
 from .calib.percentile import calibrate_percentile
 from .checkpoint import float_weights_digest
 from .errors import UserError
-from .models import norm_linear_pairs
+from .models import DEFAULT_ADAPTERS, AdapterRegistry, norm_linear_pairs
 from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Preset] = "ptq4vit", w_bits: int = 8,
              a_bits: int = 8, *, memory_budget: Optional[int] = None, capture_batch: int = 8, progress: bool = True,
-             inplace: bool = False, threads: Optional[int] = None, **overrides) -> QuantizedModel:
+             inplace: bool = False, threads: Optional[int] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS,
+             **overrides) -> QuantizedModel:
     """Calibrate a float timm ViT/DeiT/Swin on ``calib_images`` and return the quantized model.
 
     Args:
@@ -45,6 +46,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             do not depend on the number of search workers (tests/test_budget.py).
         progress: show a progress bar over the sites.
         inplace: quantize ``model`` itself instead of a copy.
+        adapters: the model families known, by model class (default: timm's ViT/DeiT and Swin);
+            ``DEFAULT_ADAPTERS.with_adapter(...)`` adds one for another model (docs/models.md).
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
 
     A ``calibration="percentile"`` preset (``repq-vit``, docs/lowbit.md §6) runs all of
@@ -75,13 +78,13 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
     images = calib_images.to(device=device, dtype=dtype)
     float_digest = float_weights_digest(model)  # before rotation, smoothing or rounding rewrite weights
-    sites = prepare_sites(model, preset, w_bits, a_bits)
+    sites = prepare_sites(model, preset, w_bits, a_bits, adapters=adapters)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
     qmodel.float_weights_sha256 = float_digest
 
     desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"
     if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
-        pairs = norm_linear_pairs(model) if preset.reparam_ln else []
+        pairs = norm_linear_pairs(model, adapters=adapters) if preset.reparam_ln else []
         with qmodel.quantization_disabled():
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
                                  round_zero_point=preset.reparam_round_zero_point,
