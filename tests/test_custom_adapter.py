@@ -155,6 +155,15 @@ def test_without_the_registry_the_family_is_refused_by_name(tmp_path):
             load()
 
 
+def test_a_model_name_has_one_adapter():
+    class Another(PoolNetAdapter):
+        family = "another PoolNet"
+        model_classes = ()
+
+    with pytest.raises(ValueError, match="^two adapters build the model name 'PoolNet': PoolNet and another PoolNet$"):
+        ADAPTERS.with_adapter(Another())
+
+
 def test_rotation_folds_where_the_registered_adapter_says():
     model, x = _model_and_images()
     ref = model(x)

@@ -31,6 +31,12 @@ class AdapterRegistry:
                 if cls in self._by_class:
                     raise ValueError(f"two adapters claim {cls.__name__}: {self._by_class[cls].family} and {adapter.family}")
                 self._by_class[cls] = adapter
+        names: dict[str, Adapter] = {}
+        for adapter in self.adapters:
+            for name in adapter.architectures:
+                if name in names:
+                    raise ValueError(f"two adapters build the model name {name!r}: {names[name].family} and {adapter.family}")
+                names[name] = adapter
 
     @property
     def model_classes(self) -> tuple[type, ...]:
