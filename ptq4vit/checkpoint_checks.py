@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, UserError
-from .models import DEFAULT_ADAPTERS
+from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
 from .nn import QUANT_MODULES
 from .presets import Preset
@@ -65,7 +65,7 @@ def _ints(v: Any, n: Optional[int] = None, low: int = 0) -> bool:
 # metadata
 
 
-def _check_model(path: str, model: Any) -> None:
+def _check_model(path: str, model: Any, adapters: AdapterRegistry) -> None:
     if not isinstance(model, dict):
         raise _fail(path, f"metadata 'model' must be an object, got {model!r}")
     name = model.get("name")
@@ -78,15 +78,9 @@ def _check_model(path: str, model: Any) -> None:
     if "dtype" in model and model["dtype"] not in DTYPES:
         raise _fail(path, f"metadata model dtype {model['dtype']!r} is not one of {', '.join(DTYPES)}")
     try:
-        adapter = DEFAULT_ADAPTERS.adapter_for_name(name)
+        adapter = adapters.adapter_for_name(name)
     except UserError as e:
         raise _fail(path, str(e)) from None
-    if tag:
-        import timm.models
-        try:
-            timm.models.get_pretrained_cfg(name, allow_unregistered=False)
-        except RuntimeError:
-            raise _fail(path, f"timm knows no tag {tag!r} of {arch}") from None
     kwargs = model.get("create_kwargs")
     if not isinstance(kwargs, dict):
         raise _fail(path, f"metadata create_kwargs must be an object, got {kwargs!r}")
@@ -170,9 +164,10 @@ def _check_quantized_weights(path: str, qw: Any) -> None:
             raise _fail(path, str(err)) from None
 
 
-def check_metadata(path: str, meta: dict) -> None:
-    """Refuse metadata that ``load`` cannot use as it is: every field it reads, by name."""
-    _check_model(path, meta.get("model"))
+def check_metadata(path: str, meta: dict, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> None:
+    """Refuse metadata that ``load`` cannot use as it is: every field it reads, by name (the model
+    name must be one an adapter of ``adapters`` rebuilds)."""
+    _check_model(path, meta.get("model"), adapters)
     problem = preset_field_problem(meta.get("preset"))
     if problem is not None:
         raise _fail(path, problem)
