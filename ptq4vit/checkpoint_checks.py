@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from .nn import QUANT_MODULES
 from .presets import Preset
 from .quant import check_bits
 from .quant.uniform import qmax
+from .typecheck import check_value
 
 #: The tensor dtypes a checkpoint may record, by the names it records them with.
 DTYPES = {name: getattr(torch, name) for name in
@@ -96,7 +97,12 @@ def _check_model(path: str, model: Any) -> None:
 
 
 def preset_field_problem(stored: Any) -> Optional[str]:
-    """Why a checkpoint's stored preset (a JSON object) is not a :class:`Preset` of this ptq4vit, or None."""
+    """Why a checkpoint's stored preset (a JSON object) is not a :class:`Preset` of this ptq4vit, or None.
+
+    Each field is checked against its declared type by :mod:`ptq4vit.typecheck` (as the API checks
+    it): a JSON integer passes for a float field, a string never passes for a number or a boolean.
+    Only the verdict is used here; ``Preset`` itself stores the values when ``load`` builds it.
+    """
     if not isinstance(stored, dict):
         return f"the preset must be an object, got {stored!r}"
     hints = typing.get_type_hints(Preset)
@@ -104,19 +110,10 @@ def preset_field_problem(stored: Any) -> Optional[str]:
     if unknown:
         return f"the preset has fields this ptq4vit does not know ({', '.join(unknown)}); upgrade ptq4vit"
     for key, value in stored.items():
-        kind = hints[key]
-        if typing.get_origin(kind) is Literal:
-            ok, expected = value in typing.get_args(kind), f"one of {', '.join(typing.get_args(kind))}"
-        elif kind is bool:
-            ok, expected = isinstance(value, bool), "true or false"
-        elif kind is int:
-            ok, expected = _is_int(value), "an integer"
-        elif kind is float:
-            ok, expected = _is_number(value), "a finite number"
-        else:
-            ok, expected = isinstance(value, str), "a string"
-        if not ok:
-            return f"preset field {key} must be {expected}, got {value!r}"
+        try:
+            check_value(f"preset field {key}", value, hints[key])
+        except UserError as e:
+            return str(e)
     return None
 
 
