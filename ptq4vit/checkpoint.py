@@ -29,8 +29,8 @@ that is not a ptq4vit checkpoint, a tensor or metadata changed after saving, a f
 (``load(path, model=...)``) with other weights or another architecture than the checkpoint's,
 and content that is not sense even though its digest holds (:mod:`.checkpoint_checks`: a model
 name without an adapter, ``create_model`` arguments that are not the family's architecture
-arguments, metadata that disagrees with the tensors, scales that are not finite and positive,
-codes outside their recorded bits). ``save`` refuses what ``load`` would refuse, before writing.
+arguments, metadata that disagrees with the tensors, codes outside their recorded bits; and, by
+:mod:`.finite` as after calibration, scales that are not finite and positive). ``save`` refuses what ``load`` would refuse, before writing.
 """
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ import torch
 from torch import nn
 
 from .atomic_write import atomic_write_bytes
-from .checkpoint_checks import (DTYPES, bad_quantizer_value, check_data_config, check_metadata,
-                                check_tensors_match_structure, codes_problem)
+from .checkpoint_checks import (DTYPES, check_data_config, check_metadata, check_tensors_match_structure,
+                                codes_problem)
 from .errors import CheckpointError
+from .finite import bad_scale_problem
 from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.adapter import EVAL_IDENTITIES
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
@@ -356,7 +357,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     uncalibrated = [n for n, m in qmodel.model.named_modules() if isinstance(m, Quantizer) and not m.calibrated]
     if uncalibrated:
         raise CheckpointError(f"the model has uncalibrated quantizers ({', '.join(uncalibrated[:3])}...); quantize it first")
-    bad = bad_quantizer_value(qmodel.model)
+    bad = bad_scale_problem(qmodel.model)
     if bad is not None:
         raise CheckpointError(f"cannot save {os.fspath(path)}: {bad}; the model's quantization parameters are "
                               f"unusable (calibrate again with finite calibration images)")
@@ -589,7 +590,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         qmodel.model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"the checkpoint's tensors do not fit the rebuilt model: {e}") from None
-    bad = bad_quantizer_value(qmodel.model)
+    bad = bad_scale_problem(qmodel.model)
     if bad is not None:
         raise CheckpointError(f"{path}: {bad}; the checkpoint's quantization parameters are unusable")
     for n, site in sites.items():

@@ -110,6 +110,10 @@ def test_save_with_several_runs_names_each_checkpoint_in_a_folder(tmp_path, caps
     assert capsys.readouterr().err == (f"ptq4vit: error: --save {tmp_path / 'taken'} is a file, but 2 runs need a "
                                        "folder (one checkpoint per run)\n")
     assert not (tmp_path / "runs").exists()
+    assert main(args + ["--save", str(tmp_path / "taken" / "ckpts")]) == 2
+    assert capsys.readouterr().err == (f"ptq4vit: error: cannot write in --save folder {tmp_path / 'taken' / 'ckpts'}: "
+                                       f"{tmp_path / 'taken'} is not a folder\n")
+    assert not (tmp_path / "runs").exists()
     assert main(args + ["--save", str(tmp_path / "ckpts")]) == 0
     rows = [json.loads(ln) for ln in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
@@ -137,7 +141,7 @@ def test_save_path_is_checked_before_calibrating(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     bad = tmp_path / "afile" / "q.safetensors"
     assert main(_quantize_args(cifar, tmp_path / "runs") + ["--save", str(bad)]) == 2
-    assert capsys.readouterr().err == f"ptq4vit: error: cannot write under {bad.parent}: {bad.parent} is not a folder\n"
+    assert capsys.readouterr().err == f"ptq4vit: error: cannot write --save file {bad}: {bad.parent} is not a folder\n"
     assert not (tmp_path / "runs").exists()
 
 

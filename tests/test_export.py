@@ -515,6 +515,22 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatc
         assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
 
 
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    _, q = quantized("vit")
+    target = tmp_path / "q.onnx"
+    target.write_bytes(b"previous export")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(ptq4vit.UserError, match=f"^cannot write ONNX file {target}: No space left on device$"):
+        export_onnx(q, target, int8=False)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
+
+
 def _one_line(capsys, *needles):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ptq4vit: error: "), err

@@ -274,25 +274,11 @@ def check_save(opts, n_runs: int, folder_only: bool = False) -> None:
         if p.exists() and not p.is_dir():
             why = "a sweep" if folder_only else f"{n_runs} runs"
             raise UserError(f"--save {p} is a file, but {why} need a folder (one checkpoint per run)")
-        if not p.exists():
-            _check_creatable(p)
-        else:
-            ensure_writable_dir(p)
-        return
-    _check_creatable(p.parent)
-    if p.parent.exists():
-        ensure_writable_dir(p.parent)
-
-
-def _check_creatable(folder: Path) -> None:
-    """A folder that exists and is writable, or can be created: its nearest existing parent is a writable folder."""
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write under {folder}: {parent} is not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"cannot write under {folder}: {parent} is not writable")
-            return
+        folder = output_folder(p, "--save folder")
+    else:
+        folder = output_file(p, "--save file").parent
+    if folder.exists():
+        ensure_writable_dir(folder)  # a write in it, as the checkpoint will: os.access does not see every refusal
 
 
 def setup_device(opts):
