@@ -247,7 +247,7 @@ def _images_of(ckpt, cifar) -> np.ndarray:
 
 def test_deploy_compares_with_the_float_model_it_is_given(saved, tmp_path, capsys):
     ckpt, row, cifar = saved
-    _deploy(ckpt, cifar, tmp_path, *FLOAT_ARGS)
+    fout, _ = _deploy(ckpt, cifar, tmp_path, *FLOAT_ARGS)
     printed = capsys.readouterr().out
     assert printed.splitlines()[-1] == ORIGINAL
     # the float32 graph is the float model quantize evaluated: its top-1 on the same images is quantize's, and the
@@ -256,6 +256,9 @@ def test_deploy_compares_with_the_float_model_it_is_given(saved, tmp_path, capsy
     assert flt[0] == f"{row['float_top1']:.2f}"
     assert torch_row[1:3] == [f"{row['agreement']:.2f}", f"{row['kl']:.4f}"]
     assert row["agreement"] < 100.0  # (against the dequantized model it agrees on every image)
+    # eval takes the float32 file as the checkpoint's (it records the float weights) and gives the same top-1
+    assert _eval_top1(["--checkpoint", str(ckpt), "--data-dir", str(cifar / "test"), "--limit", "3",
+                       "--onnx", str(fout)], capsys) == flt[0]
 
 
 def test_deploy_refuses_a_float_model_the_checkpoint_was_not_quantized_from(saved, tmp_path, capsys):
