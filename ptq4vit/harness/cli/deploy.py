@@ -124,9 +124,9 @@ def deploy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's choice)")
     g.add_argument("--no-torch", action="store_true", help="do not also run the fake-quantized torch model")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_args(p, title="float model it was quantized from (optional; the options quantize was given: the "
-                            "float32 graph and every figure against float are then of it, not of the dequantized "
-                            "checkpoint)", optional=True)
+    # the options quantize was given: the float32 graph and every figure against float are then of the
+    # original float model, not of the dequantized checkpoint
+    add_model_args(p, title="float model it was quantized from (optional, as given to quantize)", optional=True)
 
 
 #: The footnote's advice when deploy ran without the float model.
