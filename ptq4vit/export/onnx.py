@@ -46,7 +46,7 @@ from .qdq import QdqLinear, QdqMatMul
 from ..transforms.modules import OnlineRotation
 from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
 from .input_size import fixed_position_embedding, resolve_input_size
-from .provenance import provenance_metadata
+from .provenance import float_provenance_metadata, provenance_metadata
 
 __all__ = ["export_onnx", "ExportReport", "SiteExport", "AllFloatError", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
 
@@ -231,6 +231,8 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                 meta.update({"ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
                              "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits,
                              **provenance_metadata(model, size)})
+            else:
+                meta.update(float_provenance_metadata(model, size))
             with atomic_path(path, what="ONNX file") as tmp, fixed_position_embedding(inner, size):
                 if isinstance(model, QuantizedModel):
                     with model.quantization_disabled():
