@@ -48,6 +48,7 @@ from .atomic_write import atomic_write_bytes
 from .checkpoint_checks import (DTYPES, check_data_config, check_metadata, check_tensors_match_structure,
                                 codes_problem)
 from .errors import CheckpointError
+from .typecheck import checked
 from .finite import bad_scale_problem
 from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.adapter import EVAL_IDENTITIES
@@ -339,6 +340,7 @@ def _versions() -> dict:
     return {"ptq4vit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
 
 
+@checked(error=CheckpointError)
 def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None,
          data_config: Optional[dict] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """Write ``qmodel`` as one safetensors checkpoint; return its metadata.
@@ -417,7 +419,7 @@ def _read(path: PathLike, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> tuple
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             file_meta = f.metadata() or {}
@@ -474,6 +476,7 @@ def load_skeleton_float(meta: dict, *, adapters: AdapterRegistry = DEFAULT_ADAPT
     return _create_float(meta["model"]["name"], meta["model"]["create_kwargs"], torch.device("meta"), adapters=adapters)
 
 
+@checked(error=CheckpointError)
 def read_metadata(path: PathLike, *, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """The checkpoint's metadata (after checking its digest and that an adapter of ``adapters`` rebuilds it)."""
     return _read(path, adapters)[0]
@@ -506,6 +509,7 @@ def _match_dtypes(model: nn.Module, meta: dict) -> None:
                         store[k] = t.to(want)
 
 
+@checked(error=CheckpointError)
 def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu",
          adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> QuantizedModel:
     """Rebuild the quantized model saved at ``path``.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .atomic_write import atomic_write_text
+from .typecheck import checked
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
 from .presets import Preset
 from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, PostGeluQuantizer, Quantizer, TwinSoftmaxQuantizer
@@ -109,6 +110,7 @@ class QuantizedModel(nn.Module):
                 "overrides": self.preset.overrides(), "modules": modules}
 
 
+@checked
 def write_qparams_json(qmodel: QuantizedModel, path: Union[str, os.PathLike]) -> None:
     """Write ``qmodel.qparams()`` (every chosen scale, docs/method.md §8) as a JSON report.
 
