@@ -16,7 +16,8 @@ H = TypeVar("H")
 
 
 class KindRegistry(Generic[H]):
-    """One handler per quantizer class; a subclass without its own handler takes its nearest base's.
+    """One handler per class (a quantizer kind, or a site class); a subclass without its own handler
+    takes its nearest base's.
 
     ``what`` names the role in messages: ``KindRegistry("input quantizer").get(q)`` raises
     ``NotImplementedError("input quantizer GeluLogQuantizer")`` for a kind with no handler.
