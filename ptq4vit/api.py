@@ -12,11 +12,13 @@ from .calib import calibrate_model, default_memory_budget
 from .calib.percentile import calibrate_percentile
 from .checkpoint import float_weights_digest
 from .errors import UserError
-from .models import norm_linear_pairs
+from .finite import bad_scales, nonfinite_count
+from .models import check_image_size, norm_linear_pairs
 from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
 from .quantized import QuantizedModel, model_name
+from .typecheck import check_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +58,19 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     it is deterministic, so the same inputs give bit-identical scales. Scales are float32 and
     live on the model's device.
     """
+    check_arguments(quantize, dict(model=model, calib_images=calib_images, preset=preset, w_bits=w_bits,
+                                   a_bits=a_bits, memory_budget=memory_budget, capture_batch=capture_batch,
+                                   progress=progress, inplace=inplace, threads=threads))
     preset = get_preset(preset, **overrides)
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
-    if not isinstance(calib_images, torch.Tensor) or calib_images.dim() != 4 or calib_images.shape[1] != 3:
-        shape = tuple(calib_images.shape) if isinstance(calib_images, torch.Tensor) else type(calib_images).__name__
-        raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {shape}")
-    if not calib_images.is_floating_point() or len(calib_images) == 0:
-        raise UserError("calib_images must be a non-empty float tensor")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UserError(f"threads must be a positive integer, got {threads!r}")
+    if memory_budget is not None and memory_budget < 1:
+        raise UserError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    if capture_batch < 1:
+        raise UserError(f"capture_batch must be a positive integer, got {capture_batch}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be a positive integer, got {threads}")
+    _check_images(model, calib_images)
 
     name = model_name(model)
     if not inplace:
@@ -86,15 +91,45 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
                                  round_zero_point=preset.reparam_round_zero_point,
                                  fold_dtype=torch.float64 if preset.reparam_fold_float64 else None)
+        _check_scales(model)
         return qmodel
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():
         plan = calibrate_model(model, images, sites, preset, budget, capture_batch,
                                threads=threads, progress=progress,
                                desc=f"calibrating {preset.name} W{w_bits}A{a_bits}")
+    _check_scales(model)
     logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
                  budget / 2 ** 20)
     return qmodel
+
+
+def _check_images(model: nn.Module, calib_images: torch.Tensor) -> None:
+    """Refuse images the model cannot be calibrated on, before anything runs (a NaN would reach every scale)."""
+    if calib_images.dim() != 4 or calib_images.shape[1] != 3:
+        raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {tuple(calib_images.shape)}")
+    if not calib_images.is_floating_point() or len(calib_images) == 0:
+        raise UserError(f"calib_images must be a non-empty float tensor, got {len(calib_images)} images of "
+                        f"{calib_images.dtype}")
+    bad = nonfinite_count(calib_images)
+    if bad:
+        raise UserError(f"calib_images hold {bad} of {calib_images.numel()} values that are not finite (NaN or inf)")
+    check_image_size(model, calib_images.shape[2], calib_images.shape[3], "calib_images")
+    for name, p in model.named_parameters():
+        bad = nonfinite_count(p.detach()) if p.is_floating_point() else 0
+        if bad:
+            raise UserError(f"the float model's parameter {name} has {bad} of {p.numel()} values that are not "
+                            f"finite (NaN or inf)")
+
+
+def _check_scales(model: nn.Module) -> None:
+    """Calibration must leave every scale finite and positive; say where it did not, and why it can happen."""
+    bad = bad_scales(model)
+    if bad:
+        where, value = bad[0]
+        raise UserError(f"calibration gave {len(bad)} quantizer buffer(s) that are not finite and positive, first "
+                        f"{where} ({value}): the float model's activations on these calibration images are "
+                        f"probably out of float range; check the images' range and the model's weights")
 
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

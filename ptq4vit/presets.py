@@ -12,24 +12,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import UserError
+from .typecheck import check_fields, parse_text
 
+# The choice fields' types: every field is checked against its annotation (ptq4vit.typecheck), so a
+# choice declared as a Literal is checked against its choices, on the command line too.
 Metric = Literal["cosine", "mse", "hessian"]
 GradSource = Literal["kl-official", "ce-fp-label"]
-
-METRICS = ("cosine", "mse", "hessian")
-GRAD_SOURCES = ("kl-official", "ce-fp-label")
-SOFTMAX_TWIN_FORMS = ("select", "sum")
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
-W_GRANULARITIES = ("block", "channel")
-ROTATION_KINDS = ("hadamard", "orthogonal")
-SOFTMAX_LOG = ("none", "log2", "log_sqrt2")
-GELU_LOG = ("none", "log2", "log_sqrt2")
-CALIBRATIONS = ("search", "percentile")
-#: Switches validated as real booleans (a string "false" would otherwise be truthy).
-_BOOL_FIELDS = ("softmax_twin", "split_search_quantized_b", "gelu_twin", "gelu_pow2", "conv_per_channel",
-                "rotate_residual", "rotate_heads", "rotate_fc2", "gptq_act_order", "quantize_attention",
-                "asymmetric_inputs", "bias_correction", "gptq_quantized_inputs", "reparam_ln",
-                "reparam_round_zero_point", "reparam_fold_float64")
+RotationKind = Literal["hadamard", "orthogonal"]
+ROTATION_KINDS = typing.get_args(RotationKind)
+LogQuantization = Literal["none", "log2", "log_sqrt2"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +61,13 @@ class Preset:
     #: Online orthogonal rotation of fc2's input, folded into fc2 (needs ``gelu_twin=False``).
     rotate_fc2: bool = False
     #: ``"hadamard"`` (randomized Hadamard ⊗ small random orthogonal) or ``"orthogonal"`` (dense random).
-    rotation_kind: str = "hadamard"
+    rotation_kind: RotationKind = "hadamard"
     rotation_seed: int = 0
     #: Linear-layer weight scales: ``"block"`` (one per layer, one per q/k/v block) or ``"channel"``.
-    w_granularity: str = "block"
+    w_granularity: Literal["block", "channel"] = "block"
     #: ``"nearest"`` or ``"gptq"`` (second-order error compensation, docs/lowbit.md §3). GPTQ and
     #: per-channel scales calibrate linear weights from ``H = XᵀX`` instead of the alternating search.
-    weight_rounding: str = "nearest"
+    weight_rounding: Literal["nearest", "gptq"] = "nearest"
     #: GPTQ: fraction of ``mean(diag H)`` added to ``diag H``; columns in decreasing ``diag H`` order; block size.
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
@@ -87,7 +78,7 @@ class Preset:
     gptq_quantized_inputs: bool = False
     #: Post-softmax operand: ``"log2"`` / ``"log_sqrt2"`` log quantizer (docs/lowbit.md §4) instead of
     #: the twin/uniform one (``"none"``).
-    softmax_log: str = "none"
+    softmax_log: LogQuantization = "none"
     #: Scale each row of the quantized post-softmax operand so that it sums to what the float row
     #: sums to (1): rounding a row's many small probabilities to zero otherwise removes part of its
     #: mass, and every output shrinks (docs/lowbit.md §9). A per-row factor on the product's output.
@@ -95,7 +86,7 @@ class Preset:
     #: fc2's post-GELU input: ``"log2"`` / ``"log_sqrt2"`` log quantizer with a searched largest level and the
     #: GELU twin's fixed negative step (docs/lowbit.md §8) instead of the uniform one (``"none"``); replaces
     #: ``gelu_twin``, so it needs ``gelu_twin=False``.
-    gelu_log: str = "none"
+    gelu_log: LogQuantization = "none"
     #: Bits of the classifier head's weight and input (0: the run's w_bits/a_bits). The head's input
     #: feeds the logits directly (docs/lowbit.md §7).
     head_bits: int = 0
@@ -103,7 +94,7 @@ class Preset:
     #: ``"percentile"``: RepQ-ViT's (docs/lowbit.md §6): asymmetric (zero-point) uniform quantizers,
     #: per-channel weights, each range the best of three percentile pairs by MSE, activations
     #: calibrated in forward order on the outputs of the already quantized layers.
-    calibration: str = "search"
+    calibration: Literal["search", "percentile"] = "search"
     #: RepQ-ViT's reparameterization (docs/lowbit.md §6): the input of each linear layer after a
     #: LayerNorm (qkv, fc1) is calibrated per channel, then the channels' ranges are folded into the
     #: LayerNorm's affine and the layer's weight and bias, leaving one per-tensor quantizer.
@@ -146,38 +137,21 @@ class Preset:
         return self.grad_source if self.metric == "hessian" and self.calibration == "search" else None
 
     def __post_init__(self):
-        for flag in _BOOL_FIELDS:
-            if not isinstance(getattr(self, flag), bool):
-                raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.metric not in METRICS:
-            raise UserError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if self.grad_source not in GRAD_SOURCES:
-            raise UserError(f"grad_source must be one of {GRAD_SOURCES}, got {self.grad_source!r}")
-        if self.softmax_twin_form not in SOFTMAX_TWIN_FORMS:
-            raise UserError(f"softmax_twin_form must be one of {SOFTMAX_TWIN_FORMS}, got {self.softmax_twin_form!r}")
+        check_fields(self)  # every field against its annotation (types, choices); the rules between them follow
         if not 0 < self.alpha < self.beta:
             raise UserError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
-        if self.n_candidates < 1 or self.rounds < 1 or self.grad_chunk < 1:
-            raise UserError("n_candidates, rounds and grad_chunk must be positive")
+        for name in ("n_candidates", "rounds", "grad_chunk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.search_rows < 0:
             raise UserError(f"search_rows must be 0 (all rows) or positive, got {self.search_rows}")
-        if self.weight_rounding not in WEIGHT_ROUNDINGS:
-            raise UserError(f"weight_rounding must be one of {WEIGHT_ROUNDINGS}, got {self.weight_rounding!r}")
-        if self.w_granularity not in W_GRANULARITIES:
-            raise UserError(f"w_granularity must be one of {W_GRANULARITIES}, got {self.w_granularity!r}")
-        if self.rotation_kind not in ROTATION_KINDS:
-            raise UserError(f"rotation_kind must be one of {ROTATION_KINDS}, got {self.rotation_kind!r}")
-        if self.softmax_log not in SOFTMAX_LOG:
-            raise UserError(f"softmax_log must be one of {SOFTMAX_LOG}, got {self.softmax_log!r}")
         if self.softmax_renorm and not self.quantize_attention:
             raise UserError("softmax_renorm rescales the quantized post-softmax operand: it needs quantize_attention=True")
         if self.rotate_fc2 and self.gelu_twin:
             raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
         self._check_gelu_log()
-        if self.head_bits != 0 and not (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8):
+        if self.head_bits != 0 and not 2 <= self.head_bits <= 8:
             raise UserError(f"head_bits must be 0 (the run's bits) or an integer from 2 to 8, got {self.head_bits!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise UserError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         self._check_percentile()
         if not 0 <= self.smooth_alpha <= 1:
             raise UserError(f"smooth_alpha must be in [0, 1] (0: no smoothing), got {self.smooth_alpha}")
@@ -193,8 +167,6 @@ class Preset:
 
     def _check_gelu_log(self) -> None:
         """The post-GELU log quantizer replaces the twin and needs fc2's input to be the GELU output."""
-        if self.gelu_log not in GELU_LOG:
-            raise UserError(f"gelu_log must be one of {GELU_LOG}, got {self.gelu_log!r}")
         if self.gelu_log == "none":
             return
         if self.gelu_twin:
@@ -401,10 +373,6 @@ def get_preset(preset: "str | Preset", **overrides) -> Preset:
     return dataclasses.replace(base, **overrides) if overrides else base
 
 
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
 def parse_field(name: str, text: str):
     """``text`` (as written on a command line) as a value of the Preset field ``name``.
 
@@ -415,18 +383,4 @@ def parse_field(name: str, text: str):
     if name not in hints or name in ("name", "description"):
         fields = sorted(set(hints) - {"name", "description"})
         raise UserError(f"unknown preset field {name!r}; valid fields: {', '.join(fields)}")
-    kind, value = hints[name], text.strip()
-    if typing.get_origin(kind) is Literal:
-        if value not in typing.get_args(kind):
-            raise UserError(f"preset field {name} must be one of {', '.join(typing.get_args(kind))}, got {value!r}")
-        return value
-    if kind is bool:
-        if value.lower() in _TRUE:
-            return True
-        if value.lower() in _FALSE:
-            return False
-        raise UserError(f"preset field {name} must be true or false, got {value!r}")
-    try:
-        return kind(value)
-    except ValueError:
-        raise UserError(f"preset field {name} must be {kind.__name__}, got {value!r}") from None
+    return parse_text(f"preset field {name}", text, hints[name])

@@ -41,7 +41,7 @@ def test_new_preset_fields_are_typed_and_checked():
         get_preset("deploy8", smooth_alpha=1.5)
     with pytest.raises(UserError, match="quantize_attention must be True or False"):
         get_preset("deploy8", quantize_attention="no")
-    with pytest.raises(UserError, match="preset field smooth_alpha must be float"):
+    with pytest.raises(UserError, match="preset field smooth_alpha must be a finite number, got .strong."):
         parse_field("smooth_alpha", "strong")
 
 

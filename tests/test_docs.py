@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LANGUAGES = ("python", "bash", "text")
 #: Blocks marked ``<!-- not run: ... -->``, per file. Update it together with the marks.
-NOT_RUN = {"README.md": 2, "docs/deployment.md": 1}
+NOT_RUN = {"README.md": 1}
 
 #: The tiny stand-in for a pretrained ViT/DeiT: depth 1, 32-px images (see ``tiny_pretrained``).
 TINY_VIT = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2, num_classes=10)

@@ -430,7 +430,7 @@ def test_cli_export_bench_eval(tmp_path, capsys):
     assert main(["bench", "--checkpoint", str(ckpt), "--data-dir", str(data), "--batch-sizes", "1",
                  "--repeats", "1", "--threads", "1", "--providers", "cpu", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "int8/float32 ONNX speed ratio" in out and "top-1 agreement" in out
+    assert "int8/float32 ONNX Runtime speed ratio" in out and "top-1 agreement" in out
     assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
     torch_line = capsys.readouterr().out
     assert "top-1" in torch_line and "6 images" in torch_line
@@ -440,3 +440,140 @@ def test_cli_export_bench_eval(tmp_path, capsys):
     bad.write_bytes(ckpt.read_bytes()[:1000])
     assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "truncated" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ input size and provenance
+
+
+def _dynamic_vit():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10,
+                          dynamic_img_size=True).eval()
+    return fast_quantize(m, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "base", 8, 8)
+
+
+def test_export_at_another_size_is_refused_by_a_fixed_size_model(tmp_path, capfd):
+    _, q = quantized("vit")
+    with pytest.raises(ptq4vit.UserError, match=r"takes 3x32x32 images and cannot be exported at 3x48x48"):
+        export_onnx(q, tmp_path / "q.onnx", input_size=(3, 48, 48))
+    with pytest.raises(ptq4vit.UserError, match=r"input_size must be \(C, H, W\) for this image model \(3x32x32\)"):
+        export_onnx(q, tmp_path / "q.onnx", input_size=(48, 48))
+    assert list(tmp_path.iterdir()) == []
+    assert capfd.readouterr() == ("", "")
+
+
+def test_dynamic_size_model_exports_at_another_size(tmp_path, capfd):
+    q = _dynamic_vit()
+    x = torch.randn(3, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    rep = export_onnx(q, tmp_path / "q.onnx", input_size=(3, 48, 40))
+    assert rep.input_shape == ("batch", 3, 48, 40)
+    ref = torch_out(q, x)
+    c = compare_outputs(ref, run_onnx(tmp_path / "q.onnx", x))
+    assert c["top1_agreement"] == 100.0 and c["max_abs_logit_error"] <= REL_LOGIT_BOUND[("vit", "base", 6)] * c["max_abs_logit"]
+    export_onnx(q, tmp_path / "f.onnx", int8=False, input_size=(3, 48, 40))
+    with q.quantization_disabled():
+        np.testing.assert_allclose(run_onnx(tmp_path / "f.onnx", x), torch_out(q, x), atol=1e-5)
+    # the model is as it was: its own size still runs, and gives what it gave before the exports
+    x32 = torch.randn(2, 3, 32, 32)
+    assert q.model.pos_embed.shape[1] == 1 + 16 and q.model.patch_embed.grid_size == (4, 4)
+    np.testing.assert_array_equal(torch_out(q, x32), torch_out(_dynamic_vit(), x32))
+    assert capfd.readouterr() == ("", "")  # no TorchScript graph printed
+
+
+def test_export_records_the_model_it_came_from(tmp_path):
+    from ptq4vit.export.provenance import MODEL_DIGEST_KEY, check_exported_from, model_digest, read_onnx_metadata
+    _, q = quantized("vit")
+    _, other = quantized("vit", seed=1)
+    ck.save(q, tmp_path / "q.safetensors")
+    reloaded = ptq4vit.load(tmp_path / "q.safetensors")
+    assert model_digest(reloaded) == model_digest(q) != model_digest(other)
+    export_onnx(q, tmp_path / "q.onnx")
+    export_onnx(q, tmp_path / "f.onnx", int8=False)
+    for f in ("q.onnx", "f.onnx"):
+        assert read_onnx_metadata(tmp_path / f)[MODEL_DIGEST_KEY] == model_digest(q)
+        check_exported_from(tmp_path / f, reloaded, input_size=(3, 32, 32))
+        with pytest.raises(ptq4vit.UserError, match=rf"{f} was exported from another model .* than the checkpoint"):
+            check_exported_from(tmp_path / f, other, "the checkpoint")
+    with pytest.raises(ptq4vit.UserError, match=r"q.onnx takes 3x32x32 images; the images here are 3x48x48"):
+        check_exported_from(tmp_path / "q.onnx", q, input_size=(3, 48, 48))
+
+
+def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import ptq4vit.export.onnx as onnx_export
+    _, q = quantized("vit")
+    target = tmp_path / "q.onnx"
+    target.write_bytes(b"previous export")
+
+    def interrupted(*args, **kwargs):
+        open(args[2], "wb").write(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_torch_export", interrupted)
+    for int8 in (True, False):
+        with pytest.raises(KeyboardInterrupt):
+            export_onnx(q, target, int8=int8)
+        assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
+
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ptq4vit: error: "), err
+    for n in needles:
+        assert str(n) in err[0], err[0]
+
+
+def test_cli_export_eval_bench_refuse_bad_paths_before_writing(tmp_path, capsys):
+    from ptq4vit.harness.cli import main
+    ckpt, data = saved_vit_and_images(tmp_path, 1)
+    blocker = tmp_path / "somefile"
+    blocker.write_text("x")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 not a protobuf")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    export = ["export", "--checkpoint", str(ckpt), "--check", "0"]
+    cases = [
+        (export + ["--out", str(blocker / "q.onnx")], [blocker / "q.onnx", blocker, "not a folder"]),
+        (export + ["--out", str(data)], [data, "is a folder"]),
+        (export + ["--out", str(ckpt)], ["--checkpoint and --out name the same file"]),
+        (export + ["--out", str(tmp_path / "q.onnx"), "--float-out", str(blocker / "f.onnx")], [blocker / "f.onnx"]),
+        (["export", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "q.onnx")],
+         ["checkpoint", tmp_path / "missing.safetensors", "does not exist"]),
+        (["export", "--checkpoint", str(data), "--out", str(tmp_path / "q.onnx")], ["checkpoint", data, "not a file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / "missing.onnx")],
+         ["--onnx file", tmp_path / "missing.onnx", "does not exist"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(data)], ["--onnx file", "not a file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(garbage)],
+         [garbage, "not a readable ONNX file"]),
+        (["eval", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "nodata")], [tmp_path / "nodata", "does not exist"]),
+        (["bench", "--checkpoint", str(ckpt), "--json", str(blocker / "b.json")], ["--json file", blocker / "b.json"]),
+        (["bench", "--checkpoint", str(ckpt), "--onnx-dir", str(blocker / "onnx")], ["--onnx-dir folder", blocker]),
+        (["bench", "--checkpoint", str(ckpt), "--data-dir", str(blocker)], ["--data-dir folder", blocker, "not a folder"]),
+    ]
+    for argv, needles in cases:
+        assert main(argv) == 2, argv
+        _one_line(capsys, *needles)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_eval_refuses_an_onnx_file_of_another_checkpoint(tmp_path, capsys):
+    import onnx
+    from ptq4vit.harness.cli import main
+    ckpt, data = saved_vit_and_images(tmp_path, 1)
+    _, other = quantized("vit", seed=1)
+    ck.save(other, tmp_path / "other.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "other.onnx"),
+                 "--float-out", str(tmp_path / "other_f.onnx"), "--check", "0"]) == 0
+    capsys.readouterr()
+    for f in ("other.onnx", "other_f.onnx"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--onnx", str(tmp_path / f)]) == 2
+        _one_line(capsys, tmp_path / f, "was exported from another model", f"than the checkpoint {ckpt}")
+    assert main(["eval", "--checkpoint", str(tmp_path / "other.safetensors"), "--data-dir", str(data),
+                 "--onnx", str(tmp_path / "other.onnx")]) == 0
+    assert "ONNX Runtime" in capsys.readouterr().out
+    # a file that records nothing (another tool, or an older ptq4vit): refused, with the way out
+    m = onnx.load(str(tmp_path / "other.onnx"))
+    del m.metadata_props[:]
+    onnx.save(m, str(tmp_path / "bare.onnx"))
+    assert main(["eval", "--checkpoint", str(tmp_path / "other.safetensors"), "--data-dir", str(data),
+                 "--onnx", str(tmp_path / "bare.onnx")]) == 2
+    _one_line(capsys, "does not record which model it was exported from", "ptq4vit export")

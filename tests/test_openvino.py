@@ -83,7 +83,7 @@ def test_benchmark_times_and_scores_openvino_in_the_same_loop(tmp_path):
                     repeats=2, warmup=1, workdir=str(tmp_path), include_torch=False, openvino="f32")
     assert {r["variant"] for r in res.timings} == {"float32-onnx", "int8-onnx", "float32-openvino", "int8-openvino"}
     assert res.openvino_precision == "f32"
-    assert res.ratio("CPUExecutionProvider", 2, runtime="openvino") is not None
+    assert res.ratio("CPU", 2, runtime="openvino") is not None
     assert res.agreement["OpenVINO (f32)"]["n_images"] == 12
     assert set(res.accuracy) == {"fakequant-torch", "float32-onnx", "int8-onnx", "float32-openvino", "int8-openvino"}
     assert "OpenVINO speed ratio (f32 float layers, batch 2)" in format_bench(res)

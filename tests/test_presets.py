@@ -32,7 +32,7 @@ def test_equal_configurations_give_one_run_key():
 
 @pytest.mark.parametrize("item, message", [
     ("gelu_twin=maybe", "gelu_twin must be true or false, got 'maybe'"),
-    ("n_candidates=1.5", "n_candidates must be int, got '1.5'"),
+    ("n_candidates=1.5", "preset field n_candidates must be an int, got '1.5'"),
     ("metric=l1", "metric must be one of cosine, mse, hessian, got 'l1'"),
     ("colour=red", "unknown preset field 'colour'"),
     ("metric", "--set expects FIELD=VALUE, got 'metric'"),

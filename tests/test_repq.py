@@ -253,10 +253,21 @@ def test_repq_export_lists_every_float_part_and_matches_torch(tmp_path):
     from ptq4vit.export.bench import compare_outputs
     from ptq4vit.export.ort import make_session
 
+    from ptq4vit.export import AllFloatError
+
     m, x = _tiny(depth=1)
     q = ptq4vit.quantize(m, x, "repq-vit", 8, 8, progress=False)
     for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+        # no site runs in integers: refused by default, nothing written
+        with pytest.raises(AllFloatError, match=rf"no quantization site of .* would run in integers in the {fmt} "
+                                                r"graph: all 8 stay float \(1 conv, 5 linear, 2 matmul\); "
+                                                r"pass allow_float=True to write it anyway"):
+            export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+        assert not (tmp_path / f"{fmt}.onnx").exists()
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, allow_float=True)
+        assert rep.placement() == {"conv": (0, 1), "linear": (0, 5), "matmul": (0, 2)}
+        assert "  0/8 quantization sites run as integer matmuls; 8 stay float (1 conv, 5 linear, 2 matmul)" \
+            in rep.summary().splitlines()
         assert sorted(s.name for s in rep.fallbacks) == sorted(q.sites())  # no site silently "integer"
         reasons = {s.name: s.reason for s in rep.fallbacks}
         assert "AsymmetricQuantizer" in reasons["blocks.0.attn.qkv"]

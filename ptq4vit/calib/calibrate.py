@@ -25,7 +25,9 @@ from ..quant import (MIN_SCALE, KindRegistry, candidate_factors, initial_scale, 
                      uniform_fake_quant)
 from .bias_correction import correct_bias
 from .gptq import compensated_target, gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
-from .search import Product, best_index, score
+from .metrics import cosine_
+from .released_order import conv_scores, linear_scores, matmul_scores, split_scores
+from .search import Product, best_index, row_scores, score
 
 
 class _Grid:
@@ -70,6 +72,13 @@ class _InputSearch:
         self._store(self.scale)
 
 
+def _in_released_order(preset: Preset, every_row: bool) -> bool:
+    """Cosine scores are reduced in the released code's order (:mod:`.released_order`) when
+    every row is scored, as the released code scores them; a sample of rows has no such order and
+    keeps the float64 sum of :func:`.search.score`."""
+    return preset.metric == "cosine" and every_row
+
+
 def _some_rows(t: Optional[torch.Tensor], dim: int, keep: int) -> Optional[torch.Tensor]:
     """``keep`` evenly spaced entries of ``t`` along ``dim`` (all of them when ``keep`` is 0 or
     not smaller): the rows a fast search scores candidates on (docs/method.md §2)."""
@@ -83,8 +92,12 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
     grid = _Grid(preset, x.device)
     w = _search_float(site.weight)
     bias = _search_float(site.bias)
+    images = x.shape[0]
     x_all = x.reshape(1, -1, x.shape[-1])                      # the input's range comes from every row
     x = _some_rows(x_all, 1, preset.search_rows)
+    released = _in_released_order(preset, x.shape[1] == x_all.shape[1])
+    tokens = x.shape[1] // images
+    floats_per_image = tokens * (w.shape[1] + w.shape[0])      # the released code's input and output values
     g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, preset.search_rows) if grad is not None else None
     wq = site.w_quant
     size = w.shape[0] // wq.groups
@@ -113,15 +126,25 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
     w_scale = w_start
     for _ in range(preset.rounds):
         x_fixed = inp.apply(x) if inp is not None else x
-        w_scale = torch.stack([w_cands[best_index(block_product(cols), "b", x_fixed, _uniform(wq.bits),
-                                                  w_cands[:, i:i + 1], budget), i]
-                               for i, cols in enumerate(blocks)])
+        if released:  # every block's rows together: the released code reduces them in one tensor
+            cos = torch.stack([row_scores(block_product(cols), "b", x_fixed, _uniform(wq.bits), w_cands[:, i:i + 1],
+                                          budget).reshape(-1, images, tokens) for i, cols in enumerate(blocks)])
+            best = linear_scores(cos, floats_per_image).argmax(0)
+            w_scale = w_cands[best, torch.arange(len(blocks), device=best.device)]
+        else:
+            w_scale = torch.stack([w_cands[best_index(block_product(cols), "b", x_fixed, _uniform(wq.bits),
+                                                      w_cands[:, i:i + 1], budget), i]
+                                   for i, cols in enumerate(blocks)])
         del x_fixed
         if inp is None:
             break  # nothing alternates with the weight: further rounds repeat this one
         w_fixed = torch.cat([uniform_fake_quant(w[cols], w_scale[i], wq.bits) for i, cols in enumerate(blocks)])
-        new = inp.cands[best_index(layer_product(), "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
-                                   budget)]
+        if released:
+            cos = row_scores(layer_product(), "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1), budget)
+            new = inp.cands[linear_scores(cos.reshape(1, -1, images, tokens), floats_per_image)[:, 0].argmax()]
+        else:
+            new = inp.cands[best_index(layer_product(), "a", w_fixed.t().unsqueeze(0), inp.fn,
+                                       inp.cands.reshape(-1, 1), budget)]
         converged = torch.equal(new.reshape(1), inp.scale)
         inp.scale = new.reshape(1)
         if converged:
@@ -183,6 +206,26 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
     wq.set_scale(scales)
 
 
+def _conv_cosines(site: QuantConv2d, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                  cands: torch.Tensor, bits: int, budget: int) -> torch.Tensor:
+    """``(n, images, channels)``: each channel's cosine over its positions in each image, for the
+    per-channel weight candidates ``cands: (n, channels)``, with the outputs computed by
+    ``F.conv2d`` as the released code computes them (a GEMM of unfolded patches rounds otherwise),
+    many candidates' channels in one convolution."""
+    def conv(weight, b):
+        return F.conv2d(x, weight, b, site.stride, site.padding, site.dilation, site.conv_groups)
+    out = conv(w, bias).flatten(2).unsqueeze(1)                                   # (images, 1, channels, positions)
+    images, _, cout, positions = out.shape
+    step = max(1, budget // (4 * 3 * images * cout * positions))
+    cos = []
+    for c0 in range(0, cands.shape[0], step):
+        chunk = cands[c0:c0 + step]
+        ws = uniform_fake_quant(w.unsqueeze(0), chunk.reshape(*chunk.shape, 1, 1, 1), bits).flatten(0, 1)
+        res = conv(ws, bias.repeat(len(chunk)) if bias is not None else None)   # (images, c * channels, h, w)
+        cos.append(cosine_(res.reshape(images, len(chunk), cout, positions), out, -1).transpose(0, 1))
+    return torch.cat(cos)
+
+
 def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Weight-only search of the patch embedding, seen as a linear layer over unfolded patches."""
     grid = _Grid(preset, x.device)
@@ -200,7 +243,11 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
     if wq.groups == cout and cout > 1:
         # Each channel is its own group, scored over its positions in each image.
         cands = grid.around(initial_scale(w.reshape(cout, -1).abs().amax(1), wq.bits))   # (n, cout)
-        idx = score(p, "b", p.a, _uniform(wq.bits), cands, budget, rows_per_item=positions).argmax(0)
+        if _in_released_order(preset, True):
+            cos = _conv_cosines(site, x, w, _search_float(site.bias), cands, wq.bits, budget)
+            idx = conv_scores(cos, x[0].numel() + cout * positions).argmax(0)
+        else:
+            idx = score(p, "b", p.a, _uniform(wq.bits), cands, budget, rows_per_item=positions).argmax(0)
         wq.set_scale(cands[idx, torch.arange(cout, device=x.device)])
     else:
         cands = grid.around(initial_scale(w.abs().max().reshape(1), wq.bits))             # (n, 1)
@@ -215,6 +262,10 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     a_all = a                                                  # ranges from every row, scores on some
     rows = -(-preset.search_rows // a.shape[0]) if preset.search_rows else 0
     a, grad = _some_rows(a, 2, rows), _some_rows(grad, 2, rows)
+    released = _in_released_order(preset, a.shape[2] == a_all.shape[2])
+    images = a.shape[0]
+    # The released code's values per image: both operands and twice the output.
+    floats_per_image = heads * (a.shape[2] * a.shape[3] + b.shape[2] * b.shape[3] + 2 * a.shape[2] * b.shape[3])
     aq = site.a_quant
     a_space = aq.scale_search(a_all)
     if a_space is None:
@@ -243,22 +294,35 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     def quant_b(scale):
         return b_space.fake_quant(b, scale.reshape(1, heads, 1, 1))
 
+    def per_head_cosine(side: str, fixed: torch.Tensor, quant, cands: torch.Tensor) -> torch.Tensor:
+        """Every head's best candidate, its cosines reduced with all heads' in the released order."""
+        cos = torch.stack([row_scores(head_product(h), side, fixed[:, h], quant, cands[:, h:h + 1], budget)
+                           for h in range(heads)])
+        best = matmul_scores(cos, floats_per_image).argmax(0)
+        return cands[best, torch.arange(heads, device=best.device)]
+
     a_scale = None
     for _ in range(preset.rounds):
         b_fixed = quant_b(b_scale) if b_quantized_in_a_search else b
-        if twin:
+        if twin and released:
+            cos = row_scores(whole_product(), "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget)
+            a_scale = a_cands[split_scores(cos.reshape(len(a_cands), images, heads, -1), floats_per_image).argmax(), 0]
+        elif twin:
             a_scale = a_cands[best_index(whole_product(), "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget), 0]
-            del b_fixed
-            a_fixed = a_fn(a, a_scale)
+        elif released:
+            a_scale = per_head_cosine("a", b_fixed, a_fn, a_cands)
         else:
             a_scale = torch.stack([a_cands[best_index(head_product(h), "a", b_fixed[:, h], a_fn, a_cands[:, h:h + 1],
                                                       budget), h]
                                    for h in range(heads)])
-            del b_fixed
-            a_fixed = a_fn(a, a_scale.reshape(1, heads, 1, 1))
-        new = torch.stack([b_cands[best_index(head_product(h), "b", a_fixed[:, h], b_space.fake_quant, b_cands[:, h:h + 1],
-                                              budget), h]
-                           for h in range(heads)])
+        del b_fixed
+        a_fixed = a_fn(a, a_scale) if twin else a_fn(a, a_scale.reshape(1, heads, 1, 1))
+        if released:
+            new = per_head_cosine("b", a_fixed, b_space.fake_quant, b_cands)
+        else:
+            new = torch.stack([b_cands[best_index(head_product(h), "b", a_fixed[:, h], b_space.fake_quant,
+                                                  b_cands[:, h:h + 1], budget), h]
+                               for h in range(heads)])
         del a_fixed
         # With v float in the split search (official), the next round would repeat this one.
         converged = torch.equal(new, b_scale) or not b_quantized_in_a_search

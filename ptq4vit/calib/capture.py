@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from ..finite import nonfinite_count
+
 
 class SiteData:
     """Inputs of one site over the calibration set, and the gradient of its output (or None).
@@ -146,7 +149,22 @@ def capture(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],
             with ThreadPoolExecutor(workers, thread_name_prefix="ptq4vit-capture") as pool:
                 for f in [pool.submit(one_pass, start) for start in starts]:
                     f.result()
+    _check_finite(data)
     return data
+
+
+def _check_finite(data: dict[str, SiteData]) -> None:
+    """Refuse captured data that is not finite: the search would turn it into NaN scales (or fail on it).
+    Inputs first, in model order: where the forward pass first overflows is the cause of the rest."""
+    inputs = [(name, f"input {i}" if len(d.inputs) > 1 else "input", t)
+              for name, d in data.items() for i, t in enumerate(d.inputs)]
+    grads = [(name, "output gradient", d.grad) for name, d in data.items() if d.grad is not None]
+    for name, what, t in inputs + grads:
+        bad = nonfinite_count(t)
+        if bad:
+            raise UserError(f"the float model's {what} at site {name!r} has {bad} of {t.numel()} values that are "
+                            f"not finite (NaN or inf) on the calibration images: it overflows on them; check the "
+                            f"images' range and the model's weights")
 
 
 __all__ = ["SiteData", "capture", "frozen_parameters"]

@@ -17,8 +17,13 @@ def neg_mean_square_(err: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def cosine_(out_hat: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tensor:
-    """Cosine similarity of ``out_hat`` and ``out`` along ``dim``, as ``F.cosine_similarity`` defines it."""
-    out_sq = out.square().sum(dim)
-    hat_sq = torch.linalg.vector_norm(out_hat, dim=dim).square_()
-    dot = out_hat.mul_(out).sum(dim)
-    return dot.div_(torch.sqrt(torch.clamp_min(hat_sq.mul_(out_sq), COSINE_EPS ** 2)))
+    """Cosine similarity of ``out_hat`` and ``out`` along ``dim``, computed op for op as
+    ``F.cosine_similarity(out, out_hat, dim)`` computes it: each vector divided by its norm
+    (clamped at ``COSINE_EPS``), the quotients multiplied and summed. The same float32 values as
+    the released code's scores when ``dim`` is contiguous in both (the sums then run in the
+    order of an inner reduction, as there), which keeps near-ties between candidates decided as
+    the released code decides them.
+    """
+    out_norm = torch.linalg.vector_norm(out, dim=dim, keepdim=True).clamp_min_(COSINE_EPS)
+    hat_norm = torch.linalg.vector_norm(out_hat, dim=dim, keepdim=True).clamp_min_(COSINE_EPS)
+    return out_hat.div_(hat_norm).mul_(out / out_norm).sum(dim)

@@ -126,8 +126,11 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
     workers = threads if threads is not None else default_workers(images.device)
     with intra_op_threads(1):
         p = make_plan(model, images, sites, preset, budget, capture_batch, workers)
-        if p.capture_batch < capture_batch and grad_source != "kl-official":
+        if p.capture_batch < min(capture_batch, len(images)) and grad_source != "kl-official":
             log.info("capture passes of %d images (not %d) fit the memory budget", p.capture_batch, capture_batch)
+        elif p.capture_batch < capture_batch and grad_source != "kl-official":
+            log.debug("capture passes of %d images: the calibration set holds no more (capture_batch=%d)",
+                      p.capture_batch, capture_batch)
         log.debug("%d capture group(s), search steps of %d bytes, planned peak %d bytes, %d worker(s)",
                   len(p.groups), p.step_bytes, p.peak_bytes, workers)
         bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)

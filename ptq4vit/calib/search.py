@@ -10,7 +10,8 @@ The quantized copies of the searched operand for ``c`` candidates are built in o
 op and multiplied in one batched GEMM that also subtracts the float output
 (``baddbmm(O, A, B, beta=-1)``), so the error ``Ô - O`` costs no pass of its own. Work is cut
 into blocks of rows (or batch entries) whose temporaries stay within a small, cache-friendly
-working set bounded by the caller's byte budget; per-row scores are summed in float64.
+working set bounded by the caller's byte budget; per-row scores are summed in float64 (or returned
+unreduced by :func:`row_scores`, for a caller that reduces them in an order of its own).
 """
 from __future__ import annotations
 
@@ -107,19 +108,31 @@ def _row_scores(x: torch.Tensor, p: Product, blk: Block, rows_per_item: int) -> 
         return neg_mean_square_(x, dim)
     o = p.out[bt0:bt1, m0:m1]
     if rows_per_item:
-        o = o.unflatten(1, (-1, rows_per_item))
+        # Positions last and contiguous, as the released code lays a channel's outputs out: its
+        # cosine sums them in that (inner-reduction) order.
+        x = x.transpose(-1, -2).contiguous()
+        o = o.unflatten(1, (-1, rows_per_item)).transpose(-1, -2).contiguous()
+        dim = -1
     return cosine_(x, o, dim)
 
 
 def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor, blk: Block,
                  rows_per_item: int = 0, stack_b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scores ``(c, G)`` of the candidates ``chunk`` over one block (G = 1, or N with rows_per_item)."""
+    r = _block_rows(p, side, fixed, quant, chunk, blk, rows_per_item, stack_b).double()
+    return r.sum(dim=(1, 2)).reshape(chunk.shape[0], -1)
+
+
+def _block_rows(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor, blk: Block,
+                rows_per_item: int = 0, stack_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row float32 scores of the candidates ``chunk`` over one block: ``(c, bt, m)``, or
+    ``(c, bt, items, N)`` with rows_per_item."""
     bt0, bt1, m0, m1 = blk
     bt, m = bt1 - bt0, m1 - m0
     cc = chunk.shape[0]
     _, _, K, N = p.shape
     if bt > 1 or p.b.shape[0] > 1:
-        return _score_batched_block(p, side, fixed, quant, chunk, blk)
+        return _batched_block_rows(p, side, fixed, quant, chunk, blk)
     # One plain GEMM for all candidates: stacked next to the rows (A) or the columns (B).
     if side == "a":
         stack = quant(p.a[0, m0:m1].unsqueeze(0), chunk.reshape(cc, 1, 1))          # (c, m, K)
@@ -133,13 +146,12 @@ def _score_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chu
             res.add_(p.bias)
     else:
         res.sub_(p._target[0, m0:m1])
-    r = _row_scores(res.unsqueeze(1), p, blk, rows_per_item).double()
-    return r.sum(dim=(1, 2)).reshape(cc, -1)
+    return _row_scores(res.unsqueeze(1), p, blk, rows_per_item)
 
 
-def _score_batched_block(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor,
-                         blk: Block) -> torch.Tensor:
-    """Scores ``(c, 1)`` over a block of batch entries of a batched product (attention).
+def _batched_block_rows(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, chunk: torch.Tensor,
+                        blk: Block) -> torch.Tensor:
+    """Per-row scores ``(c, bt, m)`` over a block of batch entries of a batched product (attention).
 
     Candidates are stacked next to the rows (A) or the columns (B) of each batch entry, so one
     batched GEMM over the block's entries yields every candidate's output.
@@ -167,8 +179,7 @@ def _score_batched_block(p: Product, side: str, fixed: torch.Tensor, quant: Quan
         if p.metric == "hessian":
             err.mul_(g)
         r = neg_mean_square_(err, -1)
-    r = r.double().movedim(cand_dim, 0)                                             # (c, bt, m)
-    return r.sum(dim=(1, 2)).reshape(cc, 1)
+    return r.movedim(cand_dim, 0)                                                   # (c, bt, m)
 
 
 def score(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor, budget_bytes: int,
@@ -196,6 +207,27 @@ def score(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: tor
             acc = acc + _score_block(p, side, fixed, quant, chunk, blk, rows_per_item, stack_b)
         total.append(acc)
     return torch.cat(total)
+
+
+def row_scores(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor, budget_bytes: int,
+               rows_per_item: int = 0) -> torch.Tensor:
+    """Every row's float32 score of every candidate, unreduced: ``(n, Bt, M)``, or
+    ``(n, Bt, M // rows_per_item, N)`` with rows_per_item (arguments as :func:`score`).
+
+    For callers that reduce the rows in an order of their own (the released code's, for cosine:
+    :mod:`ptq4vit.calib.released_order`). Each row's score is computed alone, so it does not
+    depend on how candidates and rows are cut into steps.
+    """
+    n = cands.shape[0]
+    c, blocks = _plan(p, side, n, budget_bytes, rows_per_item)
+    row_dim = 1 if blocks[0][1] - blocks[0][0] < p.shape[0] else 2  # blocks of batch entries, or of rows
+    out = []
+    for c0 in range(0, n, c):
+        chunk = cands[c0:c0 + c]
+        stack_b = _weight_stack(p, quant, chunk) if side == "b" and p.b.shape[0] == 1 else None
+        out.append(torch.cat([_block_rows(p, side, fixed, quant, chunk, blk, rows_per_item, stack_b)
+                              for blk in blocks], dim=row_dim))
+    return torch.cat(out)
 
 
 def best_pruned(p: Product, side: str, fixed: torch.Tensor, quant: QuantFn, cands: torch.Tensor,

@@ -4,6 +4,6 @@ Needs the ``export`` extra (``onnx``, ``onnxruntime``); nothing here is imported
 """
 from .cpu import cpu_has_vnni
 from .onnx import FORMATS, GEMM_MODES, TWIN_COMBINES, export_onnx
-from .report import ExportReport, FloatTransform, SiteExport
+from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
 
-__all__ = ["export_onnx", "FORMATS", "ExportReport", "SiteExport", "FloatTransform", "cpu_has_vnni", "GEMM_MODES", "TWIN_COMBINES"]
+__all__ = ["export_onnx", "FORMATS", "ExportReport", "AllFloatError", "SiteExport", "FloatTransform", "cpu_has_vnni", "GEMM_MODES", "TWIN_COMBINES"]

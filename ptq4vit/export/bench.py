@@ -25,16 +25,22 @@ from ..quantized import QuantizedModel
 from .onnx import ExportReport, export_onnx
 from .ort import available_providers, make_session, profile_ops
 
-__all__ = ["benchmark", "BenchResult", "op_breakdown", "compare_outputs", "format_bench"]
+__all__ = ["benchmark", "BenchResult", "op_breakdown", "compare_outputs", "format_bench", "time_interleaved",
+           "RUNTIME_OF"]
 
 VARIANTS = ("float32-onnx", "int8-onnx", "fakequant-torch", "float32-openvino", "int8-openvino")
+#: The runtime each variant runs on, as printed.
+RUNTIME_OF = {"float32-onnx": "ONNX Runtime", "int8-onnx": "ONNX Runtime", "fakequant-torch": "torch",
+              "float32-openvino": "OpenVINO", "int8-openvino": "OpenVINO"}
+#: The device OpenVINO and torch run on in :func:`benchmark` (ONNX Runtime rows name their provider).
+CPU = "CPU"
 
 
 @dataclass
 class BenchResult:
     model: str
     int8_report: ExportReport
-    timings: list = field(default_factory=list)      # dicts: provider, batch, variant, median_ms, best_ms, images_per_s
+    timings: list = field(default_factory=list)      # dicts: runtime, provider, batch, variant, median_ms, best_ms, images_per_s
     accuracy: dict = field(default_factory=dict)     # variant -> top-1 %, when labels were given
     agreement: dict = field(default_factory=dict)    # n_images, top1_agreement %, max_abs_logit_error ...
     onnx_paths: dict = field(default_factory=dict)
@@ -42,7 +48,8 @@ class BenchResult:
     openvino_precision: str = ""     # float precision OpenVINO ran at ("f32", "bf16"), when it ran
 
     def ratio(self, provider: str, batch: int, stat: str = "median_ms", runtime: str = "onnx") -> Optional[float]:
-        """float32 time / int8 time on ``runtime`` (``"onnx"`` or ``"openvino"``; > 1: int8 is faster)."""
+        """float32 time / int8 time on ``runtime`` (``"onnx"`` or ``"openvino"``; > 1: int8 is faster).
+        ``provider``: the ONNX Runtime provider of the rows, or ``"CPU"`` for OpenVINO's."""
         t = {r["variant"]: r[stat] for r in self.timings if r["provider"] == provider and r["batch"] == batch}
         f, i = f"float32-{runtime}", f"int8-{runtime}"
         if f in t and i in t:
@@ -66,7 +73,9 @@ def _torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 64) 
     return np.concatenate(out)
 
 
-def _interleaved(fns: dict, repeats: int, warmup: int, min_seconds: float) -> dict:
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2, min_seconds: float = 0.0) -> dict:
+    """Milliseconds of each run of every ``fns`` entry (no arguments), timed one of each in turn so that
+    load from other processes hits all of them alike; at least ``repeats`` runs each, after ``warmup``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -85,7 +94,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
               providers: Optional[Sequence[str]] = None, threads: Optional[int] = None, repeats: int = 10,
               warmup: int = 2, min_seconds: float = 0.0, include_torch: bool = True, workdir: Optional[str] = None,
               gemm: str = "portable", twin_combine: str = "gemm", eval_batch: int = 50, spinning: bool = True,
-              format: str = "contrib", openvino: Optional[str] = None,
+              format: str = "contrib", openvino: Optional[str] = None, allow_float: bool = False,
               log: Callable[[str], None] = lambda m: None) -> BenchResult:
     """Export and time ``qmodel`` (see the module docstring).
 
@@ -99,6 +108,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
         spinning: let ORT's idle threads busy-wait (ORT's default); turn off on a shared machine.
         format: the int8 graph ONNX Runtime runs: ``"contrib"`` or ``"qdq"`` (see :func:`export_onnx`).
         openvino: also run on OpenVINO at this precision (``"f32"``, ``"bf16"``, ``"default"``).
+        allow_float: time an int8 graph in which no site runs in integers (see :func:`export_onnx`).
     """
     providers = list(providers or available_providers())
     workdir = workdir or tempfile.mkdtemp(prefix="ptq4vit-bench-")
@@ -106,7 +116,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
     fp32_path = os.path.join(workdir, "model_float32.onnx")
     int8_path = os.path.join(workdir, "model_int8.onnx")
     log(f"exporting {qmodel.name} to {workdir}")
-    rep = export_onnx(qmodel, int8_path, gemm=gemm, twin_combine=twin_combine, format=format)
+    rep = export_onnx(qmodel, int8_path, gemm=gemm, twin_combine=twin_combine, format=format, allow_float=allow_float)
     export_onnx(float_model if float_model is not None else qmodel, fp32_path, int8=False)
     res = BenchResult(qmodel.name, rep, onnx_paths={"float32-onnx": fp32_path, "int8-onnx": int8_path}, threads=threads)
     ov_models: dict = {}
@@ -115,7 +125,7 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
         qdq_path = int8_path
         if format != "qdq":
             qdq_path = os.path.join(workdir, "model_int8_qdq.onnx")
-            export_onnx(qmodel, qdq_path, format="qdq")
+            export_onnx(qmodel, qdq_path, format="qdq", allow_float=allow_float)
         res.onnx_paths["int8-openvino"] = qdq_path
         ov_models = {"float32-openvino": compile_onnx(fp32_path, openvino, threads),
                      "int8-openvino": compile_onnx(qdq_path, openvino, threads)}
@@ -147,10 +157,11 @@ def benchmark(qmodel: QuantizedModel, *, images: Optional[torch.Tensor] = None, 
                             qmodel(xt)
                     fns["fakequant-torch"] = run_torch
                 log(f"timing {provider} batch {b} ({', '.join(fns)}; {repeats} interleaved runs)")
-                times = _interleaved(fns, repeats, warmup, min_seconds)
+                times = time_interleaved(fns, repeats, warmup, min_seconds)
                 for k, v in times.items():
                     med = float(np.median(v))
-                    res.timings.append({"provider": provider, "batch": b, "variant": k, "median_ms": med,
+                    res.timings.append({"runtime": RUNTIME_OF[k], "provider": provider if k.endswith("-onnx") else CPU,
+                                        "batch": b, "variant": k, "median_ms": med,
                                         "best_ms": float(min(v)), "images_per_s": b / (med / 1000), "runs": len(v)})
             if images is not None:
                 if tq is None:
@@ -187,15 +198,17 @@ def op_breakdown(path: str, input_shape: Sequence[int], batch: int, threads: Opt
 
 def format_bench(res: BenchResult) -> str:
     lines = [f"model {res.model}" + (f", {res.threads} threads" if res.threads else "")]
-    lines.append(f"{'provider':<22s} {'batch':>5s} {'variant':<16s} {'median ms':>10s} {'best ms':>9s} {'img/s':>8s}")
+    lines.append(f"{'runtime':<12s} {'provider':<22s} {'batch':>5s} {'variant':<16s} {'median ms':>10s} {'best ms':>9s} "
+                 f"{'img/s':>8s}")
     for r in res.timings:
-        lines.append(f"{r['provider']:<22s} {r['batch']:>5d} {r['variant']:<16s} {r['median_ms']:>10.1f} "
-                     f"{r['best_ms']:>9.1f} {r['images_per_s']:>8.1f}")
+        lines.append(f"{r['runtime']:<12s} {r['provider']:<22s} {r['batch']:>5d} {r['variant']:<16s} "
+                     f"{r['median_ms']:>10.1f} {r['best_ms']:>9.1f} {r['images_per_s']:>8.1f}")
     seen = sorted({(r["provider"], r["batch"]) for r in res.timings})
     for prov, b in seen:
         rm, rb = res.ratio(prov, b), res.ratio(prov, b, "best_ms")
         if rm is not None:
-            lines.append(f"int8/float32 ONNX speed ratio ({prov}, batch {b}): {rm:.2f}x (median), {rb:.2f}x (best)")
+            lines.append(f"int8/float32 ONNX Runtime speed ratio ({prov}, batch {b}): {rm:.2f}x (median), "
+                         f"{rb:.2f}x (best)")
         rm, rb = res.ratio(prov, b, runtime="openvino"), res.ratio(prov, b, "best_ms", runtime="openvino")
         if rm is not None:
             lines.append(f"int8/float32 OpenVINO speed ratio ({res.openvino_precision} float layers, batch {b}): "
@@ -203,7 +216,8 @@ def format_bench(res: BenchResult) -> str:
     for k, v in res.accuracy.items():
         lines.append(f"top-1 {k}: {v:.2f}%")
     for prov, a in res.agreement.items():
-        lines.append(f"int8 vs fake-quant torch ({prov}, {a['n_images']} images): top-1 agreement "
+        where = prov if prov.startswith("OpenVINO") else f"ONNX Runtime {prov}"
+        lines.append(f"int8 vs fake-quant torch ({where}, {a['n_images']} images): top-1 agreement "
                      f"{a['top1_agreement']:.2f}%, max |logit error| {a['max_abs_logit_error']:.4g} "
                      f"(mean {a['mean_abs_logit_error']:.3g}, max |logit| {a['max_abs_logit']:.3g})")
     return "\n".join(lines)

@@ -43,9 +43,11 @@ from .graph import postprocess
 from .lowering import traced_forward
 from .qdq import QdqLinear, QdqMatMul
 from ..transforms.modules import OnlineRotation
-from .report import ExportReport, FloatTransform, SiteExport
+from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
+from .input_size import fixed_position_embedding, resolve_input_size
+from .provenance import provenance_metadata
 
-__all__ = ["export_onnx", "ExportReport", "SiteExport", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
+__all__ = ["export_onnx", "ExportReport", "SiteExport", "AllFloatError", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
 
 FORMATS = ("contrib", "qdq")
 GEMM_MODES = ("portable", "vnni", "auto")
@@ -152,16 +154,23 @@ def _patched(patches):
                 del mod.forward
 
 
-def _example_input(model: nn.Module, batch_size: int, input_size: Optional[tuple]) -> torch.Tensor:
-    if input_size is None:
-        pe = getattr(model, "patch_embed", None)
-        img = getattr(pe, "img_size", None)
-        if img is None:
-            raise UserError("cannot tell the model's input size; pass input_size=(3, H, W)")
-        chans = pe.proj.in_channels
-        input_size = (chans, *img)
+def _example_input(batch_size: int, input_size: tuple) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *input_size, generator=gen)
+
+
+@contextlib.contextmanager
+def _written_in_one_piece(path: str):
+    """Yield a temporary name next to ``path`` to write the file under; move it to ``path`` at the end, or remove
+    it on any failure: a failed or interrupted export leaves neither a partial file nor a changed old one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool,
@@ -181,7 +190,7 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: in
 def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.PathLike], *, int8: bool = True,
                 format: str = "contrib", batch_size: Optional[int] = None, input_size: Optional[tuple] = None,
                 gemm: str = "portable", twin_combine: str = "gemm", opset: int = DEFAULT_OPSET,
-                float_attention: bool = False) -> ExportReport:
+                float_attention: bool = False, allow_float: bool = False) -> ExportReport:
     """Write ``model`` as ONNX; return what was done (:class:`ExportReport`).
 
     Args:
@@ -203,6 +212,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
         float_attention: keep ``q @ kᵀ`` and ``softmax @ v`` float (listed as fallbacks): the graph
             then differs from the fake-quantized model there, and runtimes can fuse the float
             attention into one kernel (OpenVINO's MHA), as NNCF's int8 models leave it.
+        allow_float: write an int8 graph in which no quantization site runs in integers (e.g. a
+            preset whose quantizers have no integer lowering). Without it such an export raises
+            :class:`AllFloatError` before anything is written: the file would be int8 in name only.
     """
     if format not in FORMATS:
         raise UserError(f"format must be one of {FORMATS}, got {format!r}")
@@ -221,29 +233,37 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
     inner = model.model if isinstance(model, QuantizedModel) else model
     was_training = inner.training
     inner.eval()
-    example = _example_input(inner, batch_size or 2, input_size)
+    size = resolve_input_size(inner, input_size)
+    example = _example_input(batch_size or 2, size)
     report = ExportReport(path, int8, gemm if int8 else "", twin_combine if int8 else "", opset,
                           (batch_size or "batch",) + tuple(example.shape[1:]), format if int8 else "")
     meta = {"producer": "ptq4vit", "ptq4vit.int8": int(int8)}
     try:
         if not int8:
             if isinstance(model, QuantizedModel):
-                meta.update({"ptq4vit.model": model.name})
-                with model.quantization_disabled():
-                    _torch_export(model, example, path, opset, batch_size is None)
-            else:
-                _torch_export(model, example, path, opset, batch_size is None)
-            postprocess(path, meta)
+                meta.update({"ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
+                             "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits,
+                             **provenance_metadata(model, size)})
+            with _written_in_one_piece(path) as tmp, fixed_position_embedding(inner, size):
+                if isinstance(model, QuantizedModel):
+                    with model.quantization_disabled():
+                        _torch_export(model, example, tmp, opset, batch_size is None)
+                else:
+                    _torch_export(model, example, tmp, opset, batch_size is None)
+                postprocess(tmp, meta)
             return report
         if not isinstance(model, QuantizedModel):
             raise UserError("int8 export needs a QuantizedModel (from ptq4vit.quantize or ptq4vit.load)")
         from .. import __version__
         patches, report.sites, lowerings = _plan(model, example, format, gemm, twin_combine, float_attention)
+        if not allow_float and not any(s.integer for s in report.sites):
+            raise AllFloatError(f"no quantization site of {model.name} ({model.preset.name} W{model.w_bits}"
+                                f"A{model.a_bits}) would run in integers in the {format} graph: all "
+                                f"{len(report.sites)} stay float ({report.float_kinds()})")
         report.float_transforms = [FloatTransform(name, f"online rotation ({m.extra_repr()}), float MatMuls")
                                    for name, m in model.model.named_modules() if isinstance(m, OnlineRotation)]
         contrib = any(low.uses_contrib_ops() for low in lowerings)
-        with _patched(patches):
-            _torch_export(model, example, path, opset, batch_size is None, contrib_ops=contrib)
+        meta.update(provenance_metadata(model, size))
         meta.update({"ptq4vit.version": __version__, "ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
                      "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits, "ptq4vit.format": format,
                      "ptq4vit.gemm": gemm, "ptq4vit.twin_combine": twin_combine,
@@ -251,7 +271,10 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                      "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none",
                      "ptq4vit.float_transforms": "; ".join(f"{t.name}: {t.what}" for t in report.float_transforms)
                      or "none"})
-        postprocess(path, meta, quantize_before_layout=format == "qdq")
+        with _written_in_one_piece(path) as tmp:
+            with _patched(patches), fixed_position_embedding(inner, size):
+                _torch_export(model, example, tmp, opset, batch_size is None, contrib_ops=contrib)
+            postprocess(tmp, meta, quantize_before_layout=format == "qdq")
         return report
     finally:
         inner.train(was_training)

@@ -3,7 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SiteExport", "FloatTransform", "ExportReport"]
+from ..errors import UserError
+
+__all__ = ["SiteExport", "FloatTransform", "ExportReport", "AllFloatError"]
+
+
+class AllFloatError(UserError):
+    """An int8 export in which no quantization site would run in integers (nothing was written).
+
+    Its own class so that callers can name their own switch for it (the command line's
+    ``--allow-float``, the library's ``allow_float=True``)."""
+
+    def __init__(self, what: str, switch: str = "allow_float=True"):
+        self.what = what
+        super().__init__(f"{what}; pass {switch} to write it anyway")
 
 
 @dataclass
@@ -41,13 +54,27 @@ class ExportReport:
         """Sites that run in float, with the reason."""
         return [s for s in self.sites if not s.integer]
 
+    def placement(self) -> dict:
+        """``{site kind: (sites in integers, sites in float)}``, kinds in first-seen order."""
+        out: dict = {}
+        for s in self.sites:
+            i, f = out.get(s.kind, (0, 0))
+            out[s.kind] = (i + 1, f) if s.integer else (i, f + 1)
+        return out
+
+    def float_kinds(self) -> str:
+        """The float sites counted by kind, e.g. ``"1 conv, 4 matmul"`` ("" when none)."""
+        return ", ".join(f"{f} {kind}" for kind, (_, f) in self.placement().items() if f)
+
     def summary(self) -> str:
         n_int = sum(s.integer for s in self.sites)
         how = f", format={self.format}, gemm={self.gemm}, twin combine={self.twin_combine}"
         lines = [f"{self.path}: {'int8' if self.int8 else 'float32'} ONNX (opset {self.opset}, input {self.input_shape}"
                  + (how if self.int8 else "") + ")"]
         if self.int8:
-            lines.append(f"  {n_int}/{len(self.sites)} quantization sites run as integer matmuls")
+            n_float = len(self.sites) - n_int
+            lines.append(f"  {n_int}/{len(self.sites)} quantization sites run as integer matmuls"
+                         + (f"; {n_float} stay{'s' if n_float == 1 else ''} float ({self.float_kinds()})" if n_float else ""))
             kinds: dict = {}
             for s in self.sites:
                 if s.integer:

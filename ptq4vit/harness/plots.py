@@ -78,6 +78,24 @@ def gelu_grid(entry: dict, bits: int) -> list[float]:
     return [k * pos for k in range(-qmax, qmax)]
 
 
+def activation_entries(qparams: dict, block: str, what: str = "the run") -> tuple[dict, dict]:
+    """The ``attn.matmul2`` and ``mlp.fc2`` entries of ``block`` whose grids the activation plot draws:
+    a quantized post-softmax operand and a quantized fc2 input. UserError if the run has none."""
+    mods = qparams.get("modules", {})
+    m2 = mods.get(f"{block}.attn.matmul2")
+    f2 = mods.get(f"{block}.mlp.fc2")
+    if m2 is None:
+        raise UserError(f"{what} has no {block}.attn.matmul2 entry, a quantized post-softmax product, to plot (its preset "
+                        f"{qparams.get('preset', '?')!r} keeps attention float); --activations needs a run that "
+                        f"quantizes attention")
+    if "split" not in m2 and ("a_scale" not in m2 or "a_log" in m2):
+        raise UserError(f"{what} quantizes {block}.attn.matmul2's post-softmax input on a grid this plot does not "
+                        f"draw (only twin and uniform grids)")
+    if f2 is None or "a_scale" not in f2 or "a_log" in f2:
+        raise UserError(f"{what} has no uniform or twin fc2 input grid in {block}.mlp.fc2 to plot")
+    return m2, f2
+
+
 def find_block(model, layer) -> str:
     """The module name of a transformer block (one with ``attn`` and ``mlp.fc2``): a name, or an index into
     the model's blocks (negative counts from the end)."""
@@ -135,11 +153,7 @@ def plot_activations(model, images, qparams: dict, path, layer=None, *, title: s
     block = find_block(model, layer)
     probs, gelu = capture_block_activations(model, images, block)
     a_bits = int(qparams["a_bits"])
-    mods = qparams.get("modules", {})
-    m2 = mods.get(f"{block}.attn.matmul2")
-    f2 = mods.get(f"{block}.mlp.fc2")
-    if m2 is None or f2 is None:
-        raise UserError(f"the quantization parameters have no {block}.attn.matmul2 / {block}.mlp.fc2 entries")
+    m2, f2 = activation_entries(qparams, block)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
 
     # post-softmax, log-x

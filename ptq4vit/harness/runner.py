@@ -3,7 +3,7 @@
 Used by the ``quantize``, ``sweep`` and ``ablation`` commands. A :class:`Runner` keeps the
 current model, its datasets, calibration batches and float accuracy between jobs, writes each
 finished run at once to the results JSONL (see :mod:`ptq4vit.results`) and its quantization
-parameters to ``<out>/qparams/``. Jobs whose key is already in the results file are skipped, so
+parameters to ``<out>/qparams/`` (and, when asked, its checkpoint: :attr:`RunOptions.save`). Jobs whose key is already in the results file are skipped, so
 a killed sweep resumes where it stopped.
 
 Under ``torchrun`` every rank runs every job: calibration is repeated on each rank and rank 0's
@@ -84,6 +84,16 @@ class RunOptions:
     progress: bool = True
     memory_budget: Optional[int] = None
     reuse_float: bool = True
+    #: Write each run's checkpoint (:func:`ptq4vit.save`): the file itself, or with ``save_folder``
+    #: a folder that gets one self-named file per run (:func:`run_file_stem`).
+    save: Optional[str] = None
+    save_folder: bool = False
+
+    def checkpoint_path(self, stem: str) -> Optional[Path]:
+        """Where the run named ``stem`` writes its checkpoint (None: it writes none)."""
+        if self.save is None:
+            return None
+        return Path(self.save) / f"{stem}.safetensors" if self.save_folder else Path(self.save)
 
     @property
     def results_path(self) -> Path:
@@ -182,6 +192,13 @@ class Planner:
                     "calib_size": job.calib_size, "calib_seed": job.calib_seed, "ablation_row": job.ablation_row}
         return Resolved(entry, weights, mident, self.eval_dir, self.calib_dir, run_key(identity),
                         run_key({**mident, **eval_ident, "float": True}), identity, preset_fields)
+
+
+def run_file_stem(res: Resolved, job: Job) -> str:
+    """The name of a run's files (qparams, checkpoint): model, preset, bits, calibration, and the
+    start of the run key, which tells apart runs that differ only in overrides or data."""
+    return (f"{slug(res.entry.short)}_{slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}"
+            f"_{res.key[:8]}")
 
 
 # --------------------------------------------------------------------------- running
@@ -392,6 +409,12 @@ class Runner:
                      desc=f"{job.preset} {job.bits} {lm.name}", return_logits=True)
         fid = fidelity(float_logits, r.logits) if float_logits is not None and r.logits is not None else {}
         qparams = qmodel.qparams()
+        stem = run_file_stem(res, job)
+        checkpoint = self.opts.checkpoint_path(stem)
+        if checkpoint is not None and self.rank == 0:
+            from ..checkpoint import save
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            save(qmodel, checkpoint, create_kwargs=lm.kwargs, data_config=lm.data_config)
         del qmodel
 
         row = {
@@ -432,9 +455,10 @@ class Runner:
         if self.rank == 0:
             qdir = self.out / "qparams"
             qdir.mkdir(parents=True, exist_ok=True)
-            qpath = qdir / f"{slug(lm.name)}_{slug(job.preset)}_{job.bits}_c{job.calib_size}_s{job.calib_seed}_{res.key[:8]}.json"
+            qpath = qdir / f"{stem}.json"
             atomic_write_text(qpath, json.dumps(qparams, indent=1) + "\n", what="qparams JSON")
             row["qparams"] = str(qpath)
+            row["checkpoint"] = None if checkpoint is None else str(checkpoint)
             self.results.append(row, replace=replace)
         barrier()
         return row

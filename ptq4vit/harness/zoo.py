@@ -227,6 +227,58 @@ class LoadedModel:
         return eval_transform(self.data_config)
 
 
+#: Seconds the one request that asks whether the model hub answers may take (timm's own download retries
+#: an unreachable hub for about a minute before it gives up).
+HUB_PROBE_TIMEOUT = 5.0
+_hub_reachable: dict = {}
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env.strip().lower() in ("1", "on", "yes", "true")
+
+
+def _hub_answers(url: str) -> Optional[str]:
+    """None if the hub answers a HEAD request for ``url`` (any HTTP status), else why not. One request,
+    no retries; the answer is kept for the process."""
+    host = url.split("/")[2]
+    if host not in _hub_reachable:
+        from huggingface_hub import get_session
+        try:
+            get_session().head(url, timeout=HUB_PROBE_TIMEOUT)
+            _hub_reachable[host] = None
+        except Exception as e:  # connection, DNS, proxy and timeout errors of requests or httpx
+            _hub_reachable[host] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+    return _hub_reachable[host]
+
+
+def check_hub_weights(entry: ModelEntry) -> None:
+    """Refuse at once (UserError) a model whose pretrained weights are neither in the local Hugging Face cache
+    nor reachable: the hub is offline (``HF_HUB_OFFLINE=1``) or does not answer one short request."""
+    try:
+        from huggingface_hub import hf_hub_url, try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return  # timm downloads by URL without huggingface_hub: nothing to ask in advance
+    cfg = get_pretrained_cfg(entry.timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return
+    repo, _, revision = hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors", "pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, n, revision=revision or None), str) for n in names):
+        return
+    fix = "pass --weights FILE (a local copy), or download them once where the hub is reachable"
+    if _hub_offline():
+        raise UserError(f"the weights of {entry.timm_name} are not in the local Hugging Face cache and the hub is "
+                        f"offline (HF_HUB_OFFLINE is set): {fix}")
+    why = _hub_answers(hf_hub_url(repo, names[0], revision=revision or None))
+    if why is not None:
+        raise UserError(f"the weights of {entry.timm_name} are not in the local Hugging Face cache and the hub "
+                        f"does not answer ({why}): {fix}")
+
+
 def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Optional[dict] = None,
            init_seed: int = 0) -> LoadedModel:
     """Build a model by name, in eval mode, with its evaluation data config.
@@ -247,6 +299,8 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
     if weights is not None:
         path = find_weights(entry, weights)
     use_hub = pretrained and path is None
+    if use_hub:
+        check_hub_weights(entry)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)

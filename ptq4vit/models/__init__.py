@@ -1,7 +1,7 @@
 """Model adapters: one per timm family, in one registry; they say where the quantization sites are."""
 from ..errors import UnsupportedModelError
 from .adapter import Adapter, SitePlan
-from .registry import DEFAULT_ADAPTERS, AdapterRegistry, insert_quant_sites, norm_linear_pairs
+from .registry import DEFAULT_ADAPTERS, AdapterRegistry, check_image_size, insert_quant_sites, norm_linear_pairs
 from .sites import SiteBuilder
 from .swin import QuantWindowAttention, SwinAdapter
 from .vit import QuantAttention, VitAdapter

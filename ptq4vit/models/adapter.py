@@ -20,7 +20,7 @@ from typing import Callable
 from torch import nn
 from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UserError
 from ..transforms.modules import OnlineRotation, RMSNorm
 from .create_args import ArgKind
 from .sites import SiteBuilder
@@ -180,6 +180,12 @@ class Adapter(ABC):
         """This family's ``create_args`` as read off ``model`` (plain JSON values), for a checkpoint to rebuild it."""
         return {}
 
+    def check_image_size(self, model: nn.Module, height: int, width: int, what: str = "images") -> None:
+        """Refuse images of a size the model does not take, naming both sizes. Default: the family
+        embeds the image with timm's ``PatchEmbed`` at ``model.patch_embed``, whose settings say
+        which sizes it takes."""
+        check_patch_embed_size(model.patch_embed, height, width, what)
+
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """``(LayerNorm, linear layer)`` paths where the norm's output feeds that one linear layer only,
         for RepQ-ViT's reparameterization (``reparam_ln``, docs/lowbit.md §6). Families that do not
@@ -193,3 +199,23 @@ def check_affine_norm(path: str, norm: nn.Module, family: str) -> None:
     if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
         raise UnsupportedModelError(f"module {path!r} of type {type(norm).__name__} cannot take reparam_ln in the "
                                     f"{family} adapter: it needs a LayerNorm with a weight and a bias")
+
+
+def check_patch_embed_size(pe: nn.Module, height: int, width: int, what: str = "images") -> None:
+    """UserError naming both sizes unless timm's ``PatchEmbed`` ``pe`` takes ``height x width`` images.
+
+    A strict one (a model built for one size) takes its ``img_size`` only. A model built with
+    ``dynamic_img_size=True`` has a non-strict one, which takes multiples of the patch size (any
+    size with ``dynamic_img_pad=True``, which pads); the model resamples its position embedding
+    (ViT) or builds its attention masks (Swin) for the size it is given.
+    """
+    if pe.img_size is None:  # built without a size: every size that the convolution takes
+        return
+    size, patch = tuple(pe.img_size), tuple(pe.patch_size)
+    if pe.strict_img_size:
+        if (height, width) != size:
+            raise UserError(f"{what} are {height}x{width} but the model takes {size[0]}x{size[1]} images (build it "
+                            f"with dynamic_img_size=True to take other sizes)")
+    elif not pe.dynamic_img_pad and (height % patch[0] or width % patch[1]):
+        raise UserError(f"{what} are {height}x{width} but the model (built for {size[0]}x{size[1]}, dynamic_img_size) "
+                        f"takes sizes that are multiples of its {patch[0]}x{patch[1]} patches")

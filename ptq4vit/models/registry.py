@@ -89,3 +89,9 @@ def norm_linear_pairs(model: nn.Module, *, adapters: AdapterRegistry = DEFAULT_A
     """The ``(LayerNorm, linear)`` paths of ``model`` that ``reparam_ln`` folds (docs/lowbit.md §6);
     UnsupportedModelError, naming the family or the module, where it does not apply."""
     return adapters.adapter_for(model).norm_linear_pairs(model)
+
+
+def check_image_size(model: nn.Module, height: int, width: int, what: str = "images", *,
+                     adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> None:
+    """UserError naming both sizes unless ``model`` takes ``height x width`` images (its family's rule)."""
+    adapters.adapter_for(model).check_image_size(model, height, width, what)

@@ -38,6 +38,8 @@ class QuantLinear(QuantSite):
 
     kind = "linear"
     ROLES = ("w_quant", "a_quant")
+    #: ``smooth`` divides the input: finite and positive (ptq4vit.finite).
+    positive_buffers: tuple[str, ...] = ("smooth",)
 
     def __init__(self, linear: nn.Linear, w_quant: Quantizer, a_quant: Optional[Quantizer], smooth: bool = False):
         super().__init__()

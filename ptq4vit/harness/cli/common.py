@@ -153,14 +153,146 @@ def run_options(args):
                       memory_budget=parse_size(args.memory_budget), reuse_float=not args.no_reuse_float)
 
 
+# ---- file and folder arguments: checked before anything is read or written
+
+
+def input_file(path, what: str) -> Path:
+    """``path`` names an existing, readable file; UserError naming ``what`` and the path otherwise."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise UserError(f"{what} {p} is not a file")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{what} {p} is not readable")
+    return p
+
+
+def input_folder(path, what: str) -> Path:
+    """``path`` names an existing folder; UserError naming ``what`` and the path otherwise."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} {p} does not exist")
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is not a folder")
+    return p
+
+
+def _cannot_write_in(folder: Path) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (existing, or to be created), or None if they can."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only"
+    return None
+
+
+def output_folder(path, what: str) -> Path:
+    """``path`` is a folder that exists or can be created, and can be written in. Nothing is created here:
+    missing folders are made when the command writes (:func:`make_parent`, ``mkdir``)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is not a folder")
+    why = _cannot_write_in(p)
+    if why is not None:
+        raise UserError(f"cannot write in {what} {p}: {why}")
+    return p
+
+
+def output_file(path, what: str) -> Path:
+    """``path`` is a file that can be written: not a folder, in a folder that exists or can be created and
+    is writable. Nothing is created here."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{what} {p} is not writable")
+    why = _cannot_write_in(p.parent)
+    if why is not None:
+        raise UserError(f"cannot write {what} {p}: {why}")
+    return p
+
+
+def distinct_outputs(**paths) -> None:
+    """Refuse two arguments naming one file (one would overwrite the other, or an input)."""
+    seen: dict = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise UserError(f"{seen[key]} and {flag} name the same file {path}")
+        seen[key] = flag
+
+
+def make_parent(path) -> None:
+    """Create the folder of an output file checked by :func:`output_file`."""
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def check_output(opts) -> None:
     from ..store import ensure_writable_dir
-    ensure_writable_dir(opts.out)
     rp = opts.results_path
+    output_folder(opts.out, "output folder")
+    output_file(rp, "results file")
+    ensure_writable_dir(opts.out)
     if rp.parent != Path(opts.out):
         ensure_writable_dir(rp.parent)
-    if rp.exists() and not rp.is_file():
-        raise UserError(f"results file {rp} is not a file")
+
+
+def check_hub_weights(planner, models) -> None:
+    """Before anything is written: refuse at once models whose hub weights are not cached and cannot be fetched."""
+    from ..zoo import check_hub_weights as check
+    for name in dict.fromkeys(models):
+        entry, weights, _ = planner.model_identity(name)
+        if weights == "hub":
+            check(entry)
+
+
+def add_save_arg(p: argparse.ArgumentParser, folder_only: bool = False) -> None:
+    if folder_only:
+        what = "write the checkpoint of every run this sweep makes into folder PATH"
+    else:
+        what = ("write the checkpoint of every run (safetensors; for export, deploy, eval): with one run PATH is the "
+                "file (or an existing folder to write it into), with several runs a folder")
+    p.add_argument("--save", metavar="PATH", help=f"{what}; each file in a folder is named "
+                   "<model>_<preset>_<bits>_c<calib size>_s<calib seed>_<run key>.safetensors, like its qparams file")
+
+
+def check_save(opts, n_runs: int, folder_only: bool = False) -> None:
+    """Check ``--save`` before any work and decide whether it names a file or a folder
+    (``opts.save_folder``); a UserError, with nothing written, where it cannot be used."""
+    from ..store import ensure_writable_dir
+    if opts.save is None:
+        return
+    p = Path(opts.save).expanduser()
+    opts.save_folder = folder_only or n_runs > 1 or p.is_dir()
+    if opts.save_folder:
+        if p.exists() and not p.is_dir():
+            why = "a sweep" if folder_only else f"{n_runs} runs"
+            raise UserError(f"--save {p} is a file, but {why} need a folder (one checkpoint per run)")
+        if not p.exists():
+            _check_creatable(p)
+        else:
+            ensure_writable_dir(p)
+        return
+    _check_creatable(p.parent)
+    if p.parent.exists():
+        ensure_writable_dir(p.parent)
+
+
+def _check_creatable(folder: Path) -> None:
+    """A folder that exists and is writable, or can be created: its nearest existing parent is a writable folder."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write under {folder}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"cannot write under {folder}: {parent} is not writable")
+            return
 
 
 def setup_device(opts):

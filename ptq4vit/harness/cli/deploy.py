@@ -1,7 +1,8 @@
-"""``ptq4vit export``, ``ptq4vit bench`` and ``ptq4vit eval --checkpoint``.
+"""``ptq4vit deploy``, ``ptq4vit export``, ``ptq4vit bench`` and ``ptq4vit eval --checkpoint``.
 
-Each command works on a checkpoint written by :func:`ptq4vit.save`.
+Each command works on a checkpoint written by :func:`ptq4vit.save` (or ``ptq4vit quantize --save``).
 
+    ptq4vit deploy q.safetensors --runtime openvino --data-dir ../shared/data/cifar10/test --limit 10
     ptq4vit export --checkpoint q.safetensors --out q_int8.onnx --float-out q_fp32.onnx
     ptq4vit bench  --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 10
     ptq4vit eval   --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 100
@@ -13,12 +14,13 @@ Each command works on a checkpoint written by :func:`ptq4vit.save`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
 
 from ...errors import UserError
-from .common import Command, log, parse_int_list
+from .common import Command, distinct_outputs, input_file, input_folder, log, make_parent, output_file, output_folder, parse_int_list
 
 
 def _need_onnx() -> None:
@@ -59,6 +61,87 @@ def _images(meta: dict, qmodel, data_dir: str, limit: Optional[int], strict: boo
     return ds, torch.cat(xs), torch.cat(ys).numpy()
 
 
+@contextlib.contextmanager
+def _allow_float_switch():
+    """An int8 export with no site in integers names the command line's switch for it."""
+    from ...export.report import AllFloatError
+    try:
+        yield
+    except AllFloatError as e:
+        raise AllFloatError(e.what, "--allow-float") from None
+
+
+def _allow_float_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-float", action="store_true",
+                   help="write the int8 graph even when no quantization site runs in integers in it (refused otherwise)")
+
+
+def _progress(args) -> bool:
+    """Progress bars on stderr unless --no-progress or -q."""
+    return not args.no_progress and getattr(args, "verbosity", 0) >= 0
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy_args(p: argparse.ArgumentParser) -> None:
+    from ...export.openvino import PRECISIONS
+    from ...export.runtimes import RUNTIMES
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a quantized checkpoint written by ptq4vit (safetensors)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime",
+                   help="where the file is compiled, checked and timed (CPU) (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", help="int8 ONNX file to write (default: CHECKPOINT's name with "
+                                                 "_<runtime>.onnx)")
+    p.add_argument("--float-out", metavar="FILE", help="also keep the float32 ONNX graph it is compared with here")
+    p.add_argument("--format", default=None, help="int8 graph: contrib or qdq on onnxruntime (default: contrib), "
+                                                  "qdq on openvino (see export)")
+    p.add_argument("--precision", choices=PRECISIONS, default="f32",
+                   help="OpenVINO's float layers: f32, bf16, or default (the plugin's choice) (default: %(default)s)")
+    _allow_float_arg(p)
+    g = p.add_argument_group("check and timing")
+    g.add_argument("--data-dir", required=True, metavar="DIR", help="class folders of evaluation images")
+    g.add_argument("--limit", type=int, metavar="N", help="first N images of each class (default: all)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="batch size of the check and of the timed runs (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    g.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    g.add_argument("--repeats", type=int, default=5, help="timed runs of each graph; the median is shown "
+                                                          "(default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's choice)")
+    g.add_argument("--no-torch", action="store_true", help="do not also run the fake-quantized torch model")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_deploy(args) -> int:
+    from ...checkpoint import data_config
+    from ..data import ImageFolder, eval_transform
+    from ..deployment import deploy, format_deployment
+    for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}")
+    ckpt = input_file(args.checkpoint, "checkpoint")
+    input_folder(args.data_dir, "--data-dir folder")
+    out = Path(args.out) if args.out else ckpt.with_name(f"{ckpt.stem}_{args.runtime}.onnx")
+    output_file(out, "--out file")
+    if args.float_out:
+        output_file(args.float_out, "--float-out file")
+    distinct_outputs(**{"--checkpoint": ckpt, "--out": out, "--float-out": args.float_out})
+    _need_onnx()
+    qmodel, meta = _load(args.checkpoint)
+    ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
+                     limit_per_class=args.limit, what="image folder")
+    for f in (out, args.float_out):
+        if f is not None:
+            make_parent(f)
+    with _allow_float_switch():
+        res = deploy(qmodel, ds, args.runtime, out, float_out=args.float_out, format=args.format,
+                     precision=args.precision, allow_float=args.allow_float, batch_size=args.batch_size,
+                     num_workers=max(0, args.workers), repeats=args.repeats, threads=args.threads,
+                     with_torch=not args.no_torch, progress=_progress(args), log=log)
+    print(format_deployment(res, args.data_dir))
+    return 0
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -90,6 +173,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--twin-combine", choices=TWIN_COMBINES, default="gemm",
                    help="how the two integer products of a twin quantizer meet: in the GEMMs' output scales, or an "
                         "int32 shift-add (default: %(default)s)")
+    _allow_float_arg(p)
     p.add_argument("--check", type=int, default=8, metavar="N",
                    help="run N random inputs through ONNX Runtime and the torch model and print the difference "
                         "(0: skip; default: %(default)s)")
@@ -100,12 +184,20 @@ def cmd_export(args) -> int:
     from ...export.onnx import export_onnx
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.check < 0:
+        raise UserError(f"--check must be 0 (skip) or a number of inputs, got {args.check}")
+    input_file(args.checkpoint, "checkpoint")
+    output_file(args.out, "--out file")
+    if args.float_out:
+        output_file(args.float_out, "--float-out file")
+    distinct_outputs(**{"--checkpoint": args.checkpoint, "--out": args.out, "--float-out": args.float_out})
     qmodel, _ = _load(args.checkpoint)
     for f in (args.out, args.float_out):
         if f:
-            Path(f).parent.mkdir(parents=True, exist_ok=True)
-    rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine,
-                      format=args.format)
+            make_parent(f)
+    with _allow_float_switch():
+        rep = export_onnx(qmodel, args.out, batch_size=args.batch_size, gemm=args.gemm, twin_combine=args.twin_combine,
+                          format=args.format, allow_float=args.allow_float)
     print(rep.summary())
     if args.float_out:
         export_onnx(qmodel, args.float_out, int8=False, batch_size=args.batch_size)
@@ -149,13 +241,15 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="do not time the fake-quantized torch model")
     p.add_argument("--no-spin", action="store_true",
                    help="ORT threads do not busy-wait between operators (better when other processes share the cores)")
-    p.add_argument("--profile", action="store_true", help="also print ORT's time per operator at the largest batch")
+    p.add_argument("--profile", action="store_true",
+                   help="also print ONNX Runtime's time per operator of both ONNX Runtime graphs at the largest batch")
+    _allow_float_arg(p)
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
 
 
 def cmd_bench(args) -> int:
     _need_onnx()
-    from ...export.bench import benchmark, format_bench, op_breakdown
+    from ...export.bench import CPU, RUNTIME_OF, benchmark, format_bench, op_breakdown
     from ...export.ort import available_providers
     sizes = parse_int_list(args.batch_sizes, "batch sizes")
     if any(b < 1 for b in sizes):
@@ -172,27 +266,40 @@ def cmd_bench(args) -> int:
             if full not in available_providers():
                 raise UserError(f"ORT provider {p!r} is not available here (available: {', '.join(available_providers())})")
             providers.append(full)
+    input_file(args.checkpoint, "checkpoint")
+    if args.data_dir:
+        input_folder(args.data_dir, "--data-dir folder")
+    if args.onnx_dir:
+        output_folder(args.onnx_dir, "--onnx-dir folder")
+    if args.json:
+        output_file(args.json, "--json file")
+        distinct_outputs(**{"--checkpoint": args.checkpoint, "--json": args.json})
     qmodel, meta = _load(args.checkpoint)
     images = labels = None
     if args.data_dir:
         _, images, labels = _images(meta, qmodel, args.data_dir, args.limit)
         log(f"{len(images)} images from {args.data_dir}")
-    res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers, threads=args.threads,
-                    repeats=args.repeats, include_torch=not args.no_torch, workdir=args.onnx_dir, gemm=args.gemm,
-                    spinning=not args.no_spin, format=args.format, openvino=args.openvino, log=log)
+    with _allow_float_switch():
+        res = benchmark(qmodel, images=images, labels=labels, batch_sizes=sizes, providers=providers,
+                        threads=args.threads, repeats=args.repeats, include_torch=not args.no_torch,
+                        workdir=args.onnx_dir, gemm=args.gemm, spinning=not args.no_spin, format=args.format,
+                        openvino=args.openvino, allow_float=args.allow_float, log=log)
     print(res.int8_report.summary())
     print(format_bench(res))
     if args.profile:
+        # ONNX Runtime's profiler, on the graphs ONNX Runtime ran (OpenVINO's graph is not profiled here)
         b = max(sizes)
-        for k, path in res.onnx_paths.items():
-            print(f"where the time goes, {k}, batch {b}:")
-            print(op_breakdown(path, res.int8_report.input_shape[1:], b, threads=args.threads))
+        for k in ("float32-onnx", "int8-onnx"):
+            print(f"where the time goes, {k} on ONNX Runtime (CPUExecutionProvider), batch {b}:")
+            print(op_breakdown(res.onnx_paths[k], res.int8_report.input_shape[1:], b, threads=args.threads))
     if args.json:
         out = {"model": res.model, "threads": res.threads, "openvino_precision": res.openvino_precision,
                "timings": res.timings, "accuracy": res.accuracy,
                "agreement": res.agreement, "fallbacks": [s.__dict__ for s in res.int8_report.fallbacks],
-               "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r['provider'], r['batch']) for r in res.timings})},
-               "openvino_ratios": {str(b): res.ratio("CPUExecutionProvider", b, runtime="openvino") for b in sizes}}
+               "ratios": {f"{p}:{b}": res.ratio(p, b) for p, b in sorted({(r["provider"], r["batch"]) for r in res.timings
+                                                                          if r["runtime"] == RUNTIME_OF["int8-onnx"]})},
+               "openvino_ratios": {str(b): res.ratio(CPU, b, runtime="openvino") for b in sizes}}
+        make_parent(args.json)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
@@ -207,6 +314,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--onnx", metavar="FILE", help="evaluate this exported ONNX graph (ONNX Runtime, CPU) instead")
     _openvino_arg(p, "run the --onnx graph (a qdq or float32 export) on")
 
@@ -217,25 +325,34 @@ def cmd_eval_checkpoint(args) -> int:
     from ..evaluate import evaluate
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.openvino and not args.onnx:
+        raise UserError("--openvino runs an exported graph: give it with --onnx FILE")
+    input_file(args.checkpoint, "checkpoint")
+    input_folder(args.data_dir, "--data-dir folder")
+    if args.onnx:
+        input_file(args.onnx, "--onnx file")
+        if not args.openvino:
+            _need_onnx()
     qmodel, meta = _load(args.checkpoint)
+    if args.onnx:  # the file must be this checkpoint's export, for images of the size the checkpoint takes
+        from ...export.provenance import check_exported_from
+        check_exported_from(args.onnx, qmodel, f"the checkpoint {args.checkpoint}",
+                            input_size=data_config(meta, qmodel).get("input_size"))
     ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
                      limit_per_class=args.limit, what="image folder")
     model = qmodel
     what = f"{qmodel.name} {meta['preset']['name']} W{qmodel.w_bits}A{qmodel.a_bits} (fake-quantized torch)"
-    if args.openvino and not args.onnx:
-        raise UserError("--openvino runs an exported graph: give it with --onnx FILE")
     if args.onnx and args.openvino:
         from ...export.openvino import compile_onnx
         ov = compile_onnx(args.onnx, args.openvino)
         model = _NumpyModule(ov.run)
         what = f"{args.onnx} (OpenVINO, float layers in {ov.precision})"
     elif args.onnx:
-        _need_onnx()
         from ...export.ort import make_session
         session = make_session(args.onnx)
         model = _NumpyModule(lambda x: session.run(None, {"input": x})[0])
         what = f"{args.onnx} (ONNX Runtime)"
-    res = evaluate(model, ds, batch_size=args.batch_size, num_workers=max(0, args.workers), progress=False,
+    res = evaluate(model, ds, batch_size=args.batch_size, num_workers=max(0, args.workers), progress=_progress(args),
                    desc="eval")
     print(f"{what}: top-1 {res.top1:.2f}% on {res.total} images"
           + (f" ({res.skipped} unreadable skipped)" if res.skipped else ""))
@@ -267,6 +384,9 @@ class _NumpyModule:
 
 
 COMMANDS = (
+    Command("deploy", "export a checkpoint for a runtime (ONNX Runtime or OpenVINO), re-check its top-1 and agreement "
+            "with float there on evaluation images, time it against the float model, show where every site runs",
+            cmd_deploy, deploy_args),
     Command("export", "write a quantized checkpoint as ONNX with integer kernels (and its float32 graph)",
             cmd_export, export_args),
     Command("bench", "ONNX Runtime (and OpenVINO) speed, float32 vs int8 vs fake-quant torch, and agreement of a checkpoint",

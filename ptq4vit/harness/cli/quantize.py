@@ -8,7 +8,10 @@ from .common import (
     add_model_args,
     add_preset_args,
     add_run_args,
+    add_save_arg,
+    check_hub_weights,
     check_output,
+    check_save,
     log,
     parse_overrides,
     run_options,
@@ -26,6 +29,7 @@ def _quantize_args(p):
     g.add_argument("--w-bits", type=int, help="weight bits (2..8), with --a-bits instead of --bits")
     g.add_argument("--a-bits", type=int, help="activation bits (2..8)")
     add_run_args(p)
+    add_save_arg(p.add_argument_group("checkpoint"))
 
 
 def _bit_settings(args) -> list[tuple[int, int]]:
@@ -54,6 +58,9 @@ def cmd_quantize(args) -> int:
     planner = Planner(opts)
     for job in jobs:
         planner.resolve(job)
+    opts.save = args.save
+    check_save(opts, len(jobs))
+    check_hub_weights(planner, [args.model])
     check_output(opts)
     device = setup_device(opts)
     runner = Runner(opts, planner, device, log=log)
@@ -63,10 +70,14 @@ def cmd_quantize(args) -> int:
         print(f"\nresults: {opts.results_path}")
         for r in rows:
             print(f"qparams: {r.get('qparams')}")
+        for r in rows:
+            if r.get("checkpoint"):
+                print(f"checkpoint: {r['checkpoint']}")
     return 0
 
 
 COMMANDS = (
-    Command("quantize", "calibrate one model, evaluate float and quantized top-1, write results and qparams",
+    Command("quantize", "calibrate one model, evaluate float and quantized top-1, write results and qparams "
+            "(and each run's checkpoint with --save)",
             cmd_quantize, _quantize_args),
 )

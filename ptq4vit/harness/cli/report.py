@@ -43,36 +43,77 @@ def _pick_run(rows: list[dict], which: Optional[str]) -> dict:
     return hits[0]
 
 
+class ActivationPlot:
+    """Everything one run's activation plot needs, gathered and checked before any file is written."""
+
+    def __init__(self, row: dict, layer=None, n_images: int = 8, weights=None, calib_dir=None):
+        from .. import zoo
+        from ..data import ImageFolder, calibration_images
+        from ..plots import _pyplot, activation_entries, find_block
+        from .common import input_file, input_folder
+        _pyplot()  # matplotlib is there
+        if n_images < 1:
+            raise UserError(f"--act-images must be at least 1, got {n_images}")
+        self.row = row
+        label = f"run {row.get('key', '?')} ({row['model']} {row['preset']} W{row['w_bits']}A{row['a_bits']})"
+        qpath = row.get("qparams")
+        if not qpath:
+            raise UserError(f"{label} has no quantization parameters file recorded")
+        try:
+            self.qparams = json.loads(input_file(qpath, f"the quantization parameters of {label}").read_text())
+        except ValueError:
+            raise UserError(f"the quantization parameters {qpath} of {label} are not valid JSON") from None
+        w = weights or row.get("weights")
+        if w not in (None, "hub", "random-init") and not Path(w).exists():
+            raise UserError(f"the weights {w} of {label} do not exist here: pass --weights")
+        cdir = calib_dir or row.get("calib_dir")
+        if not cdir or cdir == "None":
+            raise UserError(f"{label} records no calibration folder: pass --calib-dir")
+        input_folder(cdir, f"calibration folder of {label} (--calib-dir)")
+        self.lm = zoo.create(row["model"], weights=None if w in ("hub", "random-init") else w, pretrained=w == "hub",
+                             model_kwargs=row.get("model_kwargs") or {}, init_seed=row.get("init_seed") or 0)
+        self.block = find_block(self.lm.model, layer)
+        activation_entries(self.qparams, self.block, label)
+        ds = ImageFolder(cdir, self.lm.transform(), what="calibration folder")
+        n = max(1, min(n_images, int(row.get("calib_size") or n_images)))
+        self.images = calibration_images(ds, n, int(row.get("calib_seed", 3))).images
+
+    @property
+    def file_name(self) -> str:
+        r = self.row
+        return f"activations_{slug(r['model'])}_{r['preset']}_W{r['w_bits']}A{r['a_bits']}.png"
+
+    def draw(self, path) -> Path:
+        from ..plots import plot_activations
+        r = self.row
+        return plot_activations(self.lm.model, self.images, self.qparams, path, self.block,
+                                title=f"{r['model']} {r['preset']} W{r['w_bits']}A{r['a_bits']}")
+
+
 def plot_run_activations(row: dict, path, layer=None, n_images: int = 8, weights=None, calib_dir=None) -> Path:
     """Re-create a run's float model and calibration images and draw its activation plot."""
-    from .. import zoo
-    from ..data import ImageFolder, calibration_images
-    from ..plots import plot_activations
-    w = weights or row.get("weights")
-    qpath = row.get("qparams")
-    if not qpath or not Path(qpath).is_file():
-        raise UserError(f"the run's quantization parameters {qpath} are missing")
-    qparams = json.loads(Path(qpath).read_text())
-    lm = zoo.create(row["model"], weights=None if w in ("hub", "random-init") else w, pretrained=w == "hub",
-                    model_kwargs=row.get("model_kwargs") or {}, init_seed=row.get("init_seed") or 0)
-    ds = ImageFolder(calib_dir or row["calib_dir"], lm.transform(), what="calibration folder")
-    n = max(1, min(n_images, int(row.get("calib_size") or n_images)))
-    cal = calibration_images(ds, n, int(row.get("calib_seed", 3)))
-    return plot_activations(lm.model, cal.images, qparams, path, layer,
-                            title=f"{row['model']} {row['preset']} W{row['w_bits']}A{row['a_bits']}")
+    return ActivationPlot(row, layer, n_images, weights, calib_dir).draw(path)
 
 
 def cmd_report(args) -> int:
     from ..report import write_report
     from ..store import load_rows
+    from .common import input_file, output_folder
+    for f in args.results:
+        input_file(f, "results file")
     rows = load_rows(args.results)
+    if not rows:
+        raise UserError(f"no results to report: {', '.join(args.results)} holds no runs")
     out = Path(args.out) if args.out else Path(args.results[0]).parent / "report"
+    output_folder(out, "report folder")
+    if not args.no_plots:
+        from ..plots import _pyplot
+        _pyplot()
+    plot = ActivationPlot(_pick_run(rows, args.run), args.layer, args.act_images, weights=args.weights,
+                          calib_dir=args.calib_dir) if args.activations else None
     written = write_report(rows, out, plots=not args.no_plots)
-    if args.activations:
-        row = _pick_run(rows, args.run)
-        name = f"activations_{slug(row['model'])}_{row['preset']}_W{row['w_bits']}A{row['a_bits']}.png"
-        written["activations"] = plot_run_activations(row, out / name, args.layer, args.act_images,
-                                                      weights=args.weights, calib_dir=args.calib_dir)
+    if plot is not None:
+        written["activations"] = plot.draw(out / plot.file_name)
     print((out / "report.md").read_text())
     for k, v in written.items():
         print(f"{k}: {v}", file=sys.stderr)

@@ -12,7 +12,10 @@ from .common import (
     add_model_args,
     add_preset_args,
     add_run_args,
+    add_save_arg,
+    check_hub_weights,
     check_output,
+    check_save,
     log,
     parse_int_list,
     parse_overrides,
@@ -34,6 +37,7 @@ def _sweep_common(p, default_models: str, default_bits: str):
     g.add_argument("--jobs", type=int, default=None, help="worker processes (with --devices all: at most one per GPU)")
     g.add_argument("--force", action="store_true", help="run again what the results file already has")
     g.add_argument("--dry-run", action="store_true", help="list the runs still to do and stop")
+    add_save_arg(g, folder_only=True)
 
 
 def _sweep_args(p):
@@ -90,7 +94,10 @@ def _run_sweep(args, jobs) -> int:
     opts = run_options(args)
     planner = Planner(opts)
     results = ResultsFile(opts.results_path)
+    opts.save = args.save
+    check_save(opts, len(jobs), folder_only=True)
     if not args.dry_run:
+        check_hub_weights(planner, [job.model for job in jobs])
         check_output(opts)
     todo, stale = pending_jobs(planner, jobs, results, force=args.force)
     for job, changed in stale:
