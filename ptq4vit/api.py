@@ -13,7 +13,7 @@ from .calib.percentile import calibrate_percentile
 from .checkpoint import float_weights_digest
 from .errors import UserError
 from .finite import bad_scales, nonfinite_count
-from .models import check_image_size, norm_linear_pairs
+from .models import DEFAULT_ADAPTERS, AdapterRegistry, check_image_size, norm_linear_pairs
 from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Preset] = "ptq4vit", w_bits: int = 8,
              a_bits: int = 8, *, memory_budget: Optional[int] = None, capture_batch: int = 8, progress: bool = True,
-             inplace: bool = False, threads: Optional[int] = None, **overrides) -> QuantizedModel:
+             inplace: bool = False, threads: Optional[int] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS,
+             **overrides) -> QuantizedModel:
     """Calibrate a float timm ViT/DeiT/Swin on ``calib_images`` and return the quantized model.
 
     Args:
@@ -47,6 +48,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
             do not depend on the number of search workers (tests/test_budget.py).
         progress: show a progress bar over the sites.
         inplace: quantize ``model`` itself instead of a copy.
+        adapters: the model families known, by model class (default: timm's ViT/DeiT and Swin);
+            ``DEFAULT_ADAPTERS.with_adapter(...)`` adds one for another model (docs/models.md).
         **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
 
     A ``calibration="percentile"`` preset (``repq-vit``, docs/lowbit.md §6) runs all of
@@ -60,7 +63,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     """
     check_arguments(quantize, dict(model=model, calib_images=calib_images, preset=preset, w_bits=w_bits,
                                    a_bits=a_bits, memory_budget=memory_budget, capture_batch=capture_batch,
-                                   progress=progress, inplace=inplace, threads=threads))
+                                   progress=progress, inplace=inplace, threads=threads, adapters=adapters))
     preset = get_preset(preset, **overrides)
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
@@ -70,7 +73,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         raise UserError(f"capture_batch must be a positive integer, got {capture_batch}")
     if threads is not None and threads < 1:
         raise UserError(f"threads must be a positive integer, got {threads}")
-    _check_images(model, calib_images)
+    _check_images(model, calib_images, adapters)
 
     name = model_name(model)
     if not inplace:
@@ -80,13 +83,13 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
     images = calib_images.to(device=device, dtype=dtype)
     float_digest = float_weights_digest(model)  # before rotation, smoothing or rounding rewrite weights
-    sites = prepare_sites(model, preset, w_bits, a_bits)
+    sites = prepare_sites(model, preset, w_bits, a_bits, adapters=adapters)
     qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
     qmodel.float_weights_sha256 = float_digest
 
     desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"
     if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
-        pairs = norm_linear_pairs(model) if preset.reparam_ln else []
+        pairs = norm_linear_pairs(model, adapters=adapters) if preset.reparam_ln else []
         with qmodel.quantization_disabled():
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
                                  round_zero_point=preset.reparam_round_zero_point,
@@ -104,7 +107,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     return qmodel
 
 
-def _check_images(model: nn.Module, calib_images: torch.Tensor) -> None:
+def _check_images(model: nn.Module, calib_images: torch.Tensor, adapters: AdapterRegistry) -> None:
     """Refuse images the model cannot be calibrated on, before anything runs (a NaN would reach every scale)."""
     if calib_images.dim() != 4 or calib_images.shape[1] != 3:
         raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {tuple(calib_images.shape)}")
@@ -114,7 +117,7 @@ def _check_images(model: nn.Module, calib_images: torch.Tensor) -> None:
     bad = nonfinite_count(calib_images)
     if bad:
         raise UserError(f"calib_images hold {bad} of {calib_images.numel()} values that are not finite (NaN or inf)")
-    check_image_size(model, calib_images.shape[2], calib_images.shape[3], "calib_images")
+    check_image_size(model, calib_images.shape[2], calib_images.shape[3], "calib_images", adapters=adapters)
     for name, p in model.named_parameters():
         bad = nonfinite_count(p.detach()) if p.is_floating_point() else 0
         if bad:

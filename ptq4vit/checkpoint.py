@@ -29,8 +29,8 @@ that is not a ptq4vit checkpoint, a tensor or metadata changed after saving, a f
 (``load(path, model=...)``) with other weights or another architecture than the checkpoint's,
 and content that is not sense even though its digest holds (:mod:`.checkpoint_checks`: a model
 name without an adapter, ``create_model`` arguments that are not the family's architecture
-arguments, metadata that disagrees with the tensors, scales that are not finite and positive,
-codes outside their recorded bits). ``save`` refuses what ``load`` would refuse, before writing.
+arguments, metadata that disagrees with the tensors, codes outside their recorded bits; and, by
+:mod:`.finite` as after calibration, scales that are not finite and positive). ``save`` refuses what ``load`` would refuse, before writing.
 """
 from __future__ import annotations
 
@@ -45,10 +45,12 @@ import torch
 from torch import nn
 
 from .atomic_write import atomic_write_bytes
-from .checkpoint_checks import (DTYPES, bad_quantizer_value, check_data_config, check_metadata,
-                                check_tensors_match_structure, codes_problem)
+from .checkpoint_checks import (DTYPES, check_data_config, check_metadata, check_tensors_match_structure,
+                                codes_problem)
 from .errors import CheckpointError
-from .models import DEFAULT_ADAPTERS
+from .finite import bad_scale_problem
+from .models import DEFAULT_ADAPTERS, AdapterRegistry
+from .models.adapter import EVAL_IDENTITIES
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
 from .nn import QUANT_MODULES
 from .presets import Preset
@@ -111,9 +113,7 @@ _IGNORED_ATTRS = {"training", "enabled", "calibrated", "grad_checkpointing", "we
 
 def _eval_identity(m: nn.Module) -> bool:
     """Modules that are the identity in eval mode."""
-    from timm.layers import DropPath
-
-    return isinstance(m, (nn.Dropout, DropPath, nn.Identity))
+    return isinstance(m, EVAL_IDENTITIES)
 
 
 def _primitive(v: Any) -> bool:
@@ -197,15 +197,6 @@ def _structure_difference(saved: dict, rebuilt: dict) -> Optional[str]:
 # rebuilding the float architecture
 
 
-def _base_kwargs(m: nn.Module) -> dict:
-    kw: dict = {"num_classes": m.num_classes}
-    pe = getattr(m, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        kw["img_size"] = list(pe.img_size)
-        kw["in_chans"] = pe.proj.in_channels
-    return kw
-
-
 def _accepted(model_class: type, kwargs: dict) -> dict:
     """The arguments ``model_class`` takes (its own and, through ``**kwargs``, its bases').
 
@@ -230,31 +221,34 @@ def _kwargs_from_json(kw: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
 
-def _create_float(name: str, create_kwargs: dict, device: Optional[torch.device] = None) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, **create_kwargs)``, on ``device`` where possible."""
-    import timm
-
+def _create_float(name: str, create_kwargs: dict, device: Optional[torch.device] = None, *,
+                  adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> nn.Module:
+    """The float model ``name`` as its adapter creates it (``timm.create_model(name, pretrained=False,
+    **create_kwargs)`` for timm's families), on ``device`` where possible."""
+    create = adapters.adapter_for_name(name).create_model
     kwargs = _kwargs_from_json(create_kwargs)
     if device is not None:
         try:
             with torch.device(device):
-                return timm.create_model(name, pretrained=False, **kwargs)
+                return create(name, **kwargs)
         except (RuntimeError, NotImplementedError):
             pass  # timm releases before 1.0.1x initialise with Tensor.item(), which the meta device cannot do
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return create(name, **kwargs)
 
 
 def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
-                     device: Optional[torch.device] = None) -> QuantizedModel:
+                     device: Optional[torch.device] = None, *,
+                     adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> QuantizedModel:
     from .prepare import prepare_sites
 
-    model = _create_float(name, create_kwargs, device)
+    model = _create_float(name, create_kwargs, device, adapters=adapters)
     model.eval()
-    prepare_sites(model, preset, w_bits, a_bits)
+    prepare_sites(model, preset, w_bits, a_bits, adapters=adapters)
     return QuantizedModel(model, preset, w_bits, a_bits, name)
 
 
-def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -> dict:
+def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None, *,
+                         adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """``timm.create_model`` keyword arguments that rebuild ``qmodel``'s architecture.
 
     Tries the few arguments everyone changes (``num_classes``, ``img_size``, ``in_chans``),
@@ -266,7 +260,7 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
     Raises :class:`CheckpointError` when no candidate rebuilds the same structure.
     """
     m = qmodel.model
-    adapter = DEFAULT_ADAPTERS.adapter_for(m)
+    adapter = adapters.adapter_for(m)
     if extra:  # checked before anything is built with them: load will pass on nothing else
         try:
             extra = json.loads(json.dumps(extra))
@@ -275,7 +269,7 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
         problem = create_args_problem(extra, {**COMMON_CREATE_ARGS, **adapter.create_args})
         if problem is not None:
             raise CheckpointError(f"create_kwargs: {problem}")
-    base = _base_kwargs(m)
+    base = adapter.common_create_kwargs(m)
     family = _accepted(type(m), adapter.create_kwargs(m))
     want = _architecture_lines(m)
     candidates = [dict(base), dict(base, **family)]
@@ -283,7 +277,8 @@ def derive_create_kwargs(qmodel: QuantizedModel, extra: Optional[dict] = None) -
     for cand in candidates:
         cand.update(extra or {})
         try:
-            built = _build_quantized(qmodel.name, cand, qmodel.preset, qmodel.w_bits, qmodel.a_bits, torch.device("meta"))
+            built = _build_quantized(qmodel.name, cand, qmodel.preset, qmodel.w_bits, qmodel.a_bits, torch.device("meta"),
+                                     adapters=adapters)
         except Exception as e:  # an argument this architecture does not take
             last = f"timm.create_model({qmodel.name!r}, **{cand}) failed: {e}"
             continue
@@ -324,14 +319,15 @@ def _versions() -> dict:
 
 
 def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None,
-         data_config: Optional[dict] = None) -> dict:
+         data_config: Optional[dict] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """Write ``qmodel`` as one safetensors checkpoint; return its metadata.
 
     ``create_kwargs`` are extra ``timm.create_model`` arguments for architectures whose
     constructor arguments cannot be read off the model (they are merged into what is derived;
     the result is verified by rebuilding on the meta device before anything is written).
     ``data_config`` (timm's evaluation data config: input size, interpolation, crop, mean/std)
-    is stored for tools that evaluate the checkpoint later.
+    is stored for tools that evaluate the checkpoint later. ``adapters``: the registry the model was
+    quantized with (the one ``load`` will need to rebuild it).
     """
     from safetensors.torch import save as save_tensors
 
@@ -340,7 +336,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     uncalibrated = [n for n, m in qmodel.model.named_modules() if isinstance(m, Quantizer) and not m.calibrated]
     if uncalibrated:
         raise CheckpointError(f"the model has uncalibrated quantizers ({', '.join(uncalibrated[:3])}...); quantize it first")
-    bad = bad_quantizer_value(qmodel.model)
+    bad = bad_scale_problem(qmodel.model)
     if bad is not None:
         raise CheckpointError(f"cannot save {os.fspath(path)}: {bad}; the model's quantization parameters are "
                               f"unusable (calibrate again with finite calibration images)")
@@ -350,7 +346,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     weight_sites = _quantized_weight_sites(qmodel)
     dtype = next(iter(weight_sites.values())).weight.dtype if weight_sites else torch.float32
 
-    kwargs = derive_create_kwargs(qmodel, create_kwargs)
+    kwargs = derive_create_kwargs(qmodel, create_kwargs, adapters=adapters)
 
     tensors: dict[str, torch.Tensor] = {}
     codes_keys = {f"{n}.weight" for n in weight_sites}
@@ -380,7 +376,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint metadata cannot be written as JSON ({e}); pass plain values in "
                               f"create_kwargs/data_config") from None
-    check_metadata(os.fspath(path), json.loads(meta_json))  # never write a file that load would refuse
+    check_metadata(os.fspath(path), json.loads(meta_json), adapters)  # never write a file that load would refuse
     digest = _content_digest(meta_json, tensors)
     # safetensors' own save_file writes through a private temporary file created 0600; serialising
     # to bytes lets atomic_write give the file the umask's mode and clean up after any failure.
@@ -393,7 +389,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
 # load
 
 
-def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
+def _read(path: PathLike, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> tuple[dict, str, dict[str, torch.Tensor]]:
     """Metadata, its JSON text and every tensor of a checkpoint, read through safetensors'
     memory map, after checking that the file is a ptq4vit checkpoint and unchanged."""
     from safetensors import SafetensorError, safe_open
@@ -416,7 +412,7 @@ def _read(path: PathLike) -> tuple[dict, str, dict[str, torch.Tensor]]:
     if digest != file_meta.get(DIGEST_KEY):
         raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
                               f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")
-    check_metadata(path, meta)
+    check_metadata(path, meta, adapters)
     if "structure" in meta:
         check_tensors_match_structure(path, meta["structure"], tensors, CODES_SUFFIX)
     return meta, file_meta[META_KEY], tensors
@@ -452,14 +448,14 @@ def data_config(meta: dict, model: Optional[nn.Module] = None) -> dict:
     return cfg
 
 
-def load_skeleton_float(meta: dict) -> nn.Module:
+def load_skeleton_float(meta: dict, *, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> nn.Module:
     """The float architecture of a checkpoint, on the meta device where timm allows it (no memory, no weights)."""
-    return _create_float(meta["model"]["name"], meta["model"]["create_kwargs"], torch.device("meta"))
+    return _create_float(meta["model"]["name"], meta["model"]["create_kwargs"], torch.device("meta"), adapters=adapters)
 
 
-def read_metadata(path: PathLike) -> dict:
-    """The checkpoint's metadata (after checking its digest)."""
-    return _read(path)[0]
+def read_metadata(path: PathLike, *, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
+    """The checkpoint's metadata (after checking its digest and that an adapter of ``adapters`` rebuilds it)."""
+    return _read(path, adapters)[0]
 
 
 def _preset_from(path: str, meta: dict) -> Preset:
@@ -489,7 +485,8 @@ def _match_dtypes(model: nn.Module, meta: dict) -> None:
                         store[k] = t.to(want)
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu") -> QuantizedModel:
+def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu",
+         adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> QuantizedModel:
     """Rebuild the quantized model saved at ``path``.
 
     Without ``model`` the float architecture is created with
@@ -498,10 +495,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
     not modified) that model is used as the skeleton instead: its float weights must be the
     ones the checkpoint records, and its architecture the checkpoint's.
 
+    ``adapters``: the registry the model was quantized and saved with; the model name's adapter in
+    it creates the float architecture and inserts the sites.
+
     The result computes exactly what the saved model computed (bit-identical outputs).
     """
     path = os.fspath(path)
-    meta, _, tensors = _read(path)
+    meta, _, tensors = _read(path, adapters)
     preset = _preset_from(path, meta)
     w_bits, a_bits = meta["w_bits"], meta["a_bits"]
     info = meta["model"]
@@ -520,13 +520,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
                 f"{type(model).__name__} has {got[:16]}...)")
         skeleton = copy.deepcopy(model).eval()
         try:
-            prepare_sites(skeleton, preset, w_bits, a_bits)
+            prepare_sites(skeleton, preset, w_bits, a_bits, adapters=adapters)
         except ValueError as e:
             raise CheckpointError(f"the given model cannot take this checkpoint: {e}") from None
         qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, model_name(model))
     else:
         try:
-            qmodel = _build_quantized(name, info["create_kwargs"], preset, w_bits, a_bits)
+            qmodel = _build_quantized(name, info["create_kwargs"], preset, w_bits, a_bits, adapters=adapters)
         except Exception as e:
             raise CheckpointError(f"cannot rebuild {name!r} with timm.create_model(pretrained=False, "
                                   f"**{info['create_kwargs']}): {e}") from None
@@ -569,7 +569,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
         qmodel.model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"the checkpoint's tensors do not fit the rebuilt model: {e}") from None
-    bad = bad_quantizer_value(qmodel.model)
+    bad = bad_scale_problem(qmodel.model)
     if bad is not None:
         raise CheckpointError(f"{path}: {bad}; the checkpoint's quantization parameters are unusable")
     for n, site in sites.items():

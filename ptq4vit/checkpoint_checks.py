@@ -9,8 +9,6 @@ is unchanged since it was written, not that whoever wrote it wrote sense.
   what timm's eval transform takes.
 * :func:`check_tensors_match_structure`: every stored tensor has the dtype and shape the
   metadata records.
-* :func:`bad_quantizer_value`: every quantizer tensor is finite and every step (scale, twin
-  step, softmax split, smoothing divisor) is > 0; ``save`` and ``load`` both use it.
 * :func:`codes_problem`: weight codes lie in the range of the bits the metadata records.
 
 Each returns or raises one line naming the field or tensor.
@@ -20,25 +18,21 @@ from __future__ import annotations
 import math
 import re
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from .errors import CheckpointError, UserError
-from .models import DEFAULT_ADAPTERS
+from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
-from .nn import QUANT_MODULES
 from .presets import Preset
 from .quant import check_bits
 from .quant.uniform import qmax
+from .typecheck import check_value
 
 #: The tensor dtypes a checkpoint may record, by the names it records them with.
 DTYPES = {name: getattr(torch, name) for name in
           ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}
-
-#: Quantizer and site buffers that are step sizes, a split point or a divisor: only > 0 makes sense.
-POSITIVE_BUFFERS = ("scale", "neg_scale", "split", "smooth")
 
 #: What timm's eval transform (``create_transform``) may be given from a checkpoint's data config.
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos")
@@ -65,7 +59,7 @@ def _ints(v: Any, n: Optional[int] = None, low: int = 0) -> bool:
 # metadata
 
 
-def _check_model(path: str, model: Any) -> None:
+def _check_model(path: str, model: Any, adapters: AdapterRegistry) -> None:
     if not isinstance(model, dict):
         raise _fail(path, f"metadata 'model' must be an object, got {model!r}")
     name = model.get("name")
@@ -78,15 +72,9 @@ def _check_model(path: str, model: Any) -> None:
     if "dtype" in model and model["dtype"] not in DTYPES:
         raise _fail(path, f"metadata model dtype {model['dtype']!r} is not one of {', '.join(DTYPES)}")
     try:
-        adapter = DEFAULT_ADAPTERS.adapter_for_name(name)
+        adapter = adapters.adapter_for_name(name)
     except UserError as e:
         raise _fail(path, str(e)) from None
-    if tag:
-        import timm.models
-        try:
-            timm.models.get_pretrained_cfg(name, allow_unregistered=False)
-        except RuntimeError:
-            raise _fail(path, f"timm knows no tag {tag!r} of {arch}") from None
     kwargs = model.get("create_kwargs")
     if not isinstance(kwargs, dict):
         raise _fail(path, f"metadata create_kwargs must be an object, got {kwargs!r}")
@@ -96,7 +84,12 @@ def _check_model(path: str, model: Any) -> None:
 
 
 def preset_field_problem(stored: Any) -> Optional[str]:
-    """Why a checkpoint's stored preset (a JSON object) is not a :class:`Preset` of this ptq4vit, or None."""
+    """Why a checkpoint's stored preset (a JSON object) is not a :class:`Preset` of this ptq4vit, or None.
+
+    Each field is checked against its declared type by :mod:`ptq4vit.typecheck` (as the API checks
+    it): a JSON integer passes for a float field, a string never passes for a number or a boolean.
+    Only the verdict is used here; ``Preset`` itself stores the values when ``load`` builds it.
+    """
     if not isinstance(stored, dict):
         return f"the preset must be an object, got {stored!r}"
     hints = typing.get_type_hints(Preset)
@@ -104,19 +97,10 @@ def preset_field_problem(stored: Any) -> Optional[str]:
     if unknown:
         return f"the preset has fields this ptq4vit does not know ({', '.join(unknown)}); upgrade ptq4vit"
     for key, value in stored.items():
-        kind = hints[key]
-        if typing.get_origin(kind) is Literal:
-            ok, expected = value in typing.get_args(kind), f"one of {', '.join(typing.get_args(kind))}"
-        elif kind is bool:
-            ok, expected = isinstance(value, bool), "true or false"
-        elif kind is int:
-            ok, expected = _is_int(value), "an integer"
-        elif kind is float:
-            ok, expected = _is_number(value), "a finite number"
-        else:
-            ok, expected = isinstance(value, str), "a string"
-        if not ok:
-            return f"preset field {key} must be {expected}, got {value!r}"
+        try:
+            check_value(f"preset field {key}", value, hints[key])
+        except UserError as e:
+            return str(e)
     return None
 
 
@@ -170,9 +154,10 @@ def _check_quantized_weights(path: str, qw: Any) -> None:
             raise _fail(path, str(err)) from None
 
 
-def check_metadata(path: str, meta: dict) -> None:
-    """Refuse metadata that ``load`` cannot use as it is: every field it reads, by name."""
-    _check_model(path, meta.get("model"))
+def check_metadata(path: str, meta: dict, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> None:
+    """Refuse metadata that ``load`` cannot use as it is: every field it reads, by name (the model
+    name must be one an adapter of ``adapters`` rebuilds)."""
+    _check_model(path, meta.get("model"), adapters)
     problem = preset_field_problem(meta.get("preset"))
     if problem is not None:
         raise _fail(path, problem)
@@ -208,26 +193,6 @@ def check_tensors_match_structure(path: str, structure: dict, tensors: dict[str,
         got = [str(t.dtype).replace("torch.", ""), list(t.shape)]
         if want is not None and got != want:
             raise _fail(path, f"tensor {key!r} is {got[0]} {got[1]}, the metadata records {want[0]} {want[1]}")
-
-
-def bad_quantizer_value(model: nn.Module) -> Optional[str]:
-    """The first quantization-site tensor (a quantizer's scale, zero point, twin step or split, or a
-    smoothing divisor) with values that are not finite, or a step that is not > 0, in words; else None."""
-    for site_name, site in model.named_modules():
-        if not isinstance(site, QUANT_MODULES):
-            continue
-        for name, t in site.named_buffers():
-            if not t.is_floating_point():
-                continue
-            where = f"{site_name}.{name}"
-            n = int((~torch.isfinite(t)).sum())
-            if n:
-                return f"{where} has {n} of {t.numel()} values that are not finite (NaN or inf)"
-            if name.rpartition(".")[2] in POSITIVE_BUFFERS:
-                n = int((t <= 0).sum())
-                if n:
-                    return f"{where} has {n} of {t.numel()} values that are not > 0 (a step must be positive)"
-    return None
 
 
 def codes_problem(site_name: str, codes: torch.Tensor, bits: int) -> Optional[str]:

@@ -2,9 +2,12 @@
 
 A NaN or an infinity in a calibration image, or a float model that overflows on it, makes
 every scale downstream NaN; the quantized model then gives NaN logits on clean images too.
-These checks let ``quantize`` refuse such input by name instead.
+These checks let ``quantize`` refuse such input by name instead, and let ``save`` and ``load``
+refuse a checkpoint whose scales are unusable.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -40,4 +43,20 @@ def bad_scales(model: nn.Module) -> list[tuple[str, float]]:
     return bad
 
 
-__all__ = ["bad_scales", "nonfinite_count"]
+def bad_scale_problem(model: nn.Module) -> Optional[str]:
+    """The first buffer :func:`bad_scales` finds, in words: its path and how many of its values are
+    not finite or, all finite, not > 0; None if every buffer is good."""
+    bad = bad_scales(model)
+    if not bad:
+        return None
+    where = bad[0][0]
+    buf = model.get_buffer(where).detach()
+    n = nonfinite_count(buf)
+    if n:
+        return f"{where} has {n} of {buf.numel()} values that are not finite (NaN or inf)"
+    # all finite, so bad_scales found it by its module's positive_buffers
+    n = int((buf <= 0).sum())
+    return f"{where} has {n} of {buf.numel()} values that are not > 0 (a step must be positive)"
+
+
+__all__ = ["bad_scale_problem", "bad_scales", "nonfinite_count"]

@@ -12,21 +12,23 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .models import insert_quant_sites, norm_linear_pairs
+from .models import DEFAULT_ADAPTERS, AdapterRegistry, insert_quant_sites, norm_linear_pairs
 from .presets import Preset
 from .transforms import RotationOptions, apply_rotation
 from .transforms.reparam import zero_bias
 
 
-def prepare_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int) -> "OrderedDict[str, nn.Module]":
-    """Rotate (if asked) and insert the sites, in place; return the sites.
+def prepare_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
+                  adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> "OrderedDict[str, nn.Module]":
+    """Rotate (if asked) and insert the sites, in place; return the sites. The model's adapter in
+    ``adapters`` says where everything is (and refuses a model it does not know).
 
     With ``reparam_ln`` the linear layers it folds into get a (zero) bias if they have none, so a
     checkpoint's structure follows from the preset (docs/lowbit.md §6).
     """
-    pairs = norm_linear_pairs(model) if preset.reparam_ln else []  # refuses before the model is touched
-    apply_rotation(model, RotationOptions.from_preset(preset))
-    sites = insert_quant_sites(model, preset, w_bits, a_bits)
+    pairs = norm_linear_pairs(model, adapters=adapters) if preset.reparam_ln else []  # refuses before the model is touched
+    apply_rotation(model, RotationOptions.from_preset(preset), adapters=adapters)
+    sites = insert_quant_sites(model, preset, w_bits, a_bits, adapters=adapters)
     for _, linear in pairs:
         zero_bias(sites[linear])
     return sites

@@ -152,11 +152,17 @@ METADATA_DISAGREES = {
                     r"tensor 'blocks.0.attn.qkv.w_quant.scale' is float32 \[3\], the metadata records float32 \[4\]"),
     "structure dtype name": (_set_tensor_entry("norm.weight", ["load", [192]]), None,
                              "metadata structure entry of tensor 'norm.weight' must be"),
-    "preset int as a string": (_set_preset("n_candidates", "5"), None, "preset field n_candidates must be an integer"),
+    "preset int as a string": (_set_preset("n_candidates", "5"), None,
+                               r"preset field n_candidates must be an int, got '5' \(str\)"),
     "preset bool as a string": (_set_preset("softmax_renorm", "false"), None,
-                                "preset field softmax_renorm must be true or false, got 'false'"),
-    "preset choice": (_set_preset("metric", "l1"), None, "preset field metric must be one of cosine, mse, hessian"),
+                                r"preset field softmax_renorm must be True or False, got 'false' \(str\)"),
+    "preset choice": (_set_preset("metric", "l1"), None,
+                      r"preset field metric must be one of 'cosine', 'mse', 'hessian', got 'l1' \(str\)"),
     "preset float NaN": (_set_preset("alpha", float("nan")), None, "preset field alpha must be a finite number"),
+    "preset float as a string": (_set_preset("alpha", "0.5"), None,
+                                 r"preset field alpha must be a finite number, got '0.5' \(str\)"),
+    "preset unknown field": (_set_preset("colour", "red"), None,
+                             r"the preset has fields this ptq4vit does not know \(colour\); upgrade ptq4vit"),
     "float digest": (lambda m: m.update(float_weights_sha256=["x"]), None, "float_weights_sha256 must be 64 hex"),
 }
 
@@ -167,6 +173,18 @@ def test_metadata_that_disagrees_with_the_tensors_is_refused_by_name(good, tmp_p
     bad = rewrite(good, tmp_path / "bad.safetensors", meta_edit=meta_edit, tensor_edit=tensor_edit)
     with pytest.raises(CheckpointError, match=words):
         ptq4vit.load(bad)
+
+
+def test_a_json_integer_for_a_float_preset_field_loads_as_that_float(vit_q, good, tmp_path):
+    """JSON writers may drop a float's ".0": the preset loaded is the one saved, bit for bit."""
+    assert vit_q.preset.smooth_alpha == 0.0  # (the edit below writes the same number as the integer 0)
+    same = rewrite(good, tmp_path / "int.safetensors", meta_edit=_set_preset("smooth_alpha", 0))
+    q1, q2 = ptq4vit.load(good), ptq4vit.load(same)
+    assert type(q2.preset.smooth_alpha) is float and q2.preset == q1.preset == vit_q.preset
+    x = images(vit_q.model, 3, seed=4)
+    with torch.no_grad():
+        assert torch.equal(q1(x), q2(x))
+    assert q2.qparams() == q1.qparams()
 
 
 # ---- nothing in the metadata reaches timm but architecture arguments of a supported family

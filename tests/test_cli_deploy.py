@@ -110,6 +110,10 @@ def test_save_with_several_runs_names_each_checkpoint_in_a_folder(tmp_path, caps
     assert capsys.readouterr().err == (f"ptq4vit: error: --save {tmp_path / 'taken'} is a file, but 2 runs need a "
                                        "folder (one checkpoint per run)\n")
     assert not (tmp_path / "runs").exists()
+    assert main(args + ["--save", str(tmp_path / "taken" / "ckpts")]) == 2
+    assert capsys.readouterr().err == (f"ptq4vit: error: cannot write in --save folder {tmp_path / 'taken' / 'ckpts'}: "
+                                       f"{tmp_path / 'taken'} is not a folder\n")
+    assert not (tmp_path / "runs").exists()
     assert main(args + ["--save", str(tmp_path / "ckpts")]) == 0
     rows = [json.loads(ln) for ln in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
     names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
@@ -137,7 +141,7 @@ def test_save_path_is_checked_before_calibrating(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     bad = tmp_path / "afile" / "q.safetensors"
     assert main(_quantize_args(cifar, tmp_path / "runs") + ["--save", str(bad)]) == 2
-    assert capsys.readouterr().err == f"ptq4vit: error: cannot write under {bad.parent}: {bad.parent} is not a folder\n"
+    assert capsys.readouterr().err == f"ptq4vit: error: cannot write --save file {bad}: {bad.parent} is not a folder\n"
     assert not (tmp_path / "runs").exists()
 
 
@@ -218,3 +222,92 @@ def test_bench_labels_each_runtime_and_profiles_only_onnx_runtime_graphs(tmp_pat
         "where the time goes, int8-onnx on ONNX Runtime (CPUExecutionProvider), batch 1:"]
     b = json.loads((tmp_path / "b.json").read_text())
     assert set(b["ratios"]) == {"CPUExecutionProvider:1"} and b["openvino_ratios"]["1"] is not None
+
+
+# --------------------------------------------------------------------------- the float model deploy compares with
+
+FLOAT_ARGS = ["--model", MODEL, "--model-kwargs", json.dumps(TINY_VIT_KWARGS), "--random-init"]
+ORIGINAL = (f"float32: --model {MODEL} (random init, seed 0), the float model the checkpoint was quantized from "
+            "(its weights' digest checked)")
+DEQUANTIZED = ("float32: the checkpoint's model with its quantizers off (weights dequantized from their codes), not the "
+               "original float weights; to compare with the original, pass the float model as quantize was given it "
+               "(--model NAME and --weights PATH, or --random-init --init-seed N; --model-kwargs JSON)")
+
+
+def _deploy(ckpt, cifar, tmp_path, *extra) -> tuple:
+    """``deploy`` on ONNX Runtime over the images quantize evaluated: (printed lines, the float32 file's logits)."""
+    from ptq4vit.export.ort import make_session
+    fout = tmp_path / f"f{len(list(tmp_path.iterdir()))}.onnx"
+    assert main(["deploy", str(ckpt), "--out", str(tmp_path / "q.onnx"), "--float-out", str(fout), "--data-dir",
+                 str(cifar / "test"), "--limit", "3", "--repeats", "1", "--threads", "1", "--no-progress", *extra]) == 0
+    return fout, make_session(str(fout)).run(None, {"input": _images_of(ckpt, cifar)})[0]
+
+
+def _images_of(ckpt, cifar) -> np.ndarray:
+    from ptq4vit.harness.data import ImageFolder, eval_transform
+    ds = ImageFolder(cifar / "test", eval_transform(ck.data_config(ck.read_metadata(ckpt))), limit_per_class=3)
+    return np.stack([ds[i][0].numpy() for i in range(len(ds))])
+
+
+def test_deploy_compares_with_the_float_model_it_is_given(saved, tmp_path, capsys):
+    ckpt, row, cifar = saved
+    fout, _ = _deploy(ckpt, cifar, tmp_path, *FLOAT_ARGS)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == ORIGINAL
+    # the float32 graph is the float model quantize evaluated: its top-1 on the same images is quantize's, and the
+    # fake-quantized torch model's agreement and KL against it are the ones quantize recorded
+    flt, torch_row = _table_row(printed, "float32 ("), _table_row(printed, "fake-quant torch (")
+    assert flt[0] == f"{row['float_top1']:.2f}"
+    assert torch_row[1:3] == [f"{row['agreement']:.2f}", f"{row['kl']:.4f}"]
+    assert row["agreement"] < 100.0  # (against the dequantized model it agrees on every image)
+    # eval takes the float32 file as the checkpoint's (it records the float weights) and gives the same top-1
+    assert _eval_top1(["--checkpoint", str(ckpt), "--data-dir", str(cifar / "test"), "--limit", "3",
+                       "--onnx", str(fout)], capsys) == flt[0]
+
+
+def test_deploy_refuses_a_float_model_the_checkpoint_was_not_quantized_from(saved, tmp_path, capsys):
+    from ptq4vit.harness import zoo
+    ckpt, _, cifar = saved
+    out = tmp_path / "new" / "q.onnx"
+    assert main(["deploy", str(ckpt), "--out", str(out), "--data-dir", str(cifar / "test"), "--limit", "1",
+                 "--no-progress", *FLOAT_ARGS, "--init-seed", "1"]) == 2
+    other = zoo.create(MODEL, pretrained=False, model_kwargs=TINY_VIT_KWARGS, init_seed=1).model
+    recorded, got = ck.read_metadata(ckpt)["float_weights_sha256"], ck.float_weights_digest(other)
+    assert capsys.readouterr().err == (
+        f"ptq4vit: error: --model {MODEL} (random init, seed 1) is not the float model the checkpoint {ckpt} was "
+        f"quantized from: its float weights sha256 is {got[:16]}..., the checkpoint {ckpt} records {recorded[:16]}...\n")
+    assert not (tmp_path / "new").exists()
+    # an option that describes the float model needs the model's name
+    assert main(["deploy", str(ckpt), "--out", str(out), "--data-dir", str(cifar / "test"), "--random-init"]) == 2
+    assert capsys.readouterr().err == "ptq4vit: error: --random-init describe the float model: give --model NAME too\n"
+
+
+@pytest.fixture(scope="module")
+def rotq_saved(tmp_path_factory):
+    """``quantize --preset rotq --save``: a checkpoint whose weights are rotated and GPTQ-rounded."""
+    cifar = _cifar()
+    tmp = tmp_path_factory.mktemp("rotq")
+    ckpt = tmp / "r.safetensors"
+    args = _quantize_args(cifar, tmp / "runs")
+    args = args[:args.index("--set")] + args[args.index("--calib-size"):]  # rotq has no search fields to shorten
+    assert main(args + ["--preset", "rotq", "--save", str(ckpt)]) == 0
+    return ckpt, json.loads((tmp / "runs" / "results.jsonl").read_text()), cifar
+
+
+def test_deploy_of_rewritten_weights_compares_with_the_original_only_when_given_it(rotq_saved, tmp_path, capsys):
+    import torch
+    from ptq4vit.harness import zoo
+    ckpt, row, cifar = rotq_saved
+    _, dequantized = _deploy(ckpt, cifar, tmp_path)
+    assert capsys.readouterr().out.splitlines()[-1] == DEQUANTIZED
+    _, original = _deploy(ckpt, cifar, tmp_path, *FLOAT_ARGS)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == ORIGINAL
+    assert _table_row(printed, "float32 (")[0] == f"{row['float_top1']:.2f}"
+    # with the option the float32 file computes the original float model (as close as float rounding allows);
+    # without it, of the rotated and rounded weights: logits over a hundred times further off
+    m = zoo.create(MODEL, pretrained=False, model_kwargs=TINY_VIT_KWARGS).model
+    with torch.no_grad():
+        ref = m(torch.from_numpy(_images_of(ckpt, cifar))).numpy()
+    assert np.abs(original - ref).max() < 1e-6
+    assert np.abs(dequantized - ref).max() > 1e-4

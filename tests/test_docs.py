@@ -133,7 +133,7 @@ def test_python_examples_run(session, tiny_pretrained, tmp_path, monkeypatch):
 def test_the_python_sessions_cover_the_api_examples():
     """The documented sessions exist (a renamed tag would otherwise drop them from the test above)."""
     names = {str(b.path.relative_to(REPO)) for b in ALL_BLOCKS if b.language == "python" and b.not_run is None}
-    assert {"README.md", "docs/deployment.md"} <= names
+    assert {"README.md", "docs/deployment.md", "docs/models.md"} <= names
 
 
 def test_quantization_disabled_runs_the_weights_the_model_holds(tiny_pretrained, tmp_path):

@@ -498,6 +498,25 @@ def test_export_records_the_model_it_came_from(tmp_path):
         check_exported_from(tmp_path / "q.onnx", q, input_size=(3, 48, 48))
 
 
+def test_float_export_of_the_float_model_belongs_to_every_model_quantized_from_it(tmp_path):
+    from ptq4vit.export.provenance import check_exported_from
+    m, q = quantized("vit")
+    other_float, other = quantized("vit", seed=1)
+    ck.save(q, tmp_path / "q.safetensors")
+    ck.save(other, tmp_path / "o.safetensors")
+    reloaded, other = ptq4vit.load(tmp_path / "q.safetensors"), ptq4vit.load(tmp_path / "o.safetensors")
+    export_onnx(m, tmp_path / "f.onnx", int8=False)
+    check_exported_from(tmp_path / "f.onnx", reloaded, input_size=(3, 32, 32))
+    mine, theirs = ck.float_weights_digest(m), ck.float_weights_digest(other_float)
+    with pytest.raises(ptq4vit.UserError) as e:
+        check_exported_from(tmp_path / "f.onnx", other, "the checkpoint")
+    assert str(e.value) == (f"{tmp_path / 'f.onnx'} is the float32 graph of other float weights (sha256 {mine[:16]}...) "
+                            f"than the checkpoint was quantized from ({theirs[:16]}...): export it again from that "
+                            "float model")
+    with pytest.raises(ptq4vit.UserError, match=r"f.onnx takes 3x32x32 images; the images here are 3x48x48"):
+        check_exported_from(tmp_path / "f.onnx", reloaded, input_size=(3, 48, 48))
+
+
 def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     import ptq4vit.export.onnx as onnx_export
     _, q = quantized("vit")
@@ -513,6 +532,22 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             export_onnx(q, target, int8=int8)
         assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    _, q = quantized("vit")
+    target = tmp_path / "q.onnx"
+    target.write_bytes(b"previous export")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(ptq4vit.UserError, match=f"^cannot write ONNX file {target}: No space left on device$"):
+        export_onnx(q, target, int8=False)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"] and target.read_bytes() == b"previous export"
 
 
 def _one_line(capsys, *needles):

@@ -11,7 +11,7 @@ from torch import nn
 
 import ptq4vit
 from ptq4vit import UserError
-from ptq4vit.finite import bad_scales, nonfinite_count
+from ptq4vit.finite import bad_scale_problem, bad_scales, nonfinite_count
 from ptq4vit.nn import QuantLinear
 from ptq4vit.presets import PRESETS
 from ptq4vit.quant import AsymmetricQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
@@ -84,6 +84,32 @@ def test_bad_scales_on_hand_made_quantizers():
         lin.smooth[2] = 0.0
     model = nn.ModuleDict({"split": split, "lin": lin})
     assert bad_scales(model) == [("split.split", -0.25), ("lin.smooth", 0.0)]
+
+
+class _StepQuantizer(nn.Module):
+    """A quantizer kind of its own: its step is checked because it declares it, not by its name."""
+
+    positive_buffers = ("step",)
+
+    def __init__(self, step):
+        super().__init__()
+        self.register_buffer("step", torch.tensor(step))
+        self.register_buffer("offset", torch.zeros(len(step)))
+
+
+def test_bad_scale_problem_names_the_first_bad_buffer_and_counts_its_values():
+    q = UniformQuantizer(8, 3, axis=0)
+    q.set_scale(torch.tensor([0.5, math.nan, -1.0]))
+    assert bad_scale_problem(q) == "scale has 1 of 3 values that are not finite (NaN or inf)"
+    q.set_scale(torch.tensor([0.5, 0.0, -1.0]))
+    assert bad_scale_problem(q) == "scale has 2 of 3 values that are not > 0 (a step must be positive)"
+    q.set_scale(torch.tensor([0.5, 1.0, 2.0]))
+    assert bad_scale_problem(q) is None
+    own = nn.ModuleDict({"a": _StepQuantizer([1.0, 2.0]), "b": _StepQuantizer([1.0, -2.0, 0.0, 3.0])})
+    assert bad_scale_problem(own) == "b.step has 2 of 4 values that are not > 0 (a step must be positive)"
+    own.b.step.fill_(1.0)
+    own.b.offset[1] = -math.inf
+    assert bad_scale_problem(own) == "b.offset has 1 of 4 values that are not finite (NaN or inf)"
 
 
 def test_nonfinite_count_counts_nan_and_both_infinities():

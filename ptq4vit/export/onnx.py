@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_write import atomic_path
 from ..errors import UserError
 from ..nn import QUANT_MODULES, FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
 from ..quantized import QuantizedModel
@@ -45,7 +46,7 @@ from .qdq import QdqLinear, QdqMatMul
 from ..transforms.modules import OnlineRotation
 from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
 from .input_size import fixed_position_embedding, resolve_input_size
-from .provenance import provenance_metadata
+from .provenance import float_provenance_metadata, provenance_metadata
 
 __all__ = ["export_onnx", "ExportReport", "SiteExport", "AllFloatError", "cpu_has_vnni", "FORMATS", "GEMM_MODES", "TWIN_COMBINES"]
 
@@ -159,20 +160,6 @@ def _example_input(batch_size: int, input_size: tuple) -> torch.Tensor:
     return torch.randn(batch_size, *input_size, generator=gen)
 
 
-@contextlib.contextmanager
-def _written_in_one_piece(path: str):
-    """Yield a temporary name next to ``path`` to write the file under; move it to ``path`` at the end, or remove
-    it on any failure: a failed or interrupted export leaves neither a partial file nor a changed old one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: int, dynamic_batch: bool,
                   contrib_ops: bool = False) -> None:
     kwargs = dict(dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
@@ -244,7 +231,9 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                 meta.update({"ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,
                              "ptq4vit.w_bits": model.w_bits, "ptq4vit.a_bits": model.a_bits,
                              **provenance_metadata(model, size)})
-            with _written_in_one_piece(path) as tmp, fixed_position_embedding(inner, size):
+            else:
+                meta.update(float_provenance_metadata(model, size))
+            with atomic_path(path, what="ONNX file") as tmp, fixed_position_embedding(inner, size):
                 if isinstance(model, QuantizedModel):
                     with model.quantization_disabled():
                         _torch_export(model, example, tmp, opset, batch_size is None)
@@ -271,7 +260,7 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
                      "ptq4vit.float_fallbacks": "; ".join(f"{s.name}: {s.reason}" for s in report.fallbacks) or "none",
                      "ptq4vit.float_transforms": "; ".join(f"{t.name}: {t.what}" for t in report.float_transforms)
                      or "none"})
-        with _written_in_one_piece(path) as tmp:
+        with atomic_path(path, what="ONNX file") as tmp:
             with _patched(patches), fixed_position_embedding(inner, size):
                 _torch_export(model, example, tmp, opset, batch_size is None, contrib_ops=contrib)
             postprocess(tmp, meta, quantize_before_layout=format == "qdq")

@@ -4,7 +4,9 @@
 bits, and every tensor of its state dict, with each quantized weight taken as its integer codes
 (the checkpoint stores codes and :func:`ptq4vit.load` dequantizes them, so a model and its saved
 and reloaded copy have one digest). :func:`export_onnx` writes it (and the input size) into the
-file's metadata; :func:`check_exported_from` compares a file with a model before it is run.
+file's metadata; :func:`check_exported_from` compares a file with a model before it is run. The
+float32 graph of a plain float model records the digest of its float weights instead
+(:func:`ptq4vit.checkpoint.float_weights_digest`): it belongs to every quantized model made from them.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ from ..errors import UserError
 from ..quantized import QuantizedModel
 from .input_size import size_text
 
-__all__ = ["MODEL_DIGEST_KEY", "INPUT_SIZE_KEY", "model_digest", "provenance_metadata", "read_onnx_metadata",
-           "onnx_input_size", "check_exported_from"]
+__all__ = ["MODEL_DIGEST_KEY", "INPUT_SIZE_KEY", "FLOAT_WEIGHTS_KEY", "model_digest", "provenance_metadata",
+           "float_provenance_metadata", "read_onnx_metadata", "onnx_input_size", "check_exported_from"]
 
 MODEL_DIGEST_KEY = "ptq4vit.model_sha256"
 INPUT_SIZE_KEY = "ptq4vit.input_size"
+FLOAT_WEIGHTS_KEY = "ptq4vit.float_weights_sha256"
 
 
 def _update(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
@@ -49,7 +52,15 @@ def model_digest(qmodel: QuantizedModel) -> str:
 def provenance_metadata(qmodel: QuantizedModel, input_size: tuple) -> dict:
     """The metadata entries :func:`check_exported_from` reads."""
     return {MODEL_DIGEST_KEY: model_digest(qmodel), INPUT_SIZE_KEY: size_text(input_size),
-            "ptq4vit.float_weights_sha256": qmodel.float_weights_sha256 or "unknown"}
+            FLOAT_WEIGHTS_KEY: qmodel.float_weights_sha256 or "unknown"}
+
+
+def float_provenance_metadata(model: torch.nn.Module, input_size: tuple) -> dict:
+    """What the float32 graph of a plain float model records: the digest of its float weights and the input size."""
+    from ..checkpoint import float_weights_digest
+    from ..quantized import model_name
+    return {"ptq4vit.model": model_name(model), FLOAT_WEIGHTS_KEY: float_weights_digest(model),
+            INPUT_SIZE_KEY: size_text(input_size)}
 
 
 def read_onnx_metadata(path: "str | os.PathLike") -> dict:
@@ -83,11 +94,19 @@ def check_exported_from(path: "str | os.PathLike", qmodel: QuantizedModel, what:
     path = os.fspath(path)
     meta = read_onnx_metadata(path)
     recorded = meta.get(MODEL_DIGEST_KEY)
-    if recorded is None:
+    if recorded is None and meta.get("ptq4vit.int8") == "0" and FLOAT_WEIGHTS_KEY in meta:
+        # the float32 graph of a plain float model: it must be the one ``qmodel`` was quantized from
+        theirs, ours = meta[FLOAT_WEIGHTS_KEY], qmodel.float_weights_sha256
+        if ours is None:
+            raise UserError(f"{path} is the float32 graph of a float model, and {what} does not record the float "
+                            f"weights it was quantized from: export the float32 graph from {what} instead")
+        if theirs != ours:
+            raise UserError(f"{path} is the float32 graph of other float weights (sha256 {theirs[:16]}...) than "
+                            f"{what} was quantized from ({ours[:16]}...): export it again from that float model")
+    elif recorded is None:
         raise UserError(f"{path} does not record which model it was exported from (exported by another tool or an "
                         f"older ptq4vit): export it again from {what} with ptq4vit export")
-    ours = model_digest(qmodel)
-    if recorded != ours:
+    elif recorded != (ours := model_digest(qmodel)):
         def describe(m):
             bits = f" W{m['ptq4vit.w_bits']}A{m['ptq4vit.a_bits']}" if "ptq4vit.w_bits" in m else ""
             return f"{m.get('ptq4vit.model', '?')} {m.get('ptq4vit.preset', '')}{bits}".replace("  ", " ").strip()

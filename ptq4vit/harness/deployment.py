@@ -4,6 +4,11 @@
 compiles both on the runtime, runs them over the evaluation images in one pass (with the
 fake-quantized torch model beside them), and times both on one batch of those images, interleaved.
 Every figure is of the exported file *on that runtime*, not of the torch model it came from.
+
+The float32 graph is exported from the float model the checkpoint was quantized from when it is
+given (checked against the float-weights digest the checkpoint records), else from the checkpoint's
+own model with its quantizers off: its weights are then the dequantized ones (and, for presets that
+rewrite weights, the rewritten ones), as a checkpoint does not hold the original float weights.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..checkpoint import float_weights_digest
 from ..errors import UserError
 from ..export.bench import time_interleaved
 from ..export.onnx import export_onnx
@@ -23,9 +29,26 @@ from ..export.runtimes import Runtime, get_runtime
 from .data import make_loader
 from .fidelity import fidelity, top1_agreement
 
-__all__ = ["Deployment", "deploy", "format_deployment", "FLOAT", "INT8", "TORCH"]
+__all__ = ["Deployment", "deploy", "check_float_model", "format_deployment", "FLOAT", "INT8", "TORCH"]
 
 FLOAT, INT8, TORCH = "float32", "int8", "fake-quant torch"
+
+#: What the float32 graph is when no float model is given.
+DEQUANTIZED = "the checkpoint's model with its quantizers off (weights dequantized from their codes)"
+
+
+def check_float_model(qmodel, float_model, what: str = "the given float model",
+                      quantized: str = "the checkpoint") -> None:
+    """Refuse (UserError naming both digests) a float model whose weights are not the ones ``qmodel``
+    was quantized from."""
+    recorded = qmodel.float_weights_sha256
+    if recorded is None:
+        raise UserError(f"{quantized} does not record the float weights it was quantized from; "
+                        f"it cannot be compared with {what}")
+    got = float_weights_digest(float_model)
+    if got != recorded:
+        raise UserError(f"{what} is not the float model {quantized} was quantized from: its float weights "
+                        f"sha256 is {got[:16]}..., {quantized} records {recorded[:16]}...")
 
 
 @dataclass
@@ -44,6 +67,8 @@ class Deployment:
     timing_batch: int = 0
     median_ms: dict = field(default_factory=dict)     # FLOAT / INT8 -> median ms per batch
     repeats: int = 0
+    float_source: str = DEQUANTIZED                   # what the float32 graph was exported from, in words
+    original_float: bool = False                      # the float model the checkpoint was quantized from
 
     @property
     def speedup(self) -> Optional[float]:
@@ -55,10 +80,15 @@ class Deployment:
 def deploy(qmodel, dataset, runtime: str, out: "str | os.PathLike", *, float_out: Optional[str] = None,
            format: Optional[str] = None, precision: str = "f32", allow_float: bool = False, batch_size: int = 64,
            num_workers: int = 0, repeats: int = 5, threads: Optional[int] = None, with_torch: bool = True,
-           progress: bool = True, log: Callable[[str], None] = lambda m: None) -> Deployment:
+           progress: bool = True, log: Callable[[str], None] = lambda m: None, float_model=None,
+           float_name: str = "the float model") -> Deployment:
     """Export ``qmodel`` to ``out`` for ``runtime`` and re-check it there on ``dataset`` (see the module
     docstring). ``format``: the int8 graph (default: the runtime's own); ``precision``: OpenVINO's
-    float layers; ``allow_float``: see :func:`ptq4vit.export.export_onnx`."""
+    float layers; ``allow_float``: see :func:`ptq4vit.export.export_onnx`. ``float_model`` (named
+    ``float_name``): the float timm model ``qmodel`` was quantized from (checked by its weights'
+    digest); the float32 graph and every figure against float are then of it."""
+    if float_model is not None:
+        check_float_model(qmodel, float_model, float_name)
     rt = get_runtime(runtime)
     fmt = format or rt.formats[0]
     if fmt not in rt.formats:
@@ -73,9 +103,12 @@ def deploy(qmodel, dataset, runtime: str, out: "str | os.PathLike", *, float_out
         tmp = tempfile.TemporaryDirectory(prefix="ptq4vit-deploy-")
         float_out = os.path.join(tmp.name, "float32.onnx")
     try:
-        export_onnx(qmodel, float_out, int8=False)
+        export_onnx(qmodel if float_model is None else float_model, float_out, int8=False)
         int8_rt, float_rt = rt.load(out, threads, precision), rt.load(float_out, threads, precision)
         res = Deployment(rt, int8_rt.device, out, os.fspath(float_out), report, int8_rt.integer_kernels())
+        if float_model is not None:
+            res.float_source = f"{float_name}, the float model the checkpoint was quantized from (its weights' digest checked)"
+            res.original_float = True
         _score(res, qmodel, dataset, int8_rt, float_rt, batch_size, num_workers, with_torch, progress, log)
         x = _first_images(dataset, batch_size)
         res.timing_batch, res.repeats = len(x), repeats
@@ -140,8 +173,10 @@ def _table(rows: list, right: set) -> list:
             for r in rows]
 
 
-def format_deployment(d: Deployment, images_from: str = "") -> str:
-    """What ``ptq4vit deploy`` prints: where every site runs, then the re-check and the timing."""
+def format_deployment(d: Deployment, images_from: str = "", how_to_pass_float: str = "") -> str:
+    """What ``ptq4vit deploy`` prints: where every site runs, then the re-check and the timing, and
+    what the float32 graph is; ``how_to_pass_float`` tells how to give the original float model when
+    it was not given."""
     rep = d.report
     n_int = sum(s.integer for s in rep.sites)
     lines = [f"{d.path}: int8 ONNX ({rep.format}) on {d.runtime.label} ({d.device})",
@@ -176,5 +211,8 @@ def format_deployment(d: Deployment, images_from: str = "") -> str:
         lines.append(f"int8/float32 speed on {d.runtime.label}: {d.speedup:.2f}x")
     if d.torch_agreement is not None:
         lines.append(f"int8 file vs the fake-quantized torch model: top-1 agreement {d.torch_agreement:.2f}%")
-    lines.append("float32: the checkpoint's model with its quantizers off (weights dequantized from their codes)")
+    foot = f"float32: {d.float_source}"
+    if not d.original_float:
+        foot += ", not the original float weights" + (f"; {how_to_pass_float}" if how_to_pass_float else "")
+    lines.append(foot)
     return "\n".join(lines)

@@ -19,9 +19,13 @@ from typing import Callable
 
 from torch import nn
 from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
+# Imported from vision_transformer (not timm.layers, which gained it after 1.0.3, the floor)
+from timm.models.vision_transformer import Attention
 
 from ..errors import UnsupportedModelError, UserError
 from ..transforms.modules import OnlineRotation, RMSNorm
+from ..transforms.rotation_layout import RotationLayout
+from .attention import QuantAttention
 from .create_args import ArgKind
 from .sites import SiteBuilder
 
@@ -30,6 +34,8 @@ from .sites import SiteBuilder
 NORMS = (nn.LayerNorm, RMSNorm, nn.Identity)
 #: Float modules allowed where a dropout or stochastic depth goes (identity at inference).
 DROPOUTS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
+#: Modules that compute the identity in eval mode (a checkpoint's architecture comparison skips their settings).
+EVAL_IDENTITIES = (nn.Dropout, DropPath, nn.Identity)
 #: MLP activations allowed when the post-GELU twin is off (the twin needs nn.GELU).
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Identity)
 
@@ -128,6 +134,30 @@ class SitePlan:
         self.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
         self.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
 
+    def attention(self, path: str, attn: nn.Module, build: SiteBuilder) -> None:
+        """timm's ``Attention``: replaced by :class:`QuantAttention` (qkv, proj and the two matmuls as sites);
+        q/k normalisation and gating are refused."""
+        if type(attn) is not Attention:
+            raise self.refuse(path, attn, "only timm's Attention (fused qkv, softmax attention, proj) is a known "
+                                          "attention layout; its matmuls would otherwise stay float")
+        for name in ("q_norm", "k_norm"):
+            if type(getattr(attn, name)) is not nn.Identity:
+                raise self.refuse(f"{path}.{name}", getattr(attn, name),
+                                  "q/k normalisation (qk_norm=True) is not supported: the attention matmul operands "
+                                  "would be the normalised q and k, which calibration and export do not model")
+        if getattr(attn, "gate", None) is not None:
+            raise self.refuse(f"{path}.gate", attn.gate, "gated attention is not supported")
+        self.replaced_with_parts(path, lambda a: QuantAttention(a, build.qkv_linear(a.qkv), build.linear(a.proj),
+                                                               *build.attention_matmuls(a.num_heads, a.qkv)))
+        self.part(f"{path}.qkv", attn.qkv, (nn.Linear,), "the qkv projection")
+        self.part(f"{path}.proj", attn.proj, (nn.Linear,), "the output projection")
+        self.part(f"{path}.q_norm", attn.q_norm, (nn.Identity,), "q norm")
+        self.part(f"{path}.k_norm", attn.k_norm, (nn.Identity,), "k norm")
+        if getattr(attn, "norm", None) is not None:
+            self.part(f"{path}.norm", attn.norm, (nn.Identity, nn.LayerNorm), "the attention output norm")
+        self.part(f"{path}.attn_drop", attn.attn_drop, (nn.Dropout,), "attention dropout")
+        self.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")
+
     # ---- checking and applying
 
     def _accounted(self, name: str) -> bool:
@@ -171,6 +201,9 @@ class Adapter(ABC):
     #: The ``timm.create_model`` arguments that rebuild this family's architecture besides
     #: ``COMMON_CREATE_ARGS``, with the values each takes; a checkpoint passes nothing else to timm.
     create_args: dict[str, ArgKind] = {}
+    #: Model names this adapter builds itself with :meth:`create_model` (a family from outside timm's
+    #: registry); a checkpoint of one of them is rebuilt through this adapter.
+    architectures: tuple[str, ...] = ()
 
     @abstractmethod
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
@@ -186,11 +219,36 @@ class Adapter(ABC):
         which sizes it takes."""
         check_patch_embed_size(model.patch_embed, height, width, what)
 
+    def common_create_kwargs(self, model: nn.Module) -> dict:
+        """The ``COMMON_CREATE_ARGS`` as read off ``model``: what a checkpoint tries first. timm's models
+        keep ``num_classes`` and a ``patch_embed`` with ``img_size`` and a ``proj`` conv."""
+        kw: dict = {"num_classes": model.num_classes}
+        pe = getattr(model, "patch_embed", None)
+        if pe is not None and getattr(pe, "img_size", None) is not None:
+            kw["img_size"] = list(pe.img_size)
+            kw["in_chans"] = pe.proj.in_channels
+        return kw
+
+    def create_model(self, name: str, **kwargs) -> nn.Module:
+        """A float model ``name`` built with the architecture arguments ``kwargs``, weights random (a
+        checkpoint's tensors replace them): ``timm.create_model(name, pretrained=False, **kwargs)``."""
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """``(LayerNorm, linear layer)`` paths where the norm's output feeds that one linear layer only,
         for RepQ-ViT's reparameterization (``reparam_ln``, docs/lowbit.md §6). Families that do not
         list them refuse it."""
         raise UnsupportedModelError(f"reparam_ln (RepQ-ViT's LayerNorm reparameterization) is not supported for "
+                                    f"{type(model).__name__} by the {self.family} adapter")
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        """Where the rotations of docs/lowbit.md §2 fold in ``model`` (the residual stream's writers,
+        readers, norms and layer scales only with ``residual``), after checking that the model has the
+        layout they assume; UnsupportedModelError naming the module otherwise. Families that do not
+        describe it refuse every rotation."""
+        raise UnsupportedModelError(f"rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for "
                                     f"{type(model).__name__} by the {self.family} adapter")
 
 

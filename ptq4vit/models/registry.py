@@ -31,6 +31,12 @@ class AdapterRegistry:
                 if cls in self._by_class:
                     raise ValueError(f"two adapters claim {cls.__name__}: {self._by_class[cls].family} and {adapter.family}")
                 self._by_class[cls] = adapter
+        names: dict[str, Adapter] = {}
+        for adapter in self.adapters:
+            for name in adapter.architectures:
+                if name in names:
+                    raise ValueError(f"two adapters build the model name {name!r}: {names[name].family} and {adapter.family}")
+                names[name] = adapter
 
     @property
     def model_classes(self) -> tuple[type, ...]:
@@ -41,16 +47,25 @@ class AdapterRegistry:
         return AdapterRegistry((*self.adapters, adapter))
 
     def adapter_for_name(self, name: str) -> Adapter:
-        """The adapter of the timm model name ``name`` (``architecture`` or ``architecture.tag``), found
-        without building anything: by the timm module that registers the architecture."""
+        """The adapter of the model name ``name`` (``architecture`` or ``architecture.tag``), found without
+        building anything: an adapter that names the architecture in its ``architectures``, else the
+        one of the timm module that registers it (a tag must be one timm knows)."""
         import timm.models
 
-        arch = name.partition(".")[0]
+        arch, _, tag = name.partition(".")
+        for adapter in self.adapters:
+            if arch in adapter.architectures:
+                return adapter
         if not timm.models.is_model(arch):
             raise UnsupportedModelError(f"{name!r} is not a model name timm {timm.__version__} knows")
         module = timm.models.model_entrypoint(arch).__module__
         for adapter in self.adapters:
             if module in adapter.timm_modules:
+                if tag:
+                    try:
+                        timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+                    except RuntimeError:
+                        raise UnsupportedModelError(f"timm knows no tag {tag!r} of {arch}") from None
                 return adapter
         raise UnsupportedModelError(
             f"timm model {name!r} (from {module}) has no ptq4vit adapter; ptq4vit has adapters for the models of "
@@ -60,7 +75,7 @@ class AdapterRegistry:
         adapter = self._by_class.get(type(model))
         if adapter is None:
             raise UnsupportedModelError(
-                f"model type {type(model).__name__} is not supported; ptq4vit has adapters for timm "
+                f"model type {type(model).__name__} is not supported; the adapter registry has adapters for "
                 f"{', '.join(c.__name__ for c in self._by_class)}")
         return adapter
 

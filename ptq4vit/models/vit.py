@@ -13,18 +13,15 @@ q/k norm or a gate, an MLP with a norm before fc2, the attention-pool head
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import nn
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import (Attention, Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock,
-                                            VisionTransformer)
+from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock, VisionTransformer
 
-from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
+from .vit_rotation import vit_rotation_layout
 
 #: Why the known non-standard blocks are refused.
 _BLOCK_REFUSALS = {
@@ -32,62 +29,6 @@ _BLOCK_REFUSALS = {
                           "projection; there is no separate qkv / proj / fc1 / fc2 or attention matmul to quantize",
     ParallelThingsBlock: "parallel attention and MLP branches are not a block layout this adapter knows",
 }
-
-
-def additive_attention_mask(seq_len: int, scores: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                            is_causal: bool) -> Optional[torch.Tensor]:
-    """The bias added to attention scores, with ``scaled_dot_product_attention``'s mask meaning.
-
-    ``is_causal`` masks future positions; a boolean mask keeps ``True`` positions; a float mask
-    is added as it is.
-    """
-    if is_causal:
-        return scores.new_full((seq_len, seq_len), float("-inf")).triu_(1)
-    if attn_mask is None or attn_mask.dtype != torch.bool:
-        return attn_mask
-    return torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
-
-
-class QuantAttention(nn.Module):
-    """Replacement for timm's ``Attention`` with the two attention matmuls as sites.
-
-    Computes what timm's non-fused path computes. The ``* scale`` of q@kᵀ is applied after the
-    matmul so that the unscaled q and k are what gets quantized (docs/method.md §1); with
-    quantization off this differs from timm only by float rounding when the head dim is not a
-    power of four.
-    """
-
-    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: "QuantMatMul | FloatMatMul",
-                 matmul2: "QuantMatMul | FloatMatMul"):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
-        self.scale = attn.scale
-        self.qkv = qkv
-        self.q_norm = attn.q_norm  # Identity (the adapter refuses q/k norm); kept to mirror timm's attributes
-        self.k_norm = attn.k_norm
-        self.matmul1 = matmul1
-        self.attn_drop = attn.attn_drop
-        self.matmul2 = matmul2
-        self.norm = getattr(attn, "norm", None) or nn.Identity()
-        self.proj = proj
-        self.proj_drop = attn.proj_drop
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
-        bias = additive_attention_mask(N, attn, attn_mask, is_causal)
-        if bias is not None:
-            attn = attn + bias
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul2(attn, v)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        return self.proj_drop(self.proj(x))
 
 
 class VitAdapter(Adapter):
@@ -156,6 +97,9 @@ class VitAdapter(Adapter):
                 pairs.append((f"blocks.{i}.{norm}", f"blocks.{i}.{linear}"))
         return pairs
 
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return vit_rotation_layout(model, residual)
+
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:
             why = next((why for cls, why in _BLOCK_REFUSALS.items() if isinstance(block, cls)),
@@ -163,32 +107,10 @@ class VitAdapter(Adapter):
             raise p.refuse(path, block, why)
         p.container(path)
         p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, build)
+        p.attention(f"{path}.attn", block.attn, build)
         p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
         p.mlp(f"{path}.mlp", block.mlp, build)
         for name in ("ls1", "ls2"):
             p.keep_float(f"{path}.{name}", getattr(block, name), (LayerScale, nn.Identity), "layer scale")
         for name in ("drop_path1", "drop_path2"):
             p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
-
-    def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
-        if type(attn) is not Attention:
-            raise p.refuse(path, attn, "only timm's Attention (fused qkv, softmax attention, proj) is a known "
-                                       "attention layout; its matmuls would otherwise stay float")
-        for name in ("q_norm", "k_norm"):
-            if type(getattr(attn, name)) is not nn.Identity:
-                raise p.refuse(f"{path}.{name}", getattr(attn, name),
-                               "q/k normalisation (qk_norm=True) is not supported: the attention matmul operands "
-                               "would be the normalised q and k, which calibration and export do not model")
-        if getattr(attn, "gate", None) is not None:
-            raise p.refuse(f"{path}.gate", attn.gate, "gated attention is not supported")
-        p.replaced_with_parts(path, lambda a: QuantAttention(a, build.qkv_linear(a.qkv), build.linear(a.proj),
-                                                            *build.attention_matmuls(a.num_heads, a.qkv)))
-        p.part(f"{path}.qkv", attn.qkv, (nn.Linear,), "the qkv projection")
-        p.part(f"{path}.proj", attn.proj, (nn.Linear,), "the output projection")
-        p.part(f"{path}.q_norm", attn.q_norm, (nn.Identity,), "q norm")
-        p.part(f"{path}.k_norm", attn.k_norm, (nn.Identity,), "k norm")
-        if getattr(attn, "norm", None) is not None:
-            p.part(f"{path}.norm", attn.norm, (nn.Identity, nn.LayerNorm), "the attention output norm")
-        p.part(f"{path}.attn_drop", attn.attn_drop, (nn.Dropout,), "attention dropout")
-        p.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")

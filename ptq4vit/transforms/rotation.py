@@ -1,4 +1,4 @@
-"""Orthogonal rotations of a timm ViT that leave its float function unchanged (docs/lowbit.md §2).
+"""Orthogonal rotations of a transformer that leave its float function unchanged (docs/lowbit.md §2).
 
 Channel outliers (a few input channels of a linear layer far above the others) break uniform
 low-bit quantization of activations. Rotating the activations by an orthogonal ``Q`` spreads
@@ -14,8 +14,11 @@ rotation can be folded into the weights. Three independent parts:
 * **heads**: per head, q and k get the same ``R_h`` (``q kᵀ`` unchanged), v gets ``S_h`` undone
   in ``proj``'s input columns; folded into qkv and proj, so nothing runs online.
 * **fc2**: the post-GELU input of fc2 cannot be folded into fc1 (GELU is in between), so an
-  :class:`OnlineRotation` sits in front of fc2 (in the MLP's ``norm`` slot, an identity in timm's
-  ViT) and ``Rᵀ`` is folded into fc2's weight.
+  :class:`OnlineRotation` sits in front of fc2 (in an identity slot the adapter names: the MLP's
+  ``norm`` in timm's ViT) and ``Rᵀ`` is folded into fc2's weight.
+
+Where these modules are is the family's knowledge: its adapter checks the model and describes it
+(:mod:`.rotation_layout`); a family whose adapter has no ``rotation_layout`` is refused by name.
 
 Folding is done in float64; the result is cast back to each parameter's dtype.
 """
@@ -23,22 +26,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
-from timm.layers import Mlp
-from timm.models.deit import VisionTransformerDistilled
-# Imported from vision_transformer (not timm.layers, which gained them after 1.0.3, the floor)
-from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
 
-from ..errors import UnsupportedModelError, UserError
+from ..errors import UserError
 from ..presets import ROTATION_KINDS, Preset
 from .modules import OnlineRotation, RMSNorm
 from .orthogonal import make_rotation
+from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, ResidualStream
+
+if TYPE_CHECKING:
+    from ..models import AdapterRegistry
 
 logger = logging.getLogger(__name__)
-
-ROTATABLE_MODELS = (VisionTransformer, VisionTransformerDistilled)
 
 
 @dataclass(frozen=True)
@@ -123,47 +125,10 @@ def _rotate_reader(lin: nn.Linear, q: torch.Tensor) -> None:
     _assign(lin.weight, _f64(lin.weight) @ q)
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_model(model: nn.Module) -> None:
-    if type(model) not in ROTATABLE_MODELS:
-        raise UnsupportedModelError(f"rotation supports timm {', '.join(c.__name__ for c in ROTATABLE_MODELS)}, "
-                                    f"not {type(model).__name__}")
-    for name, blk in model.blocks.named_children():
-        if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
-            raise UnsupportedModelError(f"module 'blocks.{name}': rotation needs timm's Block/Attention/Mlp")
-        if not isinstance(blk.attn.q_norm, nn.Identity) or not isinstance(blk.attn.k_norm, nn.Identity) \
-                or not isinstance(blk.attn.norm, nn.Identity):
-            raise UnsupportedModelError(f"module 'blocks.{name}.attn': rotation does not fold q/k/attention norms")
-        if not isinstance(blk.mlp.norm, nn.Identity):
-            raise UnsupportedModelError(f"module 'blocks.{name}.mlp': rotation needs an identity MLP norm slot")
-
-
-def _check_residual(model: nn.Module) -> None:
-    for attr in ("norm_pre",):
-        if not isinstance(getattr(model, attr), nn.Identity):
-            raise UnsupportedModelError(f"module {attr!r}: residual rotation needs it to be an identity")
-    if not isinstance(model.patch_embed.norm, nn.Identity):
-        raise UnsupportedModelError("module 'patch_embed.norm': residual rotation needs it to be an identity")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("module 'attn_pool': residual rotation does not support attention pooling")
-    norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
-    if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
-        raise UnsupportedModelError("residual rotation needs exactly one final LayerNorm (norm or fc_norm)")
-    for name, blk in model.blocks.named_children():
-        for norm_name in ("norm1", "norm2"):
-            if not isinstance(getattr(blk, norm_name), nn.LayerNorm):
-                raise UnsupportedModelError(f"module 'blocks.{name}.{norm_name}': residual rotation needs a LayerNorm")
-        for ls_name in ("ls1", "ls2"):
-            if not isinstance(getattr(blk, ls_name), (nn.Identity, LayerScale)):
-                raise UnsupportedModelError(f"module 'blocks.{name}.{ls_name}': unknown layer scale")
-
-
 # ----------------------------------------------------------------------------- the three parts
 
 
-def rotate_heads(attn: Attention, gen: torch.Generator, kind: str) -> None:
+def rotate_heads(attn: AttentionHeads, gen: torch.Generator, kind: str) -> None:
     """Per-head rotations of q, k (shared) and v (undone in proj), folded into qkv and proj."""
     h, d = attn.num_heads, attn.head_dim
     dim = h * d
@@ -186,72 +151,72 @@ def rotate_heads(attn: Attention, gen: torch.Generator, kind: str) -> None:
     _assign(attn.proj.weight, pw)
 
 
-def rotate_fc2_input(mlp: Mlp, gen: torch.Generator, kind: str) -> None:
-    """Insert an :class:`OnlineRotation` before fc2 and fold its transpose into fc2's weight."""
-    rot = make_rotation(mlp.fc2.in_features, kind, gen)
-    _rotate_reader(mlp.fc2, rot.dense().to(mlp.fc2.weight.device))
-    mlp.norm = OnlineRotation(rot, mlp.fc2.weight.dtype, mlp.fc2.weight.device)
+def rotate_fc2_input(slot: OnlineSlot, gen: torch.Generator, kind: str) -> None:
+    """Put an :class:`OnlineRotation` in the slot before fc2 and fold its transpose into fc2's weight."""
+    fc2 = slot.linear
+    rot = make_rotation(fc2.in_features, kind, gen)
+    _rotate_reader(fc2, rot.dense().to(fc2.weight.device))
+    setattr(slot.owner, slot.attr, OnlineRotation(rot, fc2.weight.dtype, fc2.weight.device))
 
 
-def rotate_residual(model: VisionTransformer, q: torch.Tensor) -> None:
+def _fold_and_replace_norm(norm: NormReaders) -> None:
+    """Fold the norm's affine into its readers; the norm becomes affine-free (RMSNorm on a centred stream)."""
+    ln = getattr(norm.owner, norm.norm)
+    _fold_norm_into(ln, list(norm.readers))
+    setattr(norm.owner, norm.norm, _rms_norm(ln))
+
+
+def rotate_residual(stream: ResidualStream, q: torch.Tensor) -> None:
     """Fold norms and LayerScale, centre the writers and rotate the residual stream by ``q``."""
-    # Writers of the stream: patch embedding, prefix tokens, position embedding.
-    conv = model.patch_embed.proj
-    cw = _f64(conv.weight)
-    shape = cw.shape
-    cw = _centre_rows(cw.reshape(shape[0], -1))
-    _assign(conv.weight, (q.t() @ cw).reshape(shape))
-    if conv.bias is not None:
-        cb = _f64(conv.bias)
-        _assign(conv.bias, (cb - cb.mean()) @ q)
-    for attr in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-        t = getattr(model, attr, None)
-        if t is not None:
-            v = _f64(t)
-            _assign(t, (v - v.mean(-1, keepdim=True)) @ q)
+    for conv in stream.input_convs:
+        cw = _f64(conv.weight)
+        shape = cw.shape
+        cw = _centre_rows(cw.reshape(shape[0], -1))
+        _assign(conv.weight, (q.t() @ cw).reshape(shape))
+        if conv.bias is not None:
+            cb = _f64(conv.bias)
+            _assign(conv.bias, (cb - cb.mean()) @ q)
+    for t in stream.added_tensors:
+        v = _f64(t)
+        _assign(t, (v - v.mean(-1, keepdim=True)) @ q)
 
-    for blk in model.blocks:
-        attn, mlp = blk.attn, blk.mlp
-        _fold_norm_into(blk.norm1, [attn.qkv])
-        _fold_norm_into(blk.norm2, [mlp.fc1])
-        for ls, writer, ls_name in ((blk.ls1, attn.proj, "ls1"), (blk.ls2, mlp.fc2, "ls2")):
-            if isinstance(ls, LayerScale):
-                _fold_layerscale_into(ls, writer)
-                setattr(blk, ls_name, nn.Identity())
-        blk.norm1 = _rms_norm(blk.norm1)
-        blk.norm2 = _rms_norm(blk.norm2)
-        _rotate_reader(attn.qkv, q)
-        _rotate_reader(mlp.fc1, q)
-        _rotate_writer(attn.proj, q)
-        _rotate_writer(mlp.fc2, q)
+    for branch in stream.branches:
+        if branch.layer_scale is not None:
+            _fold_layerscale_into(getattr(branch.input.owner, branch.layer_scale), branch.writer)
+            setattr(branch.input.owner, branch.layer_scale, nn.Identity())
+        _fold_and_replace_norm(branch.input)
+        for reader in branch.input.readers:
+            _rotate_reader(reader, q)
+        _rotate_writer(branch.writer, q)
 
-    heads = [model.head] + ([model.head_dist] if isinstance(model, VisionTransformerDistilled) else [])
-    heads = [h for h in heads if isinstance(h, nn.Linear)]
-    final_attr = "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"
-    final = getattr(model, final_attr)
-    _fold_norm_into(final, heads)
-    setattr(model, final_attr, _rms_norm(final))
-    for h in heads:
-        _rotate_reader(h, q)
+    _fold_and_replace_norm(stream.final)
+    for reader in stream.final.readers:
+        _rotate_reader(reader, q)
 
 
-def apply_rotation(model: nn.Module, options: RotationOptions) -> nn.Module:
-    """Rotate a float timm ViT in place (see the module docstring); returns it. Deterministic in ``options.seed``."""
+def apply_rotation(model: nn.Module, options: RotationOptions, *,
+                   adapters: Optional["AdapterRegistry"] = None) -> nn.Module:
+    """Rotate a float model in place (see the module docstring); returns it. Deterministic in ``options.seed``.
+
+    The model's adapter in ``adapters`` (default: the shipped ones) describes where its stream,
+    norms, heads and MLPs are (:meth:`~ptq4vit.models.Adapter.rotation_layout`), or refuses the
+    model by name before anything is changed.
+    """
     if not options.any:
         return model
-    _check_model(model)
-    if options.residual:
-        _check_residual(model)
+    if adapters is None:
+        from ..models import DEFAULT_ADAPTERS as adapters
+    layout = adapters.adapter_for(model).rotation_layout(model, residual=options.residual)
     gen = torch.Generator().manual_seed(options.seed)
     with torch.no_grad():
         if options.residual:
-            q = make_rotation(model.embed_dim, options.kind, gen).dense()
+            q = make_rotation(layout.residual.width, options.kind, gen).dense()
             q = q.to(next(model.parameters()).device)
-            rotate_residual(model, q)
-        for blk in model.blocks:
+            rotate_residual(layout.residual, q)
+        for blk in layout.blocks:
             if options.heads:
-                rotate_heads(blk.attn, gen, options.kind)
+                rotate_heads(blk.attention, gen, options.kind)
             if options.fc2:
-                rotate_fc2_input(blk.mlp, gen, options.kind)
+                rotate_fc2_input(blk.fc2, gen, options.kind)
     logger.info("rotated %s: %s", type(model).__name__, options)
     return model

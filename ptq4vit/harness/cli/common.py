@@ -28,14 +28,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"ptq4vit: error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_args(p: argparse.ArgumentParser, multi: bool = False, default_models: Optional[str] = None) -> None:
-    g = p.add_argument_group("model")
+def add_model_args(p: argparse.ArgumentParser, multi: bool = False, default_models: Optional[str] = None,
+                   title: str = "model", optional: bool = False) -> None:
+    """The options that build a float model (``--model``, ``--weights``, ``--random-init`` ...); ``optional``:
+    ``--model`` may be left out (then the others must be too, see :func:`create_float_model`)."""
+    g = p.add_argument_group(title)
     if multi:
         g.add_argument("--models", default=default_models,
                        help="comma-separated model names: the paper's short names (ViT-S/224, DeiT-B/384, Swin-T/224 "
                             "...), timm names with a pretrained tag, or vit_s14_cifar10 (default: %(default)s)")
     else:
-        g.add_argument("--model", required=True,
+        g.add_argument("--model", required=not optional,
                        help="a short name (ViT-S/224, DeiT-B/384, Swin-T/224, vit_s14_cifar10 ...) or a timm name "
                             "(arch or arch.tag); `ptq4vit models` lists the short names")
     g.add_argument("--weights", metavar="PATH",
@@ -129,16 +132,45 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def parse_model_kwargs(text: Optional[str]) -> dict:
+    """``--model-kwargs JSON`` as a dict (empty when not given)."""
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--model-kwargs is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object")
+    return kwargs
+
+
+def create_float_model(args):
+    """The float model the options of :func:`add_model_args` name, built as ``quantize`` builds it
+    (:func:`ptq4vit.harness.zoo.create`), or None when ``--model`` is not given (an option that only
+    qualifies ``--model`` is then refused)."""
+    from .. import zoo
+    if args.model is None:
+        given = [f for f, v in (("--weights", args.weights), ("--random-init", args.random_init),
+                                ("--model-kwargs", args.model_kwargs)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)} describe the float model: give --model NAME too")
+        return None
+    if args.weights and args.random_init:
+        raise UserError("--weights and --random-init exclude each other")
+    return zoo.create(args.model, weights=args.weights, pretrained=not args.random_init,
+                      model_kwargs=parse_model_kwargs(args.model_kwargs), init_seed=args.init_seed)
+
+
+def describe_float_model(lm, init_seed: int) -> str:
+    """A float model built by :func:`create_float_model`, in words: name and where its weights came from."""
+    source = {"hub": "pretrained weights from the hub", "random-init": f"random init, seed {init_seed}"}
+    return f"{lm.name} ({source.get(lm.weights, f'weights {lm.weights}')})"
+
+
 def run_options(args):
     from ..runner import RunOptions
-    kwargs = {}
-    if args.model_kwargs:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except ValueError as e:
-            raise UserError(f"--model-kwargs is not valid JSON: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise UserError("--model-kwargs must be a JSON object")
+    kwargs = parse_model_kwargs(args.model_kwargs)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
@@ -274,25 +306,11 @@ def check_save(opts, n_runs: int, folder_only: bool = False) -> None:
         if p.exists() and not p.is_dir():
             why = "a sweep" if folder_only else f"{n_runs} runs"
             raise UserError(f"--save {p} is a file, but {why} need a folder (one checkpoint per run)")
-        if not p.exists():
-            _check_creatable(p)
-        else:
-            ensure_writable_dir(p)
-        return
-    _check_creatable(p.parent)
-    if p.parent.exists():
-        ensure_writable_dir(p.parent)
-
-
-def _check_creatable(folder: Path) -> None:
-    """A folder that exists and is writable, or can be created: its nearest existing parent is a writable folder."""
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write under {folder}: {parent} is not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"cannot write under {folder}: {parent} is not writable")
-            return
+        folder = output_folder(p, "--save folder")
+    else:
+        folder = output_file(p, "--save file").parent
+    if folder.exists():
+        ensure_writable_dir(folder)  # a write in it, as the checkpoint will: os.access does not see every refusal
 
 
 def setup_device(opts):

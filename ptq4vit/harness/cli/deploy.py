@@ -3,6 +3,7 @@
 Each command works on a checkpoint written by :func:`ptq4vit.save` (or ``ptq4vit quantize --save``).
 
     ptq4vit deploy q.safetensors --runtime openvino --data-dir ../shared/data/cifar10/test --limit 10
+    ptq4vit deploy q.safetensors --model vit_s14_cifar10 --weights ../shared/models --data-dir ...
     ptq4vit export --checkpoint q.safetensors --out q_int8.onnx --float-out q_fp32.onnx
     ptq4vit bench  --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 10
     ptq4vit eval   --checkpoint q.safetensors --data-dir ../shared/data/cifar10/test --limit 100
@@ -20,7 +21,20 @@ from pathlib import Path
 from typing import Optional
 
 from ...errors import UserError
-from .common import Command, distinct_outputs, input_file, input_folder, log, make_parent, output_file, output_folder, parse_int_list
+from .common import (
+    Command,
+    add_model_args,
+    create_float_model,
+    describe_float_model,
+    distinct_outputs,
+    input_file,
+    input_folder,
+    log,
+    make_parent,
+    output_file,
+    output_folder,
+    parse_int_list,
+)
 
 
 def _need_onnx() -> None:
@@ -110,6 +124,14 @@ def deploy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's choice)")
     g.add_argument("--no-torch", action="store_true", help="do not also run the fake-quantized torch model")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # the options quantize was given: the float32 graph and every figure against float are then of the
+    # original float model, not of the dequantized checkpoint
+    add_model_args(p, title="float model it was quantized from (optional, as given to quantize)", optional=True)
+
+
+#: The footnote's advice when deploy ran without the float model.
+HOW_TO_PASS_FLOAT = ("to compare with the original, pass the float model as quantize was given it "
+                     "(--model NAME and --weights PATH, or --random-init --init-seed N; --model-kwargs JSON)")
 
 
 def cmd_deploy(args) -> int:
@@ -128,6 +150,12 @@ def cmd_deploy(args) -> int:
     distinct_outputs(**{"--checkpoint": ckpt, "--out": out, "--float-out": args.float_out})
     _need_onnx()
     qmodel, meta = _load(args.checkpoint)
+    float_lm = create_float_model(args)
+    float_name = None
+    if float_lm is not None:  # refused here, before any file or folder is written
+        from ..deployment import check_float_model
+        float_name = f"--model {describe_float_model(float_lm, args.init_seed)}"
+        check_float_model(qmodel, float_lm.model, float_name, f"the checkpoint {ckpt}")
     ds = ImageFolder(args.data_dir, eval_transform(data_config(meta, qmodel)), strict=args.strict,
                      limit_per_class=args.limit, what="image folder")
     for f in (out, args.float_out):
@@ -137,8 +165,9 @@ def cmd_deploy(args) -> int:
         res = deploy(qmodel, ds, args.runtime, out, float_out=args.float_out, format=args.format,
                      precision=args.precision, allow_float=args.allow_float, batch_size=args.batch_size,
                      num_workers=max(0, args.workers), repeats=args.repeats, threads=args.threads,
-                     with_torch=not args.no_torch, progress=_progress(args), log=log)
-    print(format_deployment(res, args.data_dir))
+                     with_torch=not args.no_torch, progress=_progress(args), log=log,
+                     float_model=None if float_lm is None else float_lm.model, float_name=float_name or "")
+    print(format_deployment(res, args.data_dir, HOW_TO_PASS_FLOAT))
     return 0
 
 

@@ -1,0 +1,81 @@
+"""What a rotation needs to know of a model, in terms of its modules (docs/lowbit.md §2).
+
+A family's adapter (:meth:`ptq4vit.models.Adapter.rotation_layout`) checks that a model has the
+structure a rotation assumes and describes it with these records; :mod:`.rotation` then folds the
+rotations into the modules named here and knows nothing of any family's layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """The LayerNorm at ``owner.<norm>`` and every linear layer that reads its output (only they do)."""
+    owner: nn.Module
+    norm: str
+    readers: tuple[nn.Linear, ...]
+
+
+@dataclass(frozen=True)
+class ResidualBranch:
+    """One branch added to the residual stream: ``norm`` → ``readers`` … → ``writer`` → layer scale → added.
+
+    ``layer_scale`` is the attribute of ``input.owner`` holding a LayerScale (a per-channel ``gamma``
+    on the writer's output), or None when the branch has none.
+    """
+    input: NormReaders
+    writer: nn.Linear
+    layer_scale: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """Everything that writes or reads the residual stream.
+
+    ``input_convs`` write the stream from outside it (the patch embedding: output channels are
+    stream channels); ``added_tensors`` are added to or concatenated with it (class / register /
+    distillation tokens, position embeddings; their last dim is the stream's); ``branches`` are
+    the residual branches in model order; ``final`` is the last norm and the heads that read it.
+    """
+    width: int
+    input_convs: tuple[nn.Module, ...]
+    added_tensors: tuple[nn.Parameter, ...]
+    branches: tuple[ResidualBranch, ...]
+    final: NormReaders
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """A fused q/k/v projection (rows: all q heads, all k heads, all v heads) and the output
+    projection that reads the concatenated heads."""
+    qkv: nn.Linear
+    proj: nn.Linear
+    num_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class OnlineSlot:
+    """An identity module at ``owner.<attr>`` directly in front of ``linear``: where a rotation that
+    cannot be folded backwards (through a nonlinearity) runs online."""
+    owner: nn.Module
+    attr: str
+    linear: nn.Linear
+
+
+@dataclass(frozen=True)
+class BlockRotation:
+    """The parts of one block rotated on their own: the attention heads and the MLP's second layer."""
+    attention: AttentionHeads
+    fc2: OnlineSlot
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """A model as a rotation sees it; ``residual`` is filled in only when the residual rotation is asked."""
+    blocks: tuple[BlockRotation, ...]
+    residual: Optional[ResidualStream] = None
