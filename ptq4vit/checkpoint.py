@@ -53,10 +53,9 @@ from .finite import bad_scale_problem
 from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.adapter import EVAL_IDENTITIES
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
-from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
+from .nn import QUANT_MODULES
 from .presets import Preset
-from .quant import (AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
-                    UniformQuantizer)
+from .quant import Quantizer
 from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
@@ -155,29 +154,9 @@ def _first_difference(a: list[str], b: list[str]) -> str:
     return "none"
 
 
-def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
-    if q is None:
-        return None
-    kind: dict = {"type": type(q).__name__, "bits": q.bits}
-    if isinstance(q, (UniformQuantizer, AsymmetricQuantizer)):
-        kind.update(groups=q.groups, axis=q.axis)
-    elif isinstance(q, LogQuantizer) and q.scaled:
-        kind.update(scaled=True)
-    elif isinstance(q, TwinSoftmaxQuantizer):
-        kind.update(form=q.form)
-    elif isinstance(q, TwinGeluQuantizer):
-        kind.update(pow2=q.pow2)
-    elif isinstance(q, GeluLogQuantizer):
-        kind.update(base=q.base)
-    return kind
-
-
 def _site_kind(site: nn.Module) -> dict:
-    kind: dict = {"type": type(site).__name__}
-    for role in ("w_quant", "a_quant", "b_quant"):
-        if getattr(site, role, None) is not None:  # (a conv's absent input quantizer is None)
-            kind[role] = _quantizer_kind(getattr(site, role))
-    return kind
+    """A site's type and the spec of each of its quantizers (a conv's absent input quantizer left out)."""
+    return {"type": type(site).__name__, **{role: q.spec() for role, q in site.quantizers().items()}}
 
 
 def structure(model: nn.Module) -> dict:
@@ -323,7 +302,7 @@ def _weight_codes(site: nn.Module) -> torch.Tensor:
 
 
 def _quantized_weight_sites(qmodel: QuantizedModel) -> dict[str, nn.Module]:
-    return {n: s for n, s in qmodel.sites().items() if isinstance(s, (QuantLinear, QuantConv2d))}
+    return {n: s for n, s in qmodel.sites().items() if "w_quant" in s.quantizers()}
 
 
 def _content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
