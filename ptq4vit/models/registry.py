@@ -17,6 +17,7 @@ from ..presets import Preset
 from .adapter import Adapter
 from .sites import SiteBuilder
 from .swin import SwinAdapter
+from .torchvision_vit import TorchvisionVitAdapter
 from .vit import VitAdapter
 
 
@@ -81,7 +82,8 @@ class AdapterRegistry:
 
 
 #: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
-DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter()))
+DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter(),
+                                    TorchvisionVitAdapter()))
 
 
 def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
