@@ -237,3 +237,45 @@ def test_integer_export_runs_on_onnx_runtime_and_openvino(tmp_path):
     layers = executed_layers(ov)
     assert len([lay for lay in layers if lay[1] in INTEGER_PRECISIONS]) == 17
     assert np.mean(ov.run(x.numpy()).argmax(1) == want.argmax(1)) == 1.0
+
+
+# ------------------------------------------------------------------ 5. model names and the command line
+
+
+def test_models_command_lists_the_torchvision_builders(capsys):
+    from ptq4vit.harness.cli import main
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"):
+        assert any(line.split()[:2] == [name, "(torchvision)"] for line in out.splitlines()), name
+
+
+def test_builder_names_need_local_weights_and_build_nothing_from_a_hub():
+    from ptq4vit.errors import UserError
+    from ptq4vit.harness import zoo
+    with pytest.raises(UserError, match="^model vit_b_16 has no hub weights: pass --weights FILE"):
+        zoo.create("vit_b_16")
+    lm = zoo.create("torchvision_VisionTransformer", pretrained=False, model_kwargs=TINY_VIT)
+    assert type(lm.model) is VisionTransformer and lm.data_config["input_size"] == (3, 32, 32)
+
+
+def test_local_weights_of_a_builder_name_load(tmp_path):
+    from ptq4vit.harness import zoo
+    m = tiny_vit()
+    torch.save(m.state_dict(), tmp_path / "w.pth")
+    lm = zoo.create("torchvision_VisionTransformer", weights=tmp_path / "w.pth", model_kwargs=TINY_VIT)
+    with torch.no_grad():
+        assert torch.equal(lm.model(images()), m(images()))
+
+
+def test_cli_quantizes_and_saves_a_torchvision_vit(cifar_dir, tmp_path, capsys):
+    import json
+
+    from ptq4vit.harness.cli import main
+    out = tmp_path / "run"
+    assert main(["quantize", "--model", "torchvision_VisionTransformer", "--model-kwargs", json.dumps(TINY_VIT),
+                 "--random-init", "--data", str(cifar_dir), "--val-split", "test", "--calib-dir",
+                 str(cifar_dir / "calib"), "--limit", "3", "--workers", "0", "--no-progress", "--set",
+                 "n_candidates=4", "--set", "rounds=1", "--calib-size", "8", "--bits", "W8A8", "--preset", "ptq4vit",
+                 "--out", str(out), "--save", str(tmp_path / "q.safetensors")]) == 0
+    assert ptq4vit.checkpoint.read_metadata(tmp_path / "q.safetensors")["model"]["name"] == "torchvision_VisionTransformer"
