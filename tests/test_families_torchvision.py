@@ -73,7 +73,9 @@ def test_representation_layer_is_a_site_and_its_tanh_stays_float():
 
 def test_without_its_adapter_the_model_is_refused_by_name():
     timm_only = AdapterRegistry((VitAdapter(), SwinAdapter()))
-    with pytest.raises(UnsupportedModelError, match="^model type VisionTransformer is not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"^model type torchvision\.models\.vision_transformer\.VisionTransformer "
+                                                    r"is not supported; .* for timm\.models\.vision_transformer\."
+                                                    r"VisionTransformer, "):
         ptq4vit.quantize(tiny_vit(), images(), "base", adapters=timm_only, **FAST)
 
 
@@ -279,3 +281,16 @@ def test_cli_quantizes_and_saves_a_torchvision_vit(cifar_dir, tmp_path, capsys):
                  "n_candidates=4", "--set", "rounds=1", "--calib-size", "8", "--bits", "W8A8", "--preset", "ptq4vit",
                  "--out", str(out), "--save", str(tmp_path / "q.safetensors")]) == 0
     assert ptq4vit.checkpoint.read_metadata(tmp_path / "q.safetensors")["model"]["name"] == "torchvision_VisionTransformer"
+
+
+def test_torchvision_swin_is_refused_naming_its_module():
+    """timm's and torchvision's classes share names: a refusal names the module where they clash."""
+    from torchvision.models import SwinTransformer
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=10).eval()
+    with pytest.raises(UnsupportedModelError, match=r"^model type torchvision\.models\.swin_transformer\.SwinTransformer "
+                                                    r"is not supported; the adapter registry has adapters for "
+                                                    r"timm\.models\.vision_transformer\.VisionTransformer, "
+                                                    r"VisionTransformerDistilled, timm\.models\.swin_transformer\.SwinTransformer, "
+                                                    r"torchvision\.models\.vision_transformer\.VisionTransformer$"):
+        ptq4vit.quantize(swin, torch.randn(2, 3, 32, 32), "base", **FAST)
