@@ -17,7 +17,7 @@ from .models import DEFAULT_ADAPTERS, AdapterRegistry, check_image_size, norm_li
 from .prepare import prepare_sites
 from .presets import Preset, get_preset
 from .quant import check_bits
-from .quantized import QuantizedModel, model_name
+from .quantized import QuantizedModel
 from .typecheck import check_arguments
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         raise UserError(f"threads must be a positive integer, got {threads}")
     _check_images(model, calib_images, adapters)
 
-    name = model_name(model)
+    name = adapters.adapter_for(model).model_name(model)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

@@ -56,7 +56,7 @@ from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
 from .nn import QUANT_MODULES
 from .presets import Preset
 from .quant import Quantizer
-from .quantized import QuantizedModel, model_name
+from .quantized import QuantizedModel
 
 FORMAT = "ptq4vit-checkpoint"
 #: 2: the structure is stored as data (format 1 stored a digest of timm module attributes).
@@ -527,7 +527,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
             prepare_sites(skeleton, preset, w_bits, a_bits, adapters=adapters)
         except ValueError as e:
             raise CheckpointError(f"the given model cannot take this checkpoint: {e}") from None
-        qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, model_name(model))
+        qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, adapters.adapter_for(model).model_name(model))
     else:
         try:
             qmodel = _build_quantized(name, info["create_kwargs"], preset, w_bits, a_bits, adapters=adapters)

@@ -208,7 +208,9 @@ def test_a_subclass_of_a_supported_model_is_not_assumed_alike():
 def test_registry_maps_exact_classes_to_one_adapter_each():
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.swin_transformer import SwinTransformer
-    assert set(SUPPORTED_MODELS) == {VisionTransformer, VisionTransformerDistilled, SwinTransformer}
+    from torchvision.models import VisionTransformer as TorchvisionVisionTransformer
+    assert set(SUPPORTED_MODELS) == {VisionTransformer, VisionTransformerDistilled, SwinTransformer,
+                                     TorchvisionVisionTransformer}
     assert DEFAULT_ADAPTERS.adapter_for(_vit()).family == "timm VisionTransformer"
     with pytest.raises(ValueError, match="two adapters claim VisionTransformer"):
         DEFAULT_ADAPTERS.with_adapter(DEFAULT_ADAPTERS.adapters[0])

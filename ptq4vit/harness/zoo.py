@@ -44,6 +44,9 @@ class ModelEntry:
     local_only: bool = False
     #: The model appears in the paper's tables (docs/method.md §7).
     in_paper: bool = False
+    #: Who builds ``timm_name``: ``"timm"``, or a library whose model classes a ptq4vit adapter builds
+    #: itself (``Adapter.create_model``; never with downloaded weights: ``--weights FILE`` or random init).
+    builder: str = "timm"
 
 
 MODELS: tuple[ModelEntry, ...] = (
@@ -73,6 +76,12 @@ MODELS: tuple[ModelEntry, ...] = (
                data_config=dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
                                 crop_mode="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD),
                weights_file="vit_small_patch14_dinov2_focus_cifar10.safetensors", local_only=True),
+    *(ModelEntry(name, name, f"torchvision {label}; weights: --weights FILE (torchvision's state dict)",
+                 builder="torchvision", local_only=True,
+                 data_config=dict(interpolation="bilinear", crop_pct=0.875, crop_mode="center", mean=IMAGENET_MEAN,
+                                  std=IMAGENET_STD))
+      for name, label in (("vit_b_16", "ViT-B/16"), ("vit_b_32", "ViT-B/32"), ("vit_l_16", "ViT-L/16"),
+                          ("vit_l_32", "ViT-L/32"), ("vit_h_14", "ViT-H/14"))),
 )
 
 
@@ -111,6 +120,9 @@ def resolve(name: str) -> ModelEntry:
     e = lookup(name)
     if e is not None:
         return e
+    adapter_built = _adapter_built(name)
+    if adapter_built is not None:
+        return adapter_built
     arch, _, tag = name.partition(".")
     if timm.is_model(arch):
         if tag and not timm.list_pretrained(name):
@@ -124,6 +136,18 @@ def resolve(name: str) -> ModelEntry:
     hint = f"; did you mean {', '.join(close)}?" if close else "; `ptq4vit models` lists the short names"
     raise UserError(f"unknown model {name!r}: neither a short name ({', '.join(e.short for e in MODELS[:3])}, ...) "
                     f"nor a timm model name{hint}")
+
+
+def _adapter_built(name: str) -> Optional[ModelEntry]:
+    """An entry for a model name that a ptq4vit adapter builds itself (``torchvision_VisionTransformer``:
+    any size through ``--model-kwargs``), or None."""
+    from ..models import DEFAULT_ADAPTERS
+    for adapter in DEFAULT_ADAPTERS.adapters:
+        if name in adapter.architectures:
+            library = adapter.family.partition(" ")[0]
+            return ModelEntry(short=name, timm_name=name, description=f"{adapter.family} model", builder=library,
+                              local_only=True)
+    return None
 
 
 # --------------------------------------------------------------------------- weights files
@@ -304,7 +328,11 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = timm.create_model(entry.timm_name, pretrained=use_hub, **kwargs)
+            if entry.builder == "timm":
+                model = timm.create_model(entry.timm_name, pretrained=use_hub, **kwargs)
+            else:  # local_only: no hub weights, so nothing is downloaded
+                from ..models import DEFAULT_ADAPTERS
+                model = DEFAULT_ADAPTERS.adapter_for_name(entry.timm_name).create_model(entry.timm_name, **kwargs)
     except TypeError as e:
         raise UserError(f"bad model options for {entry.timm_name}: {e}") from None
     except (RuntimeError, OSError, ValueError) as e:
@@ -336,7 +364,7 @@ def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Op
     cfg = dict(resolve_data_config({}, model=model))
     if entry is not None:
         cfg.update(entry.data_config)
-    img_size = (kwargs or {}).get("img_size")
+    img_size = (kwargs or {}).get("img_size", getattr(model, "image_size", None))  # torchvision names it image_size
     if img_size is not None:
         hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         cfg["input_size"] = (3, *hw)
@@ -348,7 +376,7 @@ def describe_models() -> str:
     rows = [("short name", "timm name", "notes")]
     for e in MODELS:
         notes = e.description + (f" (aliases: {', '.join(e.aliases)})" if e.aliases else "")
-        rows.append((e.short, e.timm_name, notes))
+        rows.append((e.short, e.timm_name if e.builder == "timm" else f"({e.builder})", notes))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)

@@ -209,6 +209,13 @@ class Adapter(ABC):
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         """Account for every module of ``model``; raise UnsupportedModelError on anything unknown."""
 
+    def model_name(self, model: nn.Module) -> str:
+        """The name a checkpoint of ``model`` records, which :meth:`create_model` rebuilds it from:
+        ``architecture.tag`` from timm's pretrained config (the class name without one)."""
+        from ..quantized import model_name
+
+        return model_name(model)
+
     def create_kwargs(self, model: nn.Module) -> dict:
         """This family's ``create_args`` as read off ``model`` (plain JSON values), for a checkpoint to rebuild it."""
         return {}

@@ -17,6 +17,7 @@ from ..presets import Preset
 from .adapter import Adapter
 from .sites import SiteBuilder
 from .swin import SwinAdapter
+from .torchvision_vit import TorchvisionVitAdapter
 from .vit import VitAdapter
 
 
@@ -74,14 +75,23 @@ class AdapterRegistry:
     def adapter_for(self, model: nn.Module) -> Adapter:
         adapter = self._by_class.get(type(model))
         if adapter is None:
+            named = (type(model), *self._by_class)
             raise UnsupportedModelError(
-                f"model type {type(model).__name__} is not supported; the adapter registry has adapters for "
-                f"{', '.join(c.__name__ for c in self._by_class)}")
+                f"model type {_type_name(type(model), named)} is not supported; the adapter registry has adapters "
+                f"for {', '.join(_type_name(c, named) for c in self._by_class)}")
         return adapter
 
 
+def _type_name(cls: type, named: tuple[type, ...]) -> str:
+    """The class name, with its module where another class of ``named`` has that name too (timm's and
+    torchvision's ``VisionTransformer``, ``SwinTransformer``)."""
+    clash = any(c.__name__ == cls.__name__ and c is not cls for c in named)
+    return f"{cls.__module__}.{cls.__qualname__}" if clash else cls.__name__
+
+
 #: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
-DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter()))
+DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter(),
+                                    TorchvisionVitAdapter()))
 
 
 def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
