@@ -16,7 +16,10 @@ from ..nn import QUANT_MODULES
 from ..presets import Preset
 from .adapter import Adapter
 from .sites import SiteBuilder
+from .beit import BeitAdapter
+from .eva import EvaAdapter
 from .swin import SwinAdapter
+from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
 
@@ -80,8 +83,14 @@ class AdapterRegistry:
         return adapter
 
 
-#: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
-DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter()))
+#: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT, SigLIP towers), SwinTransformer, ...
+DEFAULT_ADAPTERS = AdapterRegistry((
+    VitAdapter(),
+    SwinAdapter(),
+    BeitAdapter(),
+    SwinV2Adapter(),
+    EvaAdapter(),
+))
 
 
 def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
