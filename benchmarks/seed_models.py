@@ -1,7 +1,8 @@
 """Every model of the paper's tables (and ViT-Ti, DeiT-Ti, and one model of each family beyond timm's ViT/DeiT/Swin)
 at full size, random init, through the whole pipeline.
 
-For each model: build it with timm or its adapter (``pretrained=False``: no download), quantize it with two
+For each model: build it with timm or its adapter (``pretrained=False``: no download), compare the wrapped
+model with quantization off to the original's output (max |diff|, 0 where bit-identical), quantize it with two
 random images and a short grid (``n_candidates`` candidates, one round), run the quantized model,
 save a checkpoint and load it back (outputs must be bit-identical), export integer ONNX. One line
 per model with the time of each step; a model that fails prints its error and the script goes on
@@ -9,6 +10,7 @@ per model with the time of each step; a model that fails prints its error and th
 
     python benchmarks/seed_models.py                       # all of them (the Base/384 ones need minutes each)
     python benchmarks/seed_models.py --models ViT-Ti/224 DeiT-Ti/224 --no-onnx
+    python benchmarks/seed_models.py --models BEiT-B/224 SwinV2-T/256 EVA02-Ti/336 SigLIP-B/224 --preset deploy8 --bits 4
 
 Times depend on the machine and on what else runs; compare them only within one run.
 """
@@ -33,11 +35,15 @@ SMALL_FIRST = ("Ti/", "S/", "T/", "B/")
 OTHER_FAMILIES = ("vit_b_16",)
 
 
+#: One model of each family beyond the paper's (BEiT, Swin V2, EVA-02, SigLIP tower), run after the paper's.
+FAMILY_MODELS = ("BEiT-B/224", "SwinV2-T/256", "EVA02-Ti/336", "SigLIP-B/224")
+
+
 def default_models() -> list[str]:
-    """The paper's models (``zoo.paper_models``) plus ViT-Ti and DeiT-Ti, smallest first."""
+    """The paper's models (``zoo.paper_models``) plus ViT-Ti and DeiT-Ti, smallest first, then ``FAMILY_MODELS``."""
     names = ["ViT-Ti/224", "DeiT-Ti/224"] + [n for n in zoo.paper_models() if n not in ("ViT-Ti/224", "DeiT-Ti/224")]
     return sorted(names, key=lambda n: next((i for i, k in enumerate(SMALL_FIRST) if k in n), len(SMALL_FIRST))) \
-        + list(OTHER_FAMILIES)
+        + list(OTHER_FAMILIES) + list(FAMILY_MODELS)
 
 
 def fill_zero_layers(model: torch.nn.Module) -> None:
@@ -50,6 +56,32 @@ def fill_zero_layers(model: torch.nn.Module) -> None:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
 
 
+def float_equivalence(model, images) -> float:
+    """Largest |difference| between the wrapped model with quantization off (before calibration) and
+    timm's own non-fused attention path: 0.0 where the wrapping is bit-identical."""
+    import copy
+
+    from timm.layers import set_fused_attn
+
+    from ptq4vit.models import insert_quant_sites
+    from ptq4vit.presets import get_preset
+    from ptq4vit.quantized import QuantizedModel, model_name
+
+    wrapped = copy.deepcopy(model)
+    insert_quant_sites(wrapped, get_preset("ptq4vit"), 8, 8)
+    qm = QuantizedModel(wrapped, get_preset("ptq4vit"), 8, 8, model_name(model))
+    set_fused_attn(False)
+    try:
+        ref_model = copy.deepcopy(model)
+        for m in ref_model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        with torch.no_grad(), qm.quantization_disabled():
+            return float((qm(images) - ref_model(images)).abs().max())
+    finally:
+        set_fused_attn(True)
+
+
 def run_one(short: str, args, workdir: Path) -> dict:
     times = {}
     t = time.perf_counter()
@@ -59,6 +91,7 @@ def run_one(short: str, args, workdir: Path) -> dict:
     times["build"] = time.perf_counter() - t
     size = tuple(lm.data_config["input_size"])
     images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
+    float_diff = float_equivalence(model, images)
 
     t = time.perf_counter()
     q = ptq4vit.quantize(model, images, args.preset, args.bits, args.bits, progress=False,
@@ -97,7 +130,7 @@ def run_one(short: str, args, workdir: Path) -> dict:
         times["onnx_integer_sites"] = sum(s.integer for s in rep.sites)
         onnx_path.unlink()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"params_m": params, "sites": len(q.sites()), "checkpoint_mib": mib, **times}
+    return {"params_m": params, "sites": len(q.sites()), "checkpoint_mib": mib, "float_diff": float_diff, **times}
 
 
 def main() -> int:
@@ -128,7 +161,8 @@ def main() -> int:
                 continue
             onnx = "" if args.no_onnx else (f"  onnx {r['onnx']:6.1f} s ({r['onnx_integer_sites']} integer sites, "
                                             f"{r['onnx_float_fallbacks']} float fallback)")
-            print(f"{short:12s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  build {r['build']:5.1f} s  "
+            print(f"{short:12s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  quantization off: max |diff| "
+                  f"{r['float_diff']:.3g}  build {r['build']:5.1f} s  "
                   f"quantize {r['quantize']:6.1f} s  run {r['run']:5.2f} s  checkpoint {r['checkpoint']:5.1f} s "
                   f"({r['checkpoint_mib']:.0f} MiB, reload bit-identical)  quantization off vs float "
                   f"{r['float_rel']:.1e}{onnx}  total {time.perf_counter() - t0:6.1f} s",

@@ -69,6 +69,12 @@ MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("Swin-B/224", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", "Swin-B, in22k→in1k", in_paper=True),
     ModelEntry("Swin-B/384", "swin_base_patch4_window12_384.ms_in22k_ft_in1k", "Swin-B at 384, in22k→in1k",
                in_paper=True),
+    # Families beyond the paper's (docs/models.md): one entry each.
+    ModelEntry("BEiT-B/224", "beit_base_patch16_224.in22k_ft_in22k_in1k", "BEiT-B/16, in22k→in1k"),
+    ModelEntry("SwinV2-T/256", "swinv2_tiny_window8_256.ms_in1k", "Swin V2-T, window 8, in1k"),
+    ModelEntry("EVA02-Ti/336", "eva02_tiny_patch14_336.mim_in22k_ft_in1k", "EVA-02 Ti/14 at 336, MIM in22k→in1k"),
+    ModelEntry("SigLIP-B/224", "vit_base_patch16_siglip_224.v2_webli",
+               "SigLIP 2 B/16 image tower (attention-pool head, image embeddings: no classifier)"),
     ModelEntry("ViT-S/14-CIFAR10", "vit_small_patch14_dinov2",
                "real ViT-S/14 (DINOv2-derived) backbone + CIFAR-10 linear head; local weights only",
                aliases=("vit_s14_cifar10", "vit_small_patch14_dinov2_focus_cifar10"),

@@ -16,8 +16,11 @@ from ..nn import QUANT_MODULES
 from ..presets import Preset
 from .adapter import Adapter
 from .sites import SiteBuilder
+from .beit import BeitAdapter
+from .eva import EvaAdapter
 from .swin import SwinAdapter
 from .torchvision_vit import TorchvisionVitAdapter
+from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
 
@@ -89,9 +92,15 @@ def _type_name(cls: type, named: tuple[type, ...]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}" if clash else cls.__name__
 
 
-#: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
-DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter(),
-                                    TorchvisionVitAdapter()))
+#: The adapters ptq4vit ships, one per model family (docs/models.md).
+DEFAULT_ADAPTERS = AdapterRegistry((
+    VitAdapter(),
+    SwinAdapter(),
+    BeitAdapter(),
+    SwinV2Adapter(),
+    EvaAdapter(),
+    TorchvisionVitAdapter(),
+))
 
 
 def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
