@@ -1,6 +1,7 @@
-"""Every model of the paper's tables (and ViT-Ti, DeiT-Ti) at full size, random init, through the whole pipeline.
+"""Every model of the paper's tables (and ViT-Ti, DeiT-Ti, the Hugging Face ones) at full size, random init, through the whole pipeline.
 
-For each model: build it with timm (``pretrained=False``: no download), quantize it with two
+For each model: build it with timm (``pretrained=False``: no download) or, for the Hugging Face
+``transformers`` entries of the zoo, from their config (skipped without transformers), quantize it with two
 random images and a short grid (``n_candidates`` candidates, one round), run the quantized model,
 save a checkpoint and load it back (outputs must be bit-identical), export integer ONNX. One line
 per model with the time of each step; a model that fails prints its error and the script goes on
@@ -33,17 +34,26 @@ SMALL_FIRST = ("Ti/", "S/", "T/", "B/")
 def default_models() -> list[str]:
     """The paper's models (``zoo.paper_models``) plus ViT-Ti and DeiT-Ti, smallest first."""
     names = ["ViT-Ti/224", "DeiT-Ti/224"] + [n for n in zoo.paper_models() if n not in ("ViT-Ti/224", "DeiT-Ti/224")]
-    return sorted(names, key=lambda n: next((i for i, k in enumerate(SMALL_FIRST) if k in n), len(SMALL_FIRST)))
+    names = sorted(names, key=lambda n: next((i for i, k in enumerate(SMALL_FIRST) if k in n), len(SMALL_FIRST)))
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return names
+    return names + [e.short for e in zoo.MODELS if e.builder == "hf" and not e.weights_file]
 
 
 def run_one(short: str, args, workdir: Path) -> dict:
     entry = zoo.resolve(short)
     times = {}
     t = time.perf_counter()
-    torch.manual_seed(0)
-    model = timm.create_model(entry.timm_name, pretrained=False, **entry.kwargs).eval()
+    if entry.builder == "hf":
+        model = zoo.create(short, pretrained=False).model  # the zoo's architecture config, random weights
+        size = tuple(entry.data_config["input_size"])
+    else:
+        torch.manual_seed(0)
+        model = timm.create_model(entry.timm_name, pretrained=False, **entry.kwargs).eval()
+        size = tuple(model.pretrained_cfg["input_size"])
     times["build"] = time.perf_counter() - t
-    size = model.pretrained_cfg["input_size"]
     images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
 
     t = time.perf_counter()
@@ -74,9 +84,11 @@ def run_one(short: str, args, workdir: Path) -> dict:
         from ptq4vit.export import export_onnx
         t = time.perf_counter()
         onnx_path = workdir / f"{short.replace('/', '_')}.onnx"
-        rep = export_onnx(q, onnx_path, allow_float=True)  # a preset without integer lowerings counts its fallbacks too
+        # a preset without integer lowerings counts its fallbacks too
+        rep = export_onnx(q, onnx_path, allow_float=True, input_size=size)
         times["onnx"] = time.perf_counter() - t
         times["onnx_float_fallbacks"] = len(rep.fallbacks)
+        times["onnx_integer_sites"] = sum(s.integer for s in rep.sites)
         onnx_path.unlink()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return {"params_m": params, "sites": len(q.sites()), "checkpoint_mib": mib, **times}
@@ -108,8 +120,9 @@ def main() -> int:
                 print(f"{short:12s} FAILED after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e}", flush=True)
                 traceback.print_exc(file=sys.stderr)
                 continue
-            onnx = "" if args.no_onnx else f"  onnx {r['onnx']:6.1f} s ({r['onnx_float_fallbacks']} float fallback)"
-            print(f"{short:12s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  build {r['build']:5.1f} s  "
+            onnx = "" if args.no_onnx else (f"  onnx {r['onnx']:6.1f} s ({r['onnx_integer_sites']} integer sites, "
+                                            f"{r['onnx_float_fallbacks']} float fallback)")
+            print(f"{short:14s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  build {r['build']:5.1f} s  "
                   f"quantize {r['quantize']:6.1f} s  run {r['run']:5.2f} s  checkpoint {r['checkpoint']:5.1f} s "
                   f"({r['checkpoint_mib']:.0f} MiB, reload bit-identical){onnx}  total {time.perf_counter() - t0:6.1f} s",
                   flush=True)
