@@ -1,5 +1,6 @@
-"""Every model of the paper's tables (and ViT-Ti, DeiT-Ti, and one model of each family beyond timm's ViT/DeiT/Swin)
-at full size, random init, through the whole pipeline.
+"""Every model of the paper's tables (and ViT-Ti, DeiT-Ti, one model of each family beyond timm's ViT/DeiT/Swin,
+and the Hugging Face entries of the zoo when transformers is installed) at full size, random init, through
+the whole pipeline.
 
 For each model: build it with timm or its adapter (``pretrained=False``: no download), compare the wrapped
 model with quantization off to the original's output (max |diff|, 0 where bit-identical), quantize it with two
@@ -43,7 +44,17 @@ def default_models() -> list[str]:
     """The paper's models (``zoo.paper_models``) plus ViT-Ti and DeiT-Ti, smallest first, then ``FAMILY_MODELS``."""
     names = ["ViT-Ti/224", "DeiT-Ti/224"] + [n for n in zoo.paper_models() if n not in ("ViT-Ti/224", "DeiT-Ti/224")]
     return sorted(names, key=lambda n: next((i for i, k in enumerate(SMALL_FIRST) if k in n), len(SMALL_FIRST))) \
-        + list(OTHER_FAMILIES) + list(FAMILY_MODELS)
+        + list(OTHER_FAMILIES) + list(FAMILY_MODELS) + hf_models()
+
+
+
+def hf_models() -> list[str]:
+    """The zoo's Hugging Face entries with random weights (none without transformers)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return []
+    return [e.short for e in zoo.MODELS if e.builder == "hf" and not e.weights_file]
 
 
 def fill_zero_layers(model: torch.nn.Module) -> None:
@@ -161,7 +172,7 @@ def main() -> int:
                 continue
             onnx = "" if args.no_onnx else (f"  onnx {r['onnx']:6.1f} s ({r['onnx_integer_sites']} integer sites, "
                                             f"{r['onnx_float_fallbacks']} float fallback)")
-            print(f"{short:12s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  quantization off: max |diff| "
+            print(f"{short:14s} {r['params_m']:6.1f} M params {r['sites']:4d} sites  quantization off: max |diff| "
                   f"{r['float_diff']:.3g}  build {r['build']:5.1f} s  "
                   f"quantize {r['quantize']:6.1f} s  run {r['run']:5.2f} s  checkpoint {r['checkpoint']:5.1f} s "
                   f"({r['checkpoint_mib']:.0f} MiB, reload bit-identical)  quantization off vs float "

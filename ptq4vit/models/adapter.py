@@ -195,6 +195,9 @@ class Adapter(ABC):
     family: str = ""
     #: The exact model classes this adapter handles (subclasses are not assumed to be alike).
     model_classes: tuple[type[nn.Module], ...] = ()
+    #: Exact model classes named ``"module.QualName"``, for a family from an optional package: matched
+    #: without importing that package (a model of one of them means the package is already imported).
+    model_class_names: tuple[str, ...] = ()
     #: The timm modules (``timm.models.<name>``) whose registered model names build those classes: a
     #: checkpoint naming a model of any other module is refused before timm builds anything.
     timm_modules: tuple[str, ...] = ()
