@@ -443,10 +443,10 @@ def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Op
 
 def describe_models() -> str:
     """A text table of the named models."""
-    rows = [("short name", "timm name / transformers class", "notes")]
+    rows = [("short name", "timm name, transformers class or (library)", "notes")]
     for e in MODELS:
         notes = e.description + (f" (aliases: {', '.join(e.aliases)})" if e.aliases else "")
-        rows.append((e.short, e.timm_name if e.builder == "timm" else f"({e.builder})", notes))
+        rows.append((e.short, e.timm_name if e.timm_name != e.short else f"({e.builder})", notes))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
