@@ -11,7 +11,8 @@ from torch import nn
 
 from .atomic_write import atomic_write_text
 from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
-from .presets import Preset
+from .recipes import Recipe, from_flat
+from .recipes.flat import Preset
 from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, PostGeluQuantizer, Quantizer, TwinSoftmaxQuantizer
 
 
@@ -41,10 +42,13 @@ class QuantizedModel(nn.Module):
     keys of :meth:`qparams`) are timm's.
     """
 
-    def __init__(self, model: nn.Module, preset: Preset, w_bits: int, a_bits: int, name: str):
+    def __init__(self, model: nn.Module, recipe: "Recipe | Preset", w_bits: int, a_bits: int, name: str):
         super().__init__()
         self.model = model
-        self.preset = preset
+        #: How it was quantized (the source of truth; checkpoints store it).
+        self.recipe: Recipe = recipe if isinstance(recipe, Recipe) else from_flat(recipe)
+        #: The recipe's resolved flat view, as the engine read it.
+        self.preset: Preset = self.recipe.flat()
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.name = name
