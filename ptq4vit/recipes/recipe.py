@@ -124,7 +124,8 @@ class Recipe:
     def replace(self, path: str, value: Any) -> "Recipe":
         """The recipe with the field at the dotted ``path`` set to ``value``, e.g.
         ``replace("calibration.alpha", 0.3)``, ``replace("transforms.rotation.seed", 1)`` or
-        ``replace("softmax", "log")`` (a variant by name, with its defaults; the same variant is kept
+        ``replace("softmax", "log")`` (a variant by name: the parameters it shares with the current
+        variant, such as ``renorm``, carry over, the others take their defaults; the same variant is kept
         as it is). A path the recipe does not have (a parameter of another variant) is refused by name."""
         if not isinstance(path, str) or not path:
             raise UserError(f"a recipe path must be a dotted name such as calibration.alpha, got {path!r}")
@@ -160,8 +161,13 @@ def _set(obj, segments: list[str], value: Any, path: str):
         new = _set(current, rest, value, path)
     else:
         hint = own[head]
-        if isinstance(value, str) and variants(hint) and value == getattr(current, "variant", None):
+        choices = variants(hint)
+        if isinstance(value, str) and choices and value == getattr(current, "variant", None):
             new = current  # the variant it already is, with its parameters
+        elif isinstance(value, str) and value in choices and isinstance(current, Component):
+            # another variant: the parameters it shares with the current one (softmax renorm) carry over
+            shared = {f.name for f in dataclasses.fields(choices[value])} & {f.name for f in dataclasses.fields(current)}
+            new = choices[value](**{k: getattr(current, k) for k in shared})
         else:
             new = build(path, value, hint)
             if not (variants(hint) or item_hint(hint)):
