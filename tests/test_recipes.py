@@ -187,3 +187,40 @@ def test_named_recipes_are_their_presets():
         assert get_preset(name) == r.flat() and from_flat(r.flat()) == r
         assert r.summary().startswith("calibration=")
     assert typing.get_args(typing.get_type_hints(Recipe)["inputs"]) == ("symmetric", "asymmetric")
+
+
+def test_checkpoints_store_the_recipe_and_older_files_read_their_flat_preset(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import ptq4vit
+    from ptq4vit import checkpoint as ck
+    from _fastq import fast_quantize
+    from conftest import make_tiny
+
+    model, images = make_tiny("vit")
+    qm = fast_quantize(model, images, get_preset("official", metric="cosine"))
+    path = tmp_path / "q.safetensors"
+    ptq4vit.save(qm, path)
+    loaded = ptq4vit.load(path)
+    assert loaded.recipe == get_recipe("official", **{"calibration.metric": "cosine"})
+    assert loaded.recipe.description == RECIPES["official"].description
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["ptq4vit"])
+    assert meta["recipe"] == get_recipe("official", metric="cosine").to_dict()
+
+    def rewritten(name, meta):
+        meta_json = json.dumps(meta, sort_keys=True)
+        save_file(tensors, str(tmp_path / name), metadata={"format": "pt", "ptq4vit": meta_json,
+                                                            "ptq4vit_content_sha256": ck._content_digest(meta_json, tensors)})
+        return tmp_path / name
+
+    older = {k: v for k, v in meta.items() if k != "recipe"}   # a file from before recipes: the flat preset alone
+    assert ptq4vit.load(rewritten("old.safetensors", older)).recipe == loaded.recipe
+    edited = {**meta, "recipe": RECIPES["official"].to_dict()}  # digest intact, recipe and flat preset disagree
+    with pytest.raises(ptq4vit.CheckpointError, match="recipe and its flat preset disagree"):
+        ptq4vit.load(rewritten("edited.safetensors", edited))
