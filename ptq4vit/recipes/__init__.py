@@ -1,7 +1,7 @@
 """Recipes: the quantization method as a few small typed components (see :mod:`.recipe`)."""
 from .calibration import MSE, Cosine, GridSearch, Hessian, Percentile
-from .flat import FLAT_PATHS, Preset, from_flat
-from .named import RECIPES, get_recipe
+from .flat import FLAT_PATHS, Preset
+from .named import RECIPES, from_flat, get_recipe
 from .operands import FloatAttention, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, UniformSoftmax
 from .recipe import Recipe, path_hint
 from .transforms import TRANSFORM_ORDER, BiasCorrection, LayerNormReparam, Rotation, Smoothing

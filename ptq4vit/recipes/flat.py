@@ -2,22 +2,22 @@
 
 :class:`Preset` is today's engine interface: one field per setting, every field present whether
 or not the recipe uses it. It is derived from a :class:`~ptq4vit.recipes.Recipe` by
-:func:`to_flat` and never the source of truth; :func:`from_flat` reads one back (format 1 and 2
-checkpoints store it, and the old flat override names write it), dropping what the recipe's
-components leave unused. ``FLAT_PATHS`` says where each flat name lives in a recipe.
+:func:`to_flat` and never the source of truth; ``ptq4vit.recipes.named.from_flat`` reads one back
+(format 1 and 2 checkpoints store it, and the old flat override names write it), dropping what the
+recipe's components leave unused. ``FLAT_PATHS`` says where each flat name lives in a recipe.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, ClassVar, Literal
 
 from ..errors import UserError
 from ..typecheck import check_fields
-from .calibration import MSE, Cosine, GradSource, GridSearch, Hessian, Percentile
-from .operands import FloatAttention, LogBase, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, UniformSoftmax
+from .calibration import GradSource, GridSearch, Hessian, Percentile
+from .operands import FloatAttention, LogBase, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax
 from .transforms import BiasCorrection, LayerNormReparam, Rotation, RotationKind, Smoothing
-from .weights import GPTQ, Nearest, Weights
+from .weights import GPTQ
 
 Metric = Literal["cosine", "mse", "hessian"]
 LogQuantization = Literal["none", LogBase]
@@ -25,6 +25,11 @@ LogQuantization = Literal["none", LogBase]
 
 @dataclass(frozen=True)
 class Preset:
+    #: Registered by :mod:`ptq4vit.recipes.named`: the named recipes' flat views, and how a flat
+    #: preset reads back as a recipe (``from_flat``), for :meth:`overrides`.
+    named_views: ClassVar[dict] = {}
+    read_back: ClassVar[Callable] = staticmethod(lambda p: p)
+
     name: str
     description: str
     #: Score of a candidate scale (docs/method.md §2).
@@ -220,13 +225,21 @@ class Preset:
 
     def overrides(self) -> dict:
         """Fields that differ from the named preset this one was derived from."""
-        from .named import RECIPES
-        base = RECIPES.get(self.name)
+        base = Preset.named_views.get(self.name)
         if base is None:
             return {}
-        base = base.flat()
+        mine = Preset.read_back(self)
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("name", "description") and getattr(self, f.name) != getattr(base, f.name)}
+                if f.name not in ("name", "description") and getattr(self, f.name) != getattr(base, f.name)
+                and not self._unused(f.name, getattr(base, f.name), mine)}
+
+    def _unused(self, name: str, other, mine) -> bool:
+        """Whether field ``name`` is one this preset's recipe does not use (giving it ``other`` reads back
+        as the same recipe), so that it is no override even where it differs from the named preset."""
+        try:
+            return Preset.read_back(dataclasses.replace(self, **{name: other})) == mine
+        except UserError:
+            return False
 
 
 #: Where each flat field lives in a recipe (docs/cli.md): a switch names the component whose
@@ -296,79 +309,4 @@ def to_flat(recipe) -> Preset:
     return Preset(**f)
 
 
-def from_flat(p: Preset):
-    """The recipe a flat preset means: the settings its switches leave unused are dropped (so two
-    flat presets that compute the same give one recipe); combinations no recipe can hold raise UserError."""
-    from .recipe import Recipe
-    if p.calibration == "percentile":
-        calibration = Percentile()
-    else:
-        metric = {"cosine": Cosine, "mse": MSE}.get(p.metric)
-        if metric is None:
-            metric = Hessian(gradients=p.grad_source,
-                             grad_chunk=p.grad_chunk if p.grad_source == "kl-official" else 4)
-        else:
-            metric = metric()
-        calibration = GridSearch(metric=metric, alpha=p.alpha, beta=p.beta, n_candidates=p.n_candidates,
-                                 rounds=p.rounds, search_rows=p.search_rows)
-    rounding = GPTQ(damp=p.gptq_damp, act_order=p.gptq_act_order, block=p.gptq_block,
-                    quantized_inputs=p.gptq_quantized_inputs) if p.weight_rounding == "gptq" else Nearest()
-    if p.calibration == "percentile" and (p.w_granularity, p.conv_per_channel, p.weight_rounding) == \
-            ("block", True, "nearest"):
-        weights = Weights()
-    else:
-        weights = Weights(granularity=p.w_granularity, conv_per_channel=p.conv_per_channel, rounding=rounding)
-    if not p.quantize_attention:
-        softmax = FloatAttention()
-    elif p.softmax_log != "none":
-        softmax = LogSoftmax(base=p.softmax_log, renorm=p.softmax_renorm)
-    elif p.softmax_twin:
-        softmax = TwinSoftmax(form=p.softmax_twin_form, split_search_quantized_b=p.split_search_quantized_b,
-                              renorm=p.softmax_renorm)
-    else:
-        softmax = UniformSoftmax(renorm=p.softmax_renorm)
-    if p.gelu_log != "none":
-        gelu = LogGelu(base=p.gelu_log)
-    elif p.gelu_twin:
-        gelu = TwinGelu(pow2=p.gelu_pow2)
-    else:
-        gelu = UniformGelu()
-    transforms = []
-    if p.rotate_residual or p.rotate_heads or p.rotate_fc2:
-        transforms.append(Rotation(kind=p.rotation_kind, seed=p.rotation_seed, residual=p.rotate_residual,
-                                   heads=p.rotate_heads, fc2=p.rotate_fc2))
-    if p.smooth_alpha > 0:
-        transforms.append(Smoothing(alpha=p.smooth_alpha))
-    if p.reparam_ln:
-        transforms.append(LayerNormReparam(round_zero_point=p.reparam_round_zero_point,
-                                           fold_float64=p.reparam_fold_float64))
-    if p.bias_correction:
-        transforms.append(BiasCorrection())
-    return Recipe(name=p.name, description=p.description, calibration=calibration, weights=weights,
-                  softmax=softmax, gelu=gelu, inputs="asymmetric" if p.asymmetric_inputs else "symmetric",
-                  head_bits=p.head_bits, patch_input_bits=p.patch_input_bits, transforms=tuple(transforms))
-
-
-def apply_flat(recipe, overrides: dict):
-    """``recipe`` with old flat field names overridden (``metric="cosine"``, ``gelu_twin=False``).
-
-    The flat view is overridden and read back; a name whose value the recipe then does not hold
-    (a GPTQ option while rounding is nearest, the metric under percentile calibration) would change
-    nothing and is refused by name, with the dotted path it lives at.
-    """
-    fields = {f.name for f in dataclasses.fields(Preset)} - {"name", "description"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UserError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
-    wanted = dataclasses.replace(recipe.flat(), **overrides)
-    result = from_flat(wanted)
-    got = result.flat()
-    dead = [k for k in overrides if getattr(got, k) != getattr(wanted, k)]
-    if dead:
-        k = dead[0]
-        raise UserError(f"override {k}={getattr(wanted, k)!r} would change nothing in recipe {recipe.name} "
-                        f"({FLAT_PATHS[k]} does not apply to {result.summary()})")
-    return result
-
-
-__all__ = ["Preset", "FLAT_PATHS", "to_flat", "from_flat", "apply_flat", "check_fields"]
+__all__ = ["Preset", "FLAT_PATHS", "to_flat"]

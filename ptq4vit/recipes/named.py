@@ -4,15 +4,91 @@ from __future__ import annotations
 from typing import Any, Union
 
 from ..errors import UserError
-from .calibration import Cosine, GridSearch, Hessian, Percentile
-from .flat import Preset, apply_flat, from_flat
-from .operands import FloatAttention, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, UniformSoftmax
+from .calibration import MSE, Cosine, GridSearch, Hessian, Percentile
+import dataclasses
+
+from .flat import FLAT_PATHS, Preset
+from .operands import FloatAttention, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, UniformSoftmax
 from .recipe import Recipe
 from .transforms import BiasCorrection, LayerNormReparam, Rotation, Smoothing
-from .weights import GPTQ, Weights
+from .weights import GPTQ, Nearest, Weights
 
 #: fast8's and deploy8's short cosine grid on 2048 tokens, one round.
 _SHORT_GRID = GridSearch(metric=Cosine(), alpha=0.5, beta=1.2, n_candidates=20, rounds=1, search_rows=2048)
+
+def from_flat(p: Preset):
+    """The recipe a flat preset means: the settings its switches leave unused are dropped (so two
+    flat presets that compute the same give one recipe); combinations no recipe can hold raise UserError."""
+    if p.calibration == "percentile":
+        calibration = Percentile()
+    else:
+        metric = {"cosine": Cosine, "mse": MSE}.get(p.metric)
+        if metric is None:
+            metric = Hessian(gradients=p.grad_source,
+                             grad_chunk=p.grad_chunk if p.grad_source == "kl-official" else 4)
+        else:
+            metric = metric()
+        calibration = GridSearch(metric=metric, alpha=p.alpha, beta=p.beta, n_candidates=p.n_candidates,
+                                 rounds=p.rounds, search_rows=p.search_rows)
+    rounding = GPTQ(damp=p.gptq_damp, act_order=p.gptq_act_order, block=p.gptq_block,
+                    quantized_inputs=p.gptq_quantized_inputs) if p.weight_rounding == "gptq" else Nearest()
+    if p.calibration == "percentile" and (p.w_granularity, p.conv_per_channel, p.weight_rounding) == \
+            ("block", True, "nearest"):
+        weights = Weights()
+    else:
+        weights = Weights(granularity=p.w_granularity, conv_per_channel=p.conv_per_channel, rounding=rounding)
+    if not p.quantize_attention:
+        softmax = FloatAttention()
+    elif p.softmax_log != "none":
+        softmax = LogSoftmax(base=p.softmax_log, renorm=p.softmax_renorm)
+    elif p.softmax_twin:
+        softmax = TwinSoftmax(form=p.softmax_twin_form, split_search_quantized_b=p.split_search_quantized_b,
+                              renorm=p.softmax_renorm)
+    else:
+        softmax = UniformSoftmax(renorm=p.softmax_renorm)
+    if p.gelu_log != "none":
+        gelu = LogGelu(base=p.gelu_log)
+    elif p.gelu_twin:
+        gelu = TwinGelu(pow2=p.gelu_pow2)
+    else:
+        gelu = UniformGelu()
+    transforms = []
+    if p.rotate_residual or p.rotate_heads or p.rotate_fc2:
+        transforms.append(Rotation(kind=p.rotation_kind, seed=p.rotation_seed, residual=p.rotate_residual,
+                                   heads=p.rotate_heads, fc2=p.rotate_fc2))
+    if p.smooth_alpha > 0:
+        transforms.append(Smoothing(alpha=p.smooth_alpha))
+    if p.reparam_ln:
+        transforms.append(LayerNormReparam(round_zero_point=p.reparam_round_zero_point,
+                                           fold_float64=p.reparam_fold_float64))
+    if p.bias_correction:
+        transforms.append(BiasCorrection())
+    return Recipe(name=p.name, description=p.description, calibration=calibration, weights=weights,
+                  softmax=softmax, gelu=gelu, inputs="asymmetric" if p.asymmetric_inputs else "symmetric",
+                  head_bits=p.head_bits, patch_input_bits=p.patch_input_bits, transforms=tuple(transforms))
+
+
+def apply_flat(recipe, overrides: dict):
+    """``recipe`` with old flat field names overridden (``metric="cosine"``, ``gelu_twin=False``).
+
+    The flat view is overridden and read back; a name whose value the recipe then does not hold
+    (a GPTQ option while rounding is nearest, the metric under percentile calibration) would change
+    nothing and is refused by name, with the dotted path it lives at.
+    """
+    fields = {f.name for f in dataclasses.fields(Preset)} - {"name", "description"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+    wanted = dataclasses.replace(recipe.flat(), **overrides)
+    result = from_flat(wanted)
+    got = result.flat()
+    dead = [k for k in overrides if getattr(got, k) != getattr(wanted, k)]
+    if dead:
+        k = dead[0]
+        raise UserError(f"override {k}={getattr(wanted, k)!r} would change nothing in recipe {recipe.name} "
+                        f"({FLAT_PATHS[k]} does not apply to {result.summary()})")
+    return result
+
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
@@ -77,6 +153,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+Preset.named_views = {name: r.flat() for name, r in RECIPES.items()}
+Preset.read_back = staticmethod(from_flat)
+
+
 def get_recipe(recipe: Union[str, Recipe, Preset] = "ptq4vit", **overrides: Any) -> Recipe:
     """A named recipe (or a Recipe, or a flat Preset), with overrides.
 
@@ -92,7 +172,7 @@ def get_recipe(recipe: Union[str, Recipe, Preset] = "ptq4vit", **overrides: Any)
     elif isinstance(recipe, str) and recipe in RECIPES:
         base = RECIPES[recipe]
     else:
-        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise UserError(f"unknown preset {recipe!r}; choose one of the recipes {', '.join(RECIPES)}")
     flat = {k: v for k, v in overrides.items() if is_flat_name(k, v)}
     if flat:
         base = apply_flat(base, flat)

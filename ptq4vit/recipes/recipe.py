@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..typecheck import check_fields, check_value
 from .calibration import Calibration, GridSearch, Percentile
 from .component import Component, build, encode, item_hint, variants
+from .flat import to_flat
 from .operands import Gelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, Softmax
 from .transforms import TRANSFORM_ORDER, BiasCorrection, LayerNormReparam, Rotation, Smoothing, Transform
 from .weights import Weights
@@ -118,7 +119,6 @@ class Recipe:
 
     def flat(self):
         """The resolved flat view the calibration engine reads (derived; see module docstring)."""
-        from .flat import to_flat
         return to_flat(self)
 
     def replace(self, path: str, value: Any) -> "Recipe":
