@@ -18,7 +18,7 @@ from .prepare import prepare_sites
 from .recipes import Recipe, get_recipe
 from .recipes.flat import Preset
 from .quant import check_bits
-from .quantized import QuantizedModel, model_name
+from .quantized import QuantizedModel
 from .typecheck import check_arguments
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
         raise UserError(f"threads must be a positive integer, got {threads}")
     _check_images(model, calib_images, adapters)
 
-    name = model_name(model)
+    name = adapters.adapter_for(model).model_name(model)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

@@ -48,16 +48,16 @@ from .atomic_write import atomic_write_bytes
 from .checkpoint_checks import (DTYPES, check_data_config, check_metadata, check_tensors_match_structure,
                                 codes_problem)
 from .errors import CheckpointError
+from .typecheck import checked
 from .finite import bad_scale_problem
 from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.adapter import EVAL_IDENTITIES
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
-from .nn import QUANT_MODULES, QuantConv2d, QuantLinear
+from .nn import QUANT_MODULES
+from .quant import Quantizer
+from .quantized import QuantizedModel
 from .recipes import Recipe, from_flat
 from .recipes.flat import Preset
-from .quant import (AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
-                    UniformQuantizer)
-from .quantized import QuantizedModel, model_name
 
 FORMAT = "ptq4vit-checkpoint"
 #: 2: the structure is stored as data (format 1 stored a digest of timm module attributes).
@@ -155,29 +155,9 @@ def _first_difference(a: list[str], b: list[str]) -> str:
     return "none"
 
 
-def _quantizer_kind(q: Optional[nn.Module]) -> Optional[dict]:
-    if q is None:
-        return None
-    kind: dict = {"type": type(q).__name__, "bits": q.bits}
-    if isinstance(q, (UniformQuantizer, AsymmetricQuantizer)):
-        kind.update(groups=q.groups, axis=q.axis)
-    elif isinstance(q, LogQuantizer) and q.scaled:
-        kind.update(scaled=True)
-    elif isinstance(q, TwinSoftmaxQuantizer):
-        kind.update(form=q.form)
-    elif isinstance(q, TwinGeluQuantizer):
-        kind.update(pow2=q.pow2)
-    elif isinstance(q, GeluLogQuantizer):
-        kind.update(base=q.base)
-    return kind
-
-
 def _site_kind(site: nn.Module) -> dict:
-    kind: dict = {"type": type(site).__name__}
-    for role in ("w_quant", "a_quant", "b_quant"):
-        if getattr(site, role, None) is not None:  # (a conv's absent input quantizer is None)
-            kind[role] = _quantizer_kind(getattr(site, role))
-    return kind
+    """A site's type and the spec of each of its quantizers (a conv's absent input quantizer left out)."""
+    return {"type": type(site).__name__, **{role: q.spec() for role, q in site.quantizers().items()}}
 
 
 def structure(model: nn.Module) -> dict:
@@ -323,7 +303,7 @@ def _weight_codes(site: nn.Module) -> torch.Tensor:
 
 
 def _quantized_weight_sites(qmodel: QuantizedModel) -> dict[str, nn.Module]:
-    return {n: s for n, s in qmodel.sites().items() if isinstance(s, (QuantLinear, QuantConv2d))}
+    return {n: s for n, s in qmodel.sites().items() if "w_quant" in s.quantizers()}
 
 
 def _content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -340,6 +320,7 @@ def _versions() -> dict:
     return {"ptq4vit": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]}
 
 
+@checked(error=CheckpointError)
 def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict] = None,
          data_config: Optional[dict] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """Write ``qmodel`` as one safetensors checkpoint; return its metadata.
@@ -418,7 +399,7 @@ def _read(path: PathLike, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> tuple
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             file_meta = f.metadata() or {}
@@ -475,6 +456,7 @@ def load_skeleton_float(meta: dict, *, adapters: AdapterRegistry = DEFAULT_ADAPT
     return _create_float(meta["model"]["name"], meta["model"]["create_kwargs"], torch.device("meta"), adapters=adapters)
 
 
+@checked(error=CheckpointError)
 def read_metadata(path: PathLike, *, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> dict:
     """The checkpoint's metadata (after checking its digest and that an adapter of ``adapters`` rebuilds it)."""
     return _read(path, adapters)[0]
@@ -514,6 +496,7 @@ def _match_dtypes(model: nn.Module, meta: dict) -> None:
                         store[k] = t.to(want)
 
 
+@checked(error=CheckpointError)
 def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu",
          adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> QuantizedModel:
     """Rebuild the quantized model saved at ``path``.
@@ -552,7 +535,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
             prepare_sites(skeleton, preset, w_bits, a_bits, adapters=adapters)
         except ValueError as e:
             raise CheckpointError(f"the given model cannot take this checkpoint: {e}") from None
-        qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, model_name(model))
+        qmodel = QuantizedModel(skeleton, preset, w_bits, a_bits, adapters.adapter_for(model).model_name(model))
     else:
         try:
             qmodel = _build_quantized(name, info["create_kwargs"], preset, w_bits, a_bits, adapters=adapters)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .atomic_write import atomic_write_text
-from .nn import QUANT_MODULES, QuantConv2d, QuantMatMul
+from .nn import QUANT_MODULES
+from .quant import Quantizer, floats
 from .recipes import Recipe, from_flat
 from .recipes.flat import Preset
-from .quant import AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, PostGeluQuantizer, Quantizer, TwinSoftmaxQuantizer
+from .typecheck import checked
 
 
 def model_name(model: nn.Module) -> str:
@@ -22,17 +23,6 @@ def model_name(model: nn.Module) -> str:
     arch = cfg.get("architecture") or type(model).__name__
     tag = cfg.get("tag")
     return f"{arch}.{tag}" if tag else arch
-
-
-def _floats(t: torch.Tensor) -> list[float]:
-    return [float(v) for v in t.detach().reshape(-1).cpu()]
-
-
-def _scales(entry: dict, role: str, q: Quantizer) -> None:
-    """``<role>_scale`` and, for an asymmetric quantizer, ``<role>_zero_point`` (signed codes, docs/lowbit.md §6)."""
-    entry[f"{role}_scale"] = _floats(q.scale)
-    if isinstance(q, AsymmetricQuantizer):
-        entry[f"{role}_zero_point"] = _floats(q.zero_point)
 
 
 class QuantizedModel(nn.Module):
@@ -86,33 +76,17 @@ class QuantizedModel(nn.Module):
         """The chosen parameters in the JSON layout of docs/method.md §8."""
         modules = {}
         for name, site in self.sites().items():
-            if isinstance(site, QuantMatMul):
-                entry = {"kind": "matmul"}
-                if isinstance(site.a_quant, TwinSoftmaxQuantizer):
-                    entry["split"] = float(site.a_quant.split)
-                elif isinstance(site.a_quant, LogQuantizer):
-                    entry["a_log"] = site.a_quant.base
-                    if site.a_quant.scaled:
-                        entry["a_scale"] = _floats(site.a_quant.scale)
-                else:
-                    _scales(entry, "a", site.a_quant)
-                _scales(entry, "b", site.b_quant)
-            else:
-                entry = {"kind": "conv" if isinstance(site, QuantConv2d) else "linear"}
-                _scales(entry, "w", site.w_quant)
-                if getattr(site, "smooth", None) is not None:
-                    entry["smooth"] = _floats(site.smooth)
-                if site.a_quant is not None:
-                    _scales(entry, "a", site.a_quant)
-                    if isinstance(site.a_quant, PostGeluQuantizer):
-                        entry["a_neg_scale"] = float(site.a_quant.neg_scale)
-                    if isinstance(site.a_quant, GeluLogQuantizer):
-                        entry["a_log"] = site.a_quant.base
+            entry = {"kind": site.kind}
+            for role, q in site.quantizers().items():
+                entry.update(q.qparams(role[0]))          # w_quant -> "w_scale", ...
+                if role == "w_quant" and getattr(site, "smooth", None) is not None:
+                    entry["smooth"] = floats(site.smooth)
             modules[name] = entry
         return {"model": self.name, "preset": self.preset.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "overrides": self.preset.overrides(), "modules": modules}
 
 
+@checked
 def write_qparams_json(qmodel: QuantizedModel, path: Union[str, os.PathLike]) -> None:
     """Write ``qmodel.qparams()`` (every chosen scale, docs/method.md §8) as a JSON report.
 

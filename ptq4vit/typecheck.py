@@ -23,10 +23,12 @@ line and the API accept the same values.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from .errors import UserError
 
@@ -70,6 +72,8 @@ def describe(hint) -> str:
         return f"a tuple of {len(args)} items: " + ", ".join(describe(a) for a in args)
     if isinstance(hint, type):
         return f"a {hint.__qualname__}"
+    if isinstance(origin, type):  # os.PathLike[str], dict[str, int]: the class; items are not checked
+        return describe(origin)
     raise TypeError(f"ptq4vit.typecheck cannot check values against {hint!r}")
 
 
@@ -108,6 +112,8 @@ def coerce(value, hint) -> tuple[bool, Any]:
         return all(ok for ok, _ in stored), tuple(v for _, v in stored)
     if isinstance(hint, type):
         return isinstance(value, hint), value
+    if isinstance(origin, type):
+        return isinstance(value, origin), value
     raise TypeError(f"ptq4vit.typecheck cannot check values against {hint!r}")
 
 
@@ -147,6 +153,34 @@ def check_arguments(func: Callable, values: dict[str, Any]) -> dict[str, Any]:
     """
     hints = typing.get_type_hints(func)
     return {name: check_value(name, value, hints[name]) for name, value in values.items()}
+
+
+def checked(func: Optional[Callable] = None, *, error: type[UserError] = UserError):
+    """Decorate a public function so that every annotated argument it is called with is checked
+    (:func:`check_value`, naming the argument) before its body runs; ``*args``/``**kwargs`` are not.
+    ``@checked(error=CheckpointError)`` raises that subclass of UserError instead."""
+    if func is None:
+        return functools.partial(checked, error=error)
+    signature = inspect.signature(func)
+    hints: dict = {}
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if not hints:  # resolved at the first call: annotations may name what the module defines later
+            hints.update(typing.get_type_hints(func))
+        try:
+            bound = signature.bind(*args, **kwargs)
+            for name, value in bound.arguments.items():
+                kind = signature.parameters[name].kind
+                if name in hints and kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                    bound.arguments[name] = check_value(name, value, hints[name])
+        except TypeError as e:  # arguments that do not fit the signature at all
+            raise error(f"{func.__name__}(): {e}") from None
+        except UserError as e:
+            raise (e if type(e) is error else error(str(e))) from None
+        return func(*bound.args, **bound.kwargs)
+
+    return wrapper
 
 
 def parse_text(name: str, text: str, hint):
@@ -219,4 +253,4 @@ def _describe_text(hint) -> str:
     return "none" if hint is _NONE_TYPE else describe(hint)
 
 
-__all__ = ["check_arguments", "check_fields", "check_value", "coerce", "describe", "parse_text", "shown"]
+__all__ = ["check_arguments", "check_fields", "checked", "check_value", "coerce", "describe", "parse_text", "shown"]

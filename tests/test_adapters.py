@@ -150,8 +150,10 @@ def test_attention_that_is_not_timms_attention_is_refused():
     _refused(model, "'blocks.1.attn' of type OtherAttention", "Attention")
 
 
-def test_attention_pool_head_is_refused():
-    _refused(_vit(global_pool="map", class_token=False), "'attn_pool'", "global_pool='map'")
+def test_attention_pool_head_with_qk_norm_is_refused():
+    model = _vit(global_pool="map", class_token=False)  # the attention pool itself is planned (test_families_timm.py)
+    model.attn_pool.q_norm = nn.LayerNorm(16)
+    _refused(model, "'attn_pool.q_norm' of type LayerNorm", "qk_norm=True")
 
 
 def test_stray_linear_next_to_the_blocks_is_refused():
@@ -207,8 +209,13 @@ def test_a_subclass_of_a_supported_model_is_not_assumed_alike():
 
 def test_registry_maps_exact_classes_to_one_adapter_each():
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.beit import Beit
+    from timm.models.eva import Eva
     from timm.models.swin_transformer import SwinTransformer
-    assert set(SUPPORTED_MODELS) == {VisionTransformer, VisionTransformerDistilled, SwinTransformer}
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from torchvision.models import VisionTransformer as TorchvisionVisionTransformer
+    assert set(SUPPORTED_MODELS) == {VisionTransformer, VisionTransformerDistilled, SwinTransformer, Beit, Eva,
+                                     SwinTransformerV2, TorchvisionVisionTransformer}
     assert DEFAULT_ADAPTERS.adapter_for(_vit()).family == "timm VisionTransformer"
     with pytest.raises(ValueError, match="two adapters claim VisionTransformer"):
         DEFAULT_ADAPTERS.with_adapter(DEFAULT_ADAPTERS.adapters[0])

@@ -142,7 +142,7 @@ def test_architecture_arguments_are_read_off_the_model_by_the_adapter(tmp_path):
 def test_without_the_registry_the_family_is_refused_by_name(tmp_path):
     model, x = _model_and_images()
     with pytest.raises(UnsupportedModelError, match="^model type PoolNet is not supported; the adapter registry has "
-                                                    "adapters for VisionTransformer, "):
+                                                    "adapters for timm.models.vision_transformer.VisionTransformer, "):
         ptq4vit.quantize(model, x, "ptq4vit", **FAST)
     q = ptq4vit.quantize(model, x, "base", adapters=ADAPTERS, **FAST)
     with pytest.raises(UnsupportedModelError, match="^model type PoolNet is not supported"):

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
-from ..quant import GeluLogQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer
+from ..quant import KindRegistry, Quantizer
 from .capture import frozen_parameters
 from .resources import available_memory
 from .search import SEARCH_CHUNK_BYTES
@@ -46,15 +46,6 @@ TRANSIENT_ACTIVATIONS = 4
 
 #: Share of the budget one search step may plan for (its temporaries are up to twice that).
 STEP_SHARE = 8
-
-#: Fake-quantizing a tensor keeps up to this many same-sized tensors alive at once (x / Δ and
-#: its rounding for a uniform quantizer; both twin halves for GELU; the codes, the positive and
-#: negative values and their selection for the post-GELU log quantizer; mask, both regions and
-#: their temporaries for the softmax twin).
-QUANT_COPIES_UNIFORM = 2
-QUANT_COPIES_GELU_TWIN = 3
-QUANT_COPIES_GELU_LOG = 4
-QUANT_COPIES_SOFTMAX_TWIN = 5
 
 MIB = 1 << 20
 
@@ -105,36 +96,49 @@ def _weight_copies(w: torch.Tensor) -> int:
     return 3 * _search_nbytes(w) + (_search_nbytes(w) if w.element_size() < 4 else 0)
 
 
+def _linear_cost(site: QuantLinear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> int:
+    x = _search_nbytes(inputs[0])
+    # The fixed input while the weight is searched (fake-quantized: the quantizer says how many
+    # copies that holds; an unquantized input counts as a uniform one), then the layer's float output.
+    fixed_input = site.a_quant.search_bytes(x) if site.a_quant is not None else Quantizer.search_copies * x
+    return max(fixed_input, x + _search_nbytes(output))
+
+
+def _conv_cost(site: QuantConv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> int:
+    kh, kw = site.kernel_size
+    positions = output.numel() // output.shape[1]
+    patches = inputs[0].shape[1] * kh * kw * positions * max(4, inputs[0].element_size())
+    out = _search_nbytes(output)
+    # Unfolded patches are copied once into rows; the gradient is copied into (rows, channels).
+    return max(2 * patches, patches + out + (out if with_grad else 0))
+
+
+def _matmul_cost(site: QuantMatMul, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> int:
+    a, b = _search_nbytes(inputs[0]), _search_nbytes(inputs[1])
+    out = _search_nbytes(output)
+    head_out = out // inputs[0].shape[1]
+    # One head's product at a time, unless operand A's one parameter is scored over all heads at once.
+    whole = site.a_quant.whole_operand_search
+    return max(site.b_quant.search_bytes(b), b + (out if whole else head_out), site.a_quant.search_bytes(a), a + head_out)
+
+
+#: Bytes per image a site's search works with, by site class (a new site class registers its own).
+SITE_WORK: KindRegistry = KindRegistry("search memory of site")
+SITE_WORK.register(QuantLinear, _linear_cost)
+SITE_WORK.register(QuantConv2d, _conv_cost)
+SITE_WORK.register(QuantMatMul, _matmul_cost)
+
+
 def _site_cost(site: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, with_grad: bool) -> SiteCost:
+    work = SITE_WORK.find(site)
+    if work is None:
+        raise TypeError(f"not a quantization site: {type(site).__name__}")
     held = sum(_nbytes(t) for t in inputs) + (_nbytes(output) if with_grad else 0)
     # A half-precision capture is widened to float32 for the search, next to the capture itself.
     widened = [t for t in (*inputs, *((output,) if with_grad else ())) if t.element_size() < 4]
     widen = sum(_search_nbytes(t) for t in widened)
-    out = _search_nbytes(output)
-    if isinstance(site, QuantLinear):
-        x = _search_nbytes(inputs[0])
-        copies = (QUANT_COPIES_GELU_TWIN if isinstance(site.a_quant, TwinGeluQuantizer) else
-                  QUANT_COPIES_GELU_LOG if isinstance(site.a_quant, GeluLogQuantizer) else QUANT_COPIES_UNIFORM)
-        # The fixed input while the weight is searched, then the layer's float output.
-        work = max(copies * x, x + out)
-        return SiteCost(held, widen + work, _weight_copies(site.weight))
-    if isinstance(site, QuantConv2d):
-        kh, kw = site.kernel_size
-        positions = output.numel() // output.shape[1]
-        patches = inputs[0].shape[1] * kh * kw * positions * max(4, inputs[0].element_size())
-        # Unfolded patches are copied once into rows; the gradient is copied into (rows, channels).
-        work = max(2 * patches, patches + out + (out if with_grad else 0))
-        return SiteCost(held, widen + work, _weight_copies(site.weight))
-    if isinstance(site, QuantMatMul):
-        a, b = _search_nbytes(inputs[0]), _search_nbytes(inputs[1])
-        heads = inputs[0].shape[1]
-        twin = isinstance(site.a_quant, TwinSoftmaxQuantizer)
-        head_out = out // heads
-        # One head's product at a time; the softmax split is scored over all heads at once.
-        work = max(QUANT_COPIES_UNIFORM * b, b + (out if twin else head_out),
-                   (QUANT_COPIES_SOFTMAX_TWIN if twin else QUANT_COPIES_UNIFORM) * a, a + head_out)
-        return SiteCost(held, widen + work)
-    raise TypeError(f"not a quantization site: {type(site).__name__}")
+    weight = getattr(site, "weight", None)
+    return SiteCost(held, widen + work(site, inputs, output, with_grad), _weight_copies(weight) if weight is not None else 0)
 
 
 def measure_costs(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module],

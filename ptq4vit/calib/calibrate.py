@@ -21,10 +21,8 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..presets import Preset
-from ..quant import (MIN_SCALE, AsymmetricQuantizer, GeluLogQuantizer, LogQuantizer, TwinGeluQuantizer,
-                     TwinSoftmaxQuantizer, UniformQuantizer, asymmetric_fake_quant, candidate_factors,
-                     gelu_log_fake_quant, gelu_twin_fake_quant, initial_scale, range_to_step, renormalize_rows,
-                     softmax_split_candidates, softmax_twin_fake_quant, uniform_fake_quant)
+from ..quant import (MIN_SCALE, KindRegistry, candidate_factors, initial_scale, renormalize_rows,
+                     uniform_fake_quant)
 from .bias_correction import correct_bias
 from .gptq import compensated_target, gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
 from .metrics import cosine_
@@ -52,62 +50,26 @@ def _uniform(bits: int):
     return lambda x, s: uniform_fake_quant(x, s, bits)
 
 
-def _pow2_candidates(grid: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """The values ``2^m Δ-`` inside the grid's range (the nearest one if none is inside)."""
-    lo, hi = grid.min(), grid.max()
-    exps = torch.arange(int(torch.floor(torch.log2(lo / neg))), int(torch.ceil(torch.log2(hi / neg))) + 1,
-                        device=grid.device, dtype=grid.dtype)
-    cands = neg * torch.pow(2.0, exps)
-    inside = cands[(cands >= lo) & (cands <= hi)]
-    if inside.numel():
-        return inside
-    return cands[(torch.log2(cands) - torch.log2(grid.mean())).abs().argmin()].reshape(1)
-
-
 class _InputSearch:
-    """A linear layer's input quantizer during the search: uniform, asymmetric, post-GELU twin or post-GELU log."""
+    """A linear layer's input quantizer during the search, in the space the quantizer describes
+    (:meth:`~ptq4vit.quant.Quantizer.scale_search`): candidates around its start, or those it can take."""
 
     def __init__(self, quant, x: torch.Tensor, grid: _Grid):
-        self.quant = quant
-        self.zero_point = None
-        bits = quant.bits
-        if isinstance(quant, AsymmetricQuantizer):
-            # The range [min(x, 0), max(x, 0)] on all 2^b codes fixes the zero point (an integer, so
-            # zero is a code); the candidates scale the step, shrinking the range towards zero on
-            # both sides in proportion (docs/deployment.md).
-            start, zp = range_to_step(x.min().clamp(max=0).reshape(1), x.max().clamp(min=0).reshape(1), bits)
-            self.zero_point = zp
-            self.fn = lambda t, s: asymmetric_fake_quant(t, s, zp, bits)
-            self.cands = grid.around(start).reshape(-1)
-        elif isinstance(quant, TwinGeluQuantizer):
-            neg = quant.neg_scale.to(x)
-            self.fn = lambda t, s: gelu_twin_fake_quant(t, s, neg, bits)
-            start = initial_scale(x.max().reshape(1), bits)  # signed max: the positive range
-            self.cands = grid.around(start).reshape(-1)
-            if quant.pow2:
-                self.cands = _pow2_candidates(self.cands, neg)
-                start = self.cands[(self.cands - start).abs().argmin()].reshape(1)
-        elif isinstance(quant, GeluLogQuantizer):
-            neg, base = quant.neg_scale.to(x), quant.base
-            self.fn = lambda t, s: gelu_log_fake_quant(t, s, neg, bits, base)
-            # Δ is the largest level, so the max-based start is the largest value itself (docs/lowbit.md §8)
-            start = x.max().reshape(1).clamp_min(MIN_SCALE)
-            self.cands = grid.around(start).reshape(-1)
-        else:
-            self.fn = _uniform(bits)
-            start = initial_scale(x.abs().max().reshape(1), bits)
-            self.cands = grid.around(start).reshape(-1)
+        space = quant.scale_search(x)
+        self.fn, self._store = space.fake_quant, space.store
+        start = space.start
+        self.cands = grid.around(start).reshape(-1)
+        if space.restrict is not None:
+            self.cands = space.restrict(self.cands)
+            start = self.cands[(self.cands - start).abs().argmin()].reshape(1)
         self.scale = start
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.scale)
 
     def store(self) -> None:
-        """Write the chosen scale (and zero point) into the quantizer."""
-        if self.zero_point is None:
-            self.quant.set_scale(self.scale)
-        else:
-            self.quant.set_params(self.scale, self.zero_point)
+        """Write the chosen scale (and what the quantizer keeps with it) into the quantizer."""
+        self._store(self.scale)
 
 
 def _in_released_order(preset: Preset, every_row: bool) -> bool:
@@ -292,12 +254,6 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
         wq.set_scale(cands[best_index(p, "b", p.a, _uniform(wq.bits), cands, budget)])
 
 
-def _per_head_absmax(t: torch.Tensor) -> torch.Tensor:
-    """``max |t|`` per head of ``(images, heads, rows, cols)``, without a copy of ``t``."""
-    dims = (0, 2, 3)
-    return torch.maximum(t.amax(dims), t.amin(dims).neg())
-
-
 def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
                      budget: int) -> None:
     """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
@@ -310,7 +266,9 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     images = a.shape[0]
     # The released code's values per image: both operands and twice the output.
     floats_per_image = heads * (a.shape[2] * a.shape[3] + b.shape[2] * b.shape[3] + 2 * a.shape[2] * b.shape[3])
-    if isinstance(site.a_quant, LogQuantizer):
+    aq = site.a_quant
+    a_space = aq.scale_search(a_all)
+    if a_space is None:
         return _calibrate_matmul_fixed_a(site, a, b, grad, preset, budget, grid)
     renorm = _renormalized if site.renorm_rows else (lambda fn: fn)
 
@@ -318,26 +276,23 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     def head_product(h: int) -> Product:
         return Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
 
-    bq: UniformQuantizer = site.b_quant
-    b_scale = initial_scale(_per_head_absmax(b), bq.bits)
+    b_space = site.b_quant.scale_search(b)
+    b_scale = b_space.start
     b_cands = grid.around(b_scale)                                   # (n, heads)
-    aq = site.a_quant
-    twin = isinstance(aq, TwinSoftmaxQuantizer)
+    a_fn = renorm(a_space.fake_quant)
+    a_cands = a_space.fixed if a_space.fixed is not None else grid.around(a_space.start)   # (n, 1) or (n, heads)
+    twin = aq.whole_operand_search
     if twin:
-        # One split for the layer, scored over all heads at once.
+        # One parameter for the layer (the softmax split), scored over all heads at once.
         def whole_product() -> Product:
             return Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
                            metric=preset.metric)
-        a_fn = renorm(lambda t, s: softmax_twin_fake_quant(t, s, aq.bits, aq.form))
-        a_cands = softmax_split_candidates().to(a.device).reshape(-1, 1)
         b_quantized_in_a_search = preset.split_search_quantized_b
     else:
-        a_fn = renorm(_uniform(aq.bits))
-        a_cands = grid.around(initial_scale(_per_head_absmax(a_all), aq.bits))   # (n, heads)
         b_quantized_in_a_search = True
 
     def quant_b(scale):
-        return uniform_fake_quant(b, scale.reshape(1, heads, 1, 1), bq.bits)
+        return b_space.fake_quant(b, scale.reshape(1, heads, 1, 1))
 
     def per_head_cosine(side: str, fixed: torch.Tensor, quant, cands: torch.Tensor) -> torch.Tensor:
         """Every head's best candidate, its cosines reduced with all heads' in the released order."""
@@ -363,9 +318,9 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         del b_fixed
         a_fixed = a_fn(a, a_scale) if twin else a_fn(a, a_scale.reshape(1, heads, 1, 1))
         if released:
-            new = per_head_cosine("b", a_fixed, _uniform(bq.bits), b_cands)
+            new = per_head_cosine("b", a_fixed, b_space.fake_quant, b_cands)
         else:
-            new = torch.stack([b_cands[best_index(head_product(h), "b", a_fixed[:, h], _uniform(bq.bits),
+            new = torch.stack([b_cands[best_index(head_product(h), "b", a_fixed[:, h], b_space.fake_quant,
                                                   b_cands[:, h:h + 1], budget), h]
                                for h in range(heads)])
         del a_fixed
@@ -374,11 +329,8 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         b_scale = new
         if converged:
             break
-    if twin:
-        aq.set_split(a_scale)
-    else:
-        aq.set_scale(a_scale)
-    bq.set_scale(b_scale)
+    a_space.store(a_scale)
+    b_space.store(b_scale)
 
 
 def _renormalized(fn):
@@ -393,12 +345,12 @@ def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tenso
     a_fixed = site.a_quant.fake_quant(a)
     if site.renorm_rows:
         a_fixed = renormalize_rows(a_fixed, a)
-    bq: UniformQuantizer = site.b_quant
-    b_cands = grid.around(initial_scale(_per_head_absmax(b), bq.bits))
+    b_space = site.b_quant.scale_search(b)
+    b_cands = grid.around(b_space.start)
     per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
                 for h in range(heads)]
-    bq.set_scale(torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], _uniform(bq.bits), b_cands[:, h:h + 1], budget), h]
-                              for h, prod in enumerate(per_head)]))
+    b_space.store(torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], b_space.fake_quant, b_cands[:, h:h + 1], budget), h]
+                               for h, prod in enumerate(per_head)]))
 
 
 def smoothing_factors(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -420,23 +372,35 @@ def _smooth(site: QuantLinear, x: torch.Tensor, alpha: float) -> torch.Tensor:
     return x / site.smooth.to(x.dtype)
 
 
+def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset,
+                           budget: int) -> None:
+    """Smoothing first (its divisor changes the input the search sees), then the first- or
+    second-order search, then bias correction against the float (smoothed) weight."""
+    x = inputs[0]
+    if site.smooth is not None:
+        x = _smooth(site, x, preset.smooth_alpha)
+    # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
+    float_weight = site.weight.detach().clone() if preset.bias_correction else None
+    if preset.second_order_weights:
+        calibrate_linear_second_order(site, x, grad, preset, budget)
+    else:
+        calibrate_linear(site, x, grad, preset, budget)
+    if float_weight is not None:
+        correct_bias(site, x, float_weight)
+
+
+#: The search of each site class (a new site class registers its own).
+SITE_SEARCHES: KindRegistry = KindRegistry("calibration search of site")
+SITE_SEARCHES.register(QuantLinear, _calibrate_linear_site)
+SITE_SEARCHES.register(QuantConv2d, lambda site, inputs, grad, preset, budget:
+                       calibrate_conv(site, inputs[0], grad, preset, budget))
+SITE_SEARCHES.register(QuantMatMul, lambda site, inputs, grad, preset, budget:
+                       calibrate_matmul(site, inputs[0], inputs[1], grad, preset, budget))
+
+
 def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
     """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype)."""
-    inputs = [_search_float(t) for t in inputs]
-    grad = _search_float(grad)
-    if isinstance(site, QuantLinear) and site.smooth is not None:
-        inputs[0] = _smooth(site, inputs[0], preset.smooth_alpha)
-    # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
-    float_weight = site.weight.detach().clone() if preset.bias_correction and isinstance(site, QuantLinear) else None
-    if isinstance(site, QuantLinear) and preset.second_order_weights:
-        calibrate_linear_second_order(site, inputs[0], grad, preset, budget)
-    elif isinstance(site, QuantLinear):
-        calibrate_linear(site, inputs[0], grad, preset, budget)
-    elif isinstance(site, QuantConv2d):
-        calibrate_conv(site, inputs[0], grad, preset, budget)
-    elif isinstance(site, QuantMatMul):
-        calibrate_matmul(site, inputs[0], inputs[1], grad, preset, budget)
-    else:
+    search = SITE_SEARCHES.find(site)
+    if search is None:
         raise TypeError(f"not a quantization site: {type(site).__name__}")
-    if float_weight is not None:
-        correct_bias(site, inputs[0], float_weight)
+    search(site, [_search_float(t) for t in inputs], _search_float(grad), preset, budget)

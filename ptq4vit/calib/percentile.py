@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import QuantConv2d, QuantLinear, QuantMatMul
-from ..quant import AsymmetricQuantizer, LogQuantizer, Quantizer, asymmetric_fake_quant, range_to_step
+from ..quant import AsymmetricQuantizer, KindRegistry, LogQuantizer, Quantizer, asymmetric_fake_quant, range_to_step
 from ..quant.log import scaled_log_fake_quant
 from ..transforms.reparam import fold_channel_ranges
 
 log = logging.getLogger(__name__)
+
+#: A site's input quantizers, in the order of its forward's arguments.
+INPUT_ROLES = ("a_quant", "b_quant")
 
 #: The upper percentiles tried for each range (the lower one is ``1 - p``).
 PERCENTILES = (0.999, 0.9999, 0.99999)
@@ -92,20 +94,35 @@ def log_scale(x: torch.Tensor, bits: int, base: str) -> torch.Tensor:
     return chosen if chosen is not None else flat.max()
 
 
+def _init_log(q: LogQuantizer, x: torch.Tensor) -> None:
+    q.set_scale(log_scale(x, q.bits, q.base))
+
+
+def _init_asymmetric(q: AsymmetricQuantizer, x: torch.Tensor) -> None:
+    if q.axis is not None:
+        raise TypeError(f"percentile calibration has no initialisation for {q!r}")
+    q.set_params(*percentile_ranges(x.detach().reshape(1, -1), q.bits))
+
+
+#: How percentile calibration initialises a per-tensor activation quantizer, per kind.
+TENSOR_INITS: KindRegistry = KindRegistry("percentile initialisation")
+TENSOR_INITS.register(LogQuantizer, _init_log)
+TENSOR_INITS.register(AsymmetricQuantizer, _init_asymmetric)
+
+
 def calibrate_tensor(q: Quantizer, x: torch.Tensor) -> None:
     """Calibrate a per-tensor activation quantizer (asymmetric, or the scaled log one) on ``x``."""
-    if isinstance(q, LogQuantizer):
-        q.set_scale(log_scale(x, q.bits, q.base))
-    elif isinstance(q, AsymmetricQuantizer) and q.axis is None:
-        q.set_params(*percentile_ranges(x.detach().reshape(1, -1), q.bits))
-    else:
+    init = TENSOR_INITS.find(q)
+    if init is None:
         raise TypeError(f"percentile calibration has no initialisation for {q!r}")
+    init(q, x)
 
 
 def calibrate_weight(site: nn.Module) -> None:
     """Per-output-channel ranges of a site's weight."""
     q = site.w_quant
-    if not (isinstance(q, AsymmetricQuantizer) and q.axis == 0 and q.groups == site.weight.shape[0]):
+    per_channel_spec = {"type": AsymmetricQuantizer.__name__, "bits": q.bits, "groups": site.weight.shape[0], "axis": 0}
+    if q.spec() != per_channel_spec:
         raise TypeError(f"percentile calibration needs per-channel asymmetric weights, got {q!r}")
     q.set_params(*percentile_ranges(site.weight.detach().reshape(q.groups, -1), q.bits))
 
@@ -116,10 +133,6 @@ def per_channel(x: torch.Tensor, bits: int) -> AsymmetricQuantizer:
     q = AsymmetricQuantizer(bits, channels, axis=-1, device=x.device)
     q.set_params(*percentile_ranges(x.detach().reshape(-1, channels).t(), bits))
     return q
-
-
-def _site_quantizers(site: nn.Module) -> list[Quantizer]:
-    return [q for q in (getattr(site, r, None) for r in ("w_quant", "a_quant", "b_quant")) if q is not None]
 
 
 @torch.no_grad()
@@ -135,22 +148,22 @@ def calibrate_percentile(model: nn.Module, images: torch.Tensor, sites: dict[str
     All of ``images`` go through the model in one batch, as the released code's one calibration batch.
     """
     for site in sites.values():
-        if isinstance(site, (QuantLinear, QuantConv2d)):
+        if "w_quant" in site.quantizers():
             calibrate_weight(site)
     targets = {linear for _, linear in pairs}
     final: dict[str, Quantizer] = {}
     bar = tqdm(total=len(sites), desc=desc, unit="layer", disable=not progress)
 
     def hook(name: str, site: nn.Module, args: tuple) -> Optional[tuple]:
-        if isinstance(site, QuantMatMul):
-            calibrate_tensor(site.a_quant, args[0])
-            calibrate_tensor(site.b_quant, args[1])
-        elif name in targets:
+        if name in targets:
             final[name] = site.a_quant
             site.a_quant = per_channel(args[0], site.a_quant.bits)
-        elif site.a_quant is not None:
-            calibrate_tensor(site.a_quant, args[0])
-        for q in _site_quantizers(site):
+        else:
+            quantizers = site.quantizers()
+            for role, x in zip(INPUT_ROLES, args):      # a site's inputs, in the order of its forward's arguments
+                if role in quantizers:
+                    calibrate_tensor(quantizers[role], x)
+        for q in site.quantizers().values():
             q.enabled = True  # quantized from now on: later sites calibrate on its output
         bar.update()
         return None

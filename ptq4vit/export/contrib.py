@@ -28,9 +28,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..nn import QuantLinear, QuantMatMul
-from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
-from .lowering import (INT32_LIMIT, Emitter, GeluTwin, LinearInput, Lowering, SoftmaxTwin, act_encoding, column_scales,
-                       f32, require_integer_linear, weight_codes)
+from ..quant import qmax
+from .lowering import INT32_LIMIT, Emitter, Lowering, act_encoding, f32, integer_linear, integer_matmul, weight_codes
 from .report import SiteExport
 
 __all__ = ["ContribLinear", "ContribMatMul"]
@@ -40,19 +39,17 @@ _MMITF = "com.microsoft::MatMulIntegerToFloat"
 
 class ContribLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear, gemm: str, twin_combine: str):
-        require_integer_linear(site)
+        self.col_scale, inp = integer_linear(site)                   # Δw per output column, the input's form
         super().__init__(site)
-        wq, aq = site.w_quant, site.a_quant
         codes = weight_codes(site)                                   # (N, K)
-        self.col_scale = column_scales(wq, site.out_features)        # Δw per output column
         self.bias = None if site.bias is None else f32(site.bias.detach().float().cpu().numpy())
-        qw = qmax(wq.bits)
-        self.twin = isinstance(aq, TwinGeluQuantizer)
+        qw = qmax(site.w_quant.bits)
+        self.twin = inp.integer_form == "gelu_twin"
         if self.twin:
-            t = self.gelu = GeluTwin.of(aq)
+            t = self.gelu = inp
             self.b = codes.t().contiguous().numpy().astype(np.int8)  # twin codes are <= 128: u8 x s8 is exact
             self.b_zp = np.int8(0)
-            qa = qmax(aq.bits)
+            qa = qmax(t.bits)
             m = t.pow2
             fits = m is not None and site.in_features * qw * ((qa - 1) * 2 ** abs(m) + qa) <= INT32_LIMIT
             if twin_combine == "int32" and not fits:
@@ -66,7 +63,6 @@ class ContribLinear(Lowering):
             else:
                 how = "GELU twin: 2 MatMulIntegerToFloat u8 x s8, free Δ+ (not 2^m Δ-)"
         else:
-            inp = LinearInput.of(aq)
             self.a_scale = inp.scale
             self.a_zp, self.a_clip, narrow = act_encoding(inp.bits, inp.zero_point)
             if narrow or gemm == "vnni":
@@ -132,17 +128,15 @@ def head_shape(v: np.ndarray, rank: int, axis: int) -> np.ndarray:
 class ContribMatMul(Lowering):
     def __init__(self, name: str, site: QuantMatMul, gemm: str, twin_combine: str, k_dim: int, out_rank: int):
         super().__init__(site)
-        aq, bq = site.a_quant, site.b_quant
-        if not isinstance(bq, UniformQuantizer):
-            raise NotImplementedError(f"operand B quantizer {type(bq).__name__}")
+        a, bq = integer_matmul(site)
         self.out_rank = out_rank
         heads = bq.groups
-        self.b_axis = bq.axis if bq.groups > 1 else None
-        self.b_scale = f32(bq.scale.detach().float().cpu().numpy())
+        self.b_axis = bq.axis
+        self.b_scale = bq.scale
         qb = qmax(bq.bits)
-        self.twin = isinstance(aq, TwinSoftmaxQuantizer)
+        self.twin = a.integer_form == "softmax_twin"
         if self.twin:
-            t = self.softmax = SoftmaxTwin.of(aq)
+            t = self.softmax = a
             narrow = True
             if twin_combine == "int32" and k_dim * t.levels * qb * (2 ** t.shift + 1) > INT32_LIMIT:
                 raise UserError(f"{name}: twin_combine='int32' could overflow int32 (split 2^-{t.shift}, {k_dim} tokens)")
@@ -156,13 +150,11 @@ class ContribMatMul(Lowering):
                 "MatMulIntegerToFloat u8 x s8, hi output scaled by 2^i"
                 + ("" if exact_float else " (accumulators may pass 2^24: float add rounds)"))
         else:
-            if not isinstance(aq, UniformQuantizer):
-                raise NotImplementedError(f"operand A quantizer {type(aq).__name__}")
-            self.a_axis = aq.axis if aq.groups > 1 else None
-            self.a_scale = f32(aq.scale.detach().float().cpu().numpy())
-            self.a_zp, self.a_clip, narrow = act_encoding(aq.bits)
-            if aq.groups > 1:
-                self.a_zp = np.full(aq.groups, self.a_zp, np.uint8)
+            self.a_axis = a.axis
+            self.a_scale = a.scale
+            self.a_zp, self.a_clip, narrow = act_encoding(a.bits)
+            if a.groups > 1:
+                self.a_zp = np.full(a.groups, self.a_zp, np.uint8)
             how = "MatMulIntegerToFloat u8 x {} per head"
         if narrow or gemm == "vnni":
             self.b_zp, self.b_clip, b_type = np.int8(0), (None if bq.bits == 8 else (-qb, qb - 1)), "s8"

@@ -11,15 +11,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import QuantMatMul
-from ..quant import AsymmetricQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
+from ..quant import (AsymmetricQuantizer, KindRegistry, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+                     UniformQuantizer, qmax)
 from .report import SiteExport
 
 INT32_LIMIT = 2 ** 31 - 1
@@ -35,36 +35,30 @@ def weight_codes(site) -> torch.Tensor:
     return site.w_quant.codes(site.weight.detach()).float().cpu()
 
 
-def require_integer_linear(site) -> None:
-    """NotImplementedError (the site is then exported as a float fallback) unless the linear lowerings
-    know its quantizers: symmetric uniform weight; symmetric uniform, GELU-twin or per-tensor
-    asymmetric input with an integer zero point (:class:`LinearInput`). Asymmetric weights and
-    RepQ-ViT's per-channel or fractional zero points (docs/lowbit.md §6) have no integer lowering here."""
-    wq, aq = site.w_quant, site.a_quant
-    if not isinstance(wq, UniformQuantizer):
-        raise NotImplementedError(f"weight quantizer {type(wq).__name__}")
-    if isinstance(aq, AsymmetricQuantizer):
-        LinearInput.of(aq)
-    elif not isinstance(aq, (UniformQuantizer, TwinGeluQuantizer)):
-        raise NotImplementedError(f"input quantizer {type(aq).__name__}")
-
-
 @dataclass(frozen=True)
 class LinearInput:
     """A linear layer's per-tensor input codes ``clamp(round(x/Δ) + z, -q, q-1)``, value ``(c - z)·Δ``:
     symmetric (``z = 0``) or asymmetric with an integer zero point ``z`` (which ``QuantizeLinear``
     takes as it is: int8 codes with zero point ``z`` are exactly these)."""
+    integer_form: ClassVar[str] = "uniform"
     bits: int
     scale: float
     zero_point: int
 
-    @classmethod
-    def of(cls, aq) -> "LinearInput":
-        if isinstance(aq, UniformQuantizer) and aq.groups == 1:
-            return cls(aq.bits, float(aq.scale.detach().float().cpu()[0]), 0)
-        if not isinstance(aq, AsymmetricQuantizer) or aq.groups != 1:
-            raise NotImplementedError(f"input quantizer {type(aq).__name__} with {getattr(aq, 'groups', '?')} groups "
+    @staticmethod
+    def _per_tensor(aq) -> None:
+        if aq.groups != 1:
+            raise NotImplementedError(f"input quantizer {type(aq).__name__} with {aq.groups} groups "
                                       f"(only per-tensor inputs have an integer lowering)")
+
+    @classmethod
+    def of_uniform(cls, aq: UniformQuantizer) -> "LinearInput":
+        cls._per_tensor(aq)
+        return cls(aq.bits, float(aq.scale.detach().float().cpu()[0]), 0)
+
+    @classmethod
+    def of_asymmetric(cls, aq: AsymmetricQuantizer) -> "LinearInput":
+        cls._per_tensor(aq)
         z = float(aq.zero_point.detach().float().cpu()[0])
         q = qmax(aq.bits)
         if z != round(z) or not -q <= z <= q - 1:
@@ -96,6 +90,7 @@ def pow2_exponent(ratio: float) -> Optional[int]:
 @dataclass(frozen=True)
 class GeluTwin:
     """Post-GELU twin: ``pos = clamp(round(x/Δ+), 0, q-1)``, ``neg = clamp(round(x/Δ-), -q, 0)``."""
+    integer_form: ClassVar[str] = "gelu_twin"
     bits: int
     pos_step: float
     neg_step: float
@@ -112,6 +107,7 @@ class GeluTwin:
 class SoftmaxTwin:
     """Post-softmax twin with split ``s = 2^-i``: ``lo`` codes (step ``Δ_R1 = s/levels``) and ``hi``
     codes (step ``Δ_R2 = 1/levels = 2^i Δ_R1``), as :func:`ptq4vit.quant.twin.softmax_twin_codes`."""
+    integer_form: ClassVar[str] = "softmax_twin"
     bits: int
     form: str
     split: float
@@ -137,6 +133,54 @@ class SoftmaxTwin:
             raise NotImplementedError(f"softmax twin with a split that is not a power of two ({float(split)})")
         return cls(aq.bits, aq.form, float(split), float(step_lo), float(step_hi), i,
                    int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split * levels)))
+
+
+@dataclass(frozen=True)
+class HeadOperand:
+    """An attention operand's symmetric codes ``clamp(round(x/Δ), -q, q-1)``, one Δ per head along
+    ``axis`` (None: one Δ for the operand)."""
+    integer_form: ClassVar[str] = "uniform"
+    bits: int
+    groups: int
+    axis: Optional[int]
+    scale: np.ndarray
+
+    @classmethod
+    def of(cls, q: UniformQuantizer) -> "HeadOperand":
+        return cls(q.bits, q.groups, q.axis if q.groups > 1 else None, f32(q.scale.detach().float().cpu().numpy()))
+
+
+# What each quantizer kind lowers to, by role; a kind without a handler is exported as a float
+# fallback (its site's own fake-quantized float ops), the reason naming the role and the kind.
+#: Weight of a linear site: the per-output-column Δw of its int8 codes.
+LINEAR_WEIGHTS: KindRegistry = KindRegistry("weight quantizer")
+LINEAR_WEIGHTS.register(UniformQuantizer, column_scales)
+#: Input of a linear site.
+LINEAR_INPUTS: KindRegistry = KindRegistry("input quantizer")
+LINEAR_INPUTS.register(UniformQuantizer, LinearInput.of_uniform)
+LINEAR_INPUTS.register(AsymmetricQuantizer, LinearInput.of_asymmetric)
+LINEAR_INPUTS.register(TwinGeluQuantizer, GeluTwin.of)
+#: Left operand of an attention matmul.
+MATMUL_A: KindRegistry = KindRegistry("operand A quantizer")
+MATMUL_A.register(UniformQuantizer, HeadOperand.of)
+MATMUL_A.register(TwinSoftmaxQuantizer, SoftmaxTwin.of)
+#: Right operand of an attention matmul.
+MATMUL_B: KindRegistry = KindRegistry("operand B quantizer")
+MATMUL_B.register(UniformQuantizer, HeadOperand.of)
+
+
+def integer_linear(site) -> tuple[np.ndarray, "LinearInput | GeluTwin"]:
+    """Δw per output column and the input's integer form of a linear site; NotImplementedError (the
+    site is then exported as a float fallback) where its kinds have none: asymmetric weights, and
+    RepQ-ViT's per-channel or fractional zero points (docs/lowbit.md §6), among others."""
+    col_scale = LINEAR_WEIGHTS.get(site.w_quant)(site.w_quant, site.out_features)
+    return col_scale, LINEAR_INPUTS.get(site.a_quant)(site.a_quant)
+
+
+def integer_matmul(site) -> tuple["HeadOperand | SoftmaxTwin", HeadOperand]:
+    """The integer forms of an attention matmul's operands (B is looked at first); NotImplementedError where none."""
+    b = MATMUL_B.get(site.b_quant)(site.b_quant)
+    return MATMUL_A.get(site.a_quant)(site.a_quant), b
 
 
 def frozen_copy(q: nn.Module) -> nn.Module:
@@ -187,7 +231,7 @@ class Lowering:
     def __init__(self, site: nn.Module):
         # What the site computes, from private copies: this runs inside a traced
         # autograd.Function, where the model's own parameters and buffers must not appear.
-        if isinstance(site, QuantMatMul):
+        if "w_quant" not in site.quantizers():  # two operands, no weight: an attention matmul
             if site.renorm_rows:
                 raise NotImplementedError("row renormalization of the quantized softmax (softmax_renorm)")
             self._aq, self._bq = frozen_copy(site.a_quant), frozen_copy(site.b_quant)

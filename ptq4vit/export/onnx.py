@@ -36,6 +36,7 @@ from torch import nn
 
 from ..atomic_write import atomic_path
 from ..errors import UserError
+from ..typecheck import checked
 from ..nn import QUANT_MODULES, FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
 from ..quantized import QuantizedModel
 from .contrib import ContribLinear, ContribMatMul
@@ -174,6 +175,7 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: str, opset: in
             torch.onnx.export(module, (example,), path, **kwargs)
 
 
+@checked
 def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.PathLike], *, int8: bool = True,
                 format: str = "contrib", batch_size: Optional[int] = None, input_size: Optional[tuple] = None,
                 gemm: str = "portable", twin_combine: str = "gemm", opset: int = DEFAULT_OPSET,
@@ -205,6 +207,8 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
     """
     if format not in FORMATS:
         raise UserError(f"format must be one of {FORMATS}, got {format!r}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch_size must be a positive int (a fixed batch) or None (dynamic), got {batch_size}")
     if gemm not in GEMM_MODES:
         raise UserError(f"gemm must be one of {GEMM_MODES}, got {gemm!r}")
     if twin_combine not in TWIN_COMBINES:

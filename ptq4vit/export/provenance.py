@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..nn import QuantConv2d, QuantLinear
 from ..quantized import QuantizedModel
 from .input_size import size_text
 
@@ -43,7 +42,7 @@ def model_digest(qmodel: QuantizedModel) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"preset": dataclasses.asdict(qmodel.preset), "w_bits": qmodel.w_bits,
                          "a_bits": qmodel.a_bits}, sort_keys=True, default=str).encode())
-    codes = {f"{n}.weight": m for n, m in qmodel.model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    codes = {f"{n}.weight": m for n, m in qmodel.sites().items() if "w_quant" in m.quantizers()}
     for name, t in sorted(qmodel.model.state_dict().items()):
         site = codes.get(name)
         _update(h, name, site.w_quant.codes(site.weight.detach()).to(torch.int8) if site is not None else t)

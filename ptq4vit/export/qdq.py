@@ -31,10 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn import QuantLinear, QuantMatMul
-from ..quant import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, qmax
+from ..quant import qmax
 from .contrib import head_shape
-from .lowering import (Emitter, GeluTwin, LinearInput, Lowering, SoftmaxTwin, column_scales, f32, require_integer_linear,
-                       weight_codes)
+from .lowering import Emitter, Lowering, f32, integer_linear, integer_matmul, weight_codes
 from .report import SiteExport
 
 __all__ = ["QdqLinear", "QdqMatMul"]
@@ -54,15 +53,13 @@ def _qdq(e: Emitter, x, scale: float, zp, dq_scale: float = None):
 
 class QdqLinear(Lowering):
     def __init__(self, name: str, site: QuantLinear):
-        require_integer_linear(site)
+        self.col_scale, inp = integer_linear(site)
         super().__init__(site)
-        wq, aq = site.w_quant, site.a_quant
         self.w = weight_codes(site).t().contiguous().numpy().astype(_I8)   # (K, N): MatMul's right operand
-        self.col_scale = column_scales(wq, site.out_features)
         self.bias = None if site.bias is None else f32(site.bias.detach().float().cpu().numpy())
-        self.gelu = GeluTwin.of(aq) if isinstance(aq, TwinGeluQuantizer) else None
+        self.gelu = inp if inp.integer_form == "gelu_twin" else None
         if self.gelu is None:
-            self.inp = LinearInput.of(aq)
+            self.inp = inp
             how = ("QDQ MatMul, int8 activation x int8 weight" if self.inp.zero_point == 0 else
                    "QDQ MatMul, int8 activation with zero point x int8 weight")
         else:
@@ -97,22 +94,16 @@ class QdqLinear(Lowering):
 class QdqMatMul(Lowering):
     def __init__(self, name: str, site: QuantMatMul, out_rank: int):
         super().__init__(site)
-        aq, bq = site.a_quant, site.b_quant
-        if not isinstance(bq, UniformQuantizer):
-            raise NotImplementedError(f"operand B quantizer {type(bq).__name__}")
+        a, b = integer_matmul(site)
         self.out_rank = out_rank
-        self.b_bits, self.b_axis = bq.bits, bq.axis if bq.groups > 1 else None
-        self.b_scale = f32(bq.scale.detach().float().cpu().numpy())
-        if isinstance(aq, TwinSoftmaxQuantizer):
-            self.softmax = SoftmaxTwin.of(aq)
+        self.b_bits, self.b_axis, self.b_scale = b.bits, b.axis, b.scale
+        if a.integer_form == "softmax_twin":
+            self.softmax = a
             how = f"softmax twin ({self.softmax.form}): 2 QDQ MatMuls uint8 x int8 per head, hi dequantized by 2^i"
-        elif isinstance(aq, UniformQuantizer):
-            self.softmax = None
-            self.a_bits, self.a_axis = aq.bits, aq.axis if aq.groups > 1 else None
-            self.a_scale = f32(aq.scale.detach().float().cpu().numpy())
-            how = "QDQ MatMul uint8 x int8 per head"
         else:
-            raise NotImplementedError(f"operand A quantizer {type(aq).__name__}")
+            self.softmax = None
+            self.a_bits, self.a_axis, self.a_scale = a.bits, a.axis, a.scale
+            how = "QDQ MatMul uint8 x int8 per head"
         self.site_export = SiteExport(name, "matmul", True, how)
 
     def _head(self, e: Emitter, v: np.ndarray):

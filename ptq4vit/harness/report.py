@@ -95,7 +95,7 @@ def ablation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def variant_name(preset: str, overrides: dict) -> str:
-    """The name ``presets.VARIANT_ROWS`` gives ``overrides`` of ``preset``, else ``field=value, ...``."""
+    """The name ``ablations.VARIANT_ROWS`` gives ``overrides`` of ``preset``, else ``field=value, ...``."""
     from .ablations import VARIANT_ROWS
     for name, row in VARIANT_ROWS.get(preset, {}).items():
         if row == overrides:

@@ -6,7 +6,14 @@ hub weights, with a local ``weights`` file (safetensors or a torch state dict, n
 randomly initialised, and resolves the model's evaluation transform from timm's pretrained config.
 
 ``vit_s14_cifar10`` is the real ViT-S/14 CIFAR-10 classifier of the shared test models: pass
-``weights=`` its safetensors file or the folder holding it.
+``weights=`` its safetensors file or the folder holding it. ``vit_s14_cifar10_hf`` is the same
+weights in Hugging Face ``transformers``' ``Dinov2ForImageClassification`` (converted by
+:mod:`.hf_convert`).
+
+Hugging Face entries (``builder="hf"``) name a ``transformers`` model class and its architecture
+(config keys, as the class's ptq4vit adapter lists them); they are built from that config, never
+downloaded: local weights (a ``transformers`` state dict) or random init. The float model returns
+the tensor its quantized twin returns (``logits``, or a backbone's pooled output).
 """
 from __future__ import annotations
 
@@ -16,15 +23,26 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from .hf_convert import timm_dinov2_to_hf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The ViT-S/14 CIFAR-10 classifier's evaluation transform (its README).
+_CIFAR_S14 = dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0, crop_mode="squash",
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+#: What transformers' image processors of these models do: resize to the size, no crop.
+_HF_VIT_DATA = dict(input_size=(3, 224, 224), interpolation="bilinear", crop_pct=1.0, crop_mode="squash",
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_HF_IMAGENET_DATA = dict(_HF_VIT_DATA, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_HF_BASE = dict(img_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                intermediate_size=3072, num_classes=1000)
+_HF_S14 = dict(img_size=224, patch_size=14, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4)
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,12 @@ class ModelEntry:
     local_only: bool = False
     #: The model appears in the paper's tables (docs/method.md §7).
     in_paper: bool = False
+    #: Who builds ``timm_name``: ``"timm"``; ``"hf"``: a ``transformers`` model class built from ``kwargs``;
+    #: or another library whose model classes a ptq4vit adapter builds itself (``Adapter.create_model``;
+    #: never with downloaded weights: ``--weights FILE`` or random init).
+    builder: str = "timm"
+    #: Maps the weights file's state dict to the model's (a file of another library's layout).
+    convert: Optional[Callable[[dict], dict]] = None
 
 
 MODELS: tuple[ModelEntry, ...] = (
@@ -66,13 +90,40 @@ MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("Swin-B/224", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", "Swin-B, in22k→in1k", in_paper=True),
     ModelEntry("Swin-B/384", "swin_base_patch4_window12_384.ms_in22k_ft_in1k", "Swin-B at 384, in22k→in1k",
                in_paper=True),
+    # Families beyond the paper's (docs/models.md): one entry each.
+    ModelEntry("BEiT-B/224", "beit_base_patch16_224.in22k_ft_in22k_in1k", "BEiT-B/16, in22k→in1k"),
+    ModelEntry("SwinV2-T/256", "swinv2_tiny_window8_256.ms_in1k", "Swin V2-T, window 8, in1k"),
+    ModelEntry("EVA02-Ti/336", "eva02_tiny_patch14_336.mim_in22k_ft_in1k", "EVA-02 Ti/14 at 336, MIM in22k→in1k"),
+    ModelEntry("SigLIP-B/224", "vit_base_patch16_siglip_224.v2_webli",
+               "SigLIP 2 B/16 image tower (attention-pool head, image embeddings: no classifier)"),
     ModelEntry("ViT-S/14-CIFAR10", "vit_small_patch14_dinov2",
                "real ViT-S/14 (DINOv2-derived) backbone + CIFAR-10 linear head; local weights only",
                aliases=("vit_s14_cifar10", "vit_small_patch14_dinov2_focus_cifar10"),
                kwargs=dict(img_size=224, num_classes=10),
-               data_config=dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
-                                crop_mode="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+               data_config=_CIFAR_S14,
                weights_file="vit_small_patch14_dinov2_focus_cifar10.safetensors", local_only=True),
+    *(ModelEntry(name, name, f"torchvision {label}; weights: --weights FILE (torchvision's state dict)",
+                 builder="torchvision", local_only=True,
+                 data_config=dict(interpolation="bilinear", crop_pct=0.875, crop_mode="center", mean=IMAGENET_MEAN,
+                                  std=IMAGENET_STD))
+      for name, label in (("vit_b_16", "ViT-B/16"), ("vit_b_32", "ViT-B/32"), ("vit_l_16", "ViT-L/16"),
+                          ("vit_l_32", "ViT-L/32"), ("vit_h_14", "ViT-H/14"))),
+    ModelEntry("HF-ViT-S/14-CIFAR10", "Dinov2ForImageClassification",
+               "the ViT-S/14 CIFAR-10 classifier as Hugging Face Dinov2ForImageClassification (weights converted "
+               "from the timm file); local weights only", aliases=("vit_s14_cifar10_hf",),
+               kwargs=dict(_HF_S14, num_classes=10), data_config=_CIFAR_S14,
+               weights_file="vit_small_patch14_dinov2_focus_cifar10.safetensors", local_only=True, builder="hf",
+               convert=timm_dinov2_to_hf),
+    ModelEntry("HF-ViT-B/224", "ViTForImageClassification", "Hugging Face ViT-B/16 (google/vit-base-patch16-224 "
+               "layout); local weights or random init", kwargs=_HF_BASE, data_config=_HF_VIT_DATA,
+               local_only=True, builder="hf"),
+    ModelEntry("HF-DeiT-S/224", "DeiTForImageClassificationWithTeacher", "Hugging Face distilled DeiT-S "
+               "(facebook/deit-small-distilled-patch16-224 layout); local weights or random init",
+               kwargs=dict(_HF_BASE, hidden_size=384, num_attention_heads=6, intermediate_size=1536),
+               data_config=_HF_IMAGENET_DATA, local_only=True, builder="hf"),
+    ModelEntry("HF-DINOv2-S/14", "Dinov2Model", "Hugging Face DINOv2-S/14 backbone at 224 (facebook/dinov2-small "
+               "layout; outputs the pooled features); local weights or random init", kwargs=_HF_S14,
+               data_config=_HF_IMAGENET_DATA, local_only=True, builder="hf"),
 )
 
 
@@ -97,7 +148,7 @@ def lookup(name: str) -> Optional[ModelEntry]:
     if e is not None:
         return e
     for e in MODELS:
-        if name == e.timm_name:
+        if name == e.timm_name and e.builder == "timm":
             return e
     return None
 
@@ -111,6 +162,9 @@ def resolve(name: str) -> ModelEntry:
     e = lookup(name)
     if e is not None:
         return e
+    adapter_built = _adapter_built(name)
+    if adapter_built is not None:
+        return adapter_built
     arch, _, tag = name.partition(".")
     if timm.is_model(arch):
         if tag and not timm.list_pretrained(name):
@@ -124,6 +178,18 @@ def resolve(name: str) -> ModelEntry:
     hint = f"; did you mean {', '.join(close)}?" if close else "; `ptq4vit models` lists the short names"
     raise UserError(f"unknown model {name!r}: neither a short name ({', '.join(e.short for e in MODELS[:3])}, ...) "
                     f"nor a timm model name{hint}")
+
+
+def _adapter_built(name: str) -> Optional[ModelEntry]:
+    """An entry for a model name that a ptq4vit adapter builds itself (``torchvision_VisionTransformer``:
+    any size through ``--model-kwargs``), or None."""
+    from ..models import DEFAULT_ADAPTERS
+    for adapter in DEFAULT_ADAPTERS.adapters:
+        if name in adapter.architectures:
+            library = adapter.family.partition(" ")[0]
+            return ModelEntry(short=name, timm_name=name, description=f"{adapter.family} model", builder=library,
+                              local_only=True)
+    return None
 
 
 # --------------------------------------------------------------------------- weights files
@@ -220,7 +286,7 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return int(getattr(self.model, "num_classes", 0) or 0)
+        return int(getattr(self.model, "num_classes", None) or getattr(self.model, "num_labels", 0) or 0)
 
     def transform(self):
         from .data import eval_transform
@@ -289,7 +355,6 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
     ``init_seed`` seeds the random initialisation (without touching the global RNG), so a random-init
     model can be re-created exactly.
     """
-    import timm
     entry = resolve(name)
     kwargs = {**entry.kwargs, **(model_kwargs or {})}
     if weights is None and pretrained and entry.local_only:
@@ -301,10 +366,51 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
     use_hub = pretrained and path is None
     if use_hub:
         check_hub_weights(entry)
+    if entry.builder == "hf":
+        model = _create_hf(entry, kwargs, init_seed)
+    else:
+        model = _create_timm(entry, kwargs, init_seed, use_hub)
+    if path is not None:
+        sd = load_state_dict_file(path)
+        _load_into(model, entry.convert(sd) if entry.convert else sd, path, entry.short)
+    model.eval()
+    arch = entry.timm_name.partition(".")[0]
+    tag = getattr(model, "pretrained_cfg", {}).get("tag") if (use_hub or (path is not None and not entry.local_only)) else None
+    return LoadedModel(model=model, entry=entry, timm_name=arch, tag=tag,
+                       weights="hub" if use_hub else ("random-init" if path is None else str(path)),
+                       kwargs=kwargs, data_config=data_config(model, entry, kwargs))
+
+
+def _create_hf(entry: ModelEntry, kwargs: dict, init_seed: int) -> nn.Module:
+    """A ``transformers`` model built from its config by its ptq4vit adapter (the allowed architecture keys
+    only: nothing is downloaded or read), returning the tensor its quantized twin returns."""
+    from ..models import DEFAULT_ADAPTERS
+    from ..models.create_args import COMMON_CREATE_ARGS, create_args_problem
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(f"model {entry.short} needs Hugging Face transformers: pip install 'ptq4vit[hf]'") from None
+    adapter = DEFAULT_ADAPTERS.adapter_for_name(entry.timm_name)
+    problem = create_args_problem(kwargs, {**COMMON_CREATE_ARGS, **adapter.create_args})
+    if problem is not None:
+        raise UserError(f"bad model options for {entry.timm_name}: {problem}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = adapter.create_model(entry.timm_name, **kwargs)
+    adapter.return_tensor(model)
+    return model
+
+
+def _create_timm(entry: ModelEntry, kwargs: dict, init_seed: int, use_hub: bool) -> nn.Module:
+    import timm
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = timm.create_model(entry.timm_name, pretrained=use_hub, **kwargs)
+            if entry.builder == "timm":
+                return timm.create_model(entry.timm_name, pretrained=use_hub, **kwargs)
+            # local_only: no hub weights, so nothing is downloaded
+            from ..models import DEFAULT_ADAPTERS
+            return DEFAULT_ADAPTERS.adapter_for_name(entry.timm_name).create_model(entry.timm_name, **kwargs)
     except TypeError as e:
         raise UserError(f"bad model options for {entry.timm_name}: {e}") from None
     except (RuntimeError, OSError, ValueError) as e:
@@ -319,14 +425,6 @@ def create(name: str, *, weights=None, pretrained: bool = True, model_kwargs: Op
             raise UserError(f"cannot load pretrained weights for {entry.timm_name} ({type(e).__name__}: {first}); "
                             f"pass --weights FILE to use a local checkpoint") from None
         raise
-    if path is not None:
-        _load_into(model, load_state_dict_file(path), path, entry.short)
-    model.eval()
-    arch = entry.timm_name.partition(".")[0]
-    tag = getattr(model, "pretrained_cfg", {}).get("tag") if (use_hub or (path is not None and not entry.local_only)) else None
-    return LoadedModel(model=model, entry=entry, timm_name=arch, tag=tag,
-                       weights="hub" if use_hub else ("random-init" if path is None else str(path)),
-                       kwargs=kwargs, data_config=data_config(model, entry, kwargs))
 
 
 def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Optional[dict] = None) -> dict:
@@ -336,7 +434,7 @@ def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Op
     cfg = dict(resolve_data_config({}, model=model))
     if entry is not None:
         cfg.update(entry.data_config)
-    img_size = (kwargs or {}).get("img_size")
+    img_size = (kwargs or {}).get("img_size", getattr(model, "image_size", None))  # torchvision names it image_size
     if img_size is not None:
         hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         cfg["input_size"] = (3, *hw)
@@ -345,10 +443,10 @@ def data_config(model: nn.Module, entry: Optional[ModelEntry] = None, kwargs: Op
 
 def describe_models() -> str:
     """A text table of the named models."""
-    rows = [("short name", "timm name", "notes")]
+    rows = [("short name", "timm name, transformers class or (library)", "notes")]
     for e in MODELS:
         notes = e.description + (f" (aliases: {', '.join(e.aliases)})" if e.aliases else "")
-        rows.append((e.short, e.timm_name, notes))
+        rows.append((e.short, e.timm_name if e.timm_name != e.short else f"({e.builder})", notes))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)

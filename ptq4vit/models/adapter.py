@@ -195,6 +195,9 @@ class Adapter(ABC):
     family: str = ""
     #: The exact model classes this adapter handles (subclasses are not assumed to be alike).
     model_classes: tuple[type[nn.Module], ...] = ()
+    #: Exact model classes named ``"module.QualName"``, for a family from an optional package: matched
+    #: without importing that package (a model of one of them means the package is already imported).
+    model_class_names: tuple[str, ...] = ()
     #: The timm modules (``timm.models.<name>``) whose registered model names build those classes: a
     #: checkpoint naming a model of any other module is refused before timm builds anything.
     timm_modules: tuple[str, ...] = ()
@@ -208,6 +211,13 @@ class Adapter(ABC):
     @abstractmethod
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         """Account for every module of ``model``; raise UnsupportedModelError on anything unknown."""
+
+    def model_name(self, model: nn.Module) -> str:
+        """The name a checkpoint of ``model`` records, which :meth:`create_model` rebuilds it from:
+        ``architecture.tag`` from timm's pretrained config (the class name without one)."""
+        from ..quantized import model_name
+
+        return model_name(model)
 
     def create_kwargs(self, model: nn.Module) -> dict:
         """This family's ``create_args`` as read off ``model`` (plain JSON values), for a checkpoint to rebuild it."""

@@ -44,6 +44,7 @@ POSITIVE_NUMBER = ArgKind("a positive number", lambda v: _number(v) and v > 0)
 BOOL = ArgKind("true or false", lambda v: isinstance(v, bool))
 BOOL_OR_NONE = ArgKind("true, false or null", lambda v: v is None or isinstance(v, bool))
 NUMBER_OR_NONE = ArgKind("a number or null", lambda v: v is None or _number(v))
+PROBABILITY = ArgKind("a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1)
 
 
 def one_of(*choices: str) -> ArgKind:

@@ -15,8 +15,13 @@ from ..errors import UnsupportedModelError
 from ..nn import QUANT_MODULES
 from ..presets import Preset
 from .adapter import Adapter
+from .hf_vit import DEIT, DINOV2, VIT, HFVitAdapter
 from .sites import SiteBuilder
+from .beit import BeitAdapter
+from .eva import EvaAdapter
 from .swin import SwinAdapter
+from .torchvision_vit import TorchvisionVitAdapter
+from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
 
@@ -26,11 +31,17 @@ class AdapterRegistry:
     def __init__(self, adapters: Iterable[Adapter]):
         self.adapters: tuple[Adapter, ...] = tuple(adapters)
         self._by_class: dict[type, Adapter] = {}
+        self._by_class_name: dict[str, Adapter] = {}
         for adapter in self.adapters:
             for cls in adapter.model_classes:
                 if cls in self._by_class:
                     raise ValueError(f"two adapters claim {cls.__name__}: {self._by_class[cls].family} and {adapter.family}")
                 self._by_class[cls] = adapter
+            for qualname in adapter.model_class_names:
+                if qualname in self._by_class_name:
+                    raise ValueError(f"two adapters claim {qualname}: {self._by_class_name[qualname].family} and "
+                                     f"{adapter.family}")
+                self._by_class_name[qualname] = adapter
         names: dict[str, Adapter] = {}
         for adapter in self.adapters:
             for name in adapter.architectures:
@@ -72,16 +83,37 @@ class AdapterRegistry:
             f"{', '.join(m for a in self.adapters for m in a.timm_modules)}")
 
     def adapter_for(self, model: nn.Module) -> Adapter:
-        adapter = self._by_class.get(type(model))
+        cls = type(model)
+        adapter = self._by_class.get(cls) or self._by_class_name.get(f"{cls.__module__}.{cls.__qualname__}")
         if adapter is None:
+            named = (cls, *self._by_class)
+            known = [_type_name(c, named) for c in self._by_class] + [n.rpartition(".")[2] for n in self._by_class_name]
             raise UnsupportedModelError(
-                f"model type {type(model).__name__} is not supported; the adapter registry has adapters for "
-                f"{', '.join(c.__name__ for c in self._by_class)}")
+                f"model type {_type_name(cls, named)} is not supported; the adapter registry has adapters "
+                f"for {', '.join(known)}")
         return adapter
 
 
-#: The adapters ptq4vit ships: timm VisionTransformer (ViT, DeiT, distilled DeiT) and SwinTransformer.
-DEFAULT_ADAPTERS = AdapterRegistry((VitAdapter(), SwinAdapter()))
+def _type_name(cls: type, named: tuple[type, ...]) -> str:
+    """The class name, with its module where another class of ``named`` has that name too (timm's and
+    torchvision's ``VisionTransformer``, ``SwinTransformer``)."""
+    clash = any(c.__name__ == cls.__name__ and c is not cls for c in named)
+    return f"{cls.__module__}.{cls.__qualname__}" if clash else cls.__name__
+
+
+#: The adapters ptq4vit ships, one per model family (docs/models.md).
+DEFAULT_ADAPTERS = AdapterRegistry((
+    VitAdapter(),
+    SwinAdapter(),
+    BeitAdapter(),
+    SwinV2Adapter(),
+    EvaAdapter(),
+    TorchvisionVitAdapter(),
+    # Hugging Face transformers' ViT, DeiT and DINOv2, named by class path: transformers stays optional
+    HFVitAdapter(VIT),
+    HFVitAdapter(DEIT),
+    HFVitAdapter(DINOV2),
+))
 
 
 def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,

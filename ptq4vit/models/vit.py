@@ -8,8 +8,9 @@ attention ``norm``), LayerScale, dropouts and stochastic depth, token / average 
 
 Refused, naming the module: blocks other than timm's pre-norm ``Block`` (``ParallelScalingBlock``,
 ``ParallelThingsBlock``, ``ResPostBlock``, ...), attention other than timm's ``Attention`` or with
-q/k norm or a gate, an MLP with a norm before fc2, the attention-pool head
-(``global_pool='map'``), and any stray Linear/Conv or unknown module.
+q/k norm or a gate, an MLP with a norm before fc2, and any stray Linear/Conv or unknown module.
+The attention-pool head (``global_pool='map'``, the SigLIP towers) is planned by
+:mod:`.attention_pool`: its q, kv, proj, matmuls, fc1 and fc2 are sites.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlo
 
 from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
+from .attention_pool import plan_attention_pool
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 from .vit_rotation import vit_rotation_layout
@@ -64,9 +66,8 @@ class VitAdapter(Adapter):
         p = SitePlan(self.family)
         p.container("")
         attn_pool = getattr(model, "attn_pool", None)
-        if attn_pool is not None:
-            raise p.refuse("attn_pool", attn_pool, "the attention-pool head (global_pool='map') has its own attention "
-                                                   "and MLP, which this adapter does not quantize")
+        if attn_pool is not None:  # global_pool='map' (the SigLIP towers)
+            plan_attention_pool(p, "attn_pool", attn_pool, build)
         p.patch_embed("patch_embed", model.patch_embed, build)
         for name in ("pos_drop", "patch_drop"):
             if getattr(model, name, None) is not None:

@@ -67,6 +67,9 @@ def _residual_stream(model: nn.Module) -> ResidualStream:
 
 def vit_rotation_layout(model: nn.Module, residual: bool) -> RotationLayout:
     """The rotation layout of a timm ViT / DeiT (the residual part only with ``residual``)."""
+    if getattr(model, "attn_pool", None) is not None:  # its heads and MLP would be left unrotated in silence
+        raise UnsupportedModelError("module 'attn_pool': the rotations do not cover the attention-pool head "
+                                    "(global_pool='map')")
     _check_blocks(model)
     if residual:
         _check_residual(model)

@@ -6,7 +6,7 @@ quantizers off gives back the float layer exactly.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,19 @@ from torch import nn
 from ..quant import Quantizer, renormalize_rows
 
 
-class QuantLinear(nn.Module):
+class QuantSite(nn.Module):
+    """Base of the quantization sites: ``kind`` names the site in reports, ``ROLES`` its quantizer
+    attributes in order (``w_quant``: the weight; ``a_quant``/``b_quant``: the inputs)."""
+
+    kind: ClassVar[str]
+    ROLES: ClassVar[tuple[str, ...]]
+
+    def quantizers(self) -> dict[str, Quantizer]:
+        """The site's quantizers by role, in ``ROLES`` order (an absent one, such as a float conv input, left out)."""
+        return {role: q for role in self.ROLES if (q := getattr(self, role)) is not None}
+
+
+class QuantLinear(QuantSite):
     """``nn.Linear`` with a (grouped) weight quantizer and an optional input quantizer.
 
     With ``smooth=True`` the layer has a per-input-channel divisor ``smooth`` (ones until
@@ -24,6 +36,8 @@ class QuantLinear(nn.Module):
     per-channel scales (SmoothQuant). The float function is unchanged up to rounding.
     """
 
+    kind = "linear"
+    ROLES = ("w_quant", "a_quant")
     #: ``smooth`` divides the input: finite and positive (ptq4vit.finite).
     positive_buffers: tuple[str, ...] = ("smooth",)
 
@@ -51,9 +65,12 @@ class QuantLinear(nn.Module):
                 + (", smooth=True" if self.smooth is not None else ""))
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(QuantSite):
     """``nn.Conv2d`` with a weight quantizer (the patch embedding); its image input stays float unless
     an input quantizer is given (RepQ-ViT's 8-bit image, docs/lowbit.md §6)."""
+
+    kind = "conv"
+    ROLES = ("w_quant", "a_quant")
 
     def __init__(self, conv: nn.Conv2d, w_quant: Quantizer, a_quant: Optional[Quantizer] = None):
         super().__init__()
@@ -80,12 +97,15 @@ class QuantConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-class QuantMatMul(nn.Module):
+class QuantMatMul(QuantSite):
     """``a @ b`` between two activations (the attention matmuls), both operands quantized.
 
     ``renorm_rows=True`` (the post-softmax operand, ``softmax_renorm``): each row of ``q(a)`` is
     scaled to the sum of the row of ``a`` (:func:`~ptq4vit.quant.renormalize_rows`, docs/lowbit.md §9).
     """
+
+    kind = "matmul"
+    ROLES = ("a_quant", "b_quant")
 
     def __init__(self, a_quant: Quantizer, b_quant: Quantizer, renorm_rows: bool = False):
         super().__init__()
@@ -111,4 +131,5 @@ class FloatMatMul(nn.Module):
         return a @ b
 
 
-QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMatMul)
+#: What makes a module a quantization site (a new site class subclasses QuantSite).
+QUANT_MODULES = (QuantSite,)

@@ -26,7 +26,8 @@ import torch
 
 from .log import LOG_BASES
 from .quantizers import PostGeluQuantizer
-from .uniform import compute_dtype, qmax
+from .search_space import ScaleSearch
+from .uniform import MIN_SCALE, compute_dtype, qmax
 
 
 def _codes_per_halving(base: str) -> float:
@@ -74,6 +75,9 @@ class GeluLogQuantizer(PostGeluQuantizer):
     """Post-GELU log quantizer (base 2 or √2): a searched largest level ``scale`` (Δ) and the
     post-GELU twin's fixed negative step ``neg_scale`` (Δ-); see the module doc."""
 
+    #: the codes, the positive and negative values and their selection
+    search_copies = 4
+
     def __init__(self, bits: int, base: str = "log2", device: Optional[torch.device] = None):
         super().__init__(bits, device)
         _codes_per_halving(base)
@@ -88,6 +92,18 @@ class GeluLogQuantizer(PostGeluQuantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.codes(x), x.dtype)
+
+    def spec_fields(self) -> dict:
+        return {"base": self.base}
+
+    def qparams(self, role: str) -> dict:
+        return {**super().qparams(role), f"{role}_log": self.base}
+
+    def scale_search(self, x: torch.Tensor) -> ScaleSearch:
+        """Candidates around the largest value: Δ is the largest level (docs/lowbit.md §8)."""
+        neg, bits, base = self.neg_scale.to(x), self.bits, self.base
+        return ScaleSearch(lambda t, s: gelu_log_fake_quant(t, s, neg, bits, base), self.set_scale,
+                           start=x.max().reshape(1).clamp_min(MIN_SCALE))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, base={self.base}"

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .quantizers import Quantizer
+from .quantizers import Quantizer, floats
 from .uniform import check_bits
 
 LOG_BASES = {"log2": 2.0, "log_sqrt2": math.sqrt(2.0)}
@@ -79,6 +79,13 @@ class LogQuantizer(Quantizer):
         if self.scaled:
             return scaled_log_fake_quant(x, self.scale, self.bits, self.base)
         return log_fake_quant(x, self.bits, self.base)
+
+    def spec_fields(self) -> dict:
+        # (the base is the preset's, stored with it; a spec without it is what format 2 checkpoints hold)
+        return {"scaled": True} if self.scaled else {}
+
+    def qparams(self, role: str) -> dict:
+        return {f"{role}_log": self.base, **({f"{role}_scale": floats(self.scale)} if self.scaled else {})}
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, base={self.base}, scaled={self.scaled}"

@@ -102,3 +102,16 @@ def pow2_snap(pos_step: torch.Tensor, neg_step: float) -> torch.Tensor:
     """The nearest (in log2) ``Δ+ = 2^m Δ-``, which lets integer kernels combine the two parts with a shift."""
     m = torch.round(torch.log2(pos_step / neg_step))
     return neg_step * torch.pow(2.0, m)
+
+
+def pow2_candidates(grid: torch.Tensor, neg_step: torch.Tensor) -> torch.Tensor:
+    """The values ``2^m Δ-`` inside the range of the candidate steps ``grid`` (the one nearest their
+    mean, in log2, if none is inside): a power-of-two post-GELU twin's search candidates."""
+    lo, hi = grid.min(), grid.max()
+    exps = torch.arange(int(torch.floor(torch.log2(lo / neg_step))), int(torch.ceil(torch.log2(hi / neg_step))) + 1,
+                        device=grid.device, dtype=grid.dtype)
+    cands = neg_step * torch.pow(2.0, exps)
+    inside = cands[(cands >= lo) & (cands <= hi)]
+    if inside.numel():
+        return inside
+    return cands[(torch.log2(cands) - torch.log2(grid.mean())).abs().argmin()].reshape(1)

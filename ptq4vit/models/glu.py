@@ -1,0 +1,38 @@
+"""Gated MLPs (timm's ``SwiGLU`` and packed ``GluMlp``) as quantization sites.
+
+``fc2``'s input is the gated product ``act(gate) * x`` (or its sub-LayerNorm, ``scale_mlp=True``),
+not a GELU output: it gets the uniform input quantizer whatever the preset's post-GELU settings
+(``gelu_twin``, ``gelu_log``). Its smoothing divisor, where the preset calibrates one, folds at run
+time into the sub-LayerNorm's affine or, without one, into the rows of the ungated half of fc1.
+"""
+from __future__ import annotations
+
+from torch import nn
+from timm.layers import GluMlp, SwiGLU
+
+from .adapter import DROPOUTS, NORMS, SitePlan
+from .sites import SiteBuilder
+
+#: The gate activations the float model may keep (SwiGLU's SiLU; GLU's sigmoid; GEGLU's GELU).
+GATE_ACTIVATIONS = (nn.SiLU, nn.Sigmoid, nn.GELU)
+
+
+def plan_glu_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
+    """timm's ``SwiGLU`` (fc1_g, fc1_x) or ``GluMlp`` (one packed fc1), each with an optional norm
+    between the gated product and fc2."""
+    if type(mlp) is SwiGLU:
+        p.container(path)
+        p.site(f"{path}.fc1_g", mlp.fc1_g, nn.Linear, build.normed_linear)
+        p.site(f"{path}.fc1_x", mlp.fc1_x, nn.Linear, build.normed_linear)
+    elif type(mlp) is GluMlp:
+        if isinstance(mlp.fc1, nn.Conv2d):
+            raise p.refuse(f"{path}.fc1", mlp.fc1, "a convolutional GluMlp (use_conv=True) is not supported")
+        p.container(path)
+        p.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
+    else:
+        raise p.refuse(path, mlp, "only timm's SwiGLU or GluMlp is a known gated MLP layout")
+    p.keep_float(f"{path}.act", mlp.act, GATE_ACTIVATIONS, "gate activation")
+    p.keep_float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
+    p.keep_float(f"{path}.norm", mlp.norm, NORMS, "sub-LayerNorm")
+    p.site(f"{path}.fc2", mlp.fc2, nn.Linear, lambda fc2: build.linear(fc2, smooth=True, asymmetric=True))
+    p.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")

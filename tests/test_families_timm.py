@@ -1,0 +1,232 @@
+"""The timm families beyond ViT/DeiT/Swin v1: BEiT, Swin V2, EVA-02 and the SigLIP image towers
+(timm's ViT with the attention-pool head), each at a tiny size, random init, through the five
+checks: switched off the wrapped model computes timm's output bit for bit; ``ptq4vit`` and
+``deploy8`` calibrate at W8A8 and W4A4 and ``rotq`` is refused by name; a checkpoint round trip is
+bit-identical; the integer ONNX export (contrib and QDQ) runs on ONNX Runtime and OpenVINO with its
+integer sites counted; ``ptq4vit models`` lists the family and the command line takes its name."""
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.layers import set_fused_attn
+
+import ptq4vit
+from ptq4vit.errors import UnsupportedModelError
+from ptq4vit.harness import zoo
+from ptq4vit.harness.cli import main
+from ptq4vit.models import insert_quant_sites
+from ptq4vit.presets import get_preset
+from ptq4vit.quantized import QuantizedModel, model_name
+
+from _fastq import fast_quantize
+
+# Head dim 16: the attention scale 1/4 is a power of two, so applying it after q@kᵀ (ptq4vit) instead
+# of before (timm) changes no bit. 32x32 images; the Swin V2 window 4 on an 8x8 grid makes the second
+# block of the first stage shifted, with a real mask.
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+FAMILIES = {
+    "beit": ("beit_base_patch16_224", TINY),
+    "beit-swiglu-shared-bias": ("beit_base_patch16_224", dict(TINY, swiglu_mlp=True, use_shared_rel_pos_bias=True,
+                                                              use_rel_pos_bias=False)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2),
+                                               num_heads=(2, 2), num_classes=10)),
+    "eva02": ("eva02_tiny_patch14_224", TINY),  # fused qkv with q/v bias, packed SwiGLU
+    "eva02-base-layout": ("eva02_base_patch14_224", TINY),  # q/k/v projections, SwiGLU with sub-LayerNorm
+    "siglip": ("vit_base_patch16_siglip_224", TINY),  # attention-pool head
+}
+PER_BLOCK = ["attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj", "mlp.fc1", "mlp.fc2"]
+EVA_BASE_BLOCK = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.matmul1", "attn.matmul2", "attn.proj",
+                  "mlp.fc1_g", "mlp.fc1_x", "mlp.fc2"]
+ATTN_POOL = ["attn_pool.q", "attn_pool.kv", "attn_pool.matmul1", "attn_pool.matmul2", "attn_pool.proj",
+             "attn_pool.mlp.fc1", "attn_pool.mlp.fc2"]
+SITES = {
+    "beit": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in PER_BLOCK], "head"],
+    "beit-swiglu-shared-bias": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in (
+        *PER_BLOCK[:4], "mlp.fc1_g", "mlp.fc1_x", "mlp.fc2")], "head"],
+    "swinv2": ["patch_embed.proj", *[f"layers.0.blocks.{j}.{s}" for j in range(2) for s in PER_BLOCK],
+               "layers.1.downsample.reduction", *[f"layers.1.blocks.{j}.{s}" for j in range(2) for s in PER_BLOCK],
+               "head.fc"],
+    "eva02": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in PER_BLOCK], "head"],
+    "eva02-base-layout": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in EVA_BASE_BLOCK], "head"],
+    "siglip": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in PER_BLOCK], *ATTN_POOL, "head"],
+}
+FAST = dict(progress=False, n_candidates=4, rounds=1)
+
+
+def make(family: str):
+    """The tiny model, its biases, LayerScales and position-bias tables made nonzero (timm initialises
+    several of them to zero, which would hide a bias left out), and 4 images."""
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.dim() <= 1 or "bias" in key or "gamma" in key:
+                p.add_(torch.randn(p.shape) * 0.1)
+    return model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def timm_unfused(model, images):
+    """timm's own non-fused attention path: the computation the replacements follow."""
+    set_fused_attn(False)
+    try:
+        ref = copy.deepcopy(model)
+        for m in ref.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        with torch.no_grad():
+            return ref(images)
+    finally:
+        set_fused_attn(True)
+
+
+def rel(a, ref) -> float:
+    return float((a - ref).abs().max() / ref.abs().max())
+
+
+# ---------------------------------------------------------------- 1. switched off: timm's output
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_switched_off_the_wrapped_model_computes_timms_output_bit_for_bit(family):
+    model, x = make(family)
+    q = copy.deepcopy(model)
+    sites = insert_quant_sites(q, get_preset("ptq4vit"), 8, 8)
+    assert list(sites) == SITES[family]
+    qm = QuantizedModel(q, get_preset("ptq4vit"), 8, 8, model_name(model))
+    with torch.no_grad(), qm.quantization_disabled():
+        assert torch.equal(qm(x), timm_unfused(model, x))
+
+
+def test_swinv2_tiny_config_really_masks_and_the_float_parts_are_listed():
+    model, _ = make("swinv2")
+    shifted = model.layers[0].blocks[1]
+    assert tuple(shifted.shift_size) == (2, 2) and shifted.attn_mask.abs().sum() > 0
+    q = copy.deepcopy(model)
+    insert_quant_sites(q, get_preset("ptq4vit"), 8, 8)
+    attn = q.layers[0].blocks[1].attn
+    # the position bias MLP stays float: plain Linear layers inside the replaced attention
+    assert [type(m).__name__ for m in attn.cpb_mlp] == ["Linear", "ReLU", "Linear"]
+    assert attn.logit_scale is model.layers[0].blocks[1].attn.logit_scale or torch.equal(
+        attn.logit_scale, model.layers[0].blocks[1].attn.logit_scale)
+
+
+# ---------------------------------------------------------------- 2. calibration, rotq refused
+
+
+@pytest.mark.parametrize("family", ["beit", "swinv2", "eva02", "eva02-base-layout", "siglip"])
+@pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
+def test_presets_calibrate_at_w8a8_and_w4a4(family, preset):
+    model, x = make(family)
+    with torch.no_grad():
+        ref = model(x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
+        with torch.no_grad():
+            out = q(x)
+        assert torch.isfinite(out).all()
+        err[bits] = rel(out, ref)
+    assert err[8] < err[4], err
+
+
+@pytest.mark.parametrize("family, message", [
+    ("beit", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for Beit by the timm Beit adapter"),
+    ("swinv2", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for SwinTransformerV2 by the "
+               "timm SwinTransformerV2 adapter"),
+    ("eva02", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for Eva by the timm Eva adapter"),
+    ("siglip", "module 'attn_pool': the rotations do not cover the attention-pool head (global_pool='map')"),
+])
+def test_rotq_is_refused_by_name(family, message):
+    model, x = make(family)
+    with pytest.raises(UnsupportedModelError) as err:
+        ptq4vit.quantize(model, x, "rotq", 4, 4, **FAST)
+    assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- 3. checkpoint round trip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_round_trip_is_bit_identical(family, tmp_path):
+    model, x = make(family)
+    q = fast_quantize(model, x)
+    # what quantize records before wrapping (the wrapped BEiT/EVA/Swin V2 attention holds its q/k/v biases as
+    # the qkv site's bias, so the float weights are identified on the float model)
+    q.float_weights_sha256 = ptq4vit.checkpoint.float_weights_digest(model)
+    ptq4vit.save(q, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        want = q(x)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), want)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), want)
+
+
+# ---------------------------------------------------------------- 4. integer ONNX export
+
+#: Integer sites of the tiny models: every site but the patch-embedding conv (its input is the float image).
+INTEGER_SITES = {"beit": 13, "swinv2": 26, "eva02": 13, "eva02-base-layout": 19, "siglip": 20}
+#: OpenVINO's integer layers minus the integer products of the QDQ graph (a twin site is two products), where
+#: they differ: EVA's q @ kᵀ, whose operands come out of the float rotary embedding, runs in f32 there (2
+#: blocks); Swin V2's patch-merging reduction runs as two integer FullyConnected layers.
+OPENVINO_DIFFERENCE = {"eva02": -2, "eva02-base-layout": -2, "swinv2": 1}
+
+
+@pytest.mark.parametrize("family", sorted(INTEGER_SITES))
+def test_integer_export_runs_on_onnx_runtime_and_openvino(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
+    from ptq4vit.export.ort import make_session
+
+    model, x = make(family)
+    q = fast_quantize(model, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+        assert sum(s.integer for s in rep.sites) == INTEGER_SITES[family] == len(q.sites()) - 1
+        assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
+        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        # integer products, float LayerNorm/softmax in another op order: a code next to a rounding
+        # boundary may flip; the logits stay within 2% of the torch model's range
+        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), fmt
+    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
+    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
+    twins = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
+    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
+    assert len(integer) == twins + OPENVINO_DIFFERENCE.get(family, 0)
+
+
+# ---------------------------------------------------------------- 5. names
+
+
+ZOO_NAMES = {"BEiT-B/224": "beit_base_patch16_224", "SwinV2-T/256": "swinv2_tiny_window8_256",
+             "EVA02-Ti/336": "eva02_tiny_patch14_336", "SigLIP-B/224": "vit_base_patch16_siglip_224"}
+
+
+def test_models_command_lists_the_families(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for short, arch in ZOO_NAMES.items():
+        assert short in out and arch in out
+        assert zoo.resolve(short).timm_name.partition(".")[0] == arch
+
+
+@pytest.mark.parametrize("short", sorted(ZOO_NAMES))
+def test_the_command_line_quantizes_a_family_by_its_short_name(short, tmp_path, cifar_dir):
+    import json
+    kwargs = {"beit_base_patch16_224": TINY, "eva02_tiny_patch14_336": TINY, "vit_base_patch16_siglip_224": TINY,
+              "swinv2_tiny_window8_256": FAMILIES["swinv2"][1]}[ZOO_NAMES[short]]
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    if "siglip" in ZOO_NAMES[short]:
+        kwargs = dict(kwargs, num_classes=10)
+    rc = main(["quantize", "--model", short, "--model-kwargs", json.dumps(kwargs), "--random-init",
+               "--data", str(cifar_dir), "--val-split", "test", "--calib-dir", str(cifar_dir / "calib"),
+               "--limit", "1", "--workers", "0", "--no-progress", "--set", "n_candidates=4", "--set", "rounds=1",
+               "--calib-size", "4", "--bits", "W8A8", "--preset", "base", "--out", str(tmp_path / "runs")])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == [short]
