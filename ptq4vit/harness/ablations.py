@@ -24,7 +24,7 @@ ROTQ_ABLATION_ROWS: dict[str, dict] = {
     "no fc2 rotation (GELU twin)": dict(rotate_fc2=False, gelu_twin=True),
     "round to nearest": dict(weight_rounding="nearest"),
     "per-block weight scales": dict(w_granularity="block"),
-    "log-sqrt2 softmax": dict(softmax_twin=False, softmax_log="log_sqrt2"),
+    "log-sqrt2 softmax": dict(softmax_log="log_sqrt2"),
     "head at the run's bits": dict(head_bits=0),
     "no softmax renormalization": dict(softmax_renorm=False),
     "symmetric inputs": dict(asymmetric_inputs=False),
