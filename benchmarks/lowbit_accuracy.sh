@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Low-bit fidelity of the real ViT-S/14 (CIFAR-10 head) in ../shared (docs/lowbit.md §5, §6, §8): base, ptq4vit,
 # rotq and repq-vit at W8A8, W6A6, W4A4, then rotq and repq-vit with one component switched off per run
-# (ptq4vit.presets.ROTQ_ABLATION_ROWS, REPQ_ABLATION_ROWS) and ptq4vit with each post-GELU quantizer of fc2's
+# (ptq4vit.harness.ablations.ROTQ_ABLATION_ROWS, REPQ_ABLATION_ROWS) and ptq4vit with each post-GELU quantizer of fc2's
 # input (POST_GELU_ROWS: uniform, log2, log-sqrt2; the twin is ptq4vit itself) at W6A6 and W4A4. 32 calibration images of cifar10/calib (seed 3),
 # the first 100 test images per class; every row has top-1, agreement with the float model, mean
 # KL(float||quant) and calibration seconds. Resumable: re-running skips finished runs.
@@ -23,7 +23,7 @@ if [ "$MAIN_ONLY" = 1 ]; then
     .venv/bin/ptq4vit report "$OUT/results.jsonl" --out "$OUT/report"
     exit 0
 fi
-.venv/bin/python -c 'from ptq4vit.presets import POST_GELU_ROWS, REPQ_ABLATION_ROWS, ROTQ_ABLATION_ROWS
+.venv/bin/python -c 'from ptq4vit.harness.ablations import POST_GELU_ROWS, REPQ_ABLATION_ROWS, ROTQ_ABLATION_ROWS
 for preset, rows in (("rotq", ROTQ_ABLATION_ROWS), ("repq-vit", REPQ_ABLATION_ROWS), ("ptq4vit", POST_GELU_ROWS)):
     for ov in rows.values(): print(preset, " ".join(f"--set {k}={v}" for k, v in ov.items()))' |
 while read -r preset sets; do

@@ -11,8 +11,9 @@ from .api import quantize
 from .checkpoint import load, save
 from .errors import CheckpointError, PTQ4ViTError, UnsupportedModelError, UserError
 from .models import DEFAULT_ADAPTERS, Adapter, AdapterRegistry, SitePlan
-from .presets import ABLATION_ROWS, PRESETS, Preset, get_preset
+from .presets import PRESETS, Preset, get_preset
 from .quantized import QuantizedModel, write_qparams_json
+from .recipes import RECIPES, Recipe, get_recipe
 
-__all__ = ["quantize", "save", "load", "write_qparams_json", "QuantizedModel", "Preset", "PRESETS", "ABLATION_ROWS",
-           "get_preset", "DEFAULT_ADAPTERS", "AdapterRegistry", "Adapter", "SitePlan", "PTQ4ViTError", "UserError", "UnsupportedModelError", "CheckpointError", "__version__"]
+__all__ = ["quantize", "save", "load", "write_qparams_json", "QuantizedModel", "Recipe", "RECIPES", "get_recipe", "Preset",
+           "PRESETS", "get_preset", "DEFAULT_ADAPTERS", "AdapterRegistry", "Adapter", "SitePlan", "PTQ4ViTError", "UserError", "UnsupportedModelError", "CheckpointError", "__version__"]

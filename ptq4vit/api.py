@@ -15,7 +15,8 @@ from .errors import UserError
 from .finite import bad_scales, nonfinite_count
 from .models import DEFAULT_ADAPTERS, AdapterRegistry, check_image_size, norm_linear_pairs
 from .prepare import prepare_sites
-from .presets import Preset, get_preset
+from .recipes import Recipe, get_recipe
+from .recipes.flat import Preset
 from .quant import check_bits
 from .quantized import QuantizedModel
 from .typecheck import check_arguments
@@ -23,7 +24,7 @@ from .typecheck import check_arguments
 logger = logging.getLogger(__name__)
 
 
-def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Preset] = "ptq4vit", w_bits: int = 8,
+def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Recipe, Preset] = "ptq4vit", w_bits: int = 8,
              a_bits: int = 8, *, memory_budget: Optional[int] = None, capture_batch: int = 8, progress: bool = True,
              inplace: bool = False, threads: Optional[int] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS,
              **overrides) -> QuantizedModel:
@@ -32,7 +33,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     Args:
         model: a float timm model (``VisionTransformer``, distilled DeiT or ``SwinTransformer``).
         calib_images: float tensor ``(N, 3, H, W)``, already transformed like eval images.
-        preset: ``"base"``, ``"base-cosine"``, ``"official"``, ``"ptq4vit"`` or a :class:`Preset`.
+        preset: a named recipe (``"ptq4vit"``, ``"rotq"``, ... : ``ptq4vit.RECIPES``) or a :class:`Recipe`
+            (a flat :class:`Preset` is read as the recipe it means).
         w_bits, a_bits: weight and activation bits, 2..8 each.
         memory_budget: bytes calibration may hold at once beyond the model and the images:
             captured activations and gradients, the capture pass's autograd graph, and the
@@ -50,7 +52,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
         inplace: quantize ``model`` itself instead of a copy.
         adapters: the model families known, by model class (default: timm's ViT/DeiT and Swin);
             ``DEFAULT_ADAPTERS.with_adapter(...)`` adds one for another model (docs/models.md).
-        **overrides: preset fields to change, e.g. ``metric="cosine"``, ``softmax_twin=False``.
+        **overrides: recipe paths to change, e.g. ``**{"calibration.alpha": 0.3}``, ``softmax="log"``,
+            or flat preset fields, e.g. ``metric="cosine"`` (see :func:`get_recipe`).
 
     A ``calibration="percentile"`` preset (``repq-vit``, docs/lowbit.md §6) runs all of
     ``calib_images`` through the model in one batch, as RepQ-ViT does; ``memory_budget``,
@@ -64,7 +67,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     check_arguments(quantize, dict(model=model, calib_images=calib_images, preset=preset, w_bits=w_bits,
                                    a_bits=a_bits, memory_budget=memory_budget, capture_batch=capture_batch,
                                    progress=progress, inplace=inplace, threads=threads, adapters=adapters))
-    preset = get_preset(preset, **overrides)
+    recipe = get_recipe(preset, **overrides)
+    preset = recipe.flat()  # the engine's resolved view of the recipe
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
     if memory_budget is not None and memory_budget < 1:
@@ -84,7 +88,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Pr
     images = calib_images.to(device=device, dtype=dtype)
     float_digest = float_weights_digest(model)  # before rotation, smoothing or rounding rewrite weights
     sites = prepare_sites(model, preset, w_bits, a_bits, adapters=adapters)
-    qmodel = QuantizedModel(model, preset, w_bits, a_bits, name)
+    qmodel = QuantizedModel(model, recipe, w_bits, a_bits, name)
     qmodel.float_weights_sha256 = float_digest
 
     desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"

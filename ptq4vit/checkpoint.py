@@ -54,9 +54,10 @@ from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.adapter import EVAL_IDENTITIES
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
 from .nn import QUANT_MODULES
-from .presets import Preset
 from .quant import Quantizer
 from .quantized import QuantizedModel
+from .recipes import Recipe, from_flat
+from .recipes.flat import Preset
 
 FORMAT = "ptq4vit-checkpoint"
 #: 2: the structure is stored as data (format 1 stored a digest of timm module attributes).
@@ -237,7 +238,7 @@ def _create_float(name: str, create_kwargs: dict, device: Optional[torch.device]
     return create(name, **kwargs)
 
 
-def _build_quantized(name: str, create_kwargs: dict, preset: Preset, w_bits: int, a_bits: int,
+def _build_quantized(name: str, create_kwargs: dict, preset: "Recipe | Preset", w_bits: int, a_bits: int,
                      device: Optional[torch.device] = None, *,
                      adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> QuantizedModel:
     from .prepare import prepare_sites
@@ -366,7 +367,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
         "model": {"name": qmodel.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
                   "class": type(model).__name__, "create_kwargs": kwargs, "dtype": str(dtype).replace("torch.", "")},
-        "preset": dataclasses.asdict(qmodel.preset), "w_bits": qmodel.w_bits, "a_bits": qmodel.a_bits,
+        "preset": dataclasses.asdict(qmodel.preset), "recipe": qmodel.recipe.to_dict(), "w_bits": qmodel.w_bits, "a_bits": qmodel.a_bits,
         "quantized_weights": quantized,
         "structure": structure(model),
         "float_weights_sha256": qmodel.float_weights_sha256 or float_weights_digest(model),
@@ -461,13 +462,20 @@ def read_metadata(path: PathLike, *, adapters: AdapterRegistry = DEFAULT_ADAPTER
     return _read(path, adapters)[0]
 
 
-def _preset_from(path: str, meta: dict) -> Preset:
-    """The stored preset (its fields and their types are checked by ``check_metadata``; the
-    combination is checked here by Preset itself)."""
+def _recipe_from(path: str, meta: dict) -> Recipe:
+    """The stored recipe; files without one (format 1, and format 2 before recipes) store only the
+    flat preset, read as the recipe it means. The flat preset stored beside a recipe must be its view.
+    (Field types are checked by ``check_metadata``; the combination here by the recipe itself.)"""
     try:
-        return Preset(**meta["preset"])
+        flat = Preset(**meta["preset"])
+        if "recipe" not in meta:
+            return from_flat(flat)
+        recipe = Recipe.from_dict(meta["recipe"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the checkpoint's preset is not valid: {e}") from None
+    if recipe.flat() != flat:
+        raise CheckpointError(f"{path}: the checkpoint's recipe and its flat preset disagree (the file was edited)")
+    return recipe
 
 
 def _match_dtypes(model: nn.Module, meta: dict) -> None:
@@ -506,7 +514,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
     """
     path = os.fspath(path)
     meta, _, tensors = _read(path, adapters)
-    preset = _preset_from(path, meta)
+    preset = _recipe_from(path, meta)
     w_bits, a_bits = meta["w_bits"], meta["a_bits"]
     info = meta["model"]
     name = info["name"]

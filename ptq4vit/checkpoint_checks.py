@@ -25,7 +25,8 @@ import torch
 from .errors import CheckpointError, UserError
 from .models import DEFAULT_ADAPTERS, AdapterRegistry
 from .models.create_args import COMMON_CREATE_ARGS, create_args_problem
-from .presets import Preset
+from .recipes import Recipe
+from .recipes.flat import Preset
 from .quant import check_bits
 from .quant.uniform import qmax
 from .typecheck import check_value
@@ -161,6 +162,11 @@ def check_metadata(path: str, meta: dict, adapters: AdapterRegistry = DEFAULT_AD
     problem = preset_field_problem(meta.get("preset"))
     if problem is not None:
         raise _fail(path, problem)
+    if "recipe" in meta:
+        try:
+            Recipe.from_dict(meta["recipe"])
+        except (UserError, TypeError) as e:
+            raise _fail(path, f"the stored recipe is not valid: {e}") from None
     for key in ("w_bits", "a_bits"):
         try:
             check_bits(meta.get(key), f"metadata {key}")

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .atomic_write import atomic_write_text
-from .typecheck import checked
 from .nn import QUANT_MODULES
-from .presets import Preset
 from .quant import Quantizer, floats
+from .recipes import Recipe, from_flat
+from .recipes.flat import Preset
+from .typecheck import checked
 
 
 def model_name(model: nn.Module) -> str:
@@ -31,10 +32,13 @@ class QuantizedModel(nn.Module):
     keys of :meth:`qparams`) are timm's.
     """
 
-    def __init__(self, model: nn.Module, preset: Preset, w_bits: int, a_bits: int, name: str):
+    def __init__(self, model: nn.Module, recipe: "Recipe | Preset", w_bits: int, a_bits: int, name: str):
         super().__init__()
         self.model = model
-        self.preset = preset
+        #: How it was quantized (the source of truth; checkpoints store it).
+        self.recipe: Recipe = recipe if isinstance(recipe, Recipe) else from_flat(recipe)
+        #: The recipe's resolved flat view, as the engine read it.
+        self.preset: Preset = self.recipe.flat()
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.name = name

@@ -67,7 +67,7 @@ def test_deployment_switches_are_typed_and_checked():
 
 
 def test_deploy_ablation_rows_are_valid_presets():
-    from ptq4vit.presets import DEPLOY_ABLATION_ROWS
+    from ptq4vit.harness.ablations import DEPLOY_ABLATION_ROWS
     for label, overrides in DEPLOY_ABLATION_ROWS.items():
         assert get_preset("deploy8", **overrides).overrides() == overrides, label
 

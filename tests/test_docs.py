@@ -250,10 +250,10 @@ def test_inline_script_commands_name_real_scripts_and_options(command):
 # ---- lists that must follow the code
 
 def test_the_preset_lists_name_every_preset():
-    from ptq4vit import PRESETS
+    from ptq4vit import PRESETS, RECIPES
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    table = re.findall(r"^\| `([a-z0-9-]+)` \|", readme.split("## Presets", 1)[1].split("\n## ", 1)[0], re.M)
-    assert table == list(PRESETS)
+    table = re.findall(r"^\| `([a-z0-9-]+)` \|", readme.split("## Recipes", 1)[1].split("\n## ", 1)[0], re.M)
+    assert table == list(RECIPES) == list(PRESETS)
     cli = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
     listed = re.search(r"`--preset` takes one or more of (.*?) \(", cli, re.S).group(1)
     assert re.findall(r"`([a-z0-9-]+)`", listed) == list(PRESETS)

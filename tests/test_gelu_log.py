@@ -10,7 +10,8 @@ from ptq4vit import checkpoint as ck
 from ptq4vit.calib.calibrate import calibrate_linear
 from ptq4vit.errors import UnsupportedModelError, UserError
 from ptq4vit.nn import QuantLinear
-from ptq4vit.presets import POST_GELU_ROWS, get_preset
+from ptq4vit.harness.ablations import POST_GELU_ROWS
+from ptq4vit.presets import get_preset
 from ptq4vit.quant import (GeluLogQuantizer, UniformQuantizer, gelu_log_codes, gelu_log_dequantize, gelu_log_fake_quant,
                            gelu_twin_neg_step, uniform_fake_quant)
 

@@ -6,6 +6,7 @@ import torch
 
 import ptq4vit
 from ptq4vit import checkpoint as ck
+from ptq4vit.harness.ablations import ROTQ_ABLATION_ROWS
 from ptq4vit.harness.fidelity import kl_per_image, mean_kl, top1_agreement
 from ptq4vit.nn import QuantLinear
 from ptq4vit.errors import UserError
@@ -66,7 +67,7 @@ def test_rotq_with_log_softmax_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_rotq_ablation_rows_are_valid_presets():
-    for label, overrides in ptq4vit.presets.ROTQ_ABLATION_ROWS.items():
+    for label, overrides in ROTQ_ABLATION_ROWS.items():
         p = ptq4vit.get_preset("rotq", **overrides)
         assert p.overrides() == overrides, label
 

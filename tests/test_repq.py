@@ -12,6 +12,7 @@ import ptq4vit
 from ptq4vit import checkpoint as ck
 from ptq4vit.calib.percentile import PERCENTILES, percentile_ranges, quantiles
 from ptq4vit.errors import UnsupportedModelError, UserError
+from ptq4vit.harness.ablations import REPQ_ABLATION_ROWS
 from ptq4vit.quant import (AsymmetricQuantizer, LogQuantizer, asymmetric_codes, asymmetric_dequantize,
                            asymmetric_fake_quant, range_to_step, scaled_log_fake_quant)
 from ptq4vit.transforms.reparam import fold_channel_ranges
@@ -302,7 +303,7 @@ def test_repq_preset_refusals():
         ptq4vit.get_preset("repq-vit", patch_input_bits=9)
     with pytest.raises(UserError, match="w_granularity"):
         ptq4vit.get_preset("repq-vit", w_granularity="channel")
-    for label, overrides in ptq4vit.presets.REPQ_ABLATION_ROWS.items():
+    for label, overrides in REPQ_ABLATION_ROWS.items():
         assert ptq4vit.get_preset("repq-vit", **overrides).overrides() == overrides, label
 
 

@@ -75,7 +75,7 @@ def main_table(rows: list[dict]) -> tuple[list[str], list[list]]:
 
 def ablation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     """The ablation table: one line per ablation row, a column per model and bit setting."""
-    from ..presets import ABLATION_ROWS
+    from .ablations import ABLATION_ROWS
     rows = [r for r in rows if r.get("ablation_row") is not None]
     cols = []
     for model in model_order(r["model"] for r in rows):
@@ -95,8 +95,8 @@ def ablation_table(rows: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def variant_name(preset: str, overrides: dict) -> str:
-    """The name ``presets.VARIANT_ROWS`` gives ``overrides`` of ``preset``, else ``field=value, ...``."""
-    from ..presets import VARIANT_ROWS
+    """The name ``ablations.VARIANT_ROWS`` gives ``overrides`` of ``preset``, else ``field=value, ...``."""
+    from .ablations import VARIANT_ROWS
     for name, row in VARIANT_ROWS.get(preset, {}).items():
         if row == overrides:
             return name
@@ -209,7 +209,7 @@ def render_markdown(rows: list[dict]) -> str:
 def _run_label(r: dict) -> str:
     if r.get("ablation_row") is None:
         return method_label(r)
-    from ..presets import ABLATION_ROWS
+    from .ablations import ABLATION_ROWS
     label, row_ov = ABLATION_ROWS.get(int(r["ablation_row"]), (f"row {r['ablation_row']}", {}))
     extra = {k: v for k, v in (r.get("overrides") or {}).items() if row_ov.get(k, object()) != v}
     return f"{r['preset']} ablation {r['ablation_row']}: {label}" + "".join(f", {k}={v}" for k, v in sorted(extra.items()))

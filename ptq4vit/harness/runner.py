@@ -124,12 +124,19 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def check_preset(preset: str, overrides: dict) -> dict:
-    """The fields ``preset`` with ``overrides`` resolves to, as stored in a results row (JSON values);
-    a UserError naming the bad preset or field, before any run starts."""
-    from ..presets import get_preset
-    fields = dataclasses.asdict(get_preset(preset, **overrides))
+    """The flat fields ``preset`` with ``overrides`` resolves to, as stored in a results row (JSON values);
+    a UserError naming the bad preset, path or field, before any run starts."""
+    from ..recipes import get_recipe
+    fields = dataclasses.asdict(get_recipe(preset, **overrides).flat())
     del fields["description"]
     return json.loads(json.dumps(fields))
+
+
+def resolved_recipe(preset: str, overrides: dict) -> dict:
+    """The recipe ``preset`` with ``overrides`` resolves to, as JSON data: what a run key hashes, so
+    two spellings of one recipe share a key."""
+    from ..recipes import get_recipe
+    return get_recipe(preset, **overrides).key_dict()
 
 
 @dataclass
@@ -187,7 +194,7 @@ class Planner:
             raise UserError(f"calibration size {job.calib_size} is larger than the {len(self.calib_set)} images "
                             f"in {self.calib_dir}")
         eval_ident = {"eval_dir": str(self.eval_dir), "limit_per_class": self.opts.limit_per_class}
-        identity = {**mident, **eval_ident, "preset": job.preset, "overrides": job.overrides,
+        identity = {**mident, **eval_ident, "preset": job.preset, "recipe": resolved_recipe(job.preset, job.overrides),
                     "w_bits": job.w_bits, "a_bits": job.a_bits, "calib_dir": str(self.calib_dir),
                     "calib_size": job.calib_size, "calib_seed": job.calib_seed, "ablation_row": job.ablation_row}
         return Resolved(entry, weights, mident, self.eval_dir, self.calib_dir, run_key(identity),
@@ -611,7 +618,7 @@ def format_rows(rows: list[dict]) -> str:
         overrides = dict(r.get("overrides") or {})
         preset = r["preset"]
         if r.get("ablation_row") is not None:
-            from ..presets import ABLATION_ROWS
+            from .ablations import ABLATION_ROWS
             label, row_ov = ABLATION_ROWS.get(r["ablation_row"], (f"row {r['ablation_row']}", {}))
             preset += f" row {r['ablation_row']} ({label})"
             overrides = {k: v for k, v in overrides.items() if row_ov.get(k, object()) != v}

@@ -91,8 +91,10 @@ def add_preset_args(p: argparse.ArgumentParser, default: str = "ptq4vit", multi_
     g = p.add_argument_group("method")
     g.add_argument("--preset", "--presets", dest="preset", default=default,
                    help=f"comma-separated presets: {', '.join(PRESETS)} (default: %(default)s){multi_help}")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset field, e.g. --set metric=cosine --set softmax_twin=false (repeatable)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a recipe path, e.g. --set calibration.alpha=0.3 --set softmax=log "
+                        "--set transforms.rotation.seed=1, or a flat preset field (--set metric=cosine); "
+                        "repeatable, see docs/cli.md")
 
 
 def split_list(text: Optional[str]) -> list[str]:
@@ -100,7 +102,8 @@ def split_list(text: Optional[str]) -> list[str]:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``--set FIELD=VALUE`` items as preset overrides, each value typed by its Preset field."""
+    """``--set PATH=VALUE`` items as recipe overrides, each value typed by the recipe path's (or the flat
+    preset field's) declared type."""
     from ...presets import parse_field
     out = {}
     for item in items:

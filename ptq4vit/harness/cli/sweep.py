@@ -165,7 +165,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_ablation(args) -> int:
-    from ...presets import ABLATION_ROWS
+    from ..ablations import ABLATION_ROWS
     from ..runner import Job, check_preset, parse_bits
     models = split_list(args.models)
     if not models:

@@ -1,0 +1,72 @@
+"""The quantizers of two operands with their own distributions: the post-softmax operand of
+``softmax @ v`` and fc2's post-GELU input (docs/method.md §3-4, docs/lowbit.md §4, §8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from .component import Component
+
+LogBase = Literal["log2", "log_sqrt2"]
+
+
+@dataclass(frozen=True)
+class UniformSoftmax(Component):
+    """One uniform quantizer per head. ``renorm``: each quantized row rescaled so that it sums to
+    its float row's mass (docs/lowbit.md §9)."""
+    variant = "uniform"
+    renorm: bool = False
+
+
+@dataclass(frozen=True)
+class TwinSoftmax(Component):
+    """The twin uniform quantizer: ``form`` ``"select"`` (the paper's) or ``"sum"`` (the released
+    code's hi + lo); ``split_search_quantized_b``: v quantized while its split is searched (the
+    released code leaves it float). ``renorm`` as for the uniform one."""
+    variant = "twin"
+    form: Literal["select", "sum"] = "select"
+    split_search_quantized_b: bool = True
+    renorm: bool = False
+
+
+@dataclass(frozen=True)
+class LogSoftmax(Component):
+    """A log quantizer of ``base`` (docs/lowbit.md §4); under percentile calibration its largest
+    level is calibrated, as RepQ-ViT releases it. ``renorm`` as for the uniform one."""
+    variant = "log"
+    base: LogBase = "log_sqrt2"
+    renorm: bool = False
+
+
+@dataclass(frozen=True)
+class FloatAttention(Component):
+    """Attention stays float: ``q @ kᵀ`` and ``softmax @ v`` are plain matmuls, not sites, as runtimes
+    run them in one fused kernel (docs/deployment.md)."""
+    variant = "float"
+
+
+Softmax = Union[UniformSoftmax, TwinSoftmax, LogSoftmax, FloatAttention]
+
+
+@dataclass(frozen=True)
+class UniformGelu(Component):
+    """fc2's input gets the linear inputs' quantizer (and their smoothing and asymmetry)."""
+    variant = "uniform"
+
+
+@dataclass(frozen=True)
+class TwinGelu(Component):
+    """The twin uniform quantizer of the post-GELU input; ``pow2``: ``Δ+ = 2^m Δ-`` (integer kernels)."""
+    variant = "twin"
+    pow2: bool = True
+
+
+@dataclass(frozen=True)
+class LogGelu(Component):
+    """A log quantizer of ``base`` with a searched largest level and the twin's fixed negative step
+    (docs/lowbit.md §8)."""
+    variant = "log"
+    base: LogBase = "log2"
+
+
+Gelu = Union[UniformGelu, TwinGelu, LogGelu]

@@ -1,0 +1,46 @@
+"""How linear and patch-embedding weights are quantized: scale granularity and rounding."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from ..errors import UserError
+from .component import Component
+
+
+@dataclass(frozen=True)
+class Nearest(Component):
+    """Round each weight to the nearest level."""
+    variant = "nearest"
+
+
+@dataclass(frozen=True)
+class GPTQ(Component):
+    """Second-order error compensation (docs/lowbit.md §3): ``damp`` · mean(diag H) added to diag H,
+    columns in decreasing diag H order with ``act_order``, ``block`` columns at a time.
+    ``quantized_inputs``: fit the weight to the layer's quantized inputs (docs/lowbit.md §10)."""
+    variant = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+    block: int = 128
+    quantized_inputs: bool = False
+
+    def check(self) -> None:
+        if self.damp < 0 or self.block < 1:
+            raise UserError(f"gptq needs damp >= 0 and block >= 1, got damp={self.damp}, block={self.block}")
+        if self.quantized_inputs and self.damp <= 0:
+            raise UserError(f"gptq.quantized_inputs needs damp > 0, got {self.damp}")
+
+
+Rounding = Union[Nearest, GPTQ]
+
+
+@dataclass(frozen=True)
+class Weights(Component):
+    """Linear weights: one scale per layer and per q/k/v block (``"block"``) or per output channel;
+    the patch embedding's weight per output channel (``conv_per_channel``) or per tensor. Per-channel
+    scales and GPTQ calibrate linear weights from ``H = XᵀX`` instead of the alternating search."""
+    variant = "weights"
+    granularity: Literal["block", "channel"] = "block"
+    conv_per_channel: bool = True
+    rounding: Rounding = field(default_factory=Nearest)
