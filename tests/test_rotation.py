@@ -1,11 +1,13 @@
 """Rotations leave the float function unchanged and spread channel outliers."""
 import copy
+import re
 
 import pytest
 import timm
 import torch
 
 import ptq4vit
+from ptq4vit import DEFAULT_ADAPTERS, Adapter, SitePlan
 from ptq4vit.errors import UnsupportedModelError, UserError
 from ptq4vit.presets import get_preset
 from ptq4vit.transforms import (OnlineRotation, RMSNorm, RotationOptions, apply_rotation, hadamard, make_rotation,
@@ -113,10 +115,168 @@ def test_rotation_options_errors():
         get_preset("ptq4vit", rotate_fc2=True)
     with pytest.raises(UserError, match="rotation_kind"):
         get_preset("ptq4vit", rotation_kind="givens")
-    swin, _ = make_tiny("swin")
     # a family whose adapter describes no rotation layout is refused by name, before anything changes
+    model = _NoRotationNet()
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(UnsupportedModelError, match=r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
-                                                    r"supported for SwinTransformer by the timm SwinTransformer adapter$"):
-        apply_rotation(swin, RotationOptions(heads=True))
+                                                    r"supported for _NoRotationNet by the NoRotationNet adapter$"):
+        apply_rotation(model, RotationOptions(heads=True), adapters=DEFAULT_ADAPTERS.with_adapter(_NoRotationAdapter()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     untouched, _ = make_tiny("swin")
     assert apply_rotation(untouched, RotationOptions()) is untouched
+
+
+class _NoRotationNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+
+class _NoRotationAdapter(Adapter):
+    """An adapter that plans its family but says nothing of rotations."""
+    family = "NoRotationNet"
+    model_classes = (_NoRotationNet,)
+
+    def plan(self, model, build):
+        p = SitePlan(self.family)
+        p.container("")
+        p.site("fc", model.fc, torch.nn.Linear, build.linear)
+        return p
+
+
+# ------------------------------------------------------------------ Swin: one stream per stage, through patch merging
+
+def _tiny_swin(dtype=torch.float32, **kw):
+    """A tiny Swin with shifted windows in two stages (16x16 and 8x8 tokens, windows 4x4, shift 2) and
+    two patch mergings; non-trivial LayerNorm affine and biases."""
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4),
+                num_classes=10)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **{**args, **kw}).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    return m.to(dtype), x.to(dtype)
+
+
+def test_tiny_swin_has_shifted_windows_and_patch_merging():
+    m, _ = _tiny_swin()
+    assert [blk.shift_size for stage in m.layers for blk in stage.blocks] == [(0, 0), (2, 2)] * 2 + [(0, 0)] * 2
+    assert [blk.attn_mask is not None for stage in m.layers for blk in stage.blocks] == [False, True] * 2 + [False] * 2
+    assert [type(stage.downsample).__name__ for stage in m.layers] == ["Identity", "PatchMerging", "PatchMerging"]
+
+
+@pytest.mark.parametrize("opts", [RotationOptions(residual=True), RotationOptions(heads=True),
+                                  RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
+                         ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
+def test_rotated_swin_reproduces_float_model(opts):
+    m, x = _tiny_swin(torch.float64)
+    ref = m(x)
+    # float64: measured max |diff| 3.9e-16 with |logits| <= 0.62
+    assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
+    m32, x32 = _tiny_swin()
+    ref32 = m32(x32)
+    # float32: measured 6e-8 .. 1.2e-7
+    assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 1e-6
+
+
+def test_rotated_swin_with_padded_merging_and_clamped_windows():
+    # conftest's tiny Swin: 14x14 tokens, then 7x7 (padded to 8x8 by the next merging), 4x4, 2x2
+    m, x = make_tiny("swin")
+    m, x = m.double(), x.double()
+    ref = m(x)
+    assert (apply_rotation(copy.deepcopy(m), ALL)(x) - ref).abs().max() < 1e-14  # measured 4.4e-16
+
+
+def test_swin_residual_rotation_replaces_norms():
+    from ptq4vit.transforms import RotatedLayerNorm
+
+    m, _ = _tiny_swin()
+    assert m.layers[1].downsample.reduction.bias is None
+    apply_rotation(m, ALL)
+    assert isinstance(m.patch_embed.norm, RotatedLayerNorm) and m.patch_embed.norm.weight.shape == (16, 16)
+    blk = m.layers[1].blocks[1]
+    for norm in (blk.norm1, blk.norm2, m.layers[1].downsample.norm, m.norm):  # each token's mean is kept
+        assert type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
+    assert m.layers[1].downsample.norm.normalized_shape == (64,)
+    assert m.layers[1].downsample.reduction.bias is not None  # the merging norm's β, folded
+    assert isinstance(blk.mlp.norm, OnlineRotation)
+
+
+def test_a_rotation_fixing_the_ones_commutes_with_centring():
+    from ptq4vit.transforms.orthogonal import fixing_ones
+
+    for n in (16, 96):
+        q = fixing_ones(make_rotation(n, "hadamard", torch.Generator().manual_seed(0)).dense())
+        assert torch.allclose(q @ q.t(), torch.eye(n, dtype=torch.float64), atol=1e-14, rtol=0)
+        ones = torch.ones(n, dtype=torch.float64)
+        assert torch.allclose(ones @ q, ones, atol=1e-14, rtol=0)
+        x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        ln = torch.nn.functional.layer_norm
+        assert torch.allclose(ln(x @ q, (n,)), ln(x, (n,)) @ q, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("kw,module,words", [
+    (dict(window_size=3), "layers.0.blocks.0", "16x16 tokens to fill whole 3x3 windows"),
+    (dict(dynamic_img_size=True), "patch_embed", "fixed image size"),
+    (dict(global_pool="max"), "head.global_pool", "not 'max'"),
+    (dict(num_classes=0), "head", "Linear fc"),
+])
+def test_swin_residual_rotation_refuses_what_it_cannot_fold(kw, module, words):
+    m, x = _tiny_swin(torch.float64, **kw)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(UnsupportedModelError, match=rf"^module '{re.escape(module)}': residual rotation .*{words}"):
+        apply_rotation(m, ALL)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    ref = m(x)  # the rotations that do not touch the stream still apply
+    assert (apply_rotation(m, RotationOptions(heads=True, fc2=True))(x) - ref).abs().max() < 1e-14
+
+
+FAST = dict(progress=False, n_candidates=4, rounds=1)
+
+
+def test_rotq_on_swin_calibrates_round_trips_and_exports(tmp_path):
+    m, x = _tiny_swin()
+    with torch.no_grad():
+        ref = m(x)
+    errors = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
+        with torch.no_grad():
+            out = q(x)
+        assert torch.isfinite(out).all()
+        errors[bits] = float((out - ref).abs().max())
+    assert errors[8] < errors[4]
+    # q is the W4A4 model: its checkpoint rebuilds the rotated structure (bias of the reduction included)
+    ptq4vit.save(q, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.ort import make_session
+
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+        # 6 blocks x (qkv, proj, fc1, fc2, q@k) + 2 reductions + head.fc; float: the patch conv and softmax@v
+        # (rotq's renormalized softmax rows have no integer lowering)
+        assert sum(s.integer for s in rep.sites) == 33 and len(rep.sites) == 40
+        assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"] + [
+            f"layers.{i}.blocks.{j}.attn.matmul2" for i in range(3) for j in range(2)]
+        assert [t.name for t in rep.float_transforms] == ["patch_embed.norm"] + [
+            f"layers.{i}.blocks.{j}.mlp.norm" for i in range(3) for j in range(2)]
+        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        assert float(abs(got - out.numpy()).max()) < 1e-5  # measured 6e-8
+
+
+def test_rotq_swin_with_quantization_off_is_the_float_model():
+    m, x = _tiny_swin()
+    with torch.no_grad():
+        ref = m(x)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - ref).abs().max() < 1e-6  # measured 1.2e-7

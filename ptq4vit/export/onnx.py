@@ -20,7 +20,7 @@ the conv runs in float), any site whose quantizers are disabled, attention matmu
 keeps float (``quantize_attention=False``) or the export keeps float (``float_attention=True``), and
 sites whose quantizer has no integer lowering (asymmetric, log-domain: docs/lowbit.md §4, §6, §8),
 traced as their own fake-quantized float ops. Modules a method adds that have no integer lowering
-at all (fc2's online input rotation, docs/lowbit.md §2) are listed in
+at all (fc2's online input rotation, Swin's rotated patch-embedding norm, docs/lowbit.md §2) are listed in
 :attr:`ExportReport.float_transforms`.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .cpu import cpu_has_vnni
 from .graph import postprocess
 from .lowering import traced_forward
 from .qdq import QdqLinear, QdqMatMul
-from ..transforms.modules import OnlineRotation
+from ..transforms.modules import OnlineRotation, RotatedLayerNorm
 from .report import AllFloatError, ExportReport, FloatTransform, SiteExport
 from .input_size import fixed_position_embedding, resolve_input_size
 from .provenance import float_provenance_metadata, provenance_metadata
@@ -55,6 +55,15 @@ FORMATS = ("contrib", "qdq")
 GEMM_MODES = ("portable", "vnni", "auto")
 TWIN_COMBINES = ("gemm", "int32")
 DEFAULT_OPSET = 17
+
+
+def _float_transform(m: nn.Module) -> Optional[str]:
+    """What a module a rotation added runs in float, in words (None for any other module)."""
+    if isinstance(m, OnlineRotation):
+        return f"online rotation ({m.extra_repr()}), float MatMuls"
+    if isinstance(m, RotatedLayerNorm):
+        return f"LayerNorm with its affine and the stream rotation folded into one {m.dim} x {m.dim} float MatMul"
+    return None
 
 
 def _enabled(q) -> bool:
@@ -253,8 +262,8 @@ def export_onnx(model: Union[QuantizedModel, nn.Module], path: Union[str, os.Pat
             raise AllFloatError(f"no quantization site of {model.name} ({model.preset.name} W{model.w_bits}"
                                 f"A{model.a_bits}) would run in integers in the {format} graph: all "
                                 f"{len(report.sites)} stay float ({report.float_kinds()})")
-        report.float_transforms = [FloatTransform(name, f"online rotation ({m.extra_repr()}), float MatMuls")
-                                   for name, m in model.model.named_modules() if isinstance(m, OnlineRotation)]
+        report.float_transforms = [FloatTransform(name, what) for name, m in model.model.named_modules()
+                                   if (what := _float_transform(m)) is not None]
         contrib = any(low.uses_contrib_ops() for low in lowerings)
         meta.update(provenance_metadata(model, size))
         meta.update({"ptq4vit.version": __version__, "ptq4vit.model": model.name, "ptq4vit.preset": model.preset.name,

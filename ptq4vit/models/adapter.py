@@ -100,13 +100,15 @@ class SitePlan:
             raise self.refuse(path, module, f"a {role} must be one of {', '.join(c.__name__ for c in allowed)}")
         self.float_subtrees.add(path)
 
-    def patch_embed(self, path: str, pe: nn.Module, build: SiteBuilder) -> None:
-        """timm's ``PatchEmbed``: one conv (a site; its image input stays float) and an optional norm."""
+    def patch_embed(self, path: str, pe: nn.Module, build: SiteBuilder,
+                    norms: tuple[type[nn.Module], ...] = NORMS) -> None:
+        """timm's ``PatchEmbed``: one conv (a site; its image input stays float) and an optional norm,
+        one of ``norms``."""
         if type(pe) is not PatchEmbed:
             raise self.refuse(path, pe, "only timm's PatchEmbed (one conv) is a known patch embedding")
         self.container(path)
         self.site(f"{path}.proj", pe.proj, nn.Conv2d, build.patch_conv)
-        self.keep_float(f"{path}.norm", pe.norm, NORMS, "norm")
+        self.keep_float(f"{path}.norm", pe.norm, norms, "norm")
 
     def mlp(self, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
         """timm's ``Mlp``: fc1 → act → fc2, with fc2's input quantized as a GELU output."""

@@ -17,9 +17,12 @@ from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTra
                                           WindowAttention)
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.modules import RotatedLayerNorm
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
+from .swin_rotation import swin_rotation_layout
 
 
 class QuantWindowAttention(nn.Module):
@@ -84,7 +87,7 @@ class SwinAdapter(Adapter):
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         p = SitePlan(self.family)
         p.container("")
-        p.patch_embed("patch_embed", model.patch_embed, build)
+        p.patch_embed("patch_embed", model.patch_embed, build, norms=(*NORMS, RotatedLayerNorm))
         if getattr(model, "pos_drop", None) is not None:
             p.keep_float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
         p.container("layers")
@@ -93,6 +96,9 @@ class SwinAdapter(Adapter):
         p.keep_float("norm", model.norm, NORMS, "norm")
         self._plan_head(p, "head", model.head, build)
         return p
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return swin_rotation_layout(model, residual)
 
     def _plan_stage(self, p: SitePlan, path: str, stage: nn.Module, build: SiteBuilder) -> None:
         if type(stage) is not SwinTransformerStage:

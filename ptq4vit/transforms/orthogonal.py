@@ -68,3 +68,16 @@ def make_rotation(n: int, kind: str, gen: torch.Generator) -> KroneckerRotation:
     right = signs.unsqueeze(1) * hadamard(p) / p ** 0.5
     left = random_orthogonal(m, gen) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
     return KroneckerRotation(left, right)
+
+
+def fixing_ones(q: torch.Tensor) -> torch.Tensor:
+    """``q`` followed by the Householder reflection that takes ``u q`` back to ``u = 1/√n``: an orthogonal
+    matrix with ``1ᵀ Q = 1ᵀ``, which therefore commutes with centring (``C Q = Q C``, ``C = I - 11ᵀ/n``)
+    and leaves a LayerNorm's normalization of ``x Q`` equal to that of ``x`` rotated by ``Q``."""
+    n = q.shape[0]
+    u = torch.full((n,), n ** -0.5, dtype=q.dtype, device=q.device)
+    w = u @ q - u
+    norm2 = w @ w
+    if norm2 < 1e-24:  # q fixes u already
+        return q
+    return q - 2.0 * torch.outer(q @ w, w) / norm2

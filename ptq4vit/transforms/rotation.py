@@ -11,6 +11,10 @@ rotation can be folded into the weights. Three independent parts:
   LayerNorm's centring a no-op; the norms become :class:`RMSNorm` (no affine), their affine
   folded into the linear layers that read them, LayerScale folded into the writers. Then every
   writer is multiplied by ``Qᵀ`` on its output side and every reader by ``Q`` on its input side.
+  A hierarchical model (Swin) has one stream per stage, each with its own ``Q_s``: a LayerNorm
+  that writes a stream (the patch-embedding norm) becomes a :class:`RotatedLayerNorm`; patch
+  merging reads 4 concatenated tokens of stream ``s`` (rotated by ``blockdiag(Q_s ×4)``, still
+  mean-free) and its reduction writes stream ``s+1``.
 * **heads**: per head, q and k get the same ``R_h`` (``q kᵀ`` unchanged), v gets ``S_h`` undone
   in ``proj``'s input columns; folded into qkv and proj, so nothing runs online.
 * **fc2**: the post-GELU input of fc2 cannot be folded into fc1 (GELU is in between), so an
@@ -33,9 +37,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..presets import ROTATION_KINDS, Preset
-from .modules import OnlineRotation, RMSNorm
-from .orthogonal import make_rotation
-from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, ResidualStream
+from .modules import OnlineRotation, RMSNorm, RotatedLayerNorm
+from .orthogonal import fixing_ones, make_rotation
+from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, ResidualStream, StreamNorm
 
 if TYPE_CHECKING:
     from ..models import AdapterRegistry
@@ -111,13 +115,14 @@ def _fold_layerscale_into(ls: nn.Module, writer: nn.Linear) -> None:
         _assign(writer.bias, _f64(writer.bias) * g)
 
 
-def _rotate_writer(lin: nn.Linear, q: torch.Tensor) -> None:
-    """Output ``y = x Wᵀ + b`` becomes ``(y - mean(y)) Q``: W' = Qᵀ(W - mean of rows), b' = (b - mean(b)) Q."""
-    w = _centre_rows(_f64(lin.weight))
-    _assign(lin.weight, q.t() @ w)
+def _rotate_writer(lin: nn.Linear, q: torch.Tensor, centre: bool = True) -> None:
+    """Output ``y = x Wᵀ + b`` becomes ``(y - mean(y)) Q``: W' = Qᵀ(W - mean of rows), b' = (b - mean(b)) Q;
+    without ``centre``, ``y Q``."""
+    w = _f64(lin.weight)
+    _assign(lin.weight, q.t() @ (_centre_rows(w) if centre else w))
     if lin.bias is not None:
         b = _f64(lin.bias)
-        _assign(lin.bias, (b - b.mean()) @ q)
+        _assign(lin.bias, ((b - b.mean()) if centre else b) @ q)
 
 
 def _rotate_reader(lin: nn.Linear, q: torch.Tensor) -> None:
@@ -159,39 +164,78 @@ def rotate_fc2_input(slot: OnlineSlot, gen: torch.Generator, kind: str) -> None:
     setattr(slot.owner, slot.attr, OnlineRotation(rot, fc2.weight.dtype, fc2.weight.device))
 
 
-def _fold_and_replace_norm(norm: NormReaders) -> None:
-    """Fold the norm's affine into its readers; the norm becomes affine-free (RMSNorm on a centred stream)."""
+def _affine_free(ln: nn.LayerNorm, centred: bool) -> nn.Module:
+    """What a LayerNorm whose affine was folded away becomes: an RMS norm on a centred stream, an
+    affine-free LayerNorm on a stream that keeps its means."""
+    if centred:
+        return _rms_norm(ln)
+    return nn.LayerNorm(ln.normalized_shape, ln.eps, elementwise_affine=False)
+
+
+def _fold_and_replace_norm(norm: NormReaders, centred: bool = True) -> None:
+    """Fold the norm's affine into its readers; the norm becomes affine-free."""
     ln = getattr(norm.owner, norm.norm)
     _fold_norm_into(ln, list(norm.readers))
-    setattr(norm.owner, norm.norm, _rms_norm(ln))
+    setattr(norm.owner, norm.norm, _affine_free(ln, centred))
+
+
+def _rotate_stream_norm(slot: StreamNorm, q: torch.Tensor, centred: bool) -> None:
+    """The LayerNorm writing the stream becomes ``LN₀(x) Wᵀ + b``: its output ``y = γ ⊙ LN₀(x) + β``
+    centred and rotated, ``(y - mean(y)) Q = LN₀(x) diag(γ) C Q + β C Q`` (``C = I - 11ᵀ/n``), or
+    only rotated, ``LN₀(x) diag(γ) Q + β Q``."""
+    ln = getattr(slot.owner, slot.norm)
+    n = ln.normalized_shape[-1]
+    like = ln.weight if ln.weight is not None else q
+    gamma = _f64(ln.weight) if ln.weight is not None else q.new_ones(n)
+    beta = _f64(ln.bias) if ln.bias is not None else q.new_zeros(n)
+    a = torch.diag(gamma)
+    if centred:
+        a = a - gamma.unsqueeze(1) / n   # diag(γ) C: each row minus its mean
+        beta = beta - beta.mean()
+    weight = (a @ q).t().to(dtype=like.dtype, device=like.device)
+    bias = (beta @ q).to(dtype=like.dtype, device=like.device)
+    setattr(slot.owner, slot.norm, RotatedLayerNorm(n, ln.eps, weight, bias))
+
+
+def _rotate_conv_writer(conv: nn.Module, q: torch.Tensor, centre: bool) -> None:
+    cw = _f64(conv.weight)
+    shape = cw.shape
+    cw = cw.reshape(shape[0], -1)
+    _assign(conv.weight, (q.t() @ (_centre_rows(cw) if centre else cw)).reshape(shape))
+    if conv.bias is not None:
+        cb = _f64(conv.bias)
+        _assign(conv.bias, ((cb - cb.mean()) if centre else cb) @ q)
 
 
 def rotate_residual(stream: ResidualStream, q: torch.Tensor) -> None:
-    """Fold norms and LayerScale, centre the writers and rotate the residual stream by ``q``."""
+    """Fold norms and LayerScale, centre the writers (a ``centred`` stream) and rotate the residual
+    stream by ``q`` (which fixes the all-ones direction where the stream is not centred)."""
+    centred = stream.centred
+    for slot in stream.input_norms:
+        _rotate_stream_norm(slot, q, centred)
+    for lin in stream.input_linears:
+        _rotate_writer(lin, q, centred)
     for conv in stream.input_convs:
-        cw = _f64(conv.weight)
-        shape = cw.shape
-        cw = _centre_rows(cw.reshape(shape[0], -1))
-        _assign(conv.weight, (q.t() @ cw).reshape(shape))
-        if conv.bias is not None:
-            cb = _f64(conv.bias)
-            _assign(conv.bias, (cb - cb.mean()) @ q)
+        _rotate_conv_writer(conv, q, centred)
     for t in stream.added_tensors:
         v = _f64(t)
-        _assign(t, (v - v.mean(-1, keepdim=True)) @ q)
+        _assign(t, ((v - v.mean(-1, keepdim=True)) if centred else v) @ q)
 
     for branch in stream.branches:
         if branch.layer_scale is not None:
             _fold_layerscale_into(getattr(branch.input.owner, branch.layer_scale), branch.writer)
             setattr(branch.input.owner, branch.layer_scale, nn.Identity())
-        _fold_and_replace_norm(branch.input)
+        _fold_and_replace_norm(branch.input, centred)
         for reader in branch.input.readers:
             _rotate_reader(reader, q)
-        _rotate_writer(branch.writer, q)
+        _rotate_writer(branch.writer, q, centred)
 
-    _fold_and_replace_norm(stream.final)
+    _fold_and_replace_norm(stream.final, centred)
+    # Readers of ``tokens`` concatenated stream tokens see each token rotated: blockdiag(Q, ..., Q),
+    # orthogonal, and fixing the all-ones direction where Q does.
+    q_in = torch.block_diag(*[q] * stream.final.tokens) if stream.final.tokens > 1 else q
     for reader in stream.final.readers:
-        _rotate_reader(reader, q)
+        _rotate_reader(reader, q_in)
 
 
 def apply_rotation(model: nn.Module, options: RotationOptions, *,
@@ -210,9 +254,11 @@ def apply_rotation(model: nn.Module, options: RotationOptions, *,
     gen = torch.Generator().manual_seed(options.seed)
     with torch.no_grad():
         if options.residual:
-            q = make_rotation(layout.residual.width, options.kind, gen).dense()
-            q = q.to(next(model.parameters()).device)
-            rotate_residual(layout.residual, q)
+            device = next(model.parameters()).device
+            qs = [make_rotation(s.width, options.kind, gen).dense() for s in layout.residual_streams]
+            qs = [(q if s.centred else fixing_ones(q)).to(device) for s, q in zip(layout.residual_streams, qs)]
+            for stream, q in zip(layout.residual_streams, qs):  # in model order: a stage's reader folds first
+                rotate_residual(stream, q)
         for blk in layout.blocks:
             if options.heads:
                 rotate_heads(blk.attention, gen, options.kind)

@@ -7,17 +7,29 @@ rotations into the modules named here and knows nothing of any family's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
 
 @dataclass(frozen=True)
 class NormReaders:
-    """The LayerNorm at ``owner.<norm>`` and every linear layer that reads its output (only they do)."""
+    """The LayerNorm at ``owner.<norm>`` and every linear layer that reads its output (only they do).
+
+    ``tokens`` > 1: the norm reads that many stream tokens concatenated along the channels (Swin's
+    patch merging: 4 neighbours), so its readers see the stream rotated by ``blockdiag(Q, …, Q)``.
+    """
     owner: nn.Module
     norm: str
     readers: tuple[nn.Linear, ...]
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class StreamNorm:
+    """A LayerNorm at ``owner.<norm>`` whose output *is* the stream (Swin's patch-embedding norm)."""
+    owner: nn.Module
+    norm: str
 
 
 @dataclass(frozen=True)
@@ -39,13 +51,25 @@ class ResidualStream:
     ``input_convs`` write the stream from outside it (the patch embedding: output channels are
     stream channels); ``added_tensors`` are added to or concatenated with it (class / register /
     distillation tokens, position embeddings; their last dim is the stream's); ``branches`` are
-    the residual branches in model order; ``final`` is the last norm and the heads that read it.
+    the residual branches in model order; ``final`` is the last norm and the layers that read it
+    (the heads, or the next stage's patch merging). ``input_norms`` write the stream as their
+    output (a patch embedding with a norm); ``input_linears`` write it from the previous stage's
+    stream (patch merging's reduction, also a reader of that stream's ``final``).
+
+    ``centred``: every writer's output is centred, so the stream's norms see mean-free tokens and
+    become RMS norms. Where a norm reads several tokens at once (patch merging over 4 tokens), the
+    tokens' own means reach its output and must not be removed: ``centred=False`` keeps them, the
+    rotation is drawn to fix the all-ones direction (so it commutes with the norms' centring) and
+    the norms become affine-free LayerNorms.
     """
     width: int
     input_convs: tuple[nn.Module, ...]
     added_tensors: tuple[nn.Parameter, ...]
     branches: tuple[ResidualBranch, ...]
     final: NormReaders
+    input_norms: tuple[StreamNorm, ...] = ()
+    input_linears: tuple[nn.Linear, ...] = ()
+    centred: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,14 @@ class BlockRotation:
 
 @dataclass(frozen=True)
 class RotationLayout:
-    """A model as a rotation sees it; ``residual`` is filled in only when the residual rotation is asked."""
+    """A model as a rotation sees it; ``residual`` is filled in only when the residual rotation is asked:
+    one stream (a plain transformer), or one per stage in model order (a hierarchical model, each
+    stage's stream with its own width and rotation, the next written from the previous one's ``final``)."""
     blocks: tuple[BlockRotation, ...]
-    residual: Optional[ResidualStream] = None
+    residual: Union[ResidualStream, tuple[ResidualStream, ...], None] = None
+
+    @property
+    def residual_streams(self) -> tuple[ResidualStream, ...]:
+        if self.residual is None:
+            return ()
+        return self.residual if isinstance(self.residual, tuple) else (self.residual,)
