@@ -1,0 +1,417 @@
+"""Block reconstruction after calibration: learned weight rounding and activation steps (docs/lowbit.md §11).
+
+:func:`reconstruct` takes a calibrated :class:`~ptq4vit.quantized.QuantizedModel` and, unit by unit
+(each transformer block, or each residual branch: :mod:`.units`), learns what makes the unit's
+quantized output closest to its float output on a pool of images:
+
+* the rounding of every weight of its linear sites, up or down on the calibrated grid (AdaRound),
+  written back at the end as ``codes · Δ`` (as GPTQ writes its rounding), so a checkpoint stores
+  ordinary codes and scales and the integer export is unchanged in kind;
+* the steps of its activation quantizers (LSQ), written back into their buffers;
+
+against the unit's output error, optionally weighted by a diagonal Fisher (the squared gradient of
+the float model's loss at the unit's output) and with QDrop. The learning happens on stand-ins
+swapped into the unit's sites for the duration (:mod:`ptq4vit.quant.learning`); the model's own
+forward is never changed, so a model that is not reconstructed computes what it always did.
+
+What it holds at once (``memory_budget``): the pool's inputs of the current unit in float32, as the
+quantized model computes them (``inputs="quantized"``) and as the float model does, and the unit's
+float outputs: 3 activations per image (2 with ``inputs="float"``), plus, with ``fisher``, the
+squared gradients at every unit's output in bfloat16 (half an activation per unit and image).
+Nothing of the previous units is kept. The optimization's own graph (one batch through one block)
+is not counted.
+
+Reproducible: batches and QDrop masks are drawn from generators seeded by ``seed``, and the work
+runs on a fixed number of intra-op threads, so the same inputs give a bit-identical model.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..quant import Quantizer
+from ..quant.learning import (STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight, rounding_regularizer)
+from ..quantized import QuantizedModel
+from ..typecheck import check_arguments, check_fields
+from .budget import default_memory_budget
+from .capture import frozen_parameters
+from .run import default_workers, intra_op_threads
+from .units import Unit, reconstruction_units
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What a reconstruction learns and for how long (docs/lowbit.md §11).
+
+    The defaults are sized for a ViT-S (12 blocks, 257 tokens) on 2 CPU cores; the time is about
+    ``units × (iterations × t_step + images × t_image)``, with the two costs of one block measured in
+    docs/lowbit.md §11.
+    """
+
+    #: Optimization steps per unit.
+    iterations: int = 100
+    #: Images per step (drawn with replacement from the pool).
+    batch_size: int = 8
+    #: Images in the pool (the first this many of the images given; fewer if fewer are given).
+    images: int = 64
+    #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
+    lr_rounding: float = 1e-2
+    #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
+    lr_steps: float = 1e-3
+    #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
+    learn_rounding: bool = True
+    #: Learn the activation steps (False: every activation quantizer is held fixed).
+    learn_steps: bool = True
+    #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
+    #: ``gelu_pow2``, post-GELU log, scaled post-softmax log); False holds them fixed.
+    learn_twin_log: bool = True
+    #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning (0: off).
+    qdrop: float = 0.5
+    #: A unit's inputs: from the quantized preceding units (``"quantized"``) or from the float model (``"float"``).
+    inputs: Literal["quantized", "float"] = "quantized"
+    #: Reconstruct whole blocks, or each residual branch (attention, MLP) on its own.
+    unit: Literal["block", "sublayer"] = "block"
+    #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
+    #: cross-entropy against its own prediction at the unit's output), normalized to mean 1.
+    fisher: bool = False
+    #: Seeds the batches and the QDrop masks.
+    seed: int = 0
+    #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
+    warmup: float = 0.2
+    #: The regularizer's exponent, annealed linearly from ``beta_start`` to ``beta_end`` after the warmup.
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    #: Weight of the rounding regularizer (per weight, against the output error relative to the target's mean square).
+    rounding_weight: float = 0.01
+
+    def __post_init__(self):
+        check_fields(self)  # types and choices; the ranges follow
+        for name in ("iterations", "batch_size", "images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"Reconstruction field {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr_rounding", "lr_steps", "beta_end"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"Reconstruction field {name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.qdrop < 1:
+            raise UserError(f"Reconstruction field qdrop must be a probability in [0, 1), got {self.qdrop}")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"Reconstruction field warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.beta_start < self.beta_end:
+            raise UserError(f"Reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
+        if self.rounding_weight < 0:
+            raise UserError(f"Reconstruction field rounding_weight must be at least 0, got {self.rounding_weight}")
+
+    def beta(self, iteration: int) -> Optional[float]:
+        """The regularizer's exponent at ``iteration`` (0-based), None during the warmup."""
+        start = int(self.warmup * self.iterations)
+        if iteration < start:
+            return None
+        progress = (iteration - start) / max(1, self.iterations - start)
+        return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
+
+
+@dataclass
+class UnitResult:
+    """A unit's output error relative to its float output (``Σ (y - t)² / Σ t²`` over the pool), before
+    and after; ``kept`` is False where learning raised it and the unit was restored."""
+
+    name: str
+    error_before: float
+    error_after: float
+    kept: bool
+
+
+@dataclass
+class ReconstructionReport:
+    """What :func:`reconstruct` did: per unit errors, the pool size, and the quantizers held fixed by kind."""
+
+    units: list[UnitResult] = field(default_factory=list)
+    images: int = 0
+    held_fixed: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"reconstructed {len(self.units)} unit(s) on {self.images} image(s)"]
+        lines += [f"  {u.name}: error {u.error_before:.4g} -> {u.error_after:.4g}" + ("" if u.kept else " (restored)")
+                  for u in self.units]
+        if self.held_fixed:
+            lines.append("  held fixed: " + ", ".join(f"{n} {k}" for k, n in sorted(self.held_fixed.items())))
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a model pass at the block whose input it captured."""
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """The input of ``block`` for every image, from passes of ``model`` that stop there."""
+    out: Optional[torch.Tensor] = None
+
+    def hook(module, args):
+        raise _Stop(args[0])
+
+    handle = block.register_forward_pre_hook(hook)
+    try:
+        for i in range(0, len(images), batch):
+            try:
+                model(images[i:i + batch])
+            except _Stop as stop:
+                x = stop.args[0].detach()
+                if out is None:
+                    out = x.new_empty((len(images), *x.shape[1:]))
+                out[i:i + len(x)] = x
+            else:
+                raise RuntimeError("the model's forward never reached the block it was to stop at")
+    finally:
+        handle.remove()
+    return out
+
+
+def _run(unit: Unit, x: torch.Tensor, batch: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``unit.forward`` over ``x`` in batches, into ``out`` (which may be ``x`` itself)."""
+    for i in range(0, len(x), batch):
+        y = unit.forward(x[i:i + batch])
+        if out is None:
+            out = y.new_empty((len(x), *y.shape[1:]))
+        out[i:i + len(y)] = y
+    return out
+
+
+def _relative_error(unit: Unit, x: torch.Tensor, target: torch.Tensor, batch: int) -> float:
+    err = ref = 0.0
+    for i in range(0, len(x), batch):
+        t = target[i:i + batch].to(torch.float64)
+        err += float((unit.forward(x[i:i + batch]).to(torch.float64) - t).square().sum())
+        ref += float(t.square().sum())
+    return err / max(ref, torch.finfo(torch.float64).tiny)
+
+
+def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Unit], batch: int) -> list[torch.Tensor]:
+    """Per unit, the squared gradient at its output (bfloat16: the range of float32 at half the memory) of
+    the float model's summed cross-entropy against its own predictions, for every image."""
+    grads: list[Optional[torch.Tensor]] = [None] * len(units)
+    where = {"first": 0}
+
+    def make_hook(k: int):
+        def hook(module, inputs, output):
+            first = where["first"]
+
+            def store(g):
+                if grads[k] is None:
+                    grads[k] = g.new_empty((len(images), *g.shape[1:]), dtype=torch.bfloat16)
+                grads[k][first:first + len(g)] = g.detach().square()
+            output.register_hook(store)
+        return hook
+
+    handles = [u.grad_at.register_forward_hook(make_hook(k)) for k, u in enumerate(units)]
+    try:
+        with qmodel.quantization_disabled(), torch.enable_grad():
+            for i in range(0, len(images), batch):
+                where["first"] = i
+                x = images[i:i + batch].detach().clone().requires_grad_(True)
+                logits = qmodel(x)
+                F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return grads
+
+
+@dataclass
+class _Learners:
+    weights: list[tuple[nn.Module, LearningWeight]] = field(default_factory=list)
+    activations: list[LearningActivation] = field(default_factory=list)
+
+
+@contextmanager
+def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
+              held_fixed: Counter) -> Iterator[_Learners]:
+    """Swap learning stand-ins into the unit's sites; put the quantizers back on exit."""
+    learners = _Learners()
+    swapped: list[tuple[nn.Module, str, Quantizer]] = []
+    try:
+        for site in unit.sites().values():
+            for role, q in site.quantizers().items():
+                if role == "w_quant":
+                    grid = WEIGHT_GRIDS.find(q)
+                    if not options.learn_rounding or grid is None:
+                        if grid is None:
+                            held_fixed[type(q).__name__ + " weight"] += 1
+                        continue  # the weight is not learned: the quantizer rounds it as calibrated
+                    stand_in: nn.Module = LearningWeight(q, site.weight, grid(q, site.weight))
+                    learners.weights.append((site, stand_in))
+                else:
+                    rule = STEP_RULES.find(q)
+                    if rule is not None and not rule.learnable(q):
+                        rule = None
+                    learn = options.learn_steps and rule is not None and (
+                        rule.family == "uniform" or options.learn_twin_log)
+                    if not learn:
+                        held_fixed[type(q).__name__] += 1
+                    stand_in = LearningActivation(q, rule, learn, generator)
+                    learners.activations.append(stand_in)
+                setattr(site, role, stand_in)
+                swapped.append((site, role, q))
+        yield learners
+    finally:
+        for site, role, q in reversed(swapped):
+            setattr(site, role, q)
+
+
+def _snapshot(unit: Unit) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, copy) of every weight and quantizer buffer of the unit's sites, to restore a unit."""
+    kept = []
+    for site in unit.sites().values():
+        if getattr(site, "weight", None) is not None:
+            kept.append((site.weight.data, site.weight.detach().clone()))
+        for q in site.quantizers().values():
+            kept += [(b, b.clone()) for b in q.buffers()]
+    return kept
+
+
+def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Optional[torch.Tensor],
+                options: Reconstruction, batches: torch.Generator, drops: torch.Generator, held_fixed: Counter,
+                bar) -> None:
+    """Optimize the unit's stand-ins on the pool, then write the hard rounding and the learned steps."""
+    n = len(x_in)
+    mean_square = float(target.to(torch.float64).square().mean())
+    fisher_scale = float(fisher.to(torch.float64).mean()) if fisher is not None else 1.0
+    with _learning(unit, options, drops, held_fixed) as learners:
+        v = [w.v for _, w in learners.weights]
+        u = [a.u for a in learners.activations if a.u is not None]
+        groups = ([{"params": v, "lr": options.lr_rounding}] if v else []) + (
+            [{"params": u, "lr": options.lr_steps}] if u else [])
+        n_weights = sum(p.numel() for p in v)
+        if groups:
+            opt = torch.optim.Adam(groups)
+            for a in learners.activations:
+                a.drop = options.qdrop
+            for it in range(options.iterations):
+                idx = torch.randint(n, (options.batch_size,), generator=batches).to(x_in.device)
+                with torch.enable_grad():
+                    diff = (unit.forward(x_in[idx]) - target[idx]).square()
+                    if fisher is not None:
+                        diff = diff * (fisher[idx].to(diff.dtype) / fisher_scale)
+                    loss = diff.mean() / mean_square
+                    beta = options.beta(it)
+                    if beta is not None and v and options.rounding_weight > 0:
+                        reg = sum(rounding_regularizer(p, beta) for p in v) / n_weights
+                        loss = loss + options.rounding_weight * reg
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                bar.update(1)
+                if it % 10 == 0 or it == options.iterations - 1:
+                    bar.set_postfix_str(f"{unit.name} loss {float(loss):.4g}", refresh=False)
+        else:
+            bar.update(options.iterations)
+    # the quantizers are back in place: write what was learned into them
+    with torch.no_grad():
+        for site, w in learners.weights:
+            q = w.quantizer
+            site.weight.copy_(q.dequantize(w.hard_codes(), site.weight.dtype))
+        for a in learners.activations:
+            step = a.learned_step()
+            if step is not None:
+                getattr(a.quantizer, a.rule.buffer).copy_(step)
+
+
+def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstruction = Reconstruction(), *,
+                progress: bool = True, threads: Optional[int] = None,
+                memory_budget: Optional[int] = None) -> ReconstructionReport:
+    """Reconstruct a calibrated model block by block, in place (docs/lowbit.md §11); returns what it did.
+
+    Args:
+        qmodel: a calibrated float32 model (``ptq4vit.quantize``); its weights and activation steps
+            are rewritten, its structure, quantizer kinds and bits are not.
+        images: float tensor ``(N, 3, H, W)`` transformed like eval images; the first
+            ``options.images`` of them are the pool.
+        options: what is learned and for how long (:class:`Reconstruction`).
+        progress: show a progress bar over units and iterations, with the current loss.
+        threads: CPU intra-op threads for the whole run (default: torch's setting capped by the
+            CPUs this process may use); torch's setting is restored afterwards.
+        memory_budget: bytes the cached activations may take (default: as ``quantize``'s); a pool
+            that does not fit raises UserError before anything is changed.
+
+    A unit whose output error on the pool would rise is restored as it was (``kept=False``).
+    """
+    check_arguments(reconstruct, dict(qmodel=qmodel, images=images, options=options, progress=progress,
+                                      threads=threads, memory_budget=memory_budget))
+    if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
+        raise UserError(f"images must be a non-empty float tensor of shape (N, 3, H, W), got {tuple(images.shape)} "
+                        f"of {images.dtype}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be a positive integer, got {threads}")
+    model = qmodel.model
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.dtype != torch.float32 for p in params):
+        raise UserError(f"reconstruct needs a float32 model, got parameters of {params[0].dtype if params else None}")
+    uncalibrated = [type(q).__name__ for q in qmodel.quantizers() if q.enabled and not q.calibrated]
+    if uncalibrated:
+        raise UserError(f"reconstruct needs a calibrated model (ptq4vit.quantize first): {len(uncalibrated)} "
+                        f"quantizer(s) were never calibrated, first a {uncalibrated[0]}")
+    device = params[0].device
+    pool = images[:options.images].to(device=device, dtype=torch.float32)
+    units = reconstruction_units(model, options.unit)
+    batch = options.batch_size
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+    report = ReconstructionReport(images=len(pool))
+    held_fixed: Counter = Counter()
+    batches = torch.Generator().manual_seed(options.seed)
+    drops = torch.Generator(device=device).manual_seed(options.seed + 1)
+    blocks = dict(model.named_modules())
+
+    with intra_op_threads(threads if threads is not None else default_workers(device)), \
+            frozen_parameters(model), torch.no_grad():
+        probe = _block_inputs(model, blocks[units[0].block], pool[:1], 1)
+        per_image = probe.numel() * probe.element_size()
+        held = per_image * len(pool) * (3 if options.inputs == "quantized" else 2)
+        held += per_image // 2 * len(pool) * len(units) if options.fisher else 0
+        if held > budget:
+            raise UserError(f"reconstruction on {len(pool)} images holds {held / 2 ** 20:.0f} MiB of activations, "
+                            f"above the memory budget of {budget / 2 ** 20:.0f} MiB: use fewer images "
+                            f"(Reconstruction(images=...)) or a larger memory_budget")
+        fisher = _fisher_weights(qmodel, pool, units, batch) if options.fisher else [None] * len(units)
+        bar = tqdm(total=len(units) * options.iterations, desc="reconstructing", unit="it", disable=not progress)
+        x_float = x_quant = None
+        for k, unit in enumerate(units):
+            if not unit.chained:
+                with qmodel.quantization_disabled():
+                    x_float = _block_inputs(model, blocks[unit.block], pool, batch)
+                if options.inputs == "quantized":
+                    x_quant = _block_inputs(model, blocks[unit.block], pool, batch)
+            with qmodel.quantization_disabled():
+                target = _run(unit, x_float, batch)
+            x_in = x_quant if options.inputs == "quantized" else x_float
+            before = _relative_error(unit, x_in, target, batch)
+            saved = _snapshot(unit)
+            _learn_unit(unit, x_in, target, fisher[k], options, batches, drops, held_fixed, bar)
+            after = _relative_error(unit, x_in, target, batch)
+            kept = after <= before
+            if not kept:
+                for tensor, copy in saved:
+                    tensor.copy_(copy)
+                after = before
+            del saved
+            fisher[k] = None
+            report.units.append(UnitResult(unit.name, before, after, kept))
+            if options.inputs == "quantized":
+                _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
+            x_float = target
+        bar.close()
+    report.held_fixed = dict(held_fixed)
+    logger.info("%s", report.summary())
+    return report
+
+
+__all__ = ["Reconstruction", "ReconstructionReport", "UnitResult", "reconstruct"]

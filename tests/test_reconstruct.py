@@ -1,0 +1,284 @@
+"""Block reconstruction (docs/lowbit.md §11): the learned rounding's arithmetic, the learned steps' gradient,
+what each switch changes, and that a reconstructed model stays an ordinary quantized model."""
+import copy
+
+import pytest
+import torch
+
+import ptq4vit
+from ptq4vit import Reconstruction, UserError, reconstruct
+from ptq4vit.calib.reconstruct import _fisher_weights
+from ptq4vit.calib.units import reconstruction_units
+from ptq4vit.nn import QuantLinear
+from ptq4vit.presets import get_preset
+from ptq4vit.quant import AsymmetricQuantizer, TwinGeluQuantizer, UniformQuantizer, qmax
+from ptq4vit.quant.learning import (STEP_RULES, LearningActivation, LearningWeight, WEIGHT_GRIDS, hard_rounding,
+                                    rounding_regularizer, soft_rounding, soft_rounding_start)
+
+from _fastq import fast_quantize
+from conftest import make_tiny, make_tiny_dinov2
+
+FAST = Reconstruction(iterations=25, images=8, batch_size=4)
+
+
+def tiny_w4a4(preset="ptq4vit"):
+    m, _ = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return m, x, fast_quantize(m, x, preset, 4, 4)
+
+
+def run(q, x, options=FAST):
+    return reconstruct(q, x, options, progress=False, threads=1)
+
+
+def block_io(q, x):
+    """Per block: (quantized input, float input, float output) over ``x``."""
+    seen = {}
+
+    def keep(tag):
+        def hook(mod, args, out):
+            seen.setdefault(tag, []).append((mod, args[0].detach(), out.detach()))
+        return hook
+    handles = []
+    for name, blk in q.model.blocks.named_children():
+        handles.append(blk.register_forward_hook(keep(name)))
+    with torch.no_grad():
+        q(x)
+        quant = {k: v[0][1] for k, v in seen.items()}
+        seen.clear()
+        with q.quantization_disabled():
+            q(x)
+    for h in handles:
+        h.remove()
+    return {k: (quant[k], v[0][1], v[0][2]) for k, v in seen.items()}
+
+
+def block_error(q, blk_name, x_in, target):
+    with torch.no_grad():
+        y = getattr(q.model.blocks, blk_name)(x_in)
+    return float((y.double() - target.double()).square().sum() / target.double().square().sum())
+
+
+# ---- the arithmetic
+
+def test_soft_rounding_values_and_the_hard_rounding_it_anneals_to():
+    v = torch.tensor([-10.0, -1e-3, 0.0, 10.0])
+    assert soft_rounding(v)[[0, 2, 3]].tolist() == [0.0, 0.5, 1.0]       # stretched sigmoid reaches 0 and 1
+    assert hard_rounding(v).tolist() == [0.0, 0.0, 1.0, 1.0]             # h >= 0.5 <=> V >= 0
+    assert rounding_regularizer(torch.tensor([-10.0, 10.0]), 2.0).item() == 0.0   # hard: no penalty
+    assert rounding_regularizer(torch.tensor([0.0]), 20.0).item() == 1.0          # h = 1/2: the largest
+    rest = torch.tensor([0.0, 0.25, 0.75])
+    torch.testing.assert_close(soft_rounding(soft_rounding_start(rest)), rest, rtol=0, atol=1e-7)
+
+
+def test_learned_weight_rounds_on_the_calibrated_grid():
+    q = UniformQuantizer(3)                                   # codes -4..3
+    q.set_scale(torch.tensor([0.5]))
+    w = torch.tensor([[0.26, -0.74, 1.5, 3.9]])               # W/Δ = 0.52, -1.48, 3, 7.8
+    lw = LearningWeight(q, w, WEIGHT_GRIDS.get(q)(q, w))
+    assert lw.base.tolist() == [[0.0, -2.0, 3.0, 7.0]]
+    assert lw.hard_codes().tolist() == [[1.0, -1.0, 3.0, 3.0]]   # from the start: round to nearest, clamped
+    with torch.no_grad():
+        lw.v.fill_(-5.0)
+    assert lw.hard_codes().tolist() == [[0.0, -2.0, 3.0, 3.0]]   # every weight down
+    with torch.no_grad():
+        lw.v.fill_(5.0)
+    assert lw.hard_codes().tolist() == [[1.0, -1.0, 3.0, 3.0]]   # every weight up, clamped at qmax - 1
+    lw.soft = False
+    assert lw(w).tolist() == [[0.5, -0.5, 1.5, 1.5]]
+
+
+def test_learned_step_is_the_quantizer_at_the_start_and_gets_the_lsq_gradient():
+    x = torch.tensor([[0.3, 5.0, -0.7, 1.2]])
+    q = UniformQuantizer(3)
+    q.set_scale(torch.tensor([1.0]))
+    la = LearningActivation(q, STEP_RULES.get(q), learn=True)
+    out = la(x)
+    assert torch.equal(out, q(x))
+    out.sum().backward()
+    # d/dΔ of round(x/Δ)·Δ is round(x/Δ) - x/Δ inside the range, the clamped code outside (Δ = 1: d/du too)
+    want = (torch.tensor(0.0) - 0.3) + 3.0 + (torch.tensor(-1.0) + 0.7) + (torch.tensor(1.0) - 1.2)
+    assert la.u.grad.item() == pytest.approx(want.item(), abs=1e-6)
+    a = AsymmetricQuantizer(4, groups=2, axis=-1)
+    a.set_params(torch.tensor([0.1, 0.3]), torch.tensor([-3.0, 2.0]))
+    y = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(LearningActivation(a, STEP_RULES.get(a), learn=True)(y), a(y))
+
+
+# ---- reconstruction
+
+def test_reconstruction_lowers_every_block_output_error_and_keeps_weights_on_the_grid():
+    m, x, q = tiny_w4a4()
+    calibrated = copy.deepcopy(q)
+    before = block_io(calibrated, x)
+    report = run(q, x)
+    assert [u.name for u in report.units] == ["blocks.0", "blocks.1"]
+    for name, (xq, _, target) in before.items():      # blocks.1: on the calibrated model's quantized inputs
+        assert block_error(q, name, xq, target) < block_error(calibrated, name, xq, target)
+    changed = 0
+    for (name, site), old in zip(q.sites().items(), calibrated.sites().values()):
+        if not isinstance(site, QuantLinear) or not name.startswith("blocks."):
+            continue
+        wq = site.w_quant
+        codes = wq.codes(site.weight.detach())
+        assert torch.equal(wq.dequantize(codes.clone(), torch.float32), site.weight.detach())   # on the grid
+        assert codes.min() >= -qmax(wq.bits) and codes.max() <= qmax(wq.bits) - 1
+        step = wq.scale.repeat_interleave(site.weight.shape[0] // wq.groups).reshape(-1, 1)
+        assert torch.equal(wq.scale, old.w_quant.scale)                      # the weight grid is not learned
+        low = torch.floor(old.weight.detach() / step).clamp(-qmax(wq.bits), qmax(wq.bits) - 1)
+        high = (torch.floor(old.weight.detach() / step) + 1).clamp(-qmax(wq.bits), qmax(wq.bits) - 1)
+        assert bool(((codes == low) | (codes == high)).all())               # one of the two neighbours
+        changed += int((codes != old.w_quant.codes(old.weight.detach())).sum())
+    assert changed > 0
+
+
+def test_reconstructed_model_saves_loads_and_exports_like_a_calibrated_one(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    m, x, q = tiny_w4a4()
+    calibrated = copy.deepcopy(q)
+    run(q, x)
+    ptq4vit.save(q, tmp_path / "r.safetensors")
+    q2 = ptq4vit.load(tmp_path / "r.safetensors")
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert q2.qparams() == q.qparams()
+    integer = [sum(s.integer for s in export_onnx(model, tmp_path / f"{i}.onnx").sites)
+               for i, model in enumerate((calibrated, q))]
+    assert integer[0] == integer[1] > 0
+
+
+def test_rotq_model_with_online_rotation_is_reconstructed():
+    m, x = make_tiny_dinov2(depth=2)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, threads=1)
+    assert type(q.model.blocks[0].mlp.norm).__name__ == "OnlineRotation"
+    report = run(q, x, Reconstruction(iterations=25, images=4, batch_size=2, inputs="float"))
+    assert [u.name for u in report.units] == ["blocks.0", "blocks.1"]
+    assert all(u.error_after < u.error_before for u in report.units)
+
+
+def test_same_seed_gives_the_same_model_and_another_seed_another():
+    m, x, q = tiny_w4a4()
+    a, b, c = copy.deepcopy(q), copy.deepcopy(q), copy.deepcopy(q)
+    run(a, x)
+    run(b, x)
+    run(c, x, Reconstruction(iterations=25, images=8, batch_size=4, seed=1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def _weights_and_buffers(q):
+    weights = {n: s.weight.detach().clone() for n, s in q.sites().items() if hasattr(s, "weight")}
+    buffers = {n: b.clone() for n, b in q.named_buffers() if "quant" in n}
+    return weights, buffers
+
+
+def test_switches_learn_only_what_they_say():
+    m, x, q = tiny_w4a4()
+    w0, b0 = _weights_and_buffers(q)
+
+    no_rounding = copy.deepcopy(q)
+    run(no_rounding, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_rounding=False))
+    w, b = _weights_and_buffers(no_rounding)
+    assert all(torch.equal(w[n], w0[n]) for n in w0)
+    assert not all(torch.equal(b[n], b0[n]) for n in b0)
+
+    no_steps = copy.deepcopy(q)
+    run(no_steps, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_steps=False))
+    w, b = _weights_and_buffers(no_steps)
+    assert all(torch.equal(b[n], b0[n]) for n in b0)
+    assert not all(torch.equal(w[n], w0[n]) for n in w0)
+
+    nothing = copy.deepcopy(q)
+    report = run(nothing, x, Reconstruction(iterations=5, images=8, batch_size=4, learn_steps=False,
+                                            learn_rounding=False))
+    assert all(torch.equal(a, b) for a, b in zip(nothing.state_dict().values(), q.state_dict().values()))
+    assert all(u.error_after == u.error_before for u in report.units)
+
+    no_drop = copy.deepcopy(q)
+    run(no_drop, x, Reconstruction(iterations=25, images=8, batch_size=4, qdrop=0.0))
+    with_drop = copy.deepcopy(q)
+    run(with_drop, x, Reconstruction(iterations=25, images=8, batch_size=4, qdrop=0.5))
+    assert not all(torch.equal(a, b) for a, b in zip(no_drop.state_dict().values(), with_drop.state_dict().values()))
+
+
+def test_twin_steps_are_learned_or_held_fixed():
+    m, _ = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    q = fast_quantize(m, x, get_preset("ptq4vit", gelu_pow2=False), 4, 4)
+    fc2 = "model.blocks.0.mlp.fc2.a_quant.scale"
+    assert isinstance(q.model.blocks[0].mlp.fc2.a_quant, TwinGeluQuantizer)
+    learned, fixed = copy.deepcopy(q), copy.deepcopy(q)
+    run(learned, x)
+    report = run(fixed, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_twin_log=False))
+    assert not torch.equal(learned.state_dict()[fc2], q.state_dict()[fc2])
+    assert torch.equal(fixed.state_dict()[fc2], q.state_dict()[fc2])
+    assert report.held_fixed == {"TwinGeluQuantizer": 2, "TwinSoftmaxQuantizer": 2}
+
+
+def test_inputs_switch_chooses_the_quantized_or_the_float_block_inputs():
+    m, x, q = tiny_w4a4()
+    io = block_io(q, x)
+    for inputs, which in (("quantized", 0), ("float", 1)):
+        # nothing learned: blocks.1's quantized inputs are the calibrated model's
+        report = run(copy.deepcopy(q), x, Reconstruction(iterations=1, images=8, batch_size=4, inputs=inputs,
+                                                         learn_rounding=False, learn_steps=False))
+        want = block_error(q, "1", io["1"][which], io["1"][2])
+        assert report.units[1].error_before == pytest.approx(want, rel=1e-6)
+    assert block_error(q, "1", io["1"][0], io["1"][2]) != pytest.approx(block_error(q, "1", io["1"][1], io["1"][2]),
+                                                                         rel=1e-3)
+
+
+def test_sublayer_units_compose_to_the_block_and_are_reconstructed():
+    m, x, q = tiny_w4a4()
+    units = reconstruction_units(q.model, "sublayer")
+    assert [u.name for u in units] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    h = torch.randn(3, 17, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(units[1].forward(units[0].forward(h)), q.model.blocks[0](h))
+    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, unit="sublayer"))
+    assert [u.name for u in report.units] == [u.name for u in units]
+    assert any(u.error_after < u.error_before for u in report.units)
+
+
+def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
+    m, x, q = tiny_w4a4()
+    units = reconstruction_units(q.model, "block")
+    got = _fisher_weights(q, x, units, batch=8)
+    outs = []
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        outs.append(out)
+    handle = q.model.blocks[1].register_forward_hook(keep)
+    with q.quantization_disabled(), torch.enable_grad():
+        xi = x.clone().requires_grad_(True)
+        logits = q(xi)
+        torch.nn.functional.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum").backward()
+    handle.remove()
+    assert torch.equal(got[1], outs[0].grad.square().to(torch.bfloat16))
+    weighted = copy.deepcopy(q)
+    run(weighted, x, Reconstruction(iterations=25, images=8, batch_size=4, fisher=True))
+    plain = copy.deepcopy(q)
+    run(plain, x)
+    assert not all(torch.equal(a, b) for a, b in zip(weighted.state_dict().values(), plain.state_dict().values()))
+
+
+def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anything_changes():
+    with pytest.raises(UserError, match="Reconstruction field qdrop must be a finite number, got 'x'"):
+        Reconstruction(qdrop="x")
+    with pytest.raises(UserError, match=r"Reconstruction field qdrop must be a probability in \[0, 1\), got 1.0"):
+        Reconstruction(qdrop=1)
+    with pytest.raises(UserError, match="Reconstruction field unit must be one of 'block', 'sublayer'"):
+        Reconstruction(unit="layer")
+    m, x, q = tiny_w4a4()
+    before = copy.deepcopy(q.state_dict())
+    with pytest.raises(UserError, match="above the memory budget .* use fewer images"):
+        reconstruct(q, x, FAST, progress=False, memory_budget=1000)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    fresh = ptq4vit.QuantizedModel(m, get_preset("ptq4vit"), 4, 4, "m")
+    from ptq4vit.models import insert_quant_sites
+    insert_quant_sites(fresh.model, fresh.preset, 4, 4)
+    with pytest.raises(UserError, match="needs a calibrated model"):
+        reconstruct(fresh, x, FAST, progress=False)
