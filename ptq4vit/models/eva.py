@@ -26,7 +26,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from timm.layers import Mlp, PatchDropoutWithIndices, RotaryEmbeddingCat, apply_rot_embed_cat
+from timm.layers import Mlp, PatchDropout, RotaryEmbeddingCat, apply_rot_embed_cat
+try:  # newer timm builds Eva's patch dropout as this class (it also returns the kept indices)
+    from timm.layers import PatchDropoutWithIndices
+except ImportError:  # timm 1.0.3, the floor, builds it as PatchDropout
+    PatchDropoutWithIndices = PatchDropout
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
@@ -127,7 +131,7 @@ class EvaAdapter(Adapter):
         p.patch_embed("patch_embed", model.patch_embed, build)
         p.keep_float("pos_drop", model.pos_drop, DROPOUTS, "dropout")
         if model.patch_drop is not None:
-            p.keep_float("patch_drop", model.patch_drop, (PatchDropoutWithIndices,), "patch dropout")
+            p.keep_float("patch_drop", model.patch_drop, (PatchDropout, PatchDropoutWithIndices), "patch dropout")
         if model.rope is not None:
             if getattr(model, "rope_mixed", False):
                 raise p.refuse("rope", model.rope, "mixed (per-depth learned) rotary embeddings are not supported")
