@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Callable
 
 from torch import nn
-from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchDropout, PatchEmbed, SelectAdaptivePool2d
 # Imported from vision_transformer (not timm.layers, which gained it after 1.0.3, the floor)
 from timm.models.vision_transformer import Attention
 
@@ -109,6 +109,23 @@ class SitePlan:
         self.container(path)
         self.site(f"{path}.proj", pe.proj, nn.Conv2d, build.patch_conv)
         self.keep_float(f"{path}.norm", pe.norm, norms, "norm")
+
+    def classifier(self, path: str, head: nn.Module, build: SiteBuilder) -> None:
+        """The classifier Linear (a site), or the Identity that ``num_classes=0`` leaves (features only)."""
+        if isinstance(head, nn.Identity):
+            self.keep_float(path, head, (nn.Identity,), "classifier")
+        else:
+            self.site(path, head, nn.Linear, build.classifier)
+
+    def classifier_head(self, path: str, head: nn.Module, build: SiteBuilder) -> None:
+        """timm's ``ClassifierHead``: pooling and dropout stay float, ``fc`` is the classifier."""
+        if type(head) is not ClassifierHead:
+            raise self.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
+        self.container(path)
+        self.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
+        self.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
+        self.classifier(f"{path}.fc", head.fc, build)
+        self.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")
 
     def mlp(self, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
         """timm's ``Mlp``: fc1 → act → fc2, with fc2's input quantized as a GELU output."""

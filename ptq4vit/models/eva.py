@@ -141,10 +141,7 @@ class EvaAdapter(Adapter):
             plan_attention_pool(p, "attn_pool", model.attn_pool, build)
         p.keep_float("fc_norm", model.fc_norm, NORMS, "norm")
         p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
-        if isinstance(model.head, nn.Identity):  # num_classes=0: features only
-            p.keep_float("head", model.head, (nn.Identity,), "classifier")
-        else:
-            p.site("head", model.head, nn.Linear, build.classifier)
+        p.classifier("head", model.head, build)
         return p
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:

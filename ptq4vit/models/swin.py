@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, SwinTransformerStage,
                                           WindowAttention)
 
@@ -94,7 +93,7 @@ class SwinAdapter(Adapter):
         for i, stage in enumerate(model.layers):
             self._plan_stage(p, f"layers.{i}", stage, build)
         p.keep_float("norm", model.norm, NORMS, "norm")
-        self._plan_head(p, "head", model.head, build)
+        p.classifier_head("head", model.head, build)
         return p
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
@@ -138,15 +137,3 @@ class SwinAdapter(Adapter):
         p.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")
         if getattr(attn, "softmax", None) is not None:
             p.part(f"{path}.softmax", attn.softmax, (nn.Softmax,), "softmax")
-
-    def _plan_head(self, p: SitePlan, path: str, head: nn.Module, build: SiteBuilder) -> None:
-        if type(head) is not ClassifierHead:
-            raise p.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
-        p.container(path)
-        p.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
-        p.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
-        if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
-            p.keep_float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
-        else:
-            p.site(f"{path}.fc", head.fc, nn.Linear, build.classifier)
-        p.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")
