@@ -117,13 +117,8 @@ class SwinAdapter(Adapter):
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not SwinTransformerBlock:
             raise p.refuse(path, block, "only timm's SwinTransformerBlock is a known block layout")
-        p.container(path)
-        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
-        p.mlp(f"{path}.mlp", block.mlp, build)
-        for name in ("drop_path1", "drop_path2"):
-            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+        p.pre_norm_block(path, block, lambda q, attn: self._plan_attention(p, q, attn, build),
+                         lambda q, mlp: p.mlp(q, mlp, build))
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not WindowAttention:
