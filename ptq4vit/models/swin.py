@@ -24,6 +24,14 @@ from .sites import SiteBuilder
 from .swin_rotation import swin_rotation_layout
 
 
+def add_shift_mask(scores: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int, n: int) -> torch.Tensor:
+    """``scores`` (windows x batch, heads, n, n) plus the shifted windows' mask (windows, n, n), if any."""
+    if mask is None:
+        return scores
+    scores = scores.view(-1, mask.shape[0], num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+    return scores.view(-1, num_heads, n, n)
+
+
 class QuantWindowAttention(nn.Module):
     """Replacement for Swin's ``WindowAttention``: relative position bias and shift mask stay float."""
 
@@ -52,10 +60,7 @@ class QuantWindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
         attn = attn + self._rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
+        attn = add_shift_mask(attn, mask, self.num_heads, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.matmul2(attn, v)
         x = x.transpose(1, 2).reshape(B_, N, -1)

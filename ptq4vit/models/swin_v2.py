@@ -33,6 +33,7 @@ from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, ArgKind, one_of
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
 from .sites import SiteBuilder
+from .swin import add_shift_mask
 
 
 #: The exact (erf) GELU modules: torch's, and timm's own (what ``act_layer='gelu'`` builds), which
@@ -75,10 +76,7 @@ class QuantWindowAttentionV2(nn.Module):
         attn = self.matmul1(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
         attn = attn + self._position_bias().unsqueeze(0)
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
+        attn = add_shift_mask(attn, mask, self.num_heads, N)
         attn = self.attn_drop(self.softmax(attn))
         x = self.matmul2(attn, v).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
