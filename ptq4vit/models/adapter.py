@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Callable
 
 from torch import nn
-from timm.layers import DropPath, Mlp, PatchDropout, PatchEmbed
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchDropout, PatchEmbed, SelectAdaptivePool2d
 # Imported from vision_transformer (not timm.layers, which gained it after 1.0.3, the floor)
 from timm.models.vision_transformer import Attention
 
@@ -110,6 +110,23 @@ class SitePlan:
         self.site(f"{path}.proj", pe.proj, nn.Conv2d, build.patch_conv)
         self.keep_float(f"{path}.norm", pe.norm, norms, "norm")
 
+    def classifier(self, path: str, head: nn.Module, build: SiteBuilder) -> None:
+        """The classifier Linear (a site), or the Identity that ``num_classes=0`` leaves (features only)."""
+        if isinstance(head, nn.Identity):
+            self.keep_float(path, head, (nn.Identity,), "classifier")
+        else:
+            self.site(path, head, nn.Linear, build.classifier)
+
+    def classifier_head(self, path: str, head: nn.Module, build: SiteBuilder) -> None:
+        """timm's ``ClassifierHead``: pooling and dropout stay float, ``fc`` is the classifier."""
+        if type(head) is not ClassifierHead:
+            raise self.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
+        self.container(path)
+        self.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
+        self.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
+        self.classifier(f"{path}.fc", head.fc, build)
+        self.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")
+
     def mlp(self, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
         """timm's ``Mlp``: fc1 → act → fc2, with fc2's input quantized as a GELU output."""
         if type(mlp) is not Mlp:
@@ -136,12 +153,8 @@ class SitePlan:
         self.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
         self.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
 
-    def attention(self, path: str, attn: nn.Module, build: SiteBuilder) -> None:
-        """timm's ``Attention``: replaced by :class:`QuantAttention` (qkv, proj and the two matmuls as sites);
-        q/k normalisation and gating are refused."""
-        if type(attn) is not Attention:
-            raise self.refuse(path, attn, "only timm's Attention (fused qkv, softmax attention, proj) is a known "
-                                          "attention layout; its matmuls would otherwise stay float")
+    def refuse_qk_norm_and_gate(self, path: str, attn: nn.Module) -> None:
+        """Refuse q/k normalisation (``q_norm``/``k_norm`` not Identity) and a ``gate`` in a timm attention module."""
         for name in ("q_norm", "k_norm"):
             if type(getattr(attn, name)) is not nn.Identity:
                 raise self.refuse(f"{path}.{name}", getattr(attn, name),
@@ -149,6 +162,27 @@ class SitePlan:
                                   "would be the normalised q and k, which calibration and export do not model")
         if getattr(attn, "gate", None) is not None:
             raise self.refuse(f"{path}.gate", attn.gate, "gated attention is not supported")
+
+    def pre_norm_block(self, path: str, block: nn.Module, attention: Callable[[str, nn.Module], None],
+                       mlp: Callable[[str, nn.Module], None]) -> None:
+        """A pre-norm block ``x + drop_path1(attn(norm1(x)))``, ``x + drop_path2(mlp(norm2(x)))`` (any
+        LayerScale being parameters of the block): norms and stochastic depth stay float, ``attention``
+        and ``mlp`` plan the two branches (each called with the child's path and module)."""
+        self.container(path)
+        self.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
+        attention(f"{path}.attn", block.attn)
+        self.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
+        mlp(f"{path}.mlp", block.mlp)
+        for name in ("drop_path1", "drop_path2"):
+            self.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+
+    def attention(self, path: str, attn: nn.Module, build: SiteBuilder) -> None:
+        """timm's ``Attention``: replaced by :class:`QuantAttention` (qkv, proj and the two matmuls as sites);
+        q/k normalisation and gating are refused."""
+        if type(attn) is not Attention:
+            raise self.refuse(path, attn, "only timm's Attention (fused qkv, softmax attention, proj) is a known "
+                                          "attention layout; its matmuls would otherwise stay float")
+        self.refuse_qk_norm_and_gate(path, attn)
         self.replaced_with_parts(path, lambda a: QuantAttention(a, build.qkv_linear(a.qkv), build.linear(a.proj),
                                                                *build.attention_matmuls(a.num_heads, a.qkv)))
         self.part(f"{path}.qkv", attn.qkv, (nn.Linear,), "the qkv projection")

@@ -20,7 +20,7 @@ from timm.models.beit import Attention, Beit, Block, RelativePositionBias
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, BOOL_OR_NONE, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
-from .glu import plan_glu_mlp
+from .glu import plan_mlp_or_glu
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
 from .sites import SiteBuilder
 
@@ -105,26 +105,15 @@ class BeitAdapter(Adapter):
         p.keep_float("norm", model.norm, NORMS, "norm")
         p.keep_float("fc_norm", model.fc_norm, NORMS, "norm")
         p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
-        if isinstance(model.head, nn.Identity):  # num_classes=0: features only
-            p.keep_float("head", model.head, (nn.Identity,), "classifier")
-        else:
-            p.site("head", model.head, nn.Linear, build.classifier)
+        p.classifier("head", model.head, build)
         return p
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:
             raise p.refuse(path, block, "only timm's BEiT Block (norm1, attn, gamma_1, norm2, mlp, gamma_2) is a "
                                         "known block layout")
-        p.container(path)
-        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
-        if type(block.mlp) is Mlp:
-            p.mlp(f"{path}.mlp", block.mlp, build)
-        else:
-            plan_glu_mlp(p, f"{path}.mlp", block.mlp, build)
-        for name in ("drop_path1", "drop_path2"):
-            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+        p.pre_norm_block(path, block, lambda q, attn: self._plan_attention(p, q, attn, build),
+                         lambda q, mlp: plan_mlp_or_glu(p, q, mlp, build))
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not Attention:

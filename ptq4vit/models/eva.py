@@ -38,7 +38,7 @@ from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .attention import additive_attention_mask
 from .attention_pool import plan_attention_pool
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
-from .glu import plan_glu_mlp
+from .glu import plan_mlp_or_glu
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
 from .sites import SiteBuilder
 
@@ -145,38 +145,21 @@ class EvaAdapter(Adapter):
             plan_attention_pool(p, "attn_pool", model.attn_pool, build)
         p.keep_float("fc_norm", model.fc_norm, NORMS, "norm")
         p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
-        if isinstance(model.head, nn.Identity):  # num_classes=0: features only
-            p.keep_float("head", model.head, (nn.Identity,), "classifier")
-        else:
-            p.site("head", model.head, nn.Linear, build.classifier)
+        p.classifier("head", model.head, build)
         return p
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not EvaBlock:
             raise p.refuse(path, block, "only timm's pre-norm EvaBlock is a known block layout (use_post_norm=True "
                                         "blocks normalise after the residual branch)")
-        p.container(path)
-        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
-        if type(block.mlp) is Mlp:
-            p.mlp(f"{path}.mlp", block.mlp, build)
-        else:
-            plan_glu_mlp(p, f"{path}.mlp", block.mlp, build)
-        for name in ("drop_path1", "drop_path2"):
-            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+        p.pre_norm_block(path, block, lambda q, attn: self._plan_attention(p, q, attn, build),
+                         lambda q, mlp: plan_mlp_or_glu(p, q, mlp, build))
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not EvaAttention:
             raise p.refuse(path, attn, "only timm's EvaAttention is a known attention layout (attn_type='rope' "
                                        "attention is not); its matmuls would otherwise stay float")
-        for name in ("q_norm", "k_norm"):
-            if type(getattr(attn, name)) is not nn.Identity:
-                raise p.refuse(f"{path}.{name}", getattr(attn, name),
-                               "q/k normalisation (qk_norm=True) is not supported: the attention matmul operands "
-                               "would be the normalised q and k, which calibration and export do not model")
-        if attn.gate is not None:
-            raise p.refuse(f"{path}.gate", attn.gate, "gated attention is not supported")
+        p.refuse_qk_norm_and_gate(path, attn)
         if attn.qkv is not None:
             check_qkv_bias_layout(p, path, attn)
             p.replaced_with_parts(path, lambda a: QuantEvaAttention(

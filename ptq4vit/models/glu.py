@@ -8,7 +8,7 @@ time into the sub-LayerNorm's affine or, without one, into the rows of the ungat
 from __future__ import annotations
 
 from torch import nn
-from timm.layers import GluMlp, SwiGLU
+from timm.layers import GluMlp, Mlp, SwiGLU
 
 from .adapter import DROPOUTS, NORMS, SitePlan
 from .sites import SiteBuilder
@@ -36,3 +36,11 @@ def plan_glu_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> 
     p.keep_float(f"{path}.norm", mlp.norm, NORMS, "sub-LayerNorm")
     p.site(f"{path}.fc2", mlp.fc2, nn.Linear, lambda fc2: build.linear(fc2, smooth=True, asymmetric=True))
     p.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
+
+
+def plan_mlp_or_glu(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
+    """timm's ``Mlp`` (:meth:`SitePlan.mlp`) or a gated MLP (:func:`plan_glu_mlp`), whichever ``mlp`` is."""
+    if type(mlp) is Mlp:
+        p.mlp(path, mlp, build)
+    else:
+        plan_glu_mlp(p, path, mlp, build)

@@ -197,11 +197,7 @@ class HFVitAdapter(Adapter):
             p.keep_float(f"{prefix}pooler.activation", pooler.activation, (nn.Tanh, *hf_activations()),
                          "pooler activation")
         for head in heads:
-            module = getattr(model, head)
-            if isinstance(module, nn.Identity):  # num_labels=0: features only
-                p.keep_float(head, module, (nn.Identity,), "classifier")
-            else:
-                p.site(head, module, nn.Linear, build.classifier)
+            p.classifier(head, getattr(model, head), build)  # Identity with num_labels=0
         return p
 
     def output_field(self, model: nn.Module) -> str:

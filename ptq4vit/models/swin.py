@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, SwinTransformerStage,
                                           WindowAttention)
 
@@ -23,6 +22,14 @@ from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 from .swin_rotation import swin_rotation_layout
+
+
+def add_shift_mask(scores: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int, n: int) -> torch.Tensor:
+    """``scores`` (windows x batch, heads, n, n) plus the shifted windows' mask (windows, n, n), if any."""
+    if mask is None:
+        return scores
+    scores = scores.view(-1, mask.shape[0], num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+    return scores.view(-1, num_heads, n, n)
 
 
 class QuantWindowAttention(nn.Module):
@@ -53,10 +60,7 @@ class QuantWindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
         attn = attn + self._rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
+        attn = add_shift_mask(attn, mask, self.num_heads, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         x = self.matmul2(attn, v)
         x = x.transpose(1, 2).reshape(B_, N, -1)
@@ -94,7 +98,7 @@ class SwinAdapter(Adapter):
         for i, stage in enumerate(model.layers):
             self._plan_stage(p, f"layers.{i}", stage, build)
         p.keep_float("norm", model.norm, NORMS, "norm")
-        self._plan_head(p, "head", model.head, build)
+        p.classifier_head("head", model.head, build)
         return p
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
@@ -118,13 +122,8 @@ class SwinAdapter(Adapter):
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not SwinTransformerBlock:
             raise p.refuse(path, block, "only timm's SwinTransformerBlock is a known block layout")
-        p.container(path)
-        p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, build)
-        p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
-        p.mlp(f"{path}.mlp", block.mlp, build)
-        for name in ("drop_path1", "drop_path2"):
-            p.keep_float(f"{path}.{name}", getattr(block, name), DROPOUTS, "stochastic depth")
+        p.pre_norm_block(path, block, lambda q, attn: self._plan_attention(p, q, attn, build),
+                         lambda q, mlp: p.mlp(q, mlp, build))
 
     def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, build: SiteBuilder) -> None:
         if type(attn) is not WindowAttention:
@@ -138,15 +137,3 @@ class SwinAdapter(Adapter):
         p.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")
         if getattr(attn, "softmax", None) is not None:
             p.part(f"{path}.softmax", attn.softmax, (nn.Softmax,), "softmax")
-
-    def _plan_head(self, p: SitePlan, path: str, head: nn.Module, build: SiteBuilder) -> None:
-        if type(head) is not ClassifierHead:
-            raise p.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
-        p.container(path)
-        p.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
-        p.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
-        if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
-            p.keep_float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
-        else:
-            p.site(f"{path}.fc", head.fc, nn.Linear, build.classifier)
-        p.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")

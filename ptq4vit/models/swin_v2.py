@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import ClassifierHead, Mlp, SelectAdaptivePool2d
+from timm.layers import Mlp
 from timm.layers.activations import GELU as TimmGELU
 from timm.models.swin_transformer_v2 import (PatchMerging, SwinTransformerV2, SwinTransformerV2Block,
                                              SwinTransformerV2Stage, WindowAttention)
@@ -33,6 +33,7 @@ from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, ArgKind, one_of
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
 from .sites import SiteBuilder
+from .swin import add_shift_mask
 
 
 #: The exact (erf) GELU modules: torch's, and timm's own (what ``act_layer='gelu'`` builds), which
@@ -75,10 +76,7 @@ class QuantWindowAttentionV2(nn.Module):
         attn = self.matmul1(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(-2, -1))
         attn = attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
         attn = attn + self._position_bias().unsqueeze(0)
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
+        attn = add_shift_mask(attn, mask, self.num_heads, N)
         attn = self.attn_drop(self.softmax(attn))
         x = self.matmul2(attn, v).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
@@ -131,7 +129,7 @@ class SwinV2Adapter(Adapter):
         for i, stage in enumerate(model.layers):
             self._plan_stage(p, f"layers.{i}", stage, build)
         p.keep_float("norm", model.norm, NORMS, "norm")
-        self._plan_head(p, "head", model.head, build)
+        p.classifier_head("head", model.head, build)
         return p
 
     def _plan_stage(self, p: SitePlan, path: str, stage: nn.Module, build: SiteBuilder) -> None:
@@ -186,15 +184,3 @@ class SwinV2Adapter(Adapter):
         p.part(f"{path}.attn_drop", attn.attn_drop, (nn.Dropout,), "attention dropout")
         p.part(f"{path}.proj_drop", attn.proj_drop, (nn.Dropout,), "projection dropout")
         p.part(f"{path}.softmax", attn.softmax, (nn.Softmax,), "softmax")
-
-    def _plan_head(self, p: SitePlan, path: str, head: nn.Module, build: SiteBuilder) -> None:
-        if type(head) is not ClassifierHead:
-            raise p.refuse(path, head, "only timm's ClassifierHead (pool, dropout, fc) is a known classifier layout")
-        p.container(path)
-        p.keep_float(f"{path}.global_pool", head.global_pool, (SelectAdaptivePool2d,), "pooling")
-        p.keep_float(f"{path}.drop", head.drop, DROPOUTS, "dropout")
-        if isinstance(head.fc, nn.Identity):  # num_classes=0: features only
-            p.keep_float(f"{path}.fc", head.fc, (nn.Identity,), "classifier")
-        else:
-            p.site(f"{path}.fc", head.fc, nn.Linear, build.classifier)
-        p.keep_float(f"{path}.flatten", head.flatten, (nn.Identity, nn.Flatten), "flatten")

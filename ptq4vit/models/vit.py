@@ -83,10 +83,8 @@ class VitAdapter(Adapter):
             p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
         for name in ("head", "head_dist"):
             head = getattr(model, name, None)
-            if isinstance(head, nn.Identity):  # num_classes=0: features only
-                p.keep_float(name, head, (nn.Identity,), "classifier")
-            elif head is not None:
-                p.site(name, head, nn.Linear, build.classifier)
+            if head is not None:
+                p.classifier(name, head, build)
         return p
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
