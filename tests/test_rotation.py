@@ -280,3 +280,19 @@ def test_rotq_swin_with_quantization_off_is_the_float_model():
     q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
     with torch.no_grad(), q.quantization_disabled():
         assert (q(x) - ref).abs().max() < 1e-6  # measured 1.2e-7
+
+
+def test_vit_without_a_classifier_refuses_the_residual_rotation_but_not_the_others():
+    """num_classes=0 leaves no Linear to fold the last rotation into: the features would come out rotated."""
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=48,
+                          num_heads=2, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=r"^module 'head' of type Identity: residual rotation needs a "
+                                                    r"Linear classifier .*num_classes=0 would return rotated features"):
+        apply_rotation(m, RotationOptions(residual=True))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # refused before anything changed
+    with torch.no_grad():
+        ref = m(x)
+        rotated = apply_rotation(copy.deepcopy(m), RotationOptions(heads=True, fc2=True))(x)
+    assert (rotated - ref).abs().max() < 1e-5 * ref.abs().max()

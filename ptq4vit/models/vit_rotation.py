@@ -39,6 +39,12 @@ def _check_residual(model: nn.Module) -> None:
     norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
     if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
         raise UnsupportedModelError("residual rotation needs exactly one final LayerNorm (norm or fc_norm)")
+    for attr in ("head", "head_dist"):
+        head = getattr(model, attr, None)
+        if head is not None and type(head) is not nn.Linear:
+            raise UnsupportedModelError(f"module {attr!r} of type {type(head).__name__}: residual rotation needs a Linear "
+                                        f"classifier to fold the last rotation into (num_classes=0 would return rotated "
+                                        f"features)")
     for name, blk in model.blocks.named_children():
         for norm_name in ("norm1", "norm2"):
             if not isinstance(getattr(blk, norm_name), nn.LayerNorm):
