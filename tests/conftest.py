@@ -88,3 +88,21 @@ def tiny_cli_args(cifar_dir):
     return ["--model-kwargs", _json.dumps(TINY_VIT_KWARGS), "--random-init",
             "--data", str(cifar_dir), "--val-split", "test", "--calib-dir", str(cifar_dir / "calib"),
             "--limit", "3", "--workers", "0", "--no-progress", *FAST_OVERRIDES]
+
+
+def timm_unfused(model, images):
+    """timm's own non-fused attention path on a copy of ``model``: the computation the quantized
+    attention replacements follow (their reference for bit-identity with quantization off)."""
+    import copy
+
+    from timm.layers import set_fused_attn
+    set_fused_attn(False)
+    try:
+        ref = copy.deepcopy(model)
+        for m in ref.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        with torch.no_grad():
+            return ref(images)
+    finally:
+        set_fused_attn(True)

@@ -4,9 +4,10 @@ import copy
 import pytest
 import timm
 import torch
-from timm.layers import set_fused_attn
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, VisionTransformer
 from torch import nn
+
+from conftest import timm_unfused
 
 from ptq4vit.errors import UnsupportedModelError
 from ptq4vit.models import DEFAULT_ADAPTERS, SUPPORTED_MODELS, QuantAttention, QuantWindowAttention, insert_quant_sites
@@ -44,19 +45,6 @@ def _switched_off(model):
     return q, sites
 
 
-def _timm_unfused(model, images):
-    set_fused_attn(False)  # timm's own non-fused path: the reference the replacements follow
-    try:
-        ref = copy.deepcopy(model)
-        for m in ref.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
-        with torch.no_grad():
-            return ref(images)
-    finally:
-        set_fused_attn(True)
-
-
 @pytest.mark.parametrize("variant, kwargs", [
     ("avg-pool, fc_norm, no class token", dict(global_pool="avg", fc_norm=True, class_token=False)),
     ("register tokens + LayerScale (DINOv2-style)", dict(reg_tokens=4, init_values=1e-5)),
@@ -71,7 +59,7 @@ def test_vit_variants_are_quantized_with_every_site_and_reproduce_timm_when_off(
     assert isinstance(sites["blocks.1.mlp.fc2"].a_quant, TwinGeluQuantizer)
     images = _images()
     with torch.no_grad():
-        assert torch.equal(q(images), _timm_unfused(model, images)), variant
+        assert torch.equal(q(images), timm_unfused(model, images)), variant
 
 
 def test_distilled_deit_quantizes_both_heads_and_reproduces_timm_when_off():
@@ -81,7 +69,7 @@ def test_distilled_deit_quantizes_both_heads_and_reproduces_timm_when_off():
     assert list(sites) == _vit_sites(2, ("head", "head_dist"))
     images = _images()
     with torch.no_grad():
-        assert torch.equal(q(images), _timm_unfused(model, images))
+        assert torch.equal(q(images), timm_unfused(model, images))
 
 
 def test_swin_with_a_real_shift_mask_is_quantized_and_reproduces_timm_when_off():
@@ -101,7 +89,7 @@ def test_swin_with_a_real_shift_mask_is_quantized_and_reproduces_timm_when_off()
     assert isinstance(q.layers[0].blocks[1].attn, QuantWindowAttention)
     images = _images()
     with torch.no_grad():
-        assert torch.equal(q(images), _timm_unfused(model, images))
+        assert torch.equal(q(images), timm_unfused(model, images))
 
 
 def _refused(model, *patterns):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from timm.layers import set_fused_attn
 
 import ptq4vit
 from ptq4vit.errors import UnsupportedModelError
@@ -21,6 +20,7 @@ from ptq4vit.presets import get_preset
 from ptq4vit.quantized import QuantizedModel, model_name
 
 from _fastq import fast_quantize
+from conftest import timm_unfused
 
 # Head dim 16: the attention scale 1/4 is a power of two, so applying it after q@kᵀ (ptq4vit) instead
 # of before (timm) changes no bit. 32x32 images; the Swin V2 window 4 on an 8x8 grid makes the second
@@ -66,20 +66,6 @@ def make(family: str):
             if p.dim() <= 1 or "bias" in key or "gamma" in key:
                 p.add_(torch.randn(p.shape) * 0.1)
     return model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def timm_unfused(model, images):
-    """timm's own non-fused attention path: the computation the replacements follow."""
-    set_fused_attn(False)
-    try:
-        ref = copy.deepcopy(model)
-        for m in ref.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
-        with torch.no_grad():
-            return ref(images)
-    finally:
-        set_fused_attn(True)
 
 
 def rel(a, ref) -> float:
