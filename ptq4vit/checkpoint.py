@@ -69,7 +69,7 @@ CODES_SUFFIX = ".weight_codes"
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["CheckpointError", "save", "load", "read_metadata", "data_config", "float_weights_digest", "structure",
-           "structure_digest",
+           "structure_digest", "content_digest",
            "derive_create_kwargs", "FORMAT", "FORMAT_VERSION"]
 
 
@@ -306,7 +306,9 @@ def _quantized_weight_sites(qmodel: QuantizedModel) -> dict[str, nn.Module]:
     return {n: s for n, s in qmodel.sites().items() if "w_quant" in s.quantizers()}
 
 
-def _content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+def content_digest(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a metadata text and every tensor (names, dtypes, shapes, bytes): a checkpoint's content
+    digest, and the runner's check that every torchrun rank holds the same model."""
     h = hashlib.sha256()
     h.update(meta_json.encode())
     for name in sorted(tensors):
@@ -380,7 +382,7 @@ def save(qmodel: QuantizedModel, path: PathLike, *, create_kwargs: Optional[dict
         raise CheckpointError(f"the checkpoint metadata cannot be written as JSON ({e}); pass plain values in "
                               f"create_kwargs/data_config") from None
     check_metadata(os.fspath(path), json.loads(meta_json), adapters)  # never write a file that load would refuse
-    digest = _content_digest(meta_json, tensors)
+    digest = content_digest(meta_json, tensors)
     # safetensors' own save_file writes through a private temporary file created 0600; serialising
     # to bytes lets atomic_write give the file the umask's mode and clean up after any failure.
     data = save_tensors(tensors, metadata={"format": "pt", META_KEY: meta_json, DIGEST_KEY: digest})
@@ -411,7 +413,7 @@ def _read(path: PathLike, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> tuple
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a safetensors file, or is truncated or corrupt ({e})") from None
-    digest = _content_digest(file_meta[META_KEY], tensors)
+    digest = content_digest(file_meta[META_KEY], tensors)
     if digest != file_meta.get(DIGEST_KEY):
         raise CheckpointError(f"{path} was modified after it was saved: its content digest is {digest[:16]}..., "
                               f"the recorded one {str(file_meta.get(DIGEST_KEY))[:16]}... (a tensor or the metadata changed)")

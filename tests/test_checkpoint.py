@@ -342,7 +342,7 @@ def test_format_1_checkpoints_still_load(saved, tmp_path):
     meta_json = json.dumps(meta, sort_keys=True)
     old = tmp_path / "v1.safetensors"
     save_file(tensors, old, metadata={"format": "pt", "ptq4vit": meta_json,
-                                      "ptq4vit_content_sha256": ck._content_digest(meta_json, tensors)})
+                                      "ptq4vit_content_sha256": ck.content_digest(meta_json, tensors)})
     q2 = ptq4vit.load(old)
     x = images(m, 3, seed=2)
     with torch.no_grad():

@@ -43,7 +43,7 @@ def rewrite(src, dst, meta_edit=None, tensor_edit=None):
         tensor_edit(tensors)
     meta_json = json.dumps(meta, sort_keys=True)
     save_file(tensors, dst, metadata={"format": "pt", "ptq4vit": meta_json,
-                                      "ptq4vit_content_sha256": ck._content_digest(meta_json, tensors)})
+                                      "ptq4vit_content_sha256": ck.content_digest(meta_json, tensors)})
     return dst
 
 

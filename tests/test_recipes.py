@@ -216,7 +216,7 @@ def test_checkpoints_store_the_recipe_and_older_files_read_their_flat_preset(tmp
     def rewritten(name, meta):
         meta_json = json.dumps(meta, sort_keys=True)
         save_file(tensors, str(tmp_path / name), metadata={"format": "pt", "ptq4vit": meta_json,
-                                                            "ptq4vit_content_sha256": ck._content_digest(meta_json, tensors)})
+                                                            "ptq4vit_content_sha256": ck.content_digest(meta_json, tensors)})
         return tmp_path / name
 
     older = {k: v for k, v in meta.items() if k != "recipe"}   # a file from before recipes: the flat preset alone

@@ -261,8 +261,8 @@ def _gather(obj) -> list:
 
 def model_digest(qmodel: torch.nn.Module) -> str:
     """sha256 of a model's whole state: the layout and the value of every parameter and buffer."""
-    from ..checkpoint import _content_digest
-    return _content_digest(json.dumps(_layout(qmodel), sort_keys=True), _model_tensors(qmodel))
+    from ..checkpoint import content_digest
+    return content_digest(json.dumps(_layout(qmodel), sort_keys=True), _model_tensors(qmodel))
 
 
 def check_same_model(qmodel: torch.nn.Module) -> None:
