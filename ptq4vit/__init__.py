@@ -9,7 +9,8 @@ experiment harness (datasets, model names, runs, reports, the command line) live
 __version__ = "0.2.0"
 
 from .api import quantize
-from .calib.reconstruct import Reconstruction, ReconstructionReport, reconstruct
+from .calib.reconstruct import ReconstructionReport, reconstruct
+from .recipes.reconstruction import Reconstruction
 from .checkpoint import load, save
 from .errors import CheckpointError, PTQ4ViTError, UnsupportedModelError, UserError
 from .models import DEFAULT_ADAPTERS, Adapter, AdapterRegistry, SitePlan

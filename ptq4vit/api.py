@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Recipe, Preset] = "ptq4vit", w_bits: int = 8,
              a_bits: int = 8, *, memory_budget: Optional[int] = None, capture_batch: int = 8, progress: bool = True,
              inplace: bool = False, threads: Optional[int] = None, adapters: AdapterRegistry = DEFAULT_ADAPTERS,
-             **overrides) -> QuantizedModel:
+             reconstruction_images: Optional[torch.Tensor] = None, **overrides) -> QuantizedModel:
     """Calibrate a float timm ViT/DeiT/Swin on ``calib_images`` and return the quantized model.
 
     Args:
@@ -52,6 +52,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
         inplace: quantize ``model`` itself instead of a copy.
         adapters: the model families known, by model class (default: timm's ViT/DeiT and Swin);
             ``DEFAULT_ADAPTERS.with_adapter(...)`` adds one for another model (docs/models.md).
+        reconstruction_images: with a recipe whose ``reconstruction`` is ``learned``, the images it
+            learns on (the first ``reconstruction.images`` of them; default: ``calib_images``); its
+            report is ``qmodel.reconstruction_report`` (docs/lowbit.md §11).
         **overrides: recipe paths to change, e.g. ``**{"calibration.alpha": 0.3}``, ``softmax="log"``,
             or flat preset fields, e.g. ``metric="cosine"`` (see :func:`get_recipe`).
 
@@ -66,7 +69,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     """
     check_arguments(quantize, dict(model=model, calib_images=calib_images, preset=preset, w_bits=w_bits,
                                    a_bits=a_bits, memory_budget=memory_budget, capture_batch=capture_batch,
-                                   progress=progress, inplace=inplace, threads=threads, adapters=adapters))
+                                   progress=progress, inplace=inplace, threads=threads, adapters=adapters,
+                                   reconstruction_images=reconstruction_images))
     recipe = get_recipe(preset, **overrides)
     preset = recipe.flat()  # the engine's resolved view of the recipe
     check_bits(w_bits, "w_bits")
@@ -78,6 +82,15 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     if threads is not None and threads < 1:
         raise UserError(f"threads must be a positive integer, got {threads}")
     _check_images(model, calib_images, adapters)
+    learned = recipe.reconstruction.variant != "none"
+    if reconstruction_images is not None:
+        if not learned:
+            raise UserError("reconstruction_images are given but the recipe's reconstruction is none "
+                            "(set reconstruction='learned' to use them)")
+        _check_images(model, reconstruction_images, adapters, "reconstruction_images")
+    if learned and _device_and_dtype(model)[1] != torch.float32:
+        raise UserError(f"reconstruction learns in float32: the model's parameters are {_device_and_dtype(model)[1]}; "
+                        f"quantize a float32 copy (model.float()) or set reconstruction='none'")
 
     name = adapters.adapter_for(model).model_name(model)
     if not inplace:
@@ -99,7 +112,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
                                  round_zero_point=preset.reparam_round_zero_point,
                                  fold_dtype=torch.float64 if preset.reparam_fold_float64 else None)
         _check_scales(model)
-        return qmodel
+        return _reconstructed(qmodel, recipe, reconstruction_images if reconstruction_images is not None
+                              else images, progress, threads, memory_budget)
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():
         plan = calibrate_model(model, images, sites, preset, budget, capture_batch,
@@ -108,20 +122,34 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     _check_scales(model)
     logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
                  budget / 2 ** 20)
+    return _reconstructed(qmodel, recipe, reconstruction_images if reconstruction_images is not None else images,
+                          progress, threads, memory_budget)
+
+
+def _reconstructed(qmodel: QuantizedModel, recipe: Recipe, images: torch.Tensor, progress: bool,
+                   threads: Optional[int], memory_budget: Optional[int]) -> QuantizedModel:
+    """The calibrated model, reconstructed in place when the recipe asks for it."""
+    if recipe.reconstruction.variant == "none":
+        return qmodel
+    from .calib.reconstruct import reconstruct  # it imports this package's quantized model
+    qmodel.reconstruction_report = reconstruct(qmodel, images, recipe.reconstruction, progress=progress,
+                                               threads=threads, memory_budget=memory_budget)
+    _check_scales(qmodel.model)
     return qmodel
 
 
-def _check_images(model: nn.Module, calib_images: torch.Tensor, adapters: AdapterRegistry) -> None:
+def _check_images(model: nn.Module, calib_images: torch.Tensor, adapters: AdapterRegistry,
+                  what: str = "calib_images") -> None:
     """Refuse images the model cannot be calibrated on, before anything runs (a NaN would reach every scale)."""
     if calib_images.dim() != 4 or calib_images.shape[1] != 3:
-        raise UserError(f"calib_images must be a float tensor of shape (N, 3, H, W), got {tuple(calib_images.shape)}")
+        raise UserError(f"{what} must be a float tensor of shape (N, 3, H, W), got {tuple(calib_images.shape)}")
     if not calib_images.is_floating_point() or len(calib_images) == 0:
-        raise UserError(f"calib_images must be a non-empty float tensor, got {len(calib_images)} images of "
+        raise UserError(f"{what} must be a non-empty float tensor, got {len(calib_images)} images of "
                         f"{calib_images.dtype}")
     bad = nonfinite_count(calib_images)
     if bad:
-        raise UserError(f"calib_images hold {bad} of {calib_images.numel()} values that are not finite (NaN or inf)")
-    check_image_size(model, calib_images.shape[2], calib_images.shape[3], "calib_images", adapters=adapters)
+        raise UserError(f"{what} hold {bad} of {calib_images.numel()} values that are not finite (NaN or inf)")
+    check_image_size(model, calib_images.shape[2], calib_images.shape[3], what, adapters=adapters)
     for name, p in model.named_parameters():
         bad = nonfinite_count(p.detach()) if p.is_floating_point() else 0
         if bad:

@@ -46,6 +46,9 @@ class QuantizedModel(nn.Module):
         #: taken before calibration; None when unknown. Rotations, smoothing and second-order
         #: rounding rewrite the weights, so it cannot be recomputed from this model.
         self.float_weights_sha256: Optional[str] = None
+        #: What reconstruction did (``ptq4vit.ReconstructionReport``) when ``quantize`` ran it; None
+        #: otherwise, and for a loaded checkpoint (its recipe still says how it was reconstructed).
+        self.reconstruction_report = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -11,7 +11,7 @@ from ptq4vit.harness.runner import resolved_recipe
 from ptq4vit.harness.store import run_key
 from ptq4vit.recipes import (GPTQ, MSE, BiasCorrection, Cosine, FloatAttention, GridSearch, Hessian, LayerNormReparam,
                              LogGelu, LogSoftmax, Nearest, Percentile, Rotation, Smoothing, TwinGelu, TwinSoftmax,
-                             UniformGelu, UniformSoftmax, Weights, from_flat)
+                             NoReconstruction, Reconstruction, UniformGelu, UniformSoftmax, Weights, from_flat)
 from ptq4vit.recipes.component import Component
 
 #: One non-default instance of every component variant, with the flat fields its recipe must resolve to.
@@ -73,10 +73,47 @@ def test_every_variant_class_is_covered():
         elif isinstance(v, tuple):
             for x in v:
                 walk(x)
-    for components, _ in VARIANTS:
+    for components, _ in VARIANTS + RECONSTRUCTION_VARIANTS:
         for v in components.values():
             walk(v)
     assert classes - seen == set()
+
+
+#: The reconstruction slot runs after the engine: the flat view has no field of it.
+RECONSTRUCTION_VARIANTS = [
+    (dict(reconstruction=NoReconstruction()), {}),
+    (dict(reconstruction=Reconstruction(iterations=7, batch_size=2, images=9, lr_rounding=0.1, lr_steps=0.1,
+                                        learn_rounding=False, learn_steps=False, learn_twin_log=False, qdrop=0.0,
+                                        inputs="float", unit="sublayer", fisher=True, seed=4, warmup=0.0,
+                                        beta_start=3.0, beta_end=3.0, rounding_weight=0.0)), {}),
+]
+
+
+@pytest.mark.parametrize("components", [c for c, _ in RECONSTRUCTION_VARIANTS], ids=["none", "learned"])
+def test_reconstruction_variants_build_store_and_leave_the_flat_view_alone(components):
+    r = get_recipe("rotq").replace("reconstruction", components["reconstruction"].to_dict())
+    assert r.reconstruction == components["reconstruction"]
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert r.flat() == RECIPES["rotq"].flat()
+    # left out of the stored data when off: run keys and stored recipes are what they were without the slot
+    assert ("reconstruction" in r.to_dict()) == (r.reconstruction.variant == "learned")
+
+
+def test_reconstruction_is_set_by_paths_in_any_order_and_survives_flat_overrides():
+    want = Reconstruction(iterations=50, qdrop=0.0)
+    for overrides in (parse_overrides(["reconstruction=learned", "reconstruction.iterations=50", "reconstruction.qdrop=0"]),
+                      parse_overrides(["reconstruction.qdrop=0", "reconstruction.iterations=50", "reconstruction=learned"])):
+        assert get_recipe("rotq", **overrides).reconstruction == want
+    learned = get_recipe("rotq", reconstruction="learned")
+    assert get_recipe(learned, n_candidates=20).reconstruction == Reconstruction()    # a flat name keeps it
+    assert "reconstruction=learned" in learned.summary()
+    keys = {run_key({"recipe": resolved_recipe("rotq", o)}) for o in
+            ({}, {"reconstruction": "learned"}, {"reconstruction": "learned", "reconstruction.images": 128})}
+    assert len(keys) == 3
+    with pytest.raises(UserError, match="reconstruction.iterations: none has no 'iterations'"):
+        get_recipe("rotq", **{"reconstruction.iterations": 5})
+    with pytest.raises(UserError, match="reconstruction must be one of none, learned, got 'x'"):
+        get_recipe("rotq", reconstruction="x")
 
 
 #: Every documented invalid combination and the one line that refuses it.

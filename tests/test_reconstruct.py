@@ -1,6 +1,7 @@
 """Block reconstruction (docs/lowbit.md §11): the learned rounding's arithmetic, the learned steps' gradient,
 what each switch changes, and that a reconstructed model stays an ordinary quantized model."""
 import copy
+import json
 
 import pytest
 import torch
@@ -266,11 +267,11 @@ def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
 
 
 def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anything_changes():
-    with pytest.raises(UserError, match="Reconstruction field qdrop must be a finite number, got 'x'"):
+    with pytest.raises(UserError, match="reconstruction field qdrop must be a finite number, got 'x'"):
         Reconstruction(qdrop="x")
-    with pytest.raises(UserError, match=r"Reconstruction field qdrop must be a probability in \[0, 1\), got 1.0"):
+    with pytest.raises(UserError, match=r"reconstruction.qdrop must be a probability in \[0, 1\), got 1.0"):
         Reconstruction(qdrop=1)
-    with pytest.raises(UserError, match="Reconstruction field unit must be one of 'block', 'sublayer'"):
+    with pytest.raises(UserError, match="reconstruction field unit must be one of 'block', 'sublayer'"):
         Reconstruction(unit="layer")
     m, x, q = tiny_w4a4()
     before = copy.deepcopy(q.state_dict())
@@ -282,3 +283,61 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
     insert_quant_sites(fresh.model, fresh.preset, 4, 4)
     with pytest.raises(UserError, match="needs a calibrated model"):
         reconstruct(fresh, x, FAST, progress=False)
+
+
+def test_quantize_runs_the_recipes_reconstruction_on_its_pool(tmp_path):
+    m, _ = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    pool = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    fast = dict(n_candidates=5, rounds=1, progress=False, threads=1)
+    by_hand = ptq4vit.quantize(m, x, "ptq4vit", 4, 4, **fast)
+    by_hand_report = run(by_hand, pool)
+    q = ptq4vit.quantize(m, x, "ptq4vit", 4, 4, reconstruction=FAST, reconstruction_images=pool, **fast)
+    assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), by_hand.state_dict().values()))
+    assert q.reconstruction_report == by_hand_report and q.reconstruction_report.images == FAST.images
+    assert q.recipe.reconstruction == FAST
+    # without a pool of its own, it learns on the calibration images
+    on_calib = ptq4vit.quantize(m, x, "ptq4vit", 4, 4, reconstruction=FAST, **fast)
+    again = ptq4vit.quantize(m, x, "ptq4vit", 4, 4, **fast)
+    run(again, x)
+    assert all(torch.equal(a, b) for a, b in zip(on_calib.state_dict().values(), again.state_dict().values()))
+    # the checkpoint records how it was reconstructed and computes what the model does
+    ptq4vit.save(q, tmp_path / "r.safetensors")
+    loaded = ptq4vit.load(tmp_path / "r.safetensors")
+    assert loaded.recipe == q.recipe
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_quantize_refuses_a_reconstruction_it_cannot_run_before_calibrating():
+    m, _ = make_tiny("vit")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(UserError, match="reconstruction_images are given but the recipe's reconstruction is none"):
+        ptq4vit.quantize(m, x, "ptq4vit", 4, 4, progress=False, reconstruction_images=x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="reconstruction_images hold 1 of 12288 values that are not finite"):
+        ptq4vit.quantize(m, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned", reconstruction_images=bad)
+    with pytest.raises(UserError, match="reconstruction learns in float32: the model's parameters are torch.bfloat16"):
+        ptq4vit.quantize(copy.deepcopy(m).bfloat16(), x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
+
+
+def test_a_sweep_reconstructs_on_the_calibration_draw_continued(tiny_cli_args, tmp_path, monkeypatch):
+    from ptq4vit.harness.cli import main
+    from ptq4vit.harness.data import ImageFolder, calibration_images
+    from ptq4vit.harness.zoo import create
+    seen = {}
+    real = ptq4vit.quantize
+
+    def spy(model, images, *args, **kwargs):
+        seen.update(images=images, pool=kwargs["reconstruction_images"])
+        return real(model, images, *args, **kwargs)
+    monkeypatch.setattr(ptq4vit, "quantize", spy)
+    calib_dir = tiny_cli_args[tiny_cli_args.index("--calib-dir") + 1]
+    assert main(["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "4", "--bits", "W4A4",
+                 "--set", "reconstruction=learned", "--set", "reconstruction.images=6",
+                 "--set", "reconstruction.iterations=2", "--out", str(tmp_path)]) == 0
+    lm = create("vit_tiny_patch16_224", pretrained=False,
+                model_kwargs=json.loads(tiny_cli_args[tiny_cli_args.index("--model-kwargs") + 1]))
+    draw = calibration_images(ImageFolder(calib_dir, lm.transform()), 6, 3).images
+    assert torch.equal(seen["pool"], draw) and torch.equal(seen["images"], draw[:4])

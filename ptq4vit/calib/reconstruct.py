@@ -30,7 +30,7 @@ import logging
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,84 +41,14 @@ from ..errors import UserError
 from ..quant import Quantizer
 from ..quant.learning import (STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight, rounding_regularizer)
 from ..quantized import QuantizedModel
-from ..typecheck import check_arguments, check_fields
+from ..recipes.reconstruction import Reconstruction
+from ..typecheck import check_arguments
 from .budget import default_memory_budget
 from .capture import frozen_parameters
 from .run import default_workers, intra_op_threads
 from .units import Unit, reconstruction_units
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """What a reconstruction learns and for how long (docs/lowbit.md §11).
-
-    The defaults are sized for a ViT-S (12 blocks, 257 tokens) on 2 CPU cores; the time is about
-    ``units × (iterations × t_step + images × t_image)``, with the two costs of one block measured in
-    docs/lowbit.md §11.
-    """
-
-    #: Optimization steps per unit.
-    iterations: int = 100
-    #: Images per step (drawn with replacement from the pool).
-    batch_size: int = 8
-    #: Images in the pool (the first this many of the images given; fewer if fewer are given).
-    images: int = 64
-    #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
-    lr_rounding: float = 1e-2
-    #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
-    lr_steps: float = 1e-3
-    #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
-    learn_rounding: bool = True
-    #: Learn the activation steps (False: every activation quantizer is held fixed).
-    learn_steps: bool = True
-    #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
-    #: ``gelu_pow2``, post-GELU log, scaled post-softmax log); False holds them fixed.
-    learn_twin_log: bool = True
-    #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning (0: off).
-    qdrop: float = 0.5
-    #: A unit's inputs: from the quantized preceding units (``"quantized"``) or from the float model (``"float"``).
-    inputs: Literal["quantized", "float"] = "quantized"
-    #: Reconstruct whole blocks, or each residual branch (attention, MLP) on its own.
-    unit: Literal["block", "sublayer"] = "block"
-    #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
-    #: cross-entropy against its own prediction at the unit's output), normalized to mean 1.
-    fisher: bool = False
-    #: Seeds the batches and the QDrop masks.
-    seed: int = 0
-    #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
-    warmup: float = 0.2
-    #: The regularizer's exponent, annealed linearly from ``beta_start`` to ``beta_end`` after the warmup.
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    #: Weight of the rounding regularizer (per weight, against the output error relative to the target's mean square).
-    rounding_weight: float = 0.01
-
-    def __post_init__(self):
-        check_fields(self)  # types and choices; the ranges follow
-        for name in ("iterations", "batch_size", "images"):
-            if getattr(self, name) < 1:
-                raise UserError(f"Reconstruction field {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_rounding", "lr_steps", "beta_end"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"Reconstruction field {name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.qdrop < 1:
-            raise UserError(f"Reconstruction field qdrop must be a probability in [0, 1), got {self.qdrop}")
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"Reconstruction field warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.beta_start < self.beta_end:
-            raise UserError(f"Reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
-        if self.rounding_weight < 0:
-            raise UserError(f"Reconstruction field rounding_weight must be at least 0, got {self.rounding_weight}")
-
-    def beta(self, iteration: int) -> Optional[float]:
-        """The regularizer's exponent at ``iteration`` (0-based), None during the warmup."""
-        start = int(self.warmup * self.iterations)
-        if iteration < start:
-            return None
-        progress = (iteration - start) / max(1, self.iterations - start)
-        return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
 
 
 @dataclass

@@ -347,10 +347,12 @@ class Runner:
             self._loaded, self._model_key = lm, mkey
         return self._loaded
 
-    def _calibration(self, job: Job) -> torch.Tensor:
-        ck = (job.calib_size, job.calib_seed)
+    def _calibration(self, job: Job, size: Optional[int] = None) -> torch.Tensor:
+        """The first ``size`` (default: the job's calibration size) images of the job's calibration draw;
+        a larger draw starts with the smaller one (the reconstruction pool holds the calibration images)."""
+        ck = (size or job.calib_size, job.calib_seed)
         if ck not in self._calib_cache:
-            cal = calibration_images(self._calib_set, job.calib_size, job.calib_seed,
+            cal = calibration_images(self._calib_set, ck[0], job.calib_seed,
                                      progress=self.opts.progress and self.rank == 0)
             for p in cal.skipped:
                 self.log(f"warning: skipped unreadable calibration image {p}")
@@ -397,6 +399,10 @@ class Runner:
         res = self.planner.resolve(job)
         lm = self._load_model(res)
         images = self._calibration(job)
+        recipe = ptq4vit.get_recipe(job.preset, **job.overrides)
+        pool = None
+        if recipe.reconstruction.variant != "none":  # its pool: the calibration draw, continued
+            pool = self._calibration(job, max(job.calib_size, recipe.reconstruction.images)).to(self.device)
         float_top1, n_eval, n_skipped, float_secs, float_logits = self._float_top1(res, lm)
 
         if self.device.type == "cuda":
@@ -404,9 +410,9 @@ class Runner:
         t0 = time.perf_counter()
         # A UserError (an unsupported module, bad bits ...) reaches the user as one line; anything
         # else from quantize is a bug and keeps its traceback.
-        qmodel = ptq4vit.quantize(lm.model, images.to(self.device), job.preset, job.w_bits, job.a_bits,
-                                  memory_budget=self.opts.memory_budget,
-                                  progress=self.opts.progress and self.rank == 0, **job.overrides)
+        qmodel = ptq4vit.quantize(lm.model, images.to(self.device), recipe, job.w_bits, job.a_bits,
+                                  memory_budget=self.opts.memory_budget, reconstruction_images=pool,
+                                  progress=self.opts.progress and self.rank == 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         calib_seconds = time.perf_counter() - t0

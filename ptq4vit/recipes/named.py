@@ -80,7 +80,8 @@ def apply_flat(recipe, overrides: dict):
     if unknown:
         raise UserError(f"unknown preset field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
     wanted = dataclasses.replace(recipe.flat(), **overrides)
-    result = from_flat(wanted)
+    # the flat view has no reconstruction (it runs after the engine): it carries over as it was
+    result = dataclasses.replace(from_flat(wanted), reconstruction=recipe.reconstruction)
     got = result.flat()
     dead = [k for k in overrides if getattr(got, k) != getattr(wanted, k)]
     if dead:
@@ -162,7 +163,7 @@ def get_recipe(recipe: Union[str, Recipe, Preset] = "ptq4vit", **overrides: Any)
 
     Overrides are dotted paths (``**{"calibration.alpha": 0.3}``, ``**{"softmax": "log"}``) or the
     old flat field names (``metric="cosine"``, ``gelu_twin=False``; ``FLAT_PATHS`` says where each
-    lives); flat names apply first, then the paths in the order given. Unknown names, values of the
+    lives); flat names apply first, then the paths, shorter ones first (a variant before its fields). Unknown names, values of the
     wrong type, combinations that cannot work and overrides that would change nothing raise UserError.
     """
     if isinstance(recipe, Recipe):
@@ -176,14 +177,15 @@ def get_recipe(recipe: Union[str, Recipe, Preset] = "ptq4vit", **overrides: Any)
     flat = {k: v for k, v in overrides.items() if is_flat_name(k, v)}
     if flat:
         base = apply_flat(base, flat)
-    for path, value in overrides.items():
+    # a variant before its parameters, whatever the order given (softmax=log, then softmax.base=...)
+    for path, value in sorted(overrides.items(), key=lambda kv: kv[0].count(".")):
         if path not in flat:
             base = base.replace(path, value)
     return base
 
 
 #: Recipe fields that are no flat field: ``softmax=twin`` is a path.
-_TOP_LEVEL_PATHS = ("softmax", "gelu", "weights", "inputs", "transforms")
+_TOP_LEVEL_PATHS = ("softmax", "gelu", "weights", "inputs", "transforms", "reconstruction")
 
 
 def is_flat_name(name: str, value: Any) -> bool:

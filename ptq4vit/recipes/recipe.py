@@ -17,6 +17,7 @@ from ..typecheck import check_fields, check_value
 from .calibration import Calibration, GridSearch, Percentile
 from .component import Component, build, encode, item_hint, variants
 from .flat import to_flat
+from .reconstruction import NoReconstruction, ReconstructionChoice
 from .operands import Gelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, Softmax
 from .transforms import TRANSFORM_ORDER, BiasCorrection, LayerNormReparam, Rotation, Smoothing, Transform
 from .weights import Weights
@@ -44,6 +45,8 @@ class Recipe:
     patch_input_bits: int = 0
     #: Function-preserving transforms, kept in the order they apply (``TRANSFORM_ORDER``).
     transforms: tuple[Transform, ...] = ()
+    #: Learned rounding and activation steps after calibration (docs/lowbit.md §11); ``none`` by default.
+    reconstruction: ReconstructionChoice = field(default_factory=NoReconstruction)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # variant names and stored dicts become components
@@ -99,8 +102,13 @@ class Recipe:
     # ------------------------------------------------------------------ data, views, overrides
 
     def to_dict(self) -> dict:
-        """The recipe as JSON data (what checkpoints store and run keys hash, with ``name``)."""
-        return {f.name: encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """The recipe as JSON data (what checkpoints store and run keys hash, with ``name``). Without
+        reconstruction the slot is left out: the data, and so every run key, is what it was before
+        the slot existed, and files of recipes without it still load in versions that lack it."""
+        data = {f.name: encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if isinstance(self.reconstruction, NoReconstruction):
+            del data["reconstruction"]
+        return data
 
     def key_dict(self) -> dict:
         """What defines the recipe's results: every component and its name, not its description."""
@@ -213,6 +221,7 @@ def summarize(r: Recipe) -> str:
     parts += [f"head_bits={r.head_bits}"] if r.head_bits else []
     parts += [f"patch_input_bits={r.patch_input_bits}"] if r.patch_input_bits else []
     parts += [f"transforms=[{', '.join(short(t) for t in r.transforms)}]"] if r.transforms else []
+    parts += [f"reconstruction={short(r.reconstruction)}"] if r.reconstruction.variant != "none" else []
     return " ".join(parts)
 
 

@@ -1,0 +1,98 @@
+"""Block reconstruction after calibration (docs/lowbit.md §11): off, or learned rounding and steps.
+
+The options are the recipe's ``reconstruction`` slot: ``none`` (the default: calibration's result
+as it is) or ``learned``, whose fields say what :func:`ptq4vit.reconstruct` learns and for how long.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from ..errors import UserError
+from ..typecheck import check_fields
+from .component import Component
+
+
+@dataclass(frozen=True)
+class NoReconstruction(Component):
+    """No reconstruction: the calibrated weights and steps are the result."""
+    variant = "none"
+
+
+@dataclass(frozen=True)
+class Reconstruction(Component):
+    """Learn, unit by unit, each weight's rounding (AdaRound) and the activation steps (LSQ) against
+    the unit's output error on a pool of images (docs/lowbit.md §11).
+
+    The defaults are sized for a ViT-S (12 blocks, 257 tokens) on 2 CPU cores; the time is about
+    ``units × (iterations × t_step + images × t_image)``, the two costs of one block printed by
+    ``benchmarks/reconstruct_speed.py``.
+    """
+    variant = "learned"
+
+    #: Optimization steps per unit.
+    iterations: int = 100
+    #: Images per step (drawn with replacement from the pool).
+    batch_size: int = 8
+    #: Images in the pool (the first this many of the images given; fewer if fewer are given).
+    images: int = 64
+    #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
+    lr_rounding: float = 1e-2
+    #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
+    lr_steps: float = 1e-3
+    #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
+    learn_rounding: bool = True
+    #: Learn the activation steps (False: every activation quantizer is held fixed).
+    learn_steps: bool = True
+    #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
+    #: ``gelu_pow2``, post-GELU log, scaled post-softmax log); False holds them fixed.
+    learn_twin_log: bool = True
+    #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning (0: off).
+    qdrop: float = 0.5
+    #: A unit's inputs: from the quantized preceding units (``"quantized"``) or from the float model (``"float"``).
+    inputs: Literal["quantized", "float"] = "quantized"
+    #: Reconstruct whole blocks, or each residual branch (attention, MLP) on its own.
+    unit: Literal["block", "sublayer"] = "block"
+    #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
+    #: cross-entropy against its own prediction at the unit's output), normalized to mean 1.
+    fisher: bool = False
+    #: Seeds the batches and the QDrop masks.
+    seed: int = 0
+    #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
+    warmup: float = 0.2
+    #: The regularizer's exponent, annealed linearly from ``beta_start`` to ``beta_end`` after the warmup.
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    #: Weight of the rounding regularizer (per weight, against the output error relative to the target's mean square).
+    rounding_weight: float = 0.01
+
+    def __post_init__(self):
+        check_fields(self, what="reconstruction")  # named as the recipe slot the user writes
+        self.check()
+
+    def check(self) -> None:
+        for name in ("iterations", "batch_size", "images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"reconstruction.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr_rounding", "lr_steps", "beta_end"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"reconstruction.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.qdrop < 1:
+            raise UserError(f"reconstruction.qdrop must be a probability in [0, 1), got {self.qdrop}")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"reconstruction.warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.beta_start < self.beta_end:
+            raise UserError(f"reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
+        if self.rounding_weight < 0:
+            raise UserError(f"reconstruction.rounding_weight must be at least 0, got {self.rounding_weight}")
+
+    def beta(self, iteration: int) -> Optional[float]:
+        """The regularizer's exponent at ``iteration`` (0-based), None during the warmup."""
+        start = int(self.warmup * self.iterations)
+        if iteration < start:
+            return None
+        progress = (iteration - start) / max(1, self.iterations - start)
+        return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
+
+
+ReconstructionChoice = Union[NoReconstruction, Reconstruction]
