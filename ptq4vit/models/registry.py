@@ -21,6 +21,7 @@ from .beit import BeitAdapter
 from .eva import EvaAdapter
 from .swin import SwinAdapter
 from .torchvision_vit import TorchvisionVitAdapter
+from .torchvision_swin import TorchvisionSwinAdapter
 from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
@@ -113,6 +114,7 @@ DEFAULT_ADAPTERS = AdapterRegistry((
     HFVitAdapter(VIT),
     HFVitAdapter(DEIT),
     HFVitAdapter(DINOV2),
+    TorchvisionSwinAdapter(),
 ))
 
 
