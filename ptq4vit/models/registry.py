@@ -22,6 +22,7 @@ from .eva import EvaAdapter
 from .swin import SwinAdapter
 from .torchvision_vit import TorchvisionVitAdapter
 from .torchvision_swin import TorchvisionSwinAdapter
+from .hf_swin import HFSwinAdapter
 from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
@@ -115,6 +116,7 @@ DEFAULT_ADAPTERS = AdapterRegistry((
     HFVitAdapter(DEIT),
     HFVitAdapter(DINOV2),
     TorchvisionSwinAdapter(),
+    HFSwinAdapter(),
 ))
 
 
