@@ -33,7 +33,7 @@ from ptq4vit.harness import zoo
 #: The small models first, so a short run covers the most families.
 SMALL_FIRST = ("Ti/", "S/", "T/", "B/")
 #: One full-size model of each family that is not one of timm's ViT/DeiT/Swin (built by its adapter).
-OTHER_FAMILIES = ("vit_b_16",)
+OTHER_FAMILIES = ("vit_b_16", "swin_t", "swin_v2_t")
 
 
 #: One model of each family beyond the paper's (BEiT, Swin V2, EVA-02, SigLIP tower), run after the paper's.

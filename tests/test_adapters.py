@@ -201,9 +201,10 @@ def test_registry_maps_exact_classes_to_one_adapter_each():
     from timm.models.eva import Eva
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from torchvision.models import SwinTransformer as TorchvisionSwinTransformer
     from torchvision.models import VisionTransformer as TorchvisionVisionTransformer
     assert set(SUPPORTED_MODELS) == {VisionTransformer, VisionTransformerDistilled, SwinTransformer, Beit, Eva,
-                                     SwinTransformerV2, TorchvisionVisionTransformer}
+                                     SwinTransformerV2, TorchvisionVisionTransformer, TorchvisionSwinTransformer}
     assert DEFAULT_ADAPTERS.adapter_for(_vit()).family == "timm VisionTransformer"
     with pytest.raises(ValueError, match="two adapters claim VisionTransformer"):
         DEFAULT_ADAPTERS.with_adapter(DEFAULT_ADAPTERS.adapters[0])

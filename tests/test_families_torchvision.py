@@ -283,14 +283,18 @@ def test_cli_quantizes_and_saves_a_torchvision_vit(cifar_dir, tmp_path, capsys):
     assert ptq4vit.checkpoint.read_metadata(tmp_path / "q.safetensors")["model"]["name"] == "torchvision_VisionTransformer"
 
 
-def test_torchvision_swin_is_refused_naming_its_module():
-    """timm's and torchvision's classes share names: a refusal names the module where they clash."""
+def test_a_refusal_names_the_module_where_class_names_clash():
+    """timm's and torchvision's classes share names: a refusal names the module where they clash (here
+    torchvision's SwinTransformer, in a registry without its adapter)."""
     from torchvision.models import SwinTransformer
+
+    from ptq4vit.models.torchvision_swin import TorchvisionSwinAdapter
     swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
                            num_classes=10).eval()
+    adapters = AdapterRegistry(a for a in DEFAULT_ADAPTERS.adapters if not isinstance(a, TorchvisionSwinAdapter))
     with pytest.raises(UnsupportedModelError, match=r"^model type torchvision\.models\.swin_transformer\.SwinTransformer "
                                                     r"is not supported; the adapter registry has adapters for "
                                                     r"timm\.models\.vision_transformer\.VisionTransformer, "
                                                     r"VisionTransformerDistilled, timm\.models\.swin_transformer\.SwinTransformer, "
                                                     r".*\btorchvision\.models\.vision_transformer\.VisionTransformer\b"):
-        ptq4vit.quantize(swin, torch.randn(2, 3, 32, 32), "base", **FAST)
+        ptq4vit.quantize(swin, torch.randn(2, 3, 32, 32), "base", adapters=adapters, **FAST)

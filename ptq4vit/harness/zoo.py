@@ -124,6 +124,19 @@ MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("HF-DINOv2-S/14", "Dinov2Model", "Hugging Face DINOv2-S/14 backbone at 224 (facebook/dinov2-small "
                "layout; outputs the pooled features); local weights or random init", kwargs=_HF_S14,
                data_config=_HF_IMAGENET_DATA, local_only=True, builder="hf"),
+    # torchvision's Swin builders, with their evaluation transforms (resize, then center crop)
+    *(ModelEntry(name, name, f"torchvision {label}; weights: --weights FILE (torchvision's state dict)",
+                 builder="torchvision", local_only=True,
+                 data_config=dict(input_size=(3, crop, crop), interpolation="bicubic", crop_pct=crop / resize,
+                                  crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD))
+      for name, label, resize, crop in (("swin_t", "Swin-T", 232, 224), ("swin_s", "Swin-S", 246, 224),
+                                        ("swin_b", "Swin-B", 238, 224), ("swin_v2_t", "Swin V2-T", 260, 256),
+                                        ("swin_v2_s", "Swin V2-S", 260, 256), ("swin_v2_b", "Swin V2-B", 272, 256))),
+    ModelEntry("HF-Swin-T/224", "SwinForImageClassification", "Hugging Face Swin-T (microsoft/swin-tiny-patch4-"
+               "window7-224 layout); local weights or random init",
+               kwargs=dict(img_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                           window_size=7, num_classes=1000),
+               data_config=_HF_IMAGENET_DATA, local_only=True, builder="hf"),
 )
 
 

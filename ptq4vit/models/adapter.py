@@ -21,6 +21,7 @@ from torch import nn
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchDropout, PatchEmbed, SelectAdaptivePool2d
 # Imported from vision_transformer (not timm.layers, which gained it after 1.0.3, the floor)
 from timm.models.vision_transformer import Attention
+from torchvision.ops.stochastic_depth import StochasticDepth
 
 from ..errors import UnsupportedModelError, UserError
 from ..transforms.modules import OnlineRotation, RMSNorm
@@ -35,7 +36,7 @@ NORMS = (nn.LayerNorm, RMSNorm, nn.Identity)
 #: Float modules allowed where a dropout or stochastic depth goes (identity at inference).
 DROPOUTS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
 #: Modules that compute the identity in eval mode (a checkpoint's architecture comparison skips their settings).
-EVAL_IDENTITIES = (nn.Dropout, DropPath, nn.Identity)
+EVAL_IDENTITIES = (nn.Dropout, DropPath, StochasticDepth, nn.Identity)
 #: MLP activations allowed when the post-GELU twin is off (the twin needs nn.GELU).
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.Identity)
 

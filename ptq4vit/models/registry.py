@@ -21,6 +21,8 @@ from .beit import BeitAdapter
 from .eva import EvaAdapter
 from .swin import SwinAdapter
 from .torchvision_vit import TorchvisionVitAdapter
+from .torchvision_swin import TorchvisionSwinAdapter
+from .hf_swin import HFSwinAdapter
 from .swin_v2 import SwinV2Adapter
 from .vit import VitAdapter
 
@@ -113,6 +115,8 @@ DEFAULT_ADAPTERS = AdapterRegistry((
     HFVitAdapter(VIT),
     HFVitAdapter(DEIT),
     HFVitAdapter(DINOV2),
+    TorchvisionSwinAdapter(),
+    HFSwinAdapter(),
 ))
 
 

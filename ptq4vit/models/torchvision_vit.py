@@ -18,7 +18,7 @@ the constructor arguments, and ``load`` rebuilds it with ``torchvision.models.Vi
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -111,17 +111,19 @@ def plan_multihead_attention(p: SitePlan, path: str, mha: nn.Module, build: Site
     p.part(f"{path}.out_proj", mha.out_proj, (NonDynamicallyQuantizableLinear,), "the output projection")
 
 
-def plan_torchvision_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
+def plan_torchvision_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder,
+                         fc1: Optional[Callable[[nn.Linear], QuantLinear]] = None) -> None:
     """torchvision's two-layer ``MLP`` (a Sequential: Linear, GELU, Dropout, Linear, Dropout), the second
     Linear's input quantized as a GELU output. The first Dropout is the slot where a rotation of fc2's
-    input runs online (an OnlineRotation there after ``rotate_fc2``)."""
+    input runs online (an OnlineRotation there after ``rotate_fc2``). ``fc1`` builds the first Linear's
+    site (default: a norm's output, ``build.normed_linear``)."""
     layout = (nn.Linear, nn.GELU, nn.Dropout, nn.Linear, nn.Dropout)
     if len(mlp) != len(layout) or not all(type(m) is t or (i == 2 and type(m) is OnlineRotation)
                                            for i, (m, t) in enumerate(zip(mlp, layout))):
         raise p.refuse(path, mlp, "only torchvision's two-layer MLP (Linear, GELU, Dropout, Linear, Dropout) is a "
                                   "known MLP layout")
     p.container(path)
-    p.site(f"{path}.0", mlp[0], nn.Linear, build.normed_linear)
+    p.site(f"{path}.0", mlp[0], nn.Linear, fc1 or build.normed_linear)
     p.keep_float(f"{path}.1", mlp[1], ACTIVATIONS, "MLP activation")
     p.keep_float(f"{path}.2", mlp[2], (*DROPOUTS, OnlineRotation), "dropout (or online rotation)")
     p.site(f"{path}.3", mlp[3], nn.Linear, build.post_gelu_linear)

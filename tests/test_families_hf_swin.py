@@ -1,0 +1,220 @@
+"""Hugging Face transformers' Swin (SwinForImageClassification, SwinModel) at a tiny size with random weights:
+float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime and
+OpenVINO, the harness's model name, refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed "
+                                                          "(pip install 'ptq4vit[hf]')")
+
+import ptq4vit  # noqa: E402
+from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
+from ptq4vit.harness import zoo  # noqa: E402
+
+from _fastq import fast_quantize  # noqa: E402
+
+#: 32x32 images, patch 4: an 8x8 token grid with window 4, so the second layer of the first stage is shifted
+#: with a real mask; the second stage (4x4) is one window, unshifted.
+TINY = dict(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=4,
+            num_labels=10)
+PER_LAYER = ["attention.qkv", "attention.matmul1", "attention.matmul2", "attention.o_proj", "mlp.fc1", "mlp.fc2"]
+
+
+def sites(prefix: str) -> list[str]:
+    return [f"{prefix}embeddings.patch_embeddings.projection",
+            *[f"{prefix}encoder.layers.0.blocks.{j}.{s}" for j in range(2) for s in PER_LAYER],
+            f"{prefix}encoder.layers.0.downsample.reduction",
+            *[f"{prefix}encoder.layers.1.blocks.{j}.{s}" for j in range(2) for s in PER_LAYER]]
+
+
+#: model class -> its sites (the backbone has no classifier; its output is the average-pooled features)
+MODELS = {"SwinForImageClassification": sites("swin.") + ["classifier"], "SwinModel": sites("")}
+FAST = dict(progress=False, n_candidates=4, rounds=1)
+
+
+def make(name, attn="eager", seed=0, **extra):
+    """Biases, norms and the relative position tables moved off their initial values (transformers zeroes
+    the tables, which would hide a bias left out)."""
+    torch.manual_seed(seed)
+    config = transformers.SwinConfig(**{**TINY, **extra}, attn_implementation=attn)
+    model = getattr(transformers, name)(config).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.dim() <= 1 or "bias" in key:
+                p.add_(torch.randn(p.shape) * 0.1)
+    return model
+
+
+def images(n=4, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def output(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+# ---- 1. quantization off reproduces the original
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
+    model, x = make(name), images()
+    layer = model.get_submodule(("swin." if name != "SwinModel" else "") + "encoder.layers.0.blocks.1")
+    q = ptq4vit.quantize(model, x, "base", **FAST)
+    assert layer.shift_size == 2  # the shifted layer, with a nonzero mask
+    assert list(q.sites()) == MODELS[name]
+    with torch.no_grad(), q.quantization_disabled():
+        assert torch.equal(q(x), output(model, x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
+    """transformers' default attention in eval is SDPA; the quantized attention computes the eager formula
+    (its matmuls are sites), which differs from SDPA's fused kernel by float rounding: measured 6e-8
+    (classifier) and 5e-7 (backbone features) on these models."""
+    model, x = make(name, attn="sdpa"), images()
+    assert model.config._attn_implementation == "sdpa"
+    q = ptq4vit.quantize(model, x, "base", **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+
+
+# ---- 2. calibration with each preset
+
+
+@pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
+def test_presets_calibrate_at_w8a8_and_w4a4(preset):
+    model, x = make("SwinForImageClassification"), images(8)
+    with torch.no_grad():
+        ref = output(model, x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
+        # deploy8 keeps the attention matmuls float (docs/deployment.md): 4 layers x 2 matmuls fewer sites
+        assert len(q.sites()) == len(MODELS["SwinForImageClassification"]) - (0 if q.preset.quantize_attention else 8)
+        with torch.no_grad():
+            y = q(x)
+        assert y.shape == ref.shape and torch.isfinite(y).all()
+        err[bits] = (y - ref).abs().max().item()
+    assert 0 < err[8] < err[4]
+
+
+def test_rotq_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match=r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
+                                                    r"supported for SwinForImageClassification by the Hugging Face "
+                                                    r"Swin adapter$"):
+        ptq4vit.quantize(make("SwinForImageClassification"), images(), "rotq", 6, 6, progress=False)
+
+
+def test_reparam_ln_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match=r"^reparam_ln \(RepQ-ViT's LayerNorm reparameterization\) is not "
+                                                    r"supported for SwinModel by the Hugging Face Swin adapter$"):
+        ptq4vit.quantize(make("SwinModel"), images(), "repq-vit", 6, 6, progress=False)
+
+
+# ---- 3. checkpoint round trip
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
+    model, x = make(name, use_absolute_embeddings=True), images()
+    q = ptq4vit.quantize(model, x, "ptq4vit", **FAST)
+    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    assert meta["model"]["name"] == name
+    kw = meta["model"]["create_kwargs"]
+    assert (kw["depths"], kw["num_heads"], kw["window_size"], kw["use_absolute_embeddings"]) == ([2, 2], [2, 2], 4, True)
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
+
+
+def test_a_checkpoint_passes_only_architecture_config_keys(tmp_path):
+    q = ptq4vit.quantize(make("SwinModel"), images(), "base", **FAST)
+    for key in ("trust_remote_code", "name_or_path", "use_mask_token"):
+        with pytest.raises(CheckpointError, match=f"^create_kwargs: argument '{key}' is not an architecture argument"):
+            ptq4vit.save(q, tmp_path / "q.safetensors", create_kwargs={key: True})
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+# ---- 4. integer export on ONNX Runtime and OpenVINO
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_integer_export_runs_on_onnxruntime_and_openvino(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
+    from ptq4vit.export.ort import make_session
+
+    model, x = make(name), images()
+    q = fast_quantize(model, x)
+    n = len(MODELS[name])
+    with torch.no_grad():
+        ref = q(x).numpy()
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+        assert (len(rep.sites), sum(s.integer for s in rep.sites)) == (n, n - 1)
+        assert [s.name for s in rep.fallbacks] == [MODELS[name][0]]  # the patch conv: float image input
+        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        # integer products, float norms/softmax in another op order: a code next to a rounding boundary may flip
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), fmt
+    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
+    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
+    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
+    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
+    assert len(integer) == products + OPENVINO_DIFFERENCE
+
+
+#: OpenVINO's integer layers minus the QDQ graph's integer products: the patch-merging reduction runs as two
+#: integer layers there, as for timm's Swin V2.
+OPENVINO_DIFFERENCE = 1
+
+
+# ---- refusals
+
+
+def test_other_swin_classes_are_refused_by_name():
+    model = transformers.SwinForMaskedImageModeling(transformers.SwinConfig(**TINY)).eval()
+    with pytest.raises(UnsupportedModelError, match="^model type SwinForMaskedImageModeling is not supported; the "
+                                                    "adapter registry has adapters for .*SwinModel"):
+        ptq4vit.quantize(model, images(), "base", **FAST)
+
+
+def test_a_mask_token_is_refused_by_name():
+    model = transformers.SwinModel(transformers.SwinConfig(**TINY), use_mask_token=True).eval()
+    with pytest.raises(UnsupportedModelError, match="^module 'embeddings' of type SwinEmbeddings is not supported by "
+                                                    "the Hugging Face Swin adapter: a mask token"):
+        ptq4vit.quantize(model, images(), "base", **FAST)
+
+
+def test_post_gelu_quantizer_needs_the_exact_gelu():
+    model = make("SwinForImageClassification", hidden_act="gelu_new")
+    with pytest.raises(UnsupportedModelError, match="^module 'swin.encoder.layers.0.blocks.0.mlp.activation_fn' of "
+                                                    "type NewGELUActivation is not supported .* need the exact GELU"):
+        ptq4vit.quantize(model, images(), "ptq4vit", **FAST)
+
+
+# ---- 5. model names of the harness
+
+
+def test_the_harness_names_the_hugging_face_swin(capsys, tmp_path, cifar_dir):
+    from ptq4vit.harness.cli import main
+    assert main(["models"]) == 0
+    assert any(line.split()[:2] == ["HF-Swin-T/224", "SwinForImageClassification"]
+               for line in capsys.readouterr().out.splitlines())
+    tiny = dict(img_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=4,
+                num_classes=10)
+    lm = zoo.create("HF-Swin-T/224", pretrained=False, model_kwargs=tiny)
+    with torch.no_grad():
+        assert lm.model(images(2)).shape == (2, 10)  # the logits tensor, as quantized
+    assert main(["quantize", "--model", "HF-Swin-T/224", "--model-kwargs", json.dumps(tiny), "--random-init",
+                 "--data", str(cifar_dir), "--val-split", "test", "--calib-dir", str(cifar_dir / "calib"),
+                 "--limit", "1", "--workers", "0", "--no-progress", "--set", "n_candidates=4", "--set", "rounds=1",
+                 "--calib-size", "4", "--bits", "W8A8", "--preset", "base", "--out", str(tmp_path / "runs")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["HF-Swin-T/224"]
