@@ -6,7 +6,7 @@ import torch
 
 import ptq4vit
 from ptq4vit import checkpoint as ck
-from ptq4vit.harness.ablations import ROTQ_ABLATION_ROWS
+from ptq4vit.harness.ablations import RECONSTRUCTION, RECONSTRUCTION_ABLATION_ROWS, ROTQ_ABLATION_ROWS
 from ptq4vit.harness.fidelity import kl_per_image, mean_kl, top1_agreement
 from ptq4vit.nn import QuantLinear
 from ptq4vit.errors import UserError
@@ -70,6 +70,17 @@ def test_rotq_ablation_rows_are_valid_presets():
     for label, overrides in ROTQ_ABLATION_ROWS.items():
         p = ptq4vit.get_preset("rotq", **overrides)
         assert p.overrides() == overrides, label
+
+
+def test_reconstruction_ablation_rows_change_one_switch_each():
+    import dataclasses
+    from ptq4vit.harness.report import variant_name
+    learned = ptq4vit.get_recipe("rotq", **RECONSTRUCTION).reconstruction
+    for label, overrides in RECONSTRUCTION_ABLATION_ROWS.items():
+        r = ptq4vit.get_recipe("rotq", **RECONSTRUCTION, **overrides).reconstruction
+        changed = [f.name for f in dataclasses.fields(r) if getattr(r, f.name) != getattr(learned, f.name)]
+        assert changed == [k.split(".")[1] for k in overrides], label
+        assert variant_name("rotq", {**RECONSTRUCTION, **overrides}) == f"reconstruction, {label}"
 
 
 def test_rotated_gptq_model_exports_to_integer_onnx_and_log_softmax_is_listed_as_float(tmp_path):

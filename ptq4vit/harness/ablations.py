@@ -1,7 +1,8 @@
 """The ablation tables the harness runs: named overrides of a recipe, one component changed per row.
 
 Rows are written with the flat field names (``ptq4vit.recipes.FLAT_PATHS`` says where each lives
-in a recipe); :func:`ptq4vit.get_recipe` applies them.
+in a recipe), or dotted recipe paths where no flat name exists (reconstruction);
+:func:`ptq4vit.get_recipe` applies them.
 """
 from __future__ import annotations
 
@@ -58,8 +59,21 @@ REPQ_ABLATION_ROWS: dict[str, dict] = {
     "rounded zero point": dict(reparam_round_zero_point=True),
 }
 
+#: ``rotq`` followed by reconstruction (docs/lowbit.md §11): the overrides that turn it on.
+RECONSTRUCTION: dict = {"reconstruction": "learned"}
+
+#: One switch of the reconstruction changed per row: (label, overrides of ``rotq`` with ``RECONSTRUCTION``).
+RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
+    "no learned rounding": {"reconstruction.learn_rounding": False},
+    "no step learning": {"reconstruction.learn_steps": False},
+    "no QDrop": {"reconstruction.qdrop": 0.0},
+    "float block inputs": {"reconstruction.inputs": "float"},
+    "sub-block units": {"reconstruction.unit": "sublayer"},
+}
+
 #: Each preset's named variants (one component switched off or swapped): the rows of its ablation.
 VARIANT_ROWS: dict[str, dict[str, dict]] = {
-    "rotq": ROTQ_ABLATION_ROWS, "repq-vit": REPQ_ABLATION_ROWS, "ptq4vit": POST_GELU_ROWS,
+    "rotq": {**ROTQ_ABLATION_ROWS, "reconstruction": RECONSTRUCTION,
+             **{f"reconstruction, {k}": {**RECONSTRUCTION, **v} for k, v in RECONSTRUCTION_ABLATION_ROWS.items()}}, "repq-vit": REPQ_ABLATION_ROWS, "ptq4vit": POST_GELU_ROWS,
     "deploy8": DEPLOY_ABLATION_ROWS,
 }
