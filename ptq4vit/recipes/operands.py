@@ -10,8 +10,16 @@ from .component import Component
 LogBase = Literal["log2", "log_sqrt2"]
 
 
+class SoftmaxOperand(Component):
+    """What every softmax variant answers for the search."""
+
+    def quantizes_v_in_split_search(self) -> bool:
+        """Whether v is quantized while a twin's split is searched (only the twin has a split)."""
+        return True
+
+
 @dataclass(frozen=True)
-class UniformSoftmax(Component):
+class UniformSoftmax(SoftmaxOperand):
     """One uniform quantizer per head. ``renorm``: each quantized row rescaled so that it sums to
     its float row's mass (docs/lowbit.md §9)."""
     variant = "uniform"
@@ -19,7 +27,7 @@ class UniformSoftmax(Component):
 
 
 @dataclass(frozen=True)
-class TwinSoftmax(Component):
+class TwinSoftmax(SoftmaxOperand):
     """The twin uniform quantizer: ``form`` ``"select"`` (the paper's) or ``"sum"`` (the released
     code's hi + lo); ``split_search_quantized_b``: v quantized while its split is searched (the
     released code leaves it float). ``renorm`` as for the uniform one."""
@@ -28,9 +36,12 @@ class TwinSoftmax(Component):
     split_search_quantized_b: bool = True
     renorm: bool = False
 
+    def quantizes_v_in_split_search(self) -> bool:
+        return self.split_search_quantized_b
+
 
 @dataclass(frozen=True)
-class LogSoftmax(Component):
+class LogSoftmax(SoftmaxOperand):
     """A log quantizer of ``base`` (docs/lowbit.md §4); under percentile calibration its largest
     level is calibrated, as RepQ-ViT releases it. ``renorm`` as for the uniform one."""
     variant = "log"
@@ -39,7 +50,7 @@ class LogSoftmax(Component):
 
 
 @dataclass(frozen=True)
-class FloatAttention(Component):
+class FloatAttention(SoftmaxOperand):
     """Attention stays float: ``q @ kᵀ`` and ``softmax @ v`` are plain matmuls, not sites, as runtimes
     run them in one fused kernel (docs/deployment.md)."""
     variant = "float"

@@ -44,3 +44,8 @@ class Weights(Component):
     granularity: Literal["block", "channel"] = "block"
     conv_per_channel: bool = True
     rounding: Rounding = field(default_factory=Nearest)
+
+    @property
+    def second_order(self) -> bool:
+        """Linear weights calibrated from ``H = XᵀX`` (per-channel scales or GPTQ) instead of the grid search."""
+        return self.rounding.variant == "gptq" or self.granularity == "channel"
