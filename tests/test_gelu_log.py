@@ -125,9 +125,9 @@ def test_gelu_log_is_validated():
         get_preset("ptq4vit", gelu_twin=False, gelu_log="log3")
     with pytest.raises(UserError, match="gelu_log='log2' and gelu_twin"):
         get_preset("ptq4vit", gelu_log="log2")
-    with pytest.raises(UserError, match="gelu_log='log_sqrt2' needs fc2's input post-GELU, which rotate_fc2"):
+    with pytest.raises(UserError, match="rotation.fc2 makes fc2's input no longer post-GELU: it needs gelu=uniform, not gelu=log"):
         get_preset("rotq", gelu_log="log_sqrt2")
-    with pytest.raises(UserError, match="gelu_log='log2' has no initialisation under calibration='percentile'"):
+    with pytest.raises(UserError, match="calibration=percentile has no initialisation for gelu=log"):
         get_preset("repq-vit", gelu_log="log2")
     with pytest.raises(ValueError, match="base"):
         GeluLogQuantizer(4, "log3")
