@@ -40,6 +40,9 @@ class Hessian(Scoring):
     def gradient_source(self) -> GradSource:
         return self.gradients
 
+    def flat_fields(self) -> dict:
+        return {"grad_source": self.gradients, "grad_chunk": self.grad_chunk}
+
     def gradient_chunk(self) -> int:
         return self.grad_chunk
 
@@ -100,6 +103,11 @@ class GridSearch(Calibrating):
     def gradient_chunk(self) -> int:
         return self.metric.gradient_chunk()
 
+    def flat_fields(self) -> dict:
+        return {"metric": self.metric.variant, "alpha": self.alpha, "beta": self.beta,
+                "n_candidates": self.n_candidates, "rounds": self.rounds, "search_rows": self.search_rows,
+                **self.metric.flat_fields()}
+
 
 @dataclass(frozen=True)
 class Percentile(Calibrating):
@@ -107,6 +115,9 @@ class Percentile(Calibrating):
     per-channel weights, each range the best of three percentile pairs by MSE, activations
     calibrated in forward order on the outputs of the already quantized layers."""
     variant = "percentile"
+
+    def flat_fields(self) -> dict:
+        return {"calibration": "percentile"}
 
 
 Calibration = Union[GridSearch, Percentile]

@@ -1,7 +1,8 @@
 """The flat view of a recipe, as checkpoints store it, and the old flat field names.
 
 :class:`Preset` has one field per setting, every field present whether or not the recipe uses
-it. It is derived from a :class:`~ptq4vit.recipes.Recipe` by :func:`to_flat` and never the source of truth: the calibration engine reads the recipe, and
+it. It is derived from a :class:`~ptq4vit.recipes.Recipe` by :func:`to_flat` (each component writes
+its own fields) and never the source of truth: the calibration engine reads the recipe, and
 ``ptq4vit.recipes.named.from_flat`` reads a flat preset back (format 1 and 2 checkpoints store only
 it, and the old flat override names write it), dropping what the recipe's components leave unused.
 The rules among the settings live once, in the recipe's components. ``FLAT_PATHS`` says where each
@@ -15,10 +16,9 @@ from typing import Callable, ClassVar, Literal
 
 from ..errors import UserError
 from ..typecheck import check_fields
-from .calibration import GradSource, GridSearch, Hessian, Percentile
-from .operands import FloatAttention, LogBase, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax
-from .transforms import BiasCorrection, LayerNormReparam, Rotation, RotationKind, Smoothing
-from .weights import GPTQ
+from .calibration import GradSource
+from .operands import LogBase
+from .transforms import RotationKind
 
 Metric = Literal["cosine", "mse", "hessian"]
 LogQuantization = Literal["none", LogBase]
@@ -186,45 +186,15 @@ FLAT_PATHS: dict[str, str] = {
 
 
 def to_flat(recipe) -> Preset:
-    """The flat view of ``recipe``: its parameters where its variants have them, defaults elsewhere."""
-    c, w, s, g = recipe.calibration, recipe.weights, recipe.softmax, recipe.gelu
+    """The flat view of ``recipe``: each component writes the fields it has (``flat_fields``),
+    the rest keep their defaults."""
     f: dict = {"name": recipe.name, "description": recipe.description}
-    if isinstance(c, GridSearch):
-        m = c.metric
-        f.update(metric=m.variant, alpha=c.alpha, beta=c.beta, n_candidates=c.n_candidates, rounds=c.rounds,
-                 search_rows=c.search_rows)
-        if isinstance(m, Hessian):
-            f.update(grad_source=m.gradients, grad_chunk=m.grad_chunk)
-    else:
-        f.update(calibration="percentile")
-    f.update(w_granularity=w.granularity, conv_per_channel=w.conv_per_channel, weight_rounding=w.rounding.variant)
-    if isinstance(w.rounding, GPTQ):
-        f.update(gptq_damp=w.rounding.damp, gptq_act_order=w.rounding.act_order, gptq_block=w.rounding.block,
-                 gptq_quantized_inputs=w.rounding.quantized_inputs)
-    f.update(softmax_twin=isinstance(s, TwinSoftmax), quantize_attention=not isinstance(s, FloatAttention),
-             softmax_renorm=getattr(s, "renorm", False))
-    if isinstance(s, TwinSoftmax):
-        f.update(softmax_twin_form=s.form, split_search_quantized_b=s.split_search_quantized_b)
-    if isinstance(s, LogSoftmax):
-        f.update(softmax_log=s.base, softmax_log_scale=isinstance(c, Percentile))
-    f.update(gelu_twin=isinstance(g, TwinGelu))
-    if isinstance(g, TwinGelu):
-        f.update(gelu_pow2=g.pow2)
-    if isinstance(g, LogGelu):
-        f.update(gelu_log=g.base)
+    for component in (recipe.calibration, recipe.weights, recipe.softmax, recipe.gelu, *recipe.transforms):
+        f.update(component.flat_fields())
+    if recipe.softmax.variant == "log":  # the log quantizer's largest level is calibrated by percentile calibration
+        f.update(softmax_log_scale=recipe.calibration.variant == "percentile")
     f.update(asymmetric_inputs=recipe.inputs == "asymmetric", head_bits=recipe.head_bits,
              patch_input_bits=recipe.patch_input_bits)
-    for t in recipe.transforms:
-        if isinstance(t, Rotation):
-            f.update(rotate_residual=t.residual, rotate_heads=t.heads, rotate_fc2=t.fc2, rotation_kind=t.kind,
-                     rotation_seed=t.seed)
-        elif isinstance(t, Smoothing):
-            f.update(smooth_alpha=t.alpha)
-        elif isinstance(t, LayerNormReparam):
-            f.update(reparam_ln=True, reparam_round_zero_point=t.round_zero_point,
-                     reparam_fold_float64=t.fold_float64)
-        elif isinstance(t, BiasCorrection):
-            f.update(bias_correction=True)
     return Preset(**f)
 
 

@@ -25,6 +25,9 @@ class UniformSoftmax(SoftmaxOperand):
     variant = "uniform"
     renorm: bool = False
 
+    def flat_fields(self) -> dict:
+        return {"softmax_twin": False, "softmax_renorm": self.renorm}
+
 
 @dataclass(frozen=True)
 class TwinSoftmax(SoftmaxOperand):
@@ -39,6 +42,10 @@ class TwinSoftmax(SoftmaxOperand):
     def quantizes_v_in_split_search(self) -> bool:
         return self.split_search_quantized_b
 
+    def flat_fields(self) -> dict:
+        return {"softmax_twin": True, "softmax_twin_form": self.form,
+                "split_search_quantized_b": self.split_search_quantized_b, "softmax_renorm": self.renorm}
+
 
 @dataclass(frozen=True)
 class LogSoftmax(SoftmaxOperand):
@@ -48,12 +55,18 @@ class LogSoftmax(SoftmaxOperand):
     base: LogBase = "log_sqrt2"
     renorm: bool = False
 
+    def flat_fields(self) -> dict:  # (softmax_log_scale depends on the calibration: to_flat sets it)
+        return {"softmax_twin": False, "softmax_log": self.base, "softmax_renorm": self.renorm}
+
 
 @dataclass(frozen=True)
 class FloatAttention(SoftmaxOperand):
     """Attention stays float: ``q @ kᵀ`` and ``softmax @ v`` are plain matmuls, not sites, as runtimes
     run them in one fused kernel (docs/deployment.md)."""
     variant = "float"
+
+    def flat_fields(self) -> dict:
+        return {"softmax_twin": False, "quantize_attention": False}
 
 
 Softmax = Union[UniformSoftmax, TwinSoftmax, LogSoftmax, FloatAttention]
@@ -64,12 +77,18 @@ class UniformGelu(Component):
     """fc2's input gets the linear inputs' quantizer (and their smoothing and asymmetry)."""
     variant = "uniform"
 
+    def flat_fields(self) -> dict:
+        return {"gelu_twin": False}
+
 
 @dataclass(frozen=True)
 class TwinGelu(Component):
     """The twin uniform quantizer of the post-GELU input; ``pow2``: ``Δ+ = 2^m Δ-`` (integer kernels)."""
     variant = "twin"
     pow2: bool = True
+
+    def flat_fields(self) -> dict:
+        return {"gelu_twin": True, "gelu_pow2": self.pow2}
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,9 @@ class LogGelu(Component):
     (docs/lowbit.md §8)."""
     variant = "log"
     base: LogBase = "log2"
+
+    def flat_fields(self) -> dict:
+        return {"gelu_twin": False, "gelu_log": self.base}
 
 
 Gelu = Union[UniformGelu, TwinGelu, LogGelu]
