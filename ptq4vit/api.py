@@ -72,7 +72,6 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
                                    progress=progress, inplace=inplace, threads=threads, adapters=adapters,
                                    reconstruction_images=reconstruction_images))
     recipe = get_recipe(preset, **overrides)
-    preset = recipe.flat()  # the engine's resolved view of the recipe
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
     if memory_budget is not None and memory_budget < 1:
@@ -100,25 +99,26 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     # Images take the model's dtype: a bf16 model gets bf16 images (its convs refuse float32 input).
     images = calib_images.to(device=device, dtype=dtype)
     float_digest = float_weights_digest(model)  # before rotation, smoothing or rounding rewrite weights
-    sites = prepare_sites(model, preset, w_bits, a_bits, adapters=adapters)
+    sites = prepare_sites(model, recipe, w_bits, a_bits, adapters=adapters)
     qmodel = QuantizedModel(model, recipe, w_bits, a_bits, name)
     qmodel.float_weights_sha256 = float_digest
 
-    desc = f"calibrating {preset.name} W{w_bits}A{a_bits}"
-    if preset.calibration == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
-        pairs = norm_linear_pairs(model, adapters=adapters) if preset.reparam_ln else []
+    desc = f"calibrating {recipe.name} W{w_bits}A{a_bits}"
+    if recipe.calibration.variant == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image
+        reparam = recipe.transform("ln_reparam")
+        pairs = norm_linear_pairs(model, adapters=adapters) if reparam is not None else []
         with qmodel.quantization_disabled():
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
-                                 round_zero_point=preset.reparam_round_zero_point,
-                                 fold_dtype=torch.float64 if preset.reparam_fold_float64 else None)
+                                 round_zero_point=reparam is not None and reparam.round_zero_point,
+                                 fold_dtype=torch.float64 if reparam is not None and reparam.fold_float64 else None)
         _check_scales(model)
         return _reconstructed(qmodel, recipe, reconstruction_images if reconstruction_images is not None
                               else images, progress, threads, memory_budget)
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     with qmodel.quantization_disabled():
-        plan = calibrate_model(model, images, sites, preset, budget, capture_batch,
+        plan = calibrate_model(model, images, sites, recipe, budget, capture_batch,
                                threads=threads, progress=progress,
-                               desc=f"calibrating {preset.name} W{w_bits}A{a_bits}")
+                               desc=f"calibrating {recipe.name} W{w_bits}A{a_bits}")
     _check_scales(model)
     logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
                  budget / 2 ** 20)

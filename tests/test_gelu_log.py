@@ -12,6 +12,7 @@ from ptq4vit.errors import UnsupportedModelError, UserError
 from ptq4vit.nn import QuantLinear
 from ptq4vit.harness.ablations import POST_GELU_ROWS
 from ptq4vit.presets import get_preset
+from ptq4vit.recipes import get_recipe
 from ptq4vit.quant import (GeluLogQuantizer, UniformQuantizer, gelu_log_codes, gelu_log_dequantize, gelu_log_fake_quant,
                            gelu_twin_neg_step, uniform_fake_quant)
 
@@ -102,7 +103,7 @@ def test_the_batched_search_picks_what_a_loop_over_candidates_picks(metric, base
     want_w, want_a = spec_gelu_log_linear(x, lin.weight.detach(), lin.bias.detach(), grad, metric, preset, 4, 4, base,
                                           quant.neg_scale)
     site = QuantLinear(lin, UniformQuantizer(4), quant)
-    calibrate_linear(site, x, grad, preset, budget=1 << 20)
+    calibrate_linear(site, x, grad, get_recipe(preset), budget=1 << 20)
     assert torch.allclose(site.w_quant.scale, want_w.reshape(1), rtol=1e-6, atol=0)
     assert torch.equal(site.a_quant.scale, want_a.reshape(1))
 
@@ -124,9 +125,9 @@ def test_gelu_log_is_validated():
         get_preset("ptq4vit", gelu_twin=False, gelu_log="log3")
     with pytest.raises(UserError, match="gelu_log='log2' and gelu_twin"):
         get_preset("ptq4vit", gelu_log="log2")
-    with pytest.raises(UserError, match="gelu_log='log_sqrt2' needs fc2's input post-GELU, which rotate_fc2"):
+    with pytest.raises(UserError, match="rotation.fc2 makes fc2's input no longer post-GELU: it needs gelu=uniform, not gelu=log"):
         get_preset("rotq", gelu_log="log_sqrt2")
-    with pytest.raises(UserError, match="gelu_log='log2' has no initialisation under calibration='percentile'"):
+    with pytest.raises(UserError, match="calibration=percentile has no initialisation for gelu=log"):
         get_preset("repq-vit", gelu_log="log2")
     with pytest.raises(ValueError, match="base"):
         GeluLogQuantizer(4, "log3")

@@ -174,7 +174,8 @@ def test_gptq_preset_errors():
         ptq4vit.get_preset("ptq4vit", weight_rounding="adaround")
     with pytest.raises(ptq4vit.errors.UserError, match="gptq_block"):
         ptq4vit.get_preset("ptq4vit", gptq_block=0)
-    with pytest.raises(ptq4vit.errors.UserError, match="gptq_quantized_inputs needs weight_rounding='gptq'"):
+    with pytest.raises(ptq4vit.errors.UserError, match="override gptq_quantized_inputs=True would change nothing .*weights.rounding.quantized_inputs does "
+                       "not apply"):
         ptq4vit.get_preset("ptq4vit", gptq_quantized_inputs=True)
-    with pytest.raises(ptq4vit.errors.UserError, match="gptq_damp > 0"):
+    with pytest.raises(ptq4vit.errors.UserError, match="gptq.quantized_inputs needs damp > 0"):
         ptq4vit.get_preset("ptq4vit", weight_rounding="gptq", gptq_quantized_inputs=True, gptq_damp=0.0)

@@ -210,5 +210,5 @@ def test_softmax_renorm_keeps_row_mass_in_the_model_round_trips_and_exports_as_f
 
 
 def test_softmax_renorm_needs_quantized_attention():
-    with pytest.raises(UserError, match="softmax_renorm .* needs quantize_attention=True"):
+    with pytest.raises(UserError, match="override softmax_renorm=True would change nothing .*softmax.renorm does not apply"):
         ptq4vit.get_preset("deploy8", softmax_renorm=True)

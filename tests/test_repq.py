@@ -282,13 +282,12 @@ def test_repq_export_lists_every_float_part_and_matches_torch(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(reparam_ln=True), "calibration='percentile'"),
-    (dict(softmax_log_scale=True, softmax_log="log_sqrt2"), "calibration='percentile'"),
-    (dict(patch_input_bits=8), "calibration='percentile'"),
-    (dict(calibration="percentile"), "gelu_twin"),
-    (dict(calibration="percentile", gelu_twin=False, softmax_log="log2"), "softmax_log_scale=True"),
+    (dict(reparam_ln=True), "the ln_reparam transform needs calibration=percentile"),
+    (dict(softmax_log_scale=True, softmax_log="log_sqrt2"), "override softmax_log_scale=True would change nothing"),
+    (dict(patch_input_bits=8), "patch_input_bits needs calibration=percentile"),
+    (dict(calibration="percentile"), "calibration=percentile has no initialisation for softmax=twin; gelu=twin"),
     (dict(calibration="grid"), "calibration must be one of"),
-    (dict(reparam_fold_float64=True), "calibration='percentile'"),
+    (dict(reparam_fold_float64=True), "override reparam_fold_float64=True would change nothing"),
     (dict(reparam_fold_float64="yes"), "reparam_fold_float64 must be True"),
 ])
 def test_preset_validation_errors(overrides, match):
@@ -297,12 +296,15 @@ def test_preset_validation_errors(overrides, match):
 
 
 def test_repq_preset_refusals():
-    with pytest.raises(UserError, match="rotate_residual"):
+    with pytest.raises(UserError, match="ln_reparam folds into LayerNorm's affine, which rotation.residual folds away"):
         ptq4vit.get_preset("repq-vit", rotate_residual=True)
     with pytest.raises(UserError, match="patch_input_bits"):
         ptq4vit.get_preset("repq-vit", patch_input_bits=9)
-    with pytest.raises(UserError, match="w_granularity"):
+    with pytest.raises(UserError, match="no initialisation for weights .*percentile weights are per channel"):
         ptq4vit.get_preset("repq-vit", w_granularity="channel")
+    # percentile calibration calibrates a log softmax quantizer's largest level: no switch to set for it
+    assert ptq4vit.get_preset("ptq4vit", calibration="percentile", gelu_twin=False,
+                              softmax_log="log2").softmax_log_scale is True
     for label, overrides in REPQ_ABLATION_ROWS.items():
         assert ptq4vit.get_preset("repq-vit", **overrides).overrides() == overrides, label
 

@@ -111,7 +111,7 @@ def test_rotation_after_quantization_sites_with_quantization_off():
 
 
 def test_rotation_options_errors():
-    with pytest.raises(UserError, match="gelu_twin=False"):
+    with pytest.raises(UserError, match="rotation.fc2 makes fc2's input no longer post-GELU: it needs gelu=uniform"):
         get_preset("ptq4vit", rotate_fc2=True)
     with pytest.raises(UserError, match="rotation_kind"):
         get_preset("ptq4vit", rotation_kind="givens")

@@ -8,6 +8,7 @@ from ptq4vit.calib.calibrate import calibrate_linear, calibrate_matmul
 from ptq4vit.calib.search import Product, best_pruned, score
 from ptq4vit.nn import QuantLinear, QuantMatMul
 from ptq4vit.presets import get_preset
+from ptq4vit.recipes import get_recipe
 from ptq4vit.quant import TwinSoftmaxQuantizer, UniformQuantizer, softmax_twin_fake_quant, uniform_fake_quant
 
 
@@ -65,7 +66,7 @@ def test_linear_search_matches_the_literal_spec(metric, groups):
     preset = get_preset("ptq4vit", metric=metric, n_candidates=12, rounds=2)
     want_w, want_a = spec_linear(x, lin.weight.detach(), lin.bias.detach(), grad, metric, groups, preset, 4, 4)
     site = QuantLinear(lin, UniformQuantizer(4, groups, axis=0 if groups > 1 else None), UniformQuantizer(4))
-    calibrate_linear(site, x, grad, preset, budget=1 << 20)
+    calibrate_linear(site, x, grad, get_recipe(preset), budget=1 << 20)
     assert torch.allclose(site.w_quant.scale, want_w, rtol=1e-6, atol=0)
     assert torch.allclose(site.a_quant.scale, want_a.reshape(1), rtol=1e-6, atol=0)
 
@@ -120,7 +121,7 @@ def test_official_split_search_ignores_v_quantization_and_ptq4vit_does_not():
     for preset_name, form in (("official", "sum"), ("ptq4vit", "select")):
         preset = get_preset(preset_name, n_candidates=20)
         site = QuantMatMul(TwinSoftmaxQuantizer(4, form), UniformQuantizer(4, 2, axis=1))
-        calibrate_matmul(site, attn, v, grad, preset, 1 << 22)
+        calibrate_matmul(site, attn, v, grad, get_recipe(preset), 1 << 22)
         split = site.a_quant.split
         # the chosen split is the best of the 20 candidates under the preset's rule
         b_fixed = v if preset_name == "official" else uniform_fake_quant(
@@ -169,7 +170,7 @@ def test_split_search_with_renormalized_rows_scores_what_the_layer_computes():
     picked = {}
     for renorm in (False, True):
         site = QuantMatMul(TwinSoftmaxQuantizer(4), UniformQuantizer(4, 2, axis=1), renorm_rows=renorm)
-        calibrate_matmul(site, attn, v, grad, preset, 1 << 22)
+        calibrate_matmul(site, attn, v, grad, get_recipe(preset), 1 << 22)
         picked[renorm] = site.a_quant.split.item()
     b_fixed = uniform_fake_quant(v, (v.transpose(0, 1).reshape(2, -1).abs().amax(1) / 7.5).reshape(1, 2, 1, 1), 4)
     out = attn @ v

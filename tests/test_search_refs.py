@@ -15,6 +15,7 @@ import ptq4vit
 from ptq4vit.calib.calibrate import calibrate_conv, calibrate_linear, calibrate_matmul
 from ptq4vit.nn import QuantConv2d, QuantLinear, QuantMatMul
 from ptq4vit.presets import get_preset
+from ptq4vit.recipes import get_recipe
 from ptq4vit.quant import (TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, gelu_twin_fake_quant,
                            uniform_fake_quant)
 
@@ -68,7 +69,7 @@ def test_per_channel_conv_search_matches_the_literal_spec(metric):
     preset = get_preset("ptq4vit", metric=metric, n_candidates=16)
     want = spec_conv_per_channel(x, conv.weight.detach(), conv.bias.detach(), grad, metric, preset, 4)
     site = QuantConv2d(conv, UniformQuantizer(4, 5, axis=0))
-    calibrate_conv(site, x, grad, preset, budget=1 << 20)
+    calibrate_conv(site, x, grad, get_recipe(preset), budget=1 << 20)
     assert torch.allclose(site.w_quant.scale, want, rtol=1e-6, atol=0)
     assert len(set(site.w_quant.scale.tolist())) > 1  # the channels really got scales of their own
 
@@ -108,7 +109,7 @@ def test_pow2_gelu_search_matches_the_literal_spec(metric):
     want_w, want_a = spec_pow2_gelu_linear(x, lin.weight.detach(), lin.bias.detach(), grad, metric, preset, 6, 6,
                                            float(quant.neg_scale))
     site = QuantLinear(lin, UniformQuantizer(6), quant)
-    calibrate_linear(site, x, grad, preset, budget=1 << 20)
+    calibrate_linear(site, x, grad, get_recipe(preset), budget=1 << 20)
     assert torch.allclose(site.w_quant.scale, want_w.reshape(1), rtol=1e-6, atol=0)
     assert torch.equal(site.a_quant.scale, want_a.reshape(1))
 
@@ -147,7 +148,7 @@ def test_per_head_matmul_search_matches_the_literal_spec(metric):
     preset = get_preset("ptq4vit", metric=metric, n_candidates=16, rounds=3)
     want_a, want_b = spec_per_head_matmul(q, kt, grad, metric, preset, 4)
     site = QuantMatMul(UniformQuantizer(4, 4, axis=1), UniformQuantizer(4, 4, axis=1))
-    calibrate_matmul(site, q, kt, grad, preset, budget=1 << 20)
+    calibrate_matmul(site, q, kt, grad, get_recipe(preset), budget=1 << 20)
     assert torch.allclose(site.a_quant.scale, want_a, rtol=1e-6, atol=0)
     assert torch.allclose(site.b_quant.scale, want_b, rtol=1e-6, atol=0)
 

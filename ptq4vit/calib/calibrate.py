@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
-from ..presets import Preset
+from ..recipes import Recipe, get_recipe
+from ..recipes.calibration import GridSearch
+from ..recipes.flat import Preset
 from ..quant import (MIN_SCALE, KindRegistry, candidate_factors, initial_scale, renormalize_rows,
                      uniform_fake_quant)
 from .bias_correction import correct_bias
@@ -31,10 +33,10 @@ from .search import Product, best_index, row_scores, score
 
 
 class _Grid:
-    """The candidate multipliers of Δ0 for a preset."""
+    """The candidate multipliers of Δ0 of a grid search."""
 
-    def __init__(self, preset: Preset, device: torch.device):
-        self.factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(device)
+    def __init__(self, search: GridSearch, device: torch.device):
+        self.factors = candidate_factors(search.alpha, search.beta, search.n_candidates).to(device)
 
     def around(self, start: torch.Tensor) -> torch.Tensor:
         """``(n, *start.shape)`` candidates ``Δ0 · factor``, none below MIN_SCALE (docs/method.md §2)."""
@@ -72,11 +74,11 @@ class _InputSearch:
         self._store(self.scale)
 
 
-def _in_released_order(preset: Preset, every_row: bool) -> bool:
+def _in_released_order(metric: str, every_row: bool) -> bool:
     """Cosine scores are reduced in the released code's order (:mod:`.released_order`) when
     every row is scored, as the released code scores them; a sample of rows has no such order and
     keeps the float64 sum of :func:`.search.score`."""
-    return preset.metric == "cosine" and every_row
+    return metric == "cosine" and every_row
 
 
 def _some_rows(t: Optional[torch.Tensor], dim: int, keep: int) -> Optional[torch.Tensor]:
@@ -88,17 +90,18 @@ def _some_rows(t: Optional[torch.Tensor], dim: int, keep: int) -> Optional[torch
     return t.index_select(dim, idx)
 
 
-def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
-    grid = _Grid(preset, x.device)
+def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], recipe: Recipe, budget: int) -> None:
+    search, metric = recipe.calibration, recipe.calibration.metric.variant  # the grid search and its score
+    grid = _Grid(search, x.device)
     w = _search_float(site.weight)
     bias = _search_float(site.bias)
     images = x.shape[0]
     x_all = x.reshape(1, -1, x.shape[-1])                      # the input's range comes from every row
-    x = _some_rows(x_all, 1, preset.search_rows)
-    released = _in_released_order(preset, x.shape[1] == x_all.shape[1])
+    x = _some_rows(x_all, 1, search.search_rows)
+    released = _in_released_order(metric, x.shape[1] == x_all.shape[1])
     tokens = x.shape[1] // images
     floats_per_image = tokens * (w.shape[1] + w.shape[0])      # the released code's input and output values
-    g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, preset.search_rows) if grad is not None else None
+    g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, search.search_rows) if grad is not None else None
     wq = site.w_quant
     size = w.shape[0] // wq.groups
     blocks = [slice(i * size, (i + 1) * size) for i in range(wq.groups)]
@@ -106,25 +109,25 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
     # One product per weight block, scored on its own output columns; the whole layer for the
     # input. Several blocks' products are made one at a time, so that no more than one
     # output-sized tensor exists at once (a single-block layer keeps its one product).
-    single = Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=preset.metric) if wq.groups == 1 else None
+    single = Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=metric) if wq.groups == 1 else None
 
     def block_product(cols: slice) -> Product:
         if single is not None:
             return single
         return Product(a=x, b=w[cols].t().unsqueeze(0), bias=bias[cols] if bias is not None else None,
-                       grad=g[..., cols] if g is not None else None, metric=preset.metric)
+                       grad=g[..., cols] if g is not None else None, metric=metric)
 
     def layer_product() -> Product:
         if single is not None:
             return single
-        return Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=preset.metric)
+        return Product(a=x, b=w.t().unsqueeze(0), bias=bias, grad=g, metric=metric)
 
     w_start = initial_scale(torch.stack([w[cols].abs().max() for cols in blocks]), wq.bits)
     w_cands = grid.around(w_start)                                   # (n, groups)
     inp = _InputSearch(site.a_quant, x_all, grid) if site.a_quant is not None else None
 
     w_scale = w_start
-    for _ in range(preset.rounds):
+    for _ in range(search.rounds):
         x_fixed = inp.apply(x) if inp is not None else x
         if released:  # every block's rows together: the released code reduces them in one tensor
             cos = torch.stack([row_scores(block_product(cols), "b", x_fixed, _uniform(wq.bits), w_cands[:, i:i + 1],
@@ -154,47 +157,49 @@ def calibrate_linear(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Te
         inp.store()
 
 
-def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
+def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Optional[torch.Tensor], recipe: Recipe,
                                   budget: int) -> None:
     """Weight scales from ``H`` (its diagonal when rounding to nearest), round-to-nearest or GPTQ
     weights, then the input scale search (scored on ``search_rows`` rows, ranges from all).
 
-    With ``gptq_quantized_inputs`` the input scale is first searched against the round-to-nearest
+    With GPTQ's ``quantized_inputs`` the input scale is first searched against the round-to-nearest
     weight, GPTQ then rounds the weight fitted to those quantized inputs (docs/lowbit.md §10), and
     the input scale is searched again against the result.
     """
+    search, metric = recipe.calibration, recipe.calibration.metric.variant  # the grid search and its score
+    rounding = recipe.weights.rounding
     wq = site.w_quant
     w = site.weight.detach()
     x2 = x.reshape(-1, x.shape[-1])
-    gptq = preset.weight_rounding == "gptq"
+    gptq = rounding.variant == "gptq"
     h = input_hessian(x2) if gptq else input_energy(x2)
-    factors = candidate_factors(preset.alpha, preset.beta, preset.n_candidates).to(w.device)
+    factors = candidate_factors(search.alpha, search.beta, search.n_candidates).to(w.device)
     scales = search_group_scales(w, h, wq.groups, wq.bits, factors, budget)
     per_row = row_scales(scales, w.shape[0])
     inp = layer = None
     if site.a_quant is not None:
-        grid = _Grid(preset, x.device)
+        grid = _Grid(search, x.device)
         x_all = x2.unsqueeze(0)
-        xx = _some_rows(x_all, 1, preset.search_rows)
-        g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, preset.search_rows) if grad is not None else None
+        xx = _some_rows(x_all, 1, search.search_rows)
+        g = _some_rows(grad.reshape(1, -1, grad.shape[-1]), 1, search.search_rows) if grad is not None else None
         layer = Product(a=xx, b=w.t().unsqueeze(0), bias=site.bias.detach() if site.bias is not None else None,
-                        grad=g, metric=preset.metric)
+                        grad=g, metric=metric)
         inp = _InputSearch(site.a_quant, x_all, grid)
 
     def search_input(w_fixed: torch.Tensor) -> None:
         inp.scale = inp.cands[best_index(layer, "a", w_fixed.t().unsqueeze(0), inp.fn, inp.cands.reshape(-1, 1),
                                          budget)].reshape(1)
 
-    if gptq and inp is not None and preset.gptq_quantized_inputs:
+    if gptq and inp is not None and rounding.quantized_inputs:
         search_input(uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits))
-        target, h = compensated_target(w, x2, inp.apply, preset.gptq_damp)
+        target, h = compensated_target(w, x2, inp.apply, rounding.damp)
         scales = search_group_scales(target, h, wq.groups, wq.bits, factors, budget).to(w.dtype)
         per_row = row_scales(scales, w.shape[0])
     else:
         target = w
     if gptq:
-        wq_values = gptq_quantize(target, h.to(w.device), per_row, wq.bits, damp=preset.gptq_damp,
-                                  act_order=preset.gptq_act_order, block=preset.gptq_block).to(w.dtype)
+        wq_values = gptq_quantize(target, h.to(w.device), per_row, wq.bits, damp=rounding.damp,
+                                  act_order=rounding.act_order, block=rounding.block).to(w.dtype)
     else:
         wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
     if inp is not None:
@@ -226,9 +231,10 @@ def _conv_cosines(site: QuantConv2d, x: torch.Tensor, w: torch.Tensor, bias: Opt
     return torch.cat(cos)
 
 
-def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
+def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tensor], recipe: Recipe, budget: int) -> None:
     """Weight-only search of the patch embedding, seen as a linear layer over unfolded patches."""
-    grid = _Grid(preset, x.device)
+    search, metric = recipe.calibration, recipe.calibration.metric.variant  # the grid search and its score
+    grid = _Grid(search, x.device)
     w = _search_float(site.weight)
     cout = w.shape[0]
     unfolded = F.unfold(x, site.kernel_size, site.dilation, site.padding, site.stride)  # (N, CKK, L)
@@ -237,13 +243,13 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
     del unfolded
     g = grad.flatten(2).transpose(1, 2).reshape(1, -1, cout) if grad is not None else None
     p = Product(a=patches, b=w.reshape(cout, -1).t().unsqueeze(0), bias=_search_float(site.bias), grad=g,
-                metric=preset.metric)
+                metric=metric)
     del patches
     wq = site.w_quant
     if wq.groups == cout and cout > 1:
         # Each channel is its own group, scored over its positions in each image.
         cands = grid.around(initial_scale(w.reshape(cout, -1).abs().amax(1), wq.bits))   # (n, cout)
-        if _in_released_order(preset, True):
+        if _in_released_order(metric, True):
             cos = _conv_cosines(site, x, w, _search_float(site.bias), cands, wq.bits, budget)
             idx = conv_scores(cos, x[0].numel() + cout * positions).argmax(0)
         else:
@@ -254,27 +260,28 @@ def calibrate_conv(site: QuantConv2d, x: torch.Tensor, grad: Optional[torch.Tens
         wq.set_scale(cands[best_index(p, "b", p.a, _uniform(wq.bits), cands, budget)])
 
 
-def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor], preset: Preset,
+def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor], recipe: Recipe,
                      budget: int) -> None:
     """Search an attention matmul ``a @ b`` with operands ``(images, heads, rows, cols)``."""
-    grid = _Grid(preset, a.device)
+    search, metric = recipe.calibration, recipe.calibration.metric.variant  # the grid search and its score
+    grid = _Grid(search, a.device)
     heads = a.shape[1]
     a_all = a                                                  # ranges from every row, scores on some
-    rows = -(-preset.search_rows // a.shape[0]) if preset.search_rows else 0
+    rows = -(-search.search_rows // a.shape[0]) if search.search_rows else 0
     a, grad = _some_rows(a, 2, rows), _some_rows(grad, 2, rows)
-    released = _in_released_order(preset, a.shape[2] == a_all.shape[2])
+    released = _in_released_order(metric, a.shape[2] == a_all.shape[2])
     images = a.shape[0]
     # The released code's values per image: both operands and twice the output.
     floats_per_image = heads * (a.shape[2] * a.shape[3] + b.shape[2] * b.shape[3] + 2 * a.shape[2] * b.shape[3])
     aq = site.a_quant
     a_space = aq.scale_search(a_all)
     if a_space is None:
-        return _calibrate_matmul_fixed_a(site, a, b, grad, preset, budget, grid)
+        return _calibrate_matmul_fixed_a(site, a, b, grad, metric, budget, grid)
     renorm = _renormalized if site.renorm_rows else (lambda fn: fn)
 
     # Made when searched, so one head's float product exists at a time.
     def head_product(h: int) -> Product:
-        return Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
+        return Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=metric)
 
     b_space = site.b_quant.scale_search(b)
     b_scale = b_space.start
@@ -286,8 +293,8 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         # One parameter for the layer (the softmax split), scored over all heads at once.
         def whole_product() -> Product:
             return Product(a=a.flatten(0, 1), b=b.flatten(0, 1), grad=grad.flatten(0, 1) if grad is not None else None,
-                           metric=preset.metric)
-        b_quantized_in_a_search = preset.split_search_quantized_b
+                           metric=metric)
+        b_quantized_in_a_search = recipe.softmax.quantizes_v_in_split_search()
     else:
         b_quantized_in_a_search = True
 
@@ -302,7 +309,7 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
         return cands[best, torch.arange(heads, device=best.device)]
 
     a_scale = None
-    for _ in range(preset.rounds):
+    for _ in range(search.rounds):
         b_fixed = quant_b(b_scale) if b_quantized_in_a_search else b
         if twin and released:
             cos = row_scores(whole_product(), "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget)
@@ -339,7 +346,7 @@ def _renormalized(fn):
 
 
 def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: Optional[torch.Tensor],
-                              preset: Preset, budget: int, grid: _Grid) -> None:
+                              metric: str, budget: int, grid: _Grid) -> None:
     """Operand A has no parameter to search (log quantizer): search B's per-head scales once against q(A)."""
     heads = a.shape[1]
     a_fixed = site.a_quant.fake_quant(a)
@@ -347,7 +354,7 @@ def _calibrate_matmul_fixed_a(site: QuantMatMul, a: torch.Tensor, b: torch.Tenso
         a_fixed = renormalize_rows(a_fixed, a)
     b_space = site.b_quant.scale_search(b)
     b_cands = grid.around(b_space.start)
-    per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=preset.metric)
+    per_head = [Product(a=a[:, h], b=b[:, h], grad=grad[:, h] if grad is not None else None, metric=metric)
                 for h in range(heads)]
     b_space.store(torch.stack([b_cands[best_index(prod, "b", a_fixed[:, h], b_space.fake_quant, b_cands[:, h:h + 1], budget), h]
                                for h, prod in enumerate(per_head)]))
@@ -372,19 +379,20 @@ def _smooth(site: QuantLinear, x: torch.Tensor, alpha: float) -> torch.Tensor:
     return x / site.smooth.to(x.dtype)
 
 
-def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset,
+def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], recipe: Recipe,
                            budget: int) -> None:
     """Smoothing first (its divisor changes the input the search sees), then the first- or
     second-order search, then bias correction against the float (smoothed) weight."""
     x = inputs[0]
     if site.smooth is not None:
-        x = _smooth(site, x, preset.smooth_alpha)
+        smoothing = recipe.transform("smoothing")
+        x = _smooth(site, x, smoothing.alpha if smoothing is not None else 0.0)
     # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
-    float_weight = site.weight.detach().clone() if preset.bias_correction else None
-    if preset.second_order_weights:
-        calibrate_linear_second_order(site, x, grad, preset, budget)
+    float_weight = site.weight.detach().clone() if recipe.transform("bias_correction") is not None else None
+    if recipe.weights.second_order:
+        calibrate_linear_second_order(site, x, grad, recipe, budget)
     else:
-        calibrate_linear(site, x, grad, preset, budget)
+        calibrate_linear(site, x, grad, recipe, budget)
     if float_weight is not None:
         correct_bias(site, x, float_weight)
 
@@ -392,15 +400,18 @@ def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: 
 #: The search of each site class (a new site class registers its own).
 SITE_SEARCHES: KindRegistry = KindRegistry("calibration search of site")
 SITE_SEARCHES.register(QuantLinear, _calibrate_linear_site)
-SITE_SEARCHES.register(QuantConv2d, lambda site, inputs, grad, preset, budget:
-                       calibrate_conv(site, inputs[0], grad, preset, budget))
-SITE_SEARCHES.register(QuantMatMul, lambda site, inputs, grad, preset, budget:
-                       calibrate_matmul(site, inputs[0], inputs[1], grad, preset, budget))
+SITE_SEARCHES.register(QuantConv2d, lambda site, inputs, grad, recipe, budget:
+                       calibrate_conv(site, inputs[0], grad, recipe, budget))
+SITE_SEARCHES.register(QuantMatMul, lambda site, inputs, grad, recipe, budget:
+                       calibrate_matmul(site, inputs[0], inputs[1], grad, recipe, budget))
 
 
-def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor], preset: Preset, budget: int) -> None:
-    """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype)."""
+def calibrate_site(site: nn.Module, inputs: list[torch.Tensor], grad: Optional[torch.Tensor],
+                   recipe: "Recipe | Preset", budget: int) -> None:
+    """Choose ``site``'s scales from its captured inputs and output gradient (any float dtype), by
+    ``recipe``'s grid search (a flat :class:`Preset` is read as the recipe it means)."""
+    recipe = get_recipe(recipe)
     search = SITE_SEARCHES.find(site)
     if search is None:
         raise TypeError(f"not a quantization site: {type(site).__name__}")
-    search(site, [_search_float(t) for t in inputs], _search_float(grad), preset, budget)
+    search(site, [_search_float(t) for t in inputs], _search_float(grad), recipe, budget)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..presets import Preset
+from ..recipes import Recipe, get_recipe
+from ..recipes.flat import Preset
 from .budget import Plan, measure_costs, plan
 from .calibrate import calibrate_site
 from .capture import capture
@@ -42,7 +43,7 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(usable_cpus(), torch.get_num_threads()))
 
 
-def search_group(sites: dict[str, nn.Module], data: dict, names: list[str], preset: Preset, step_bytes: int,
+def search_group(sites: dict[str, nn.Module], data: dict, names: list[str], recipe: Recipe, step_bytes: int,
                  workers: int, bar) -> None:
     """Search the scales of the sites ``names`` from their captured ``data`` (popped as each starts).
 
@@ -56,7 +57,7 @@ def search_group(sites: dict[str, nn.Module], data: dict, names: list[str], pres
     """
     def one(n: str, budget: int) -> None:
         site_data = data.pop(n)
-        calibrate_site(sites[n], site_data.inputs, site_data.grad, preset, budget)
+        calibrate_site(sites[n], site_data.inputs, site_data.grad, recipe, budget)
         del site_data  # frees the site's captured data before the next site's search
         bar.update()
 
@@ -96,19 +97,26 @@ def _swap_own_tensors(site: nn.Module, values: dict[str, torch.Tensor]) -> dict[
     return held
 
 
-def make_plan(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], preset: Preset, budget: int,
+def rewrites_sites(recipe: Recipe) -> bool:
+    """Whether calibration rewrites sites' float tensors (GPTQ-rounded weights, smoothing, corrected
+    biases), so that capture passes after the first must be shown the float ones (:func:`calibrate_model`)."""
+    return (recipe.weights.rounding.variant == "gptq" or recipe.transform("smoothing") is not None
+            or recipe.transform("bias_correction") is not None)
+
+
+def make_plan(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], recipe: Recipe, budget: int,
               capture_batch: int, workers: int = 1) -> Plan:
-    grad_source = preset.gradients
+    grad_source = recipe.calibration.gradient_source()
     costs, pass_cost = measure_costs(model, images, sites, with_grad=grad_source is not None)
     kl = grad_source == "kl-official"
     # Sites that calibration rewrites keep two copies of their own tensors until it ends (calibrate_model).
     reserved = 2 * sum(t.numel() * t.element_size() for s in sites.values() for t in _own_tensors(s).values()) \
-        if preset.rewrites_sites else 0
-    return plan(costs, pass_cost, len(images), budget, preset.grad_chunk if kl else capture_batch,
+        if rewrites_sites(recipe) else 0
+    return plan(costs, pass_cost, len(images), budget, recipe.calibration.gradient_chunk() if kl else capture_batch,
                 with_grad=grad_source is not None, full_batch_targets=kl, workers=workers, reserved=reserved)
 
 
-def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], preset: Preset,
+def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.Module], recipe: "Recipe | Preset",
                     budget: int, capture_batch: int, threads: Optional[int] = None, progress: bool = True,
                     desc: str = "calibrating") -> Plan:
     """Choose the scales of every site of ``model`` (its quantizers disabled) on ``images``.
@@ -117,15 +125,17 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
     (see :mod:`.budget`). ``threads`` workers (default :func:`default_workers`) run the capture
     passes, then the site searches, side by side, each on one intra-op thread; torch's setting
     is restored afterwards. Every pass and every search runs on one thread whatever the number
-    of workers, so the scales do not depend on it. Where the preset rewrites sites' float tensors
+    of workers, so the scales do not depend on it. Where the recipe rewrites sites' float tensors
     (GPTQ, smoothing, bias correction) and the budget needs several capture passes, each group's
     rewritten tensors are set aside and its float ones put back until the last pass, so every pass
     sees the float model and the result does not depend on the budget. Returns the plan it followed.
+    ``recipe``'s calibration is a grid search (a flat :class:`Preset` is read as the recipe it means).
     """
-    grad_source = preset.gradients
+    recipe = get_recipe(recipe)
+    grad_source = recipe.calibration.gradient_source()
     workers = threads if threads is not None else default_workers(images.device)
     with intra_op_threads(1):
-        p = make_plan(model, images, sites, preset, budget, capture_batch, workers)
+        p = make_plan(model, images, sites, recipe, budget, capture_batch, workers)
         if p.capture_batch < min(capture_batch, len(images)) and grad_source != "kl-official":
             log.info("capture passes of %d images (not %d) fit the memory budget", p.capture_batch, capture_batch)
         elif p.capture_batch < capture_batch and grad_source != "kl-official":
@@ -137,10 +147,10 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, sites: dict[str, nn.
         set_aside: dict[str, dict[str, torch.Tensor]] = {}
         for i, group in enumerate(p.groups):
             data = capture(model, images, {n: sites[n] for n in group}, grad_source, p.capture_batch,
-                           preset.grad_chunk, workers)
-            later_passes = preset.rewrites_sites and i < len(p.groups) - 1
+                           recipe.calibration.gradient_chunk(), workers)
+            later_passes = rewrites_sites(recipe) and i < len(p.groups) - 1
             floats = {n: _copy_own_tensors(sites[n]) for n in group} if later_passes else {}
-            search_group(sites, data, group, preset, p.step_bytes, workers, bar)
+            search_group(sites, data, group, recipe, p.step_bytes, workers, bar)
             del data
             for n in group if later_passes else ():
                 set_aside[n] = _swap_own_tensors(sites[n], floats.pop(n))

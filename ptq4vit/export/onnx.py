@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from ..atomic_write import atomic_path
 from ..errors import UserError
 from ..typecheck import checked
 from ..nn import QUANT_MODULES, FloatMatMul, QuantConv2d, QuantLinear, QuantMatMul
+from ..quant import KindRegistry
 from ..quantized import QuantizedModel
 from .contrib import ContribLinear, ContribMatMul
 from .cpu import cpu_has_vnni
@@ -57,13 +59,17 @@ TWIN_COMBINES = ("gemm", "int32")
 DEFAULT_OPSET = 17
 
 
+#: What each module a rotation adds runs in float, in words, by module class (docs/lowbit.md §2).
+FLOAT_TRANSFORMS: KindRegistry = KindRegistry("float transform")
+FLOAT_TRANSFORMS.register(OnlineRotation, lambda m: f"online rotation ({m.extra_repr()}), float MatMuls")
+FLOAT_TRANSFORMS.register(RotatedLayerNorm, lambda m: f"LayerNorm with its affine and the stream rotation folded "
+                                                      f"into one {m.dim} x {m.dim} float MatMul")
+
+
 def _float_transform(m: nn.Module) -> Optional[str]:
     """What a module a rotation added runs in float, in words (None for any other module)."""
-    if isinstance(m, OnlineRotation):
-        return f"online rotation ({m.extra_repr()}), float MatMuls"
-    if isinstance(m, RotatedLayerNorm):
-        return f"LayerNorm with its affine and the stream rotation folded into one {m.dim} x {m.dim} float MatMul"
-    return None
+    describe = FLOAT_TRANSFORMS.find(m)
+    return describe(m) if describe is not None else None
 
 
 def _enabled(q) -> bool:
@@ -88,68 +94,103 @@ def _float_matmul(a, b):
     return a @ b
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What the export asks of every site's lowering, and the shapes one eager pass recorded."""
+    fmt: str
+    gemm: str
+    twin_combine: str
+    float_attention: bool
+    shapes: dict
+
+
+class Lowered(NamedTuple):
+    """A site's lowering decision: its report line, the forward traced in place of its own (None:
+    its own forward), and the integer lowering behind that forward (None: it stays float)."""
+    export: SiteExport
+    forward: Optional[Callable] = None
+    lowering: Optional[object] = None
+
+
+def _integer(low, n_inputs: int) -> Lowered:
+    return Lowered(low.site_export, traced_forward(low, n_inputs), low)
+
+
+#: The lowering of each site class: ``(name, site, options) -> Lowered`` (a new site class registers its own).
+SITE_LOWERINGS: KindRegistry = KindRegistry("ONNX lowering of site")
+
+
+@SITE_LOWERINGS.registering(FloatMatMul)
+def _lower_float_matmul(name: str, site: FloatMatMul, opts: _Options) -> Lowered:
+    return Lowered(SiteExport(name, "matmul", False, "float MatMul",
+                              "kept float by the preset (quantize_attention=False: runtimes fuse float attention)"))
+
+
+@SITE_LOWERINGS.registering(QuantConv2d)
+def _lower_conv(name: str, site: QuantConv2d, opts: _Options) -> Lowered:
+    w = (site.w_quant.fake_quant(site.weight.detach()) if _enabled(site.w_quant) else site.weight.detach()).clone()
+    aq = site.a_quant if _enabled(site.a_quant) else None
+    if aq is None:
+        export = SiteExport(name, "conv", False, "float Conv2d, weight dequantized from its int8 codes",
+                            "its input is the float image (not quantized by the method, docs/method.md §1)")
+    else:  # RepQ-ViT's quantized image (docs/lowbit.md §6): fake-quantized in float ops
+        export = SiteExport(name, "conv", False, "float Conv2d on the fake-quantized image, weight "
+                            "dequantized from its int8 codes", "no integer lowering for a quantized conv input")
+
+    def conv_fwd(x, s=site, w=w, aq=aq):
+        if aq is not None:
+            x = aq.fake_quant(x)
+        return F.conv2d(x, w, s.bias, s.stride, s.padding, s.dilation, s.conv_groups)
+    return Lowered(export, conv_fwd)
+
+
+@SITE_LOWERINGS.registering(QuantLinear)
+def _lower_linear(name: str, site: QuantLinear, opts: _Options) -> Lowered:
+    if not (_enabled(site.w_quant) and _enabled(site.a_quant)):
+        return Lowered(SiteExport(name, "linear", False, "float MatMul", "a quantizer of this site is disabled"))
+    try:
+        low = (QdqLinear(name, site) if opts.fmt == "qdq" else
+               ContribLinear(name, site, opts.gemm, opts.twin_combine))
+    except NotImplementedError as err:  # traced as the site's own fake-quantized float ops
+        return Lowered(SiteExport(name, "linear", False, "float MatMul on fake-quantized operands",
+                                  f"no integer lowering for {err}"))
+    return _integer(low, 1)
+
+
+@SITE_LOWERINGS.registering(QuantMatMul)
+def _lower_matmul(name: str, site: QuantMatMul, opts: _Options) -> Lowered:
+    if opts.float_attention:
+        return Lowered(SiteExport(name, "matmul", False, "float MatMul",
+                                  "kept float by float_attention=True (runtimes fuse float attention)"), _float_matmul)
+    if not (_enabled(site.a_quant) and _enabled(site.b_quant)):
+        return Lowered(SiteExport(name, "matmul", False, "float MatMul", "a quantizer of this site is disabled"))
+    in_shapes, out_shape = opts.shapes[name]
+    try:
+        low = (QdqMatMul(name, site, len(out_shape)) if opts.fmt == "qdq" else
+               ContribMatMul(name, site, opts.gemm, opts.twin_combine, in_shapes[0][-1], len(out_shape)))
+    except NotImplementedError as err:
+        return Lowered(SiteExport(name, "matmul", False, "float MatMul", f"no integer lowering for {err}"))
+    return _integer(low, 2)
+
+
 def _plan(qmodel: QuantizedModel, example: torch.Tensor, fmt: str, gemm: str, twin_combine: str,
           float_attention: bool = False):
-    """Decide every site's lowering; return (patches, site exports, lowerings)."""
-    shapes = _record_shapes(qmodel, example)
+    """Decide every site's lowering (its class's handler in ``SITE_LOWERINGS``); return (patches,
+    site exports, lowerings)."""
+    opts = _Options(fmt, gemm, twin_combine, float_attention, _record_shapes(qmodel, example))
     patches, exports, lowerings = [], [], []
     for name, site in qmodel.model.named_modules():
-        if isinstance(site, FloatMatMul):
-            exports.append(SiteExport(name, "matmul", False, "float MatMul",
-                                      "kept float by the preset (quantize_attention=False: runtimes fuse float attention)"))
+        lower = SITE_LOWERINGS.find(site)
+        if lower is None:
+            if isinstance(site, QUANT_MODULES):  # a site class with no lowering registered
+                exports.append(SiteExport(name, type(site).__name__, False, "float", "unknown site type"))
             continue
-        if not isinstance(site, QUANT_MODULES):
-            continue
-        if isinstance(site, QuantConv2d):
-            w = (site.w_quant.fake_quant(site.weight.detach()) if _enabled(site.w_quant) else site.weight.detach()).clone()
-            aq = site.a_quant if _enabled(site.a_quant) else None
-            if aq is None:
-                exports.append(SiteExport(name, "conv", False, "float Conv2d, weight dequantized from its int8 codes",
-                                          "its input is the float image (not quantized by the method, docs/method.md §1)"))
-            else:  # RepQ-ViT's quantized image (docs/lowbit.md §6): fake-quantized in float ops
-                exports.append(SiteExport(name, "conv", False, "float Conv2d on the fake-quantized image, weight "
-                                          "dequantized from its int8 codes", "no integer lowering for a quantized conv input"))
-
-            def conv_fwd(x, s=site, w=w, aq=aq):
-                if aq is not None:
-                    x = aq.fake_quant(x)
-                return F.conv2d(x, w, s.bias, s.stride, s.padding, s.dilation, s.conv_groups)
-            patches.append((site, conv_fwd))
-            continue
-        if isinstance(site, QuantLinear):
-            if not (_enabled(site.w_quant) and _enabled(site.a_quant)):
-                exports.append(SiteExport(name, "linear", False, "float MatMul", "a quantizer of this site is disabled"))
-                continue
-            try:
-                low = QdqLinear(name, site) if fmt == "qdq" else ContribLinear(name, site, gemm, twin_combine)
-            except NotImplementedError as err:  # traced as the site's own fake-quantized float ops
-                exports.append(SiteExport(name, "linear", False, "float MatMul on fake-quantized operands",
-                                          f"no integer lowering for {err}"))
-                continue
-            n_inputs = 1
-        elif isinstance(site, QuantMatMul):
-            if float_attention:
-                exports.append(SiteExport(name, "matmul", False, "float MatMul",
-                                          "kept float by float_attention=True (runtimes fuse float attention)"))
-                patches.append((site, _float_matmul))
-                continue
-            if not (_enabled(site.a_quant) and _enabled(site.b_quant)):
-                exports.append(SiteExport(name, "matmul", False, "float MatMul", "a quantizer of this site is disabled"))
-                continue
-            in_shapes, out_shape = shapes[name]
-            try:
-                low = (QdqMatMul(name, site, len(out_shape)) if fmt == "qdq" else
-                       ContribMatMul(name, site, gemm, twin_combine, in_shapes[0][-1], len(out_shape)))
-            except NotImplementedError as err:
-                exports.append(SiteExport(name, "matmul", False, "float MatMul", f"no integer lowering for {err}"))
-                continue
-            n_inputs = 2
-        else:
-            exports.append(SiteExport(name, type(site).__name__, False, "float", "unknown site type"))
-            continue
-        lowerings.append(low)
-        exports.append(low.site_export)
-        patches.append((site, traced_forward(low, n_inputs)))
+        done = lower(name, site, opts)
+        if done.lowering is not None:
+            lowerings.append(done.lowering)
+        exports.append(done.export)
+        if done.forward is not None:
+            patches.append((site, done.forward))
     return patches, exports, lowerings
 
 

@@ -54,7 +54,7 @@ POST_GELU_ROWS: dict[str, dict] = {
 #: One component of ``repq-vit`` switched off per row (docs/lowbit.md §6): (label, overrides of ``repq-vit``).
 REPQ_ABLATION_ROWS: dict[str, dict] = {
     "no reparameterization": dict(reparam_ln=False),
-    "uniform softmax": dict(softmax_log="none", softmax_log_scale=False),
+    "uniform softmax": dict(softmax_log="none"),  # (the log scale goes with the log quantizer)
     "float image": dict(patch_input_bits=0),
     "rounded zero point": dict(reparam_round_zero_point=True),
 }

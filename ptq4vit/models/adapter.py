@@ -134,10 +134,10 @@ class SitePlan:
             raise self.refuse(path, mlp, "only timm's Mlp (fc1, activation, fc2) is a known MLP layout")
         self.container(path)
         self.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
-        if build.preset.gelu_twin and not isinstance(mlp.act, nn.GELU):
+        if build.recipe.gelu.variant == "twin" and not isinstance(mlp.act, nn.GELU):
             raise self.refuse(f"{path}.act", mlp.act, "the post-GELU twin quantizer (docs/method.md §4) needs nn.GELU; "
                                                       "turn gelu_twin off to quantize fc2's input uniformly")
-        if build.preset.gelu_log != "none" and not isinstance(mlp.act, nn.GELU):
+        if build.recipe.gelu.variant == "log" and not isinstance(mlp.act, nn.GELU):
             raise self.refuse(f"{path}.act", mlp.act, "the post-GELU log quantizer (docs/lowbit.md §8) needs nn.GELU; "
                                                       "set gelu_log='none' to quantize fc2's input uniformly")
         self.keep_float(f"{path}.act", mlp.act, ACTIVATIONS, "MLP activation")

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..nn import QUANT_MODULES
-from ..presets import Preset
+from ..recipes import Recipe, get_recipe
+from ..recipes.flat import Preset
 from .adapter import Adapter
 from .hf_vit import DEIT, DINOV2, VIT, HFVitAdapter
 from .sites import SiteBuilder
@@ -120,16 +121,17 @@ DEFAULT_ADAPTERS = AdapterRegistry((
 ))
 
 
-def insert_quant_sites(model: nn.Module, preset: Preset, w_bits: int, a_bits: int, *,
+def insert_quant_sites(model: nn.Module, recipe: "Recipe | Preset | str", w_bits: int, a_bits: int, *,
                        adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> "OrderedDict[str, nn.Module]":
     """Replace the quantized layers of a supported timm model in place; return ``{name: site}`` in model order.
+    ``recipe``: a :class:`Recipe`, a named one, or a flat :class:`Preset` (read as the recipe it means).
 
     Sites are :class:`QuantLinear`, :class:`QuantConv2d` and :class:`QuantMatMul` modules; the
     attention matmuls are named ``<attention module>.matmul1`` and ``.matmul2``. Quantizers are
     created on the device of the layer they quantize. A model with any module its adapter does
     not know is refused with :class:`UnsupportedModelError` naming the module, and left unchanged.
     """
-    build = SiteBuilder(preset, w_bits, a_bits)
+    build = SiteBuilder(get_recipe(recipe), w_bits, a_bits)
     plan = adapters.adapter_for(model).plan(model, build)
     plan.check_complete(model)
     plan.apply(model)

@@ -161,7 +161,7 @@ class SwinV2Adapter(Adapter):
         p.keep_float(f"{path}.mlp.act", mlp.act, (*ACTIVATIONS, TimmGELU), "MLP activation")
         p.keep_float(f"{path}.mlp.drop1", mlp.drop1, DROPOUTS, "dropout")
         p.keep_float(f"{path}.mlp.norm", mlp.norm, (nn.Identity,), "MLP norm")
-        if (build.preset.gelu_twin or build.preset.gelu_log != "none") and type(mlp.act) not in EXACT_GELUS:
+        if build.post_gelu_quantizer and type(mlp.act) not in EXACT_GELUS:
             raise p.refuse(f"{path}.mlp.act", mlp.act, "the post-GELU quantizers (gelu_twin, gelu_log) need nn.GELU")
         p.site(f"{path}.mlp.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
         p.keep_float(f"{path}.mlp.drop2", mlp.drop2, DROPOUTS, "dropout")

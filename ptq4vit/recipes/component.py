@@ -27,6 +27,11 @@ class Component:
     def check(self) -> None:
         """Ranges and rules among this component's own fields (UserError naming them)."""
 
+    def flat_fields(self) -> dict:
+        """The fields of the flat :class:`~ptq4vit.recipes.flat.Preset` this component sets (the
+        stored legacy view, :func:`~ptq4vit.recipes.flat.to_flat`); the rest keep their defaults."""
+        return {}
+
     def to_dict(self) -> dict:
         """The component as JSON data: ``{"variant": ..., field: value, ...}``."""
         return {"variant": self.variant, **{f.name: encode(getattr(self, f.name)) for f in dataclasses.fields(self)}}

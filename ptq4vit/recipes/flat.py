@@ -1,10 +1,12 @@
-"""The flat view of a recipe that the calibration engine reads, and the old flat field names.
+"""The flat view of a recipe, as checkpoints store it, and the old flat field names.
 
-:class:`Preset` is today's engine interface: one field per setting, every field present whether
-or not the recipe uses it. It is derived from a :class:`~ptq4vit.recipes.Recipe` by
-:func:`to_flat` and never the source of truth; ``ptq4vit.recipes.named.from_flat`` reads one back
-(format 1 and 2 checkpoints store it, and the old flat override names write it), dropping what the
-recipe's components leave unused. ``FLAT_PATHS`` says where each flat name lives in a recipe.
+:class:`Preset` has one field per setting, every field present whether or not the recipe uses
+it. It is derived from a :class:`~ptq4vit.recipes.Recipe` by :func:`to_flat` (each component writes
+its own fields) and never the source of truth: the calibration engine reads the recipe, and
+``ptq4vit.recipes.named.from_flat`` reads a flat preset back (format 1 and 2 checkpoints store only
+it, and the old flat override names write it), dropping what the recipe's components leave unused.
+The rules among the settings live once, in the recipe's components. ``FLAT_PATHS`` says where each
+flat name lives in a recipe.
 """
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ from typing import Callable, ClassVar, Literal
 
 from ..errors import UserError
 from ..typecheck import check_fields
-from .calibration import GradSource, GridSearch, Hessian, Percentile
-from .operands import FloatAttention, LogBase, LogGelu, LogSoftmax, TwinGelu, TwinSoftmax
-from .transforms import BiasCorrection, LayerNormReparam, Rotation, RotationKind, Smoothing
-from .weights import GPTQ
+from .calibration import GradSource
+from .operands import LogBase
+from .transforms import RotationKind
 
 Metric = Literal["cosine", "mse", "hessian"]
 LogQuantization = Literal["none", LogBase]
@@ -136,92 +137,10 @@ class Preset:
     #: (docs/deployment.md). Quantization disabled then no longer gives the float biases back.
     bias_correction: bool = False
 
-    @property
-    def gradients(self) -> "GradSource | None":
-        """Where calibration's ``g = dL/dO`` comes from; None when the metric needs no gradients."""
-        return self.grad_source if self.metric == "hessian" and self.calibration == "search" else None
-
     def __post_init__(self):
-        check_fields(self)  # every field against its annotation (types, choices); the rules between them follow
-        if not 0 < self.alpha < self.beta:
-            raise UserError(f"need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
-        for name in ("n_candidates", "rounds", "grad_chunk"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.search_rows < 0:
-            raise UserError(f"search_rows must be 0 (all rows) or positive, got {self.search_rows}")
-        if self.softmax_renorm and not self.quantize_attention:
-            raise UserError("softmax_renorm rescales the quantized post-softmax operand: it needs quantize_attention=True")
-        if self.rotate_fc2 and self.gelu_twin:
-            raise UserError("rotate_fc2 makes fc2's input no longer post-GELU: set gelu_twin=False with it")
-        self._check_gelu_log()
-        if self.head_bits != 0 and not 2 <= self.head_bits <= 8:
-            raise UserError(f"head_bits must be 0 (the run's bits) or an integer from 2 to 8, got {self.head_bits!r}")
-        self._check_percentile()
-        if not 0 <= self.smooth_alpha <= 1:
-            raise UserError(f"smooth_alpha must be in [0, 1] (0: no smoothing), got {self.smooth_alpha}")
-        if self.asymmetric_inputs and self.calibration != "search":
-            raise UserError("asymmetric_inputs is for calibration='search': calibration='percentile' is asymmetric everywhere")
-        if self.bias_correction and self.calibration != "search":
-            raise UserError("bias_correction needs calibration='search' (percentile calibration has no such step)")
-        if not 0 <= self.gptq_damp or self.gptq_block < 1:
-            raise UserError(f"need gptq_damp >= 0 and gptq_block >= 1, got {self.gptq_damp}, {self.gptq_block}")
-        if self.gptq_quantized_inputs and (self.weight_rounding != "gptq" or self.gptq_damp <= 0):
-            raise UserError(f"gptq_quantized_inputs needs weight_rounding='gptq' and gptq_damp > 0, got "
-                            f"weight_rounding={self.weight_rounding!r}, gptq_damp={self.gptq_damp}")
-
-    def _check_gelu_log(self) -> None:
-        """The post-GELU log quantizer replaces the twin and needs fc2's input to be the GELU output."""
-        if self.gelu_log == "none":
-            return
-        if self.gelu_twin:
-            raise UserError(f"gelu_log={self.gelu_log!r} and gelu_twin both quantize fc2's post-GELU input: "
-                            f"set gelu_twin=False with it")
-        if self.rotate_fc2:
-            raise UserError(f"gelu_log={self.gelu_log!r} needs fc2's input post-GELU, which rotate_fc2 rotates: "
-                            f"use one of them")
-        if self.calibration == "percentile":
-            raise UserError(f"gelu_log={self.gelu_log!r} has no initialisation under calibration='percentile': "
-                            f"use calibration='search'")
-
-    def _check_percentile(self) -> None:
-        """The RepQ-ViT fields need percentile calibration; it has no initialisation for the rest."""
-        percentile = self.calibration == "percentile"
-        needs = [name for name, on in (("reparam_ln", self.reparam_ln), ("softmax_log_scale", self.softmax_log_scale),
-                                       ("reparam_round_zero_point", self.reparam_round_zero_point),
-                                       ("reparam_fold_float64", self.reparam_fold_float64),
-                                       ("patch_input_bits", self.patch_input_bits != 0)) if on]
-        if needs and not percentile:
-            raise UserError(f"{', '.join(needs)} need(s) calibration='percentile' (RepQ-ViT's asymmetric quantizers)")
-        if self.patch_input_bits != 0 and not 2 <= self.patch_input_bits <= 8:
-            raise UserError(f"patch_input_bits must be 0 (float image) or 2..8, got {self.patch_input_bits}")
-        if self.softmax_log_scale and self.softmax_log == "none":
-            raise UserError("softmax_log_scale needs a log softmax quantizer: set softmax_log='log_sqrt2' or 'log2'")
-        if not percentile:
-            return
-        clash = [name for name, on in (
-            ("gelu_twin", self.gelu_twin),
-            ("softmax_twin (without softmax_log)", self.softmax_twin and self.softmax_log == "none"),
-            ("weight_rounding='gptq'", self.weight_rounding == "gptq"),
-            ("w_granularity='channel'", self.w_granularity == "channel")) if on]
-        if clash:
-            raise UserError(f"calibration='percentile' has no initialisation for {', '.join(clash)}: turn "
-                            f"{'it' if len(clash) == 1 else 'them'} off (its weights are always per channel)")
-        if self.softmax_log != "none" and not self.softmax_log_scale:
-            raise UserError("calibration='percentile' calibrates the log softmax quantizer's scale: set softmax_log_scale=True")
-        if self.reparam_ln and self.rotate_residual:
-            raise UserError("reparam_ln folds into LayerNorm's affine, which rotate_residual folds away: use one of them")
-
-    @property
-    def second_order_weights(self) -> bool:
-        """Linear weights calibrated from ``H = XᵀX`` (per-channel scales or GPTQ) instead of the PTQ4ViT search."""
-        return self.weight_rounding == "gptq" or self.w_granularity == "channel"
-
-    @property
-    def rewrites_sites(self) -> bool:
-        """Calibration rewrites sites' float tensors (GPTQ-rounded weights, smoothing, corrected biases),
-        so capture passes after the first must be shown the float ones (``calib.run``)."""
-        return self.weight_rounding == "gptq" or self.smooth_alpha > 0 or self.bias_correction
+        # Each field against its annotation (types, choices). The rules among the fields are the
+        # recipe's: a flat preset means something only as the recipe ``from_flat`` reads it as.
+        check_fields(self)
 
     def overrides(self) -> dict:
         """Fields that differ from the named preset this one was derived from."""
@@ -267,45 +186,15 @@ FLAT_PATHS: dict[str, str] = {
 
 
 def to_flat(recipe) -> Preset:
-    """The flat view of ``recipe``: its parameters where its variants have them, defaults elsewhere."""
-    c, w, s, g = recipe.calibration, recipe.weights, recipe.softmax, recipe.gelu
+    """The flat view of ``recipe``: each component writes the fields it has (``flat_fields``),
+    the rest keep their defaults."""
     f: dict = {"name": recipe.name, "description": recipe.description}
-    if isinstance(c, GridSearch):
-        m = c.metric
-        f.update(metric=m.variant, alpha=c.alpha, beta=c.beta, n_candidates=c.n_candidates, rounds=c.rounds,
-                 search_rows=c.search_rows)
-        if isinstance(m, Hessian):
-            f.update(grad_source=m.gradients, grad_chunk=m.grad_chunk)
-    else:
-        f.update(calibration="percentile")
-    f.update(w_granularity=w.granularity, conv_per_channel=w.conv_per_channel, weight_rounding=w.rounding.variant)
-    if isinstance(w.rounding, GPTQ):
-        f.update(gptq_damp=w.rounding.damp, gptq_act_order=w.rounding.act_order, gptq_block=w.rounding.block,
-                 gptq_quantized_inputs=w.rounding.quantized_inputs)
-    f.update(softmax_twin=isinstance(s, TwinSoftmax), quantize_attention=not isinstance(s, FloatAttention),
-             softmax_renorm=getattr(s, "renorm", False))
-    if isinstance(s, TwinSoftmax):
-        f.update(softmax_twin_form=s.form, split_search_quantized_b=s.split_search_quantized_b)
-    if isinstance(s, LogSoftmax):
-        f.update(softmax_log=s.base, softmax_log_scale=isinstance(c, Percentile))
-    f.update(gelu_twin=isinstance(g, TwinGelu))
-    if isinstance(g, TwinGelu):
-        f.update(gelu_pow2=g.pow2)
-    if isinstance(g, LogGelu):
-        f.update(gelu_log=g.base)
+    for component in (recipe.calibration, recipe.weights, recipe.softmax, recipe.gelu, *recipe.transforms):
+        f.update(component.flat_fields())
+    if recipe.softmax.variant == "log":  # the log quantizer's largest level is calibrated by percentile calibration
+        f.update(softmax_log_scale=recipe.calibration.variant == "percentile")
     f.update(asymmetric_inputs=recipe.inputs == "asymmetric", head_bits=recipe.head_bits,
              patch_input_bits=recipe.patch_input_bits)
-    for t in recipe.transforms:
-        if isinstance(t, Rotation):
-            f.update(rotate_residual=t.residual, rotate_heads=t.heads, rotate_fc2=t.fc2, rotation_kind=t.kind,
-                     rotation_seed=t.seed)
-        elif isinstance(t, Smoothing):
-            f.update(smooth_alpha=t.alpha)
-        elif isinstance(t, LayerNormReparam):
-            f.update(reparam_ln=True, reparam_round_zero_point=t.round_zero_point,
-                     reparam_fold_float64=t.fold_float64)
-        elif isinstance(t, BiasCorrection):
-            f.update(bias_correction=True)
     return Preset(**f)
 
 

@@ -18,7 +18,8 @@ _SHORT_GRID = GridSearch(metric=Cosine(), alpha=0.5, beta=1.2, n_candidates=20, 
 
 def from_flat(p: Preset):
     """The recipe a flat preset means: the settings its switches leave unused are dropped (so two
-    flat presets that compute the same give one recipe); combinations no recipe can hold raise UserError."""
+    flat presets that compute the same give one recipe); combinations no recipe can hold raise UserError
+    (the recipe's own rules, and two switches that pick different quantizers for one operand)."""
     if p.calibration == "percentile":
         calibration = Percentile()
     else:
@@ -46,6 +47,9 @@ def from_flat(p: Preset):
                               renorm=p.softmax_renorm)
     else:
         softmax = UniformSoftmax(renorm=p.softmax_renorm)
+    if p.gelu_log != "none" and p.gelu_twin:  # two switches for one slot: the flat format's own ambiguity
+        raise UserError(f"gelu_log={p.gelu_log!r} and gelu_twin both quantize fc2's post-GELU input: "
+                        f"set gelu_twin=False with it")
     if p.gelu_log != "none":
         gelu = LogGelu(base=p.gelu_log)
     elif p.gelu_twin:

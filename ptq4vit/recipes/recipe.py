@@ -1,8 +1,8 @@
 """A recipe: the quantization method as a few typed components (docs/recipes in README).
 
-The recipe is the source of truth for what a run does: the public API, validation, run keys and
-checkpoints use it. The calibration engine reads its resolved flat view, :meth:`Recipe.flat`
-(a :class:`~ptq4vit.recipes.flat.Preset`), derived from it and never written by hand.
+The recipe is the source of truth for what a run does: the public API, validation, run keys,
+checkpoints and the calibration engine use it. Its flat view, :meth:`Recipe.flat` (a
+:class:`~ptq4vit.recipes.flat.Preset`), is derived from it for checkpoints and never written by hand.
 Rules within one component live in that component; rules that span two live here.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Recipe:
         return cls(**data)
 
     def flat(self):
-        """The resolved flat view the calibration engine reads (derived; see module docstring)."""
+        """The resolved flat view checkpoints store beside the recipe (derived; see module docstring)."""
         return to_flat(self)
 
     def replace(self, path: str, value: Any) -> "Recipe":

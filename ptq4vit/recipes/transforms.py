@@ -28,6 +28,10 @@ class Rotation(Component):
         if not (self.residual or self.heads or self.fc2):
             raise UserError("rotation rotates nothing: set one of residual, heads, fc2 (or leave the transform out)")
 
+    def flat_fields(self) -> dict:
+        return {"rotate_residual": self.residual, "rotate_heads": self.heads, "rotate_fc2": self.fc2,
+                "rotation_kind": self.kind, "rotation_seed": self.seed}
+
 
 @dataclass(frozen=True)
 class Smoothing(Component):
@@ -40,6 +44,9 @@ class Smoothing(Component):
         if not 0 < self.alpha <= 1:
             raise UserError(f"smoothing.alpha must be in (0, 1], got {self.alpha}")
 
+    def flat_fields(self) -> dict:
+        return {"smooth_alpha": self.alpha}
+
 
 @dataclass(frozen=True)
 class LayerNormReparam(Component):
@@ -50,12 +57,19 @@ class LayerNormReparam(Component):
     round_zero_point: bool = False
     fold_float64: bool = False
 
+    def flat_fields(self) -> dict:
+        return {"reparam_ln": True, "reparam_round_zero_point": self.round_zero_point,
+                "reparam_fold_float64": self.fold_float64}
+
 
 @dataclass(frozen=True)
 class BiasCorrection(Component):
     """Each linear layer's bias shifted by the mean output error its quantization causes on the
     calibration inputs (docs/deployment.md)."""
     variant = "bias_correction"
+
+    def flat_fields(self) -> dict:
+        return {"bias_correction": True}
 
 
 Transform = Union[Rotation, Smoothing, LayerNormReparam, BiasCorrection]

@@ -31,6 +31,10 @@ class GPTQ(Component):
         if self.quantized_inputs and self.damp <= 0:
             raise UserError(f"gptq.quantized_inputs needs damp > 0, got {self.damp}")
 
+    def flat_fields(self) -> dict:
+        return {"gptq_damp": self.damp, "gptq_act_order": self.act_order, "gptq_block": self.block,
+                "gptq_quantized_inputs": self.quantized_inputs}
+
 
 Rounding = Union[Nearest, GPTQ]
 
@@ -44,3 +48,12 @@ class Weights(Component):
     granularity: Literal["block", "channel"] = "block"
     conv_per_channel: bool = True
     rounding: Rounding = field(default_factory=Nearest)
+
+    @property
+    def second_order(self) -> bool:
+        """Linear weights calibrated from ``H = XᵀX`` (per-channel scales or GPTQ) instead of the grid search."""
+        return self.rounding.variant == "gptq" or self.granularity == "channel"
+
+    def flat_fields(self) -> dict:
+        return {"w_granularity": self.granularity, "conv_per_channel": self.conv_per_channel,
+                "weight_rounding": self.rounding.variant, **self.rounding.flat_fields()}

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..presets import ROTATION_KINDS, Preset
+from ..recipes import Recipe
+from ..recipes.transforms import ROTATION_KINDS
 from .modules import OnlineRotation, RMSNorm, RotatedLayerNorm
 from .orthogonal import fixing_ones, make_rotation
 from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, ResidualStream, StreamNorm
@@ -65,9 +66,13 @@ class RotationOptions:
         return self.residual or self.heads or self.fc2
 
     @classmethod
-    def from_preset(cls, preset: Preset) -> "RotationOptions":
-        return cls(residual=preset.rotate_residual, heads=preset.rotate_heads, fc2=preset.rotate_fc2,
-                   kind=preset.rotation_kind, seed=preset.rotation_seed)
+    def from_recipe(cls, recipe: Recipe) -> "RotationOptions":
+        """The recipe's rotation transform (nothing rotated without one)."""
+        rotation = recipe.transform("rotation")
+        if rotation is None:
+            return cls()
+        return cls(residual=rotation.residual, heads=rotation.heads, fc2=rotation.fc2, kind=rotation.kind,
+                   seed=rotation.seed)
 
 
 # ----------------------------------------------------------------------------- folding helpers
