@@ -18,7 +18,7 @@ from .calibration import Calibration, GridSearch, Percentile
 from .component import Component, build, encode, item_hint, variants
 from .flat import to_flat
 from .reconstruction import NoReconstruction, ReconstructionChoice
-from .operands import Gelu, LogSoftmax, TwinGelu, TwinSoftmax, UniformGelu, Softmax
+from .operands import Gelu, LogSoftmax, TwinGelu, TwinSoftmax, Softmax
 from .transforms import TRANSFORM_ORDER, BiasCorrection, LayerNormReparam, Rotation, Smoothing, Transform
 from .weights import Weights
 
@@ -71,7 +71,7 @@ class Recipe:
 
     def _check_calibration(self) -> None:
         """Percentile calibration owns its quantizers: what it has no initialisation for is refused."""
-        if isinstance(self.calibration, GridSearch):
+        if self.calibration.variant == "grid_search":
             if self.patch_input_bits:
                 raise UserError("patch_input_bits needs calibration=percentile (RepQ-ViT's asymmetric image quantizer)")
             if self.transform("ln_reparam"):
@@ -80,8 +80,8 @@ class Recipe:
         clash = [what for what, on in (
             (f"weights {self.weights.to_dict()} (percentile weights are per channel, rounded to nearest)",
              self.weights != Weights()),
-            ("softmax=twin", isinstance(self.softmax, TwinSoftmax)),
-            (f"gelu={self.gelu.variant}", not isinstance(self.gelu, UniformGelu)),
+            ("softmax=twin", self.softmax.variant == "twin"),
+            (f"gelu={self.gelu.variant}", self.gelu.variant != "uniform"),
             ("inputs=asymmetric (percentile is asymmetric everywhere)", self.inputs == "asymmetric"),
             ("the smoothing transform", self.transform("smoothing") is not None),
             ("the bias_correction transform", self.transform("bias_correction") is not None)) if on]
@@ -92,7 +92,7 @@ class Recipe:
         rotation = self.transform("rotation")
         if rotation is None:
             return
-        if rotation.fc2 and not isinstance(self.gelu, UniformGelu):
+        if rotation.fc2 and self.gelu.variant != "uniform":
             raise UserError(f"rotation.fc2 makes fc2's input no longer post-GELU: it needs gelu=uniform, "
                             f"not gelu={self.gelu.variant}")
         if rotation.residual and self.transform("ln_reparam"):
@@ -106,7 +106,7 @@ class Recipe:
         reconstruction the slot is left out: the data, and so every run key, is what it was before
         the slot existed, and files of recipes without it still load in versions that lack it."""
         data = {f.name: encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        if isinstance(self.reconstruction, NoReconstruction):
+        if self.reconstruction.variant == "none":
             del data["reconstruction"]
         return data
 
