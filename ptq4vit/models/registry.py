@@ -16,6 +16,8 @@ from ..nn import QUANT_MODULES
 from ..presets import Preset
 from .adapter import Adapter
 from .hf_vit import DEIT, DINOV2, VIT, HFVitAdapter
+from .hf_clip import HFClipAdapter
+from .hf_siglip import HFSiglipAdapter
 from .sites import SiteBuilder
 from .beit import BeitAdapter
 from .eva import EvaAdapter
@@ -113,6 +115,8 @@ DEFAULT_ADAPTERS = AdapterRegistry((
     HFVitAdapter(VIT),
     HFVitAdapter(DEIT),
     HFVitAdapter(DINOV2),
+    HFClipAdapter(),
+    HFSiglipAdapter(),
 ))
 
 
