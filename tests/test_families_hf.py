@@ -162,9 +162,9 @@ def test_residual_rotation_of_a_backbone_without_pooler_is_refused_by_name():
     """Dinov2Model returns the normed class token: the last rotation would have no Linear to fold into."""
     model, x = make("Dinov2Model"), images()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match=r"^module 'pooler': residual rotation needs a classifier or a "
-                                                    r"pooler to fold the last rotation into: Dinov2Model would return "
-                                                    r"rotated features$"):
+    with pytest.raises(UnsupportedModelError, match=r"^model Dinov2Model has no classifier or pooler to fold the "
+                                                    r"last residual rotation into: its features would come out "
+                                                    r"rotated$"):
         ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before anything changed
     with torch.no_grad():

@@ -77,14 +77,14 @@ def _residual_stream(spec, model: nn.Module, prefix: str, backbone: nn.Module, h
     else:
         pooler = getattr(backbone, "pooler", None)
         readers = (pooler.dense,) if pooler is not None and spec.name != "DINOv2" else ()
-        names = (f"{prefix}pooler",)
+        names = (f"{prefix}pooler.dense",)
     for name, reader in zip(names, readers):
         if type(reader) is not nn.Linear:
             raise _refuse(name, f"residual rotation needs a Linear classifier to fold the last rotation into, not "
                                 f"{type(reader).__name__} (num_labels=0 would return rotated features)")
     if not readers:
-        raise _refuse(names[0], f"residual rotation needs a classifier or a pooler to fold the last rotation into: "
-                                f"{type(model).__name__} would return rotated features")
+        raise UnsupportedModelError(f"model {type(model).__name__} has no classifier or pooler to fold the last "
+                                    f"residual rotation into: its features would come out rotated")
     # DINOv2's classifier reads the class token and the mean patch token, concatenated
     tokens = readers[0].in_features // backbone.layernorm.normalized_shape[-1]
     layers = backbone.get_submodule(spec.layers)
