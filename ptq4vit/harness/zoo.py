@@ -42,6 +42,12 @@ _HF_VIT_DATA = dict(input_size=(3, 224, 224), interpolation="bilinear", crop_pct
 _HF_IMAGENET_DATA = dict(_HF_VIT_DATA, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _HF_BASE = dict(img_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                 intermediate_size=3072, num_classes=1000)
+#: CLIPImageProcessor: the shorter side to 224 (bicubic), a 224 center crop, OpenAI's mean and std.
+_HF_CLIP_DATA = dict(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
+                     mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+#: A B/16 image tower (no classifier: CLIP and SigLIP towers output an embedding).
+_HF_TOWER = dict(img_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072)
 _HF_S14 = dict(img_size=224, patch_size=14, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4)
 
 
@@ -137,6 +143,14 @@ MODELS: tuple[ModelEntry, ...] = (
                kwargs=dict(img_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                            window_size=7, num_classes=1000),
                data_config=_HF_IMAGENET_DATA, local_only=True, builder="hf"),
+    ModelEntry("HF-CLIP-B/16", "CLIPVisionModelWithProjection", "Hugging Face CLIP ViT-B/16 image tower "
+               "(openai/clip-vit-base-patch16 layout, QuickGELU; outputs the image embedding); local weights or "
+               "random init", kwargs=dict(_HF_TOWER, projection_dim=512, hidden_act="quick_gelu"),
+               data_config=_HF_CLIP_DATA, local_only=True, builder="hf"),
+    ModelEntry("HF-SigLIP-B/16", "SiglipVisionModel", "Hugging Face SigLIP B/16 image tower "
+               "(google/siglip-base-patch16-224 layout, attention-pool head; outputs the image embedding); local "
+               "weights or random init", kwargs=dict(_HF_TOWER, hidden_act="gelu_pytorch_tanh"),
+               data_config=dict(_HF_VIT_DATA, interpolation="bicubic"), local_only=True, builder="hf"),
 )
 
 

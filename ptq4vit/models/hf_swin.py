@@ -166,7 +166,7 @@ class HFSwinAdapter(HFVitAdapter):
         p.container(path)
         p.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
         act = mlp.activation_fn
-        if (build.preset.gelu_twin or build.preset.gelu_log != "none") and not is_exact_gelu(act):
+        if build.post_gelu_quantizer and not is_exact_gelu(act):
             raise p.refuse(f"{path}.activation_fn", act, "the post-GELU quantizers (gelu_twin, gelu_log) need the "
                                                          "exact GELU (hidden_act='gelu'); turn them off to quantize "
                                                          "fc2's input uniformly")

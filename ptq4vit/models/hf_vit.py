@@ -11,8 +11,9 @@ the two attention matmuls, fc1 and fc2 of the MLP, the pooler's dense layer (ViT
 built with one) and the classifier(s). Stays float: CLS / distillation / mask tokens and position
 embeddings, layer norms, DINOv2's LayerScale, dropouts and stochastic depth, the pooler's tanh.
 Refused by name: DINOv2's SwiGLU MLP, any other layer / attention / MLP class, a stray Linear or
-Conv, and rotations (``rotate_*``: the q/k/v projections are separate layers in the float model,
-which the rotation layout does not describe).
+Conv. The rotations (``rotq``) fold into the three q/k/v layers (:mod:`.hf_vit_rotation`); what they
+leave is planned too: RMS norms, an identity for a folded LayerScale, the online rotation after the
+MLP's activation.
 
 The quantized model returns one tensor (what calibration, evaluation and export read): the
 classifier models' ``logits``, a backbone's ``pooler_output`` (``last_hidden_state`` for a ViT/DeiT
@@ -29,10 +30,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..transforms.modules import OnlineRotation
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_NUMBER, SIZE, ArgKind, one_of
 from .hf_attention import QuantHFAttention, fused_qkv
 from .hf_output import TensorOutputPlan, return_tensor
+from .hf_vit_rotation import hf_vit_rotation_layout
 from .sites import SiteBuilder
 
 #: ``hidden_act`` values a rebuilt model may take (``transformers``' names of elementwise activations).
@@ -234,9 +238,9 @@ class HFVitAdapter(Adapter):
             p.keep_float(f"{path}.{norm}", getattr(layer, norm), NORMS, "norm")
         self._plan_attention(p, f"{path}.attention", layer.attention, build)
         self._plan_mlp(p, f"{path}.mlp", layer.mlp, build)
-        for name in self.spec.layer_scales:
-            p.keep_float(f"{path}.{name}", getattr(layer, name), (self.spec.cls(f"{self.spec.prefix}LayerScale"),),
-                         "layer scale")
+        for name in self.spec.layer_scales:  # an Identity once a rotation folded it into the writer
+            p.keep_float(f"{path}.{name}", getattr(layer, name),
+                         (self.spec.cls(f"{self.spec.prefix}LayerScale"), nn.Identity), "layer scale")
         drop_path = getattr(importlib.import_module(self.spec.module), f"{self.spec.prefix}DropPath", None)
         for name in self.spec.dropouts:
             p.keep_float(f"{path}.{name}", getattr(layer, name), DROPOUTS + ((drop_path,) if drop_path else ()),
@@ -262,13 +266,20 @@ class HFVitAdapter(Adapter):
         self._check_class(p, path, mlp, f"{self.spec.prefix}MLP")
         p.container(path)
         p.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
-        act = mlp.activation_fn
+        act, act_path = mlp.activation_fn, f"{path}.activation_fn"
+        if type(act) is nn.Sequential and len(act) == 2 and type(act[1]) is OnlineRotation:
+            # rotate_fc2: fc2's input rotated online after the activation (docs/lowbit.md §2)
+            p.container(act_path)
+            p.keep_float(f"{act_path}.1", act[1], (OnlineRotation,), "online rotation")
+            act, act_path = act[0], f"{act_path}.0"
         if build.post_gelu_quantizer and not is_exact_gelu(act):
-            raise p.refuse(f"{path}.activation_fn", act, "the post-GELU quantizers (gelu_twin, gelu_log) need the "
-                                                         "exact GELU (hidden_act='gelu'); turn them off to quantize "
-                                                         "fc2's input uniformly")
-        p.keep_float(f"{path}.activation_fn", act, (nn.GELU, nn.SiLU, nn.ReLU, *hf_activations()), "MLP activation")
+            raise p.refuse(act_path, act, "the post-GELU quantizers (gelu_twin, gelu_log) need the exact GELU "
+                                          "(hidden_act='gelu'); turn them off to quantize fc2's input uniformly")
+        p.keep_float(act_path, act, (nn.GELU, nn.SiLU, nn.ReLU, *hf_activations()), "MLP activation")
         p.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return hf_vit_rotation_layout(self.spec, model, residual)
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """Each layer's first norm feeds only q/k/v (the fused ``qkv`` site), its second only fc1."""

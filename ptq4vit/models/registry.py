@@ -17,6 +17,8 @@ from ..recipes import Recipe, get_recipe
 from ..recipes.flat import Preset
 from .adapter import Adapter
 from .hf_vit import DEIT, DINOV2, VIT, HFVitAdapter
+from .hf_clip import HFClipAdapter
+from .hf_siglip import HFSiglipAdapter
 from .sites import SiteBuilder
 from .beit import BeitAdapter
 from .eva import EvaAdapter
@@ -118,6 +120,8 @@ DEFAULT_ADAPTERS = AdapterRegistry((
     HFVitAdapter(DINOV2),
     TorchvisionSwinAdapter(),
     HFSwinAdapter(),
+    HFClipAdapter(),
+    HFSiglipAdapter(),
 ))
 
 

@@ -74,13 +74,15 @@ class QuantConv2d(QuantSite):
 
     def __init__(self, conv: nn.Conv2d, w_quant: Quantizer, a_quant: Optional[Quantizer] = None):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        # padding="valid" is no padding (SigLIP's patch embedding); "same" depends on the input size
+        padding = (0,) * len(conv.kernel_size) if conv.padding == "valid" else conv.padding
+        if conv.padding_mode != "zeros" or isinstance(padding, str):
             raise ValueError("QuantConv2d supports numeric zero padding only")
         self.in_channels = conv.in_channels
         self.out_channels = conv.out_channels
         self.kernel_size = conv.kernel_size
         self.stride = conv.stride
-        self.padding = conv.padding
+        self.padding = padding
         self.dilation = conv.dilation
         self.conv_groups = conv.groups
         self.weight = conv.weight

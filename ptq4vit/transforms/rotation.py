@@ -98,10 +98,12 @@ def _centre_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def _fold_norm_into(norm: nn.LayerNorm, readers: list[nn.Linear]) -> None:
-    """``Linear(LN(x)) = Linear'(LN₀(x))`` with LN₀ affine-free: W' = W diag(γ), b' = b + W β."""
-    gamma = _f64(norm.weight) if norm.weight is not None else None
-    beta = _f64(norm.bias) if norm.bias is not None else None
+    """``Linear(LN(x)) = Linear'(LN₀(x))`` with LN₀ affine-free: W' = W diag(γ), b' = b + W β. A reader of
+    several normed tokens concatenated (``NormReaders.tokens``) sees γ and β once per token."""
     for lin in readers:
+        reps = lin.in_features // norm.normalized_shape[-1]
+        gamma = _f64(norm.weight).repeat(reps) if norm.weight is not None else None
+        beta = _f64(norm.bias).repeat(reps) if norm.bias is not None else None
         w = _f64(lin.weight)
         if beta is not None:
             b = (_f64(lin.bias) if lin.bias is not None else w.new_zeros(w.shape[0])) + w @ beta
@@ -113,8 +115,8 @@ def _fold_norm_into(norm: nn.LayerNorm, readers: list[nn.Linear]) -> None:
             _assign(lin.weight, w * gamma)
 
 
-def _fold_layerscale_into(ls: nn.Module, writer: nn.Linear) -> None:
-    g = _f64(ls.gamma)
+def _fold_layerscale_into(ls: nn.Module, param: str, writer: nn.Linear) -> None:
+    g = _f64(getattr(ls, param))
     _assign(writer.weight, _f64(writer.weight) * g.unsqueeze(1))
     if writer.bias is not None:
         _assign(writer.bias, _f64(writer.bias) * g)
@@ -142,8 +144,9 @@ def rotate_heads(attn: AttentionHeads, gen: torch.Generator, kind: str) -> None:
     """Per-head rotations of q, k (shared) and v (undone in proj), folded into qkv and proj."""
     h, d = attn.num_heads, attn.head_dim
     dim = h * d
-    w = _f64(attn.qkv.weight)
-    b = _f64(attn.qkv.bias) if attn.qkv.bias is not None else None
+    layers = attn.qkv if isinstance(attn.qkv, tuple) else (attn.qkv,)
+    w = torch.cat([_f64(lin.weight) for lin in layers])
+    b = torch.cat([_f64(lin.bias) for lin in layers]) if layers[0].bias is not None else None
     pw = _f64(attn.proj.weight)
     for i in range(h):
         r_qk = make_rotation(d, kind, gen).dense().to(w.device)
@@ -155,18 +158,22 @@ def rotate_heads(attn: AttentionHeads, gen: torch.Generator, kind: str) -> None:
                 b[rows] = b[rows] @ r
         cols = slice(i * d, (i + 1) * d)
         pw[:, cols] = pw[:, cols] @ r_v
-    _assign(attn.qkv.weight, w)
-    if b is not None:
-        _assign(attn.qkv.bias, b)
+    sizes = [lin.out_features for lin in layers]
+    for lin, wi, bi in zip(layers, w.split(sizes), b.split(sizes) if b is not None else [None] * len(layers)):
+        _assign(lin.weight, wi)
+        if bi is not None:
+            _assign(lin.bias, bi)
     _assign(attn.proj.weight, pw)
 
 
 def rotate_fc2_input(slot: OnlineSlot, gen: torch.Generator, kind: str) -> None:
-    """Put an :class:`OnlineRotation` in the slot before fc2 and fold its transpose into fc2's weight."""
+    """Put an :class:`OnlineRotation` in the slot before fc2 (after the activation there, for a slot
+    ``after`` it) and fold its transpose into fc2's weight."""
     fc2 = slot.linear
     rot = make_rotation(fc2.in_features, kind, gen)
     _rotate_reader(fc2, rot.dense().to(fc2.weight.device))
-    setattr(slot.owner, slot.attr, OnlineRotation(rot, fc2.weight.dtype, fc2.weight.device))
+    online = OnlineRotation(rot, fc2.weight.dtype, fc2.weight.device)
+    setattr(slot.owner, slot.attr, nn.Sequential(getattr(slot.owner, slot.attr), online) if slot.after else online)
 
 
 def _affine_free(ln: nn.LayerNorm, centred: bool) -> nn.Module:
@@ -228,7 +235,8 @@ def rotate_residual(stream: ResidualStream, q: torch.Tensor) -> None:
 
     for branch in stream.branches:
         if branch.layer_scale is not None:
-            _fold_layerscale_into(getattr(branch.input.owner, branch.layer_scale), branch.writer)
+            _fold_layerscale_into(getattr(branch.input.owner, branch.layer_scale), branch.layer_scale_param,
+                                  branch.writer)
             setattr(branch.input.owner, branch.layer_scale, nn.Identity())
         _fold_and_replace_norm(branch.input, centred)
         for reader in branch.input.readers:

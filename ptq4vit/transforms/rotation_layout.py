@@ -16,8 +16,10 @@ from torch import nn
 class NormReaders:
     """The LayerNorm at ``owner.<norm>`` and every linear layer that reads its output (only they do).
 
-    ``tokens`` > 1: the norm reads that many stream tokens concatenated along the channels (Swin's
-    patch merging: 4 neighbours), so its readers see the stream rotated by ``blockdiag(Q, …, Q)``.
+    ``tokens`` > 1: the readers read that many stream tokens concatenated along the channels, so
+    they see the stream rotated by ``blockdiag(Q, …, Q)``: normed together (Swin's patch merging: a
+    norm over 4 neighbours), or normed one by one and then concatenated (Hugging Face DINOv2's
+    classifier: the class token and the mean patch token), the norm's affine then repeated per token.
     """
     owner: nn.Module
     norm: str
@@ -36,12 +38,14 @@ class StreamNorm:
 class ResidualBranch:
     """One branch added to the residual stream: ``norm`` → ``readers`` … → ``writer`` → layer scale → added.
 
-    ``layer_scale`` is the attribute of ``input.owner`` holding a LayerScale (a per-channel ``gamma``
-    on the writer's output), or None when the branch has none.
+    ``layer_scale`` is the attribute of ``input.owner`` holding a LayerScale (a per-channel scale,
+    the parameter ``layer_scale_param`` of that module, on the writer's output), or None when the
+    branch has none.
     """
     input: NormReaders
     writer: nn.Linear
     layer_scale: Optional[str] = None
+    layer_scale_param: str = "gamma"
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,9 @@ class ResidualStream:
 
 @dataclass(frozen=True)
 class AttentionHeads:
-    """A fused q/k/v projection (rows: all q heads, all k heads, all v heads) and the output
-    projection that reads the concatenated heads."""
-    qkv: nn.Linear
+    """A fused q/k/v projection (rows: all q heads, all k heads, all v heads), or the q, k and v
+    projections as three layers, and the output projection that reads the concatenated heads."""
+    qkv: Union[nn.Linear, tuple[nn.Linear, nn.Linear, nn.Linear]]
     proj: nn.Linear
     num_heads: int
     head_dim: int
@@ -85,10 +89,15 @@ class AttentionHeads:
 @dataclass(frozen=True)
 class OnlineSlot:
     """An identity module at ``owner.<attr>`` directly in front of ``linear``: where a rotation that
-    cannot be folded backwards (through a nonlinearity) runs online."""
+    cannot be folded backwards (through a nonlinearity) runs online.
+
+    ``after``: the module at ``owner.<attr>`` is not an identity but the activation right before
+    ``linear`` (a model with no identity slot there); the rotation runs after it, the slot becoming
+    ``nn.Sequential(activation, OnlineRotation)``."""
     owner: nn.Module
     attr: str
     linear: nn.Linear
+    after: bool = False
 
 
 @dataclass(frozen=True)

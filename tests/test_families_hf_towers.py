@@ -1,0 +1,225 @@
+"""Hugging Face transformers' CLIP and SigLIP vision towers: the five checks of a supported family at a tiny
+size (float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime,
+the model names of the harness), which activations the post-GELU quantizers take, and the refusals."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed "
+                                                          "(pip install 'ptq4vit[hf]')")
+
+import ptq4vit  # noqa: E402
+from ptq4vit import UnsupportedModelError  # noqa: E402
+from ptq4vit.harness import zoo  # noqa: E402
+from ptq4vit.models.hf_encoder import ACTIVATION_MINIMA, POST_GELU_FLOOR, fits_post_gelu_quantizers  # noqa: E402
+from ptq4vit.quant.twin import GELU_NEG_RANGE, gelu_twin_fake_quant, gelu_twin_neg_step  # noqa: E402
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64)
+#: model class -> (config class, extra config, output field, sites)
+MODELS = {
+    # patch conv + 2 layers x (qkv, matmul1, matmul2, out_proj, fc1, fc2)
+    "CLIPVisionModel": ("CLIPVisionConfig", {}, "pooler_output", 13),
+    "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(projection_dim=24), "image_embeds", 14),
+    # ... + the head's q, kv, matmul1, matmul2, out_proj, fc1, fc2
+    "SiglipVisionModel": ("SiglipVisionConfig", {}, "pooler_output", 20),
+}
+FAST = dict(progress=False, n_candidates=4, rounds=1)
+
+
+def make(name, attn="eager", seed=0, **extra):
+    config_cls, cfg, _, _ = MODELS[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**TINY, **cfg, **extra}, attn_implementation=attn)
+    model = getattr(transformers, name)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # nonzero norm affines and biases (transformers initialises them to 1 and 0)
+        for key, p in model.named_parameters():
+            if "norm" in key or "bias" in key:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def images(n=8, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def output(model, x):
+    return getattr(model(x), MODELS[type(model).__name__][2])
+
+
+# ---- 1. quantization off reproduces the original
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
+    """SigLIP's pooling head runs nn.MultiheadAttention, which scales q before q @ kᵀ; the quantized head scales
+    after it: by 1/sqrt(16), a power of two, so bit for bit here too."""
+    model, x = make(name), images()
+    q = ptq4vit.quantize(model, x, "base", **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert torch.equal(q(x), output(model, x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
+    """transformers' default attention is SDPA; the quantized attention computes the eager formula: measured at
+    most 7.2e-7 with |outputs| up to 2.2."""
+    model, x = make(name, attn="sdpa"), images()
+    q = ptq4vit.quantize(model, x, "base", **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+
+
+# ---- 2. calibration with each preset
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModelWithProjection", "SiglipVisionModel"])
+@pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
+def test_presets_calibrate_at_w8a8_and_w4a4(name, preset):
+    """CLIP's QuickGELU and SigLIP's tanh GELU (the configs' defaults) with ptq4vit's post-GELU twin."""
+    model, x = make(name), images()
+    assert type(model.encoder.layers[0].mlp.activation_fn if hasattr(model, "encoder") else
+                model.vision_model.encoder.layers[0].mlp.activation_fn).__name__ in ("QuickGELUActivation", "GELUTanh")
+    with torch.no_grad():
+        ref = output(model, x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
+        assert len(q.sites()) == MODELS[name][3] - (0 if q.preset.quantize_attention else
+                                                    2 * (TINY["num_hidden_layers"] + (name == "SiglipVisionModel")))
+        with torch.no_grad():
+            y = q(x)
+        assert y.shape == ref.shape and torch.isfinite(y).all()
+        err[bits] = (y - ref).abs().max().item()
+    assert 0 < err[8] < err[4]
+
+
+def test_sites_of_the_siglip_pooling_head():
+    q = ptq4vit.quantize(make("SiglipVisionModel"), images(), "base", **FAST)
+    assert [n for n in q.sites() if n.startswith("head.")] == [
+        "head.q", "head.kv", "head.matmul1", "head.matmul2", "head.out_proj", "head.mlp.fc1", "head.mlp.fc2"]
+    assert list(q.sites())[:2] == ["embeddings.patch_embedding", "encoder.layers.0.self_attn.qkv"]
+
+
+# ---- which activations the post-GELU quantizers take
+
+
+def test_activation_minima_are_the_activations_own():
+    """Each tabled minimum is the activation's minimum over the reals (dense grid around it, float64)."""
+    from transformers.activations import ACT2FN
+    x = torch.linspace(-4, 0, 4_000_001, dtype=torch.float64)
+    for act, cls in (("quick_gelu", "QuickGELUActivation"), ("gelu_pytorch_tanh", "GELUTanh"),
+                     ("gelu_new", "NewGELUActivation")):
+        assert type(ACT2FN[act]).__name__ == cls
+        assert abs(float(ACT2FN[act](x).min()) - ACTIVATION_MINIMA[cls]) < 1e-8
+    assert ACTIVATION_MINIMA["QuickGELUActivation"] > -GELU_NEG_RANGE  # inside GELU's negative range
+    assert POST_GELU_FLOOR < ACTIVATION_MINIMA["GELUTanh"] < -GELU_NEG_RANGE  # below it by less than half a step
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_post_gelu_twin_codes_these_activations_without_clipping(act, bits):
+    """On the negative side every output is within half a step of its code (nothing clipped), as for GELU."""
+    from transformers.activations import ACT2FN
+    y = ACT2FN[act](torch.linspace(-6, 0, 200_001))
+    neg = gelu_twin_neg_step(bits)
+    assert fits_post_gelu_quantizers(ACT2FN[act])
+    # half a step, plus float32 rounding of x / step at a tie
+    assert (gelu_twin_fake_quant(y, torch.tensor(1.0), neg, bits) - y).abs().max() <= neg / 2 + 1e-8
+
+
+def test_an_activation_outside_gelus_range_is_refused_with_the_twin():
+    from transformers.activations import ACT2FN
+    assert not fits_post_gelu_quantizers(ACT2FN["silu"])  # minimum -0.278
+    model = make("CLIPVisionModel", hidden_act="silu")
+    with pytest.raises(UnsupportedModelError, match=r"^module 'encoder.layers.0.mlp.activation_fn' of type "
+                                                    r"SiLUActivation is not supported by the Hugging Face CLIP vision "
+                                                    r"adapter: the post-GELU quantizers .* QuickGELU\); turn them off"):
+        ptq4vit.quantize(model, images(), "ptq4vit", **FAST)
+    ptq4vit.quantize(model, images(), "base", **FAST)  # uniform fc2 input: any activation
+
+
+# ---- 3. checkpoint round trip
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
+    model, x = make(name), images()
+    q = ptq4vit.quantize(model, x, "ptq4vit", 4, 4, **FAST)
+    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    assert meta["model"]["name"] == name
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
+
+
+# ---- 4. integer export on ONNX Runtime
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_integer_export_runs_on_onnxruntime(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.ort import make_session
+
+    model, x = make(name), images()
+    q = ptq4vit.quantize(model, x, "base", **FAST)
+    sites = MODELS[name][3]
+    with torch.no_grad():
+        ref = q(x).numpy()
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+        assert (len(rep.sites), sum(s.integer for s in rep.sites)) == (sites, sites - 1)
+        assert [s.name for s in rep.fallbacks] == [next(iter(q.sites()))]  # the patch conv: float image input
+        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+# ---- refusals
+
+
+def test_a_siglip_tower_without_its_head_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match=r"^module '<model>' of type SiglipVisionModel is not supported by "
+                                                    r"the Hugging Face SigLIP vision adapter: vision_use_head=False "
+                                                    r"returns the tokens"):
+        ptq4vit.quantize(make("SiglipVisionModel", vision_use_head=False), images(), "base", **FAST)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_rotations_are_refused_by_name(name):
+    family = "CLIP" if name.startswith("CLIP") else "SigLIP"
+    with pytest.raises(UnsupportedModelError, match=rf"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
+                                                    rf"supported for {name} by the Hugging Face {family} vision "
+                                                    rf"adapter$"):
+        ptq4vit.quantize(make(name), images(), "rotq", 6, 6, progress=False)
+
+
+def test_other_clip_and_siglip_classes_are_refused_by_name():
+    config = transformers.CLIPConfig(vision_config=TINY, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                          num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UnsupportedModelError, match="^model type CLIPForImageClassification is not supported"):
+        ptq4vit.quantize(transformers.CLIPForImageClassification(config).eval(), images(), "base", **FAST)
+
+
+# ---- 5. model names of the harness
+
+
+def test_the_harness_names_the_towers(capsys):
+    from ptq4vit.harness.cli import main
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for short, cls in (("HF-CLIP-B/16", "CLIPVisionModelWithProjection"), ("HF-SigLIP-B/16", "SiglipVisionModel")):
+        assert any(line.split()[:2] == [short, cls] for line in listing.splitlines())
+    tiny = dict(img_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64)
+    for short, act, width in (("HF-CLIP-B/16", "QuickGELUActivation", 512), ("HF-SigLIP-B/16", "GELUTanh", 32)):
+        lm = zoo.create(short, pretrained=False, model_kwargs=tiny)
+        tower = getattr(lm.model, "vision_model", lm.model)
+        assert type(tower.encoder.layers[0].mlp.activation_fn).__name__ == act
+        with torch.no_grad():
+            out = lm.model(images(2))
+        assert isinstance(out, torch.Tensor) and out.shape == (2, width)  # the image embedding, as quantized
+        assert math.isfinite(float(out.abs().max()))
