@@ -124,6 +124,9 @@ class HFSwinAdapter(HFVitAdapter):
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         return Adapter.norm_linear_pairs(self, model)  # refused: not described for Swin
 
+    def rotation_layout(self, model: nn.Module, residual: bool):
+        return Adapter.rotation_layout(self, model, residual)  # refused: the ViT layout has no Swin stages
+
     def _plan_swin_embeddings(self, p: SitePlan, path: str, emb: nn.Module, build: SiteBuilder) -> None:
         self._check_class(p, path, emb, "SwinEmbeddings")
         if emb.mask_token is not None:
