@@ -9,6 +9,9 @@ and the calibration seconds. Float logits are computed once per ``--limit`` and 
 run again (resumable). Usage:
 
     python benchmarks/lowbit_accuracy.py --preset rotq --bits W4A4 [--set field=value ...] [--label NAME]
+
+With ``--set reconstruction=learned`` the model is reconstructed after calibration (docs/lowbit.md §11)
+on the first ``reconstruction.images`` (64) images of the same draw, the 32 calibration images first.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 import ptq4vit
+from ptq4vit.export.cpu import cpu_name
 from ptq4vit.harness import zoo
 from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
 from ptq4vit.harness.fidelity import mean_kl, top1_agreement
@@ -98,22 +102,28 @@ def main() -> None:
         ref, labels = logits_of(lm.model, test)
         torch.save((ref, labels), cache)
 
-    calib = calibration_images(ImageFolder(cifar / "calib", tf), args.calib_size, seed=3).images
+    recipe = ptq4vit.get_recipe(args.preset, **overrides)
+    # with reconstruction, its pool is the calibration draw continued (as a sweep draws it)
+    pool_size = recipe.reconstruction.images if recipe.reconstruction.variant != "none" else 0
+    draw = calibration_images(ImageFolder(cifar / "calib", tf), max(args.calib_size, pool_size), seed=3).images
+    calib, pool = draw[:args.calib_size], (draw if pool_size else None)
     load_before = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    q = ptq4vit.quantize(lm.model, calib, args.preset, w_bits, a_bits, progress=True, **overrides)
+    q = ptq4vit.quantize(lm.model, calib, recipe, w_bits, a_bits, progress=True, reconstruction_images=pool)
     calib_s, calib_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     logits, _ = logits_of(q, test)
     row = dict(label=label, preset=args.preset, bits=args.bits, overrides=overrides, limit=args.limit,
                images=len(labels), float_top1=100.0 * float((ref.argmax(-1) == labels).double().mean()),
                top1=100.0 * float((logits.argmax(-1) == labels).double().mean()),
                agreement=top1_agreement(ref, logits), kl=mean_kl(ref, logits), calib_s=round(calib_s, 1),
-               calib_cpu_s=round(calib_cpu_s, 1), cpus=os.cpu_count(), load_before=load_before)
+               calib_cpu_s=round(calib_cpu_s, 1), cpus=os.cpu_count(), load_before=load_before, cpu=cpu_name(),
+               reconstruction_pool=min(pool_size, len(draw)) if pool_size else 0)
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{label}: top1 {row['top1']:.1f} (float {row['float_top1']:.1f}) agreement {row['agreement']:.1f} "
           f"KL {row['kl']:.4f} calib {calib_s:.0f} s ({calib_cpu_s:.0f} CPU s on {row['cpus']} CPUs; load average "
-          f"{load_before:.1f} before it) on {len(labels)} images")
+          f"{load_before:.1f} before it) on {len(labels)} images; CPU: {row['cpu']}"
+          + (f"; reconstruction pool {row['reconstruction_pool']} images" if pool_size else ""))
 
 
 if __name__ == "__main__":
