@@ -42,15 +42,7 @@ class HFClipAdapter(HFVitAdapter):
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         backbone_attr, heads = self.spec.models[type(model).__name__]
         p = TensorOutputPlan(self.family, self.output_field(model))
-        if getattr(model.config, "return_dict", True) is False:
-            raise p.refuse("", model, "config.return_dict=False makes the model return a tuple; ptq4vit reads the "
-                                      "output by name from its ModelOutput (set return_dict=True)")
-        p.container("")
-        prefix = f"{backbone_attr}." if backbone_attr else ""
-        tower = getattr(model, backbone_attr) if backbone_attr else model
-        if backbone_attr:
-            self._check_class(p, backbone_attr, tower, "CLIPVisionModel")
-            p.container(backbone_attr)
+        prefix, tower = self._open_backbone(p, model, backbone_attr, "CLIPVisionModel")
         emb = tower.embeddings
         self._check_class(p, f"{prefix}embeddings", emb, "CLIPVisionEmbeddings")
         p.container(f"{prefix}embeddings")

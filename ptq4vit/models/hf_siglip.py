@@ -42,10 +42,7 @@ class HFSiglipAdapter(HFVitAdapter):
 
     def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
         p = TensorOutputPlan(self.family, self.output_field(model))
-        if getattr(model.config, "return_dict", True) is False:
-            raise p.refuse("", model, "config.return_dict=False makes the model return a tuple; ptq4vit reads the "
-                                      "output by name from its ModelOutput (set return_dict=True)")
-        p.container("")
+        self._open_backbone(p, model, "", "")  # the tower is the model
         emb = model.embeddings
         self._check_class(p, "embeddings", emb, "SiglipVisionEmbeddings")
         p.container("embeddings")

@@ -99,15 +99,7 @@ class HFSwinAdapter(HFVitAdapter):
         backbone_attr, heads = self.spec.models[type(model).__name__]
         p = SwinSitePlan(self.family, self.output_field(model),
                          [m for m in model.modules() if type(m).__name__ == "SwinLayer"])
-        if getattr(model.config, "return_dict", True) is False:
-            raise p.refuse("", model, "config.return_dict=False makes the model return a tuple; ptq4vit reads the "
-                                      "output by name from its ModelOutput (set return_dict=True)")
-        p.container("")
-        prefix = f"{backbone_attr}." if backbone_attr else ""
-        backbone = getattr(model, backbone_attr) if backbone_attr else model
-        if backbone_attr:
-            self._check_class(p, backbone_attr, backbone, "SwinModel")
-            p.container(backbone_attr)
+        prefix, backbone = self._open_backbone(p, model, backbone_attr, "SwinModel")
         self._plan_swin_embeddings(p, f"{prefix}embeddings", backbone.embeddings, build)
         self._check_class(p, f"{prefix}encoder", backbone.encoder, "SwinEncoder")
         p.container(f"{prefix}encoder")

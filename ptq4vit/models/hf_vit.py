@@ -172,19 +172,27 @@ class HFVitAdapter(Adapter):
 
     # ---- planning
 
-    def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
-        name = type(model).__name__
-        backbone_attr, heads = self.spec.models[name]
-        p = TensorOutputPlan(self.family, self.output_field(model))
+    def _open_backbone(self, p: SitePlan, model: nn.Module, backbone_attr: str,
+                       backbone_class: str) -> tuple[str, nn.Module]:
+        """Plan the model itself and its backbone (``model.<backbone_attr>`` of class ``backbone_class``, or
+        the model itself); returns the backbone's path prefix and the backbone. Every family of these
+        adapters reads its output by name, so a tuple-returning config is refused here."""
         if getattr(model.config, "return_dict", True) is False:
             raise p.refuse("", model, "config.return_dict=False makes the model return a tuple; ptq4vit reads the "
                                       "output by name from its ModelOutput (set return_dict=True)")
         p.container("")
-        prefix = f"{backbone_attr}." if backbone_attr else ""
-        backbone = getattr(model, backbone_attr) if backbone_attr else model
-        if backbone_attr:
-            self._check_class(p, backbone_attr, backbone, f"{self.spec.prefix}Model")
-            p.container(backbone_attr)
+        if not backbone_attr:
+            return "", model
+        backbone = getattr(model, backbone_attr)
+        self._check_class(p, backbone_attr, backbone, backbone_class)
+        p.container(backbone_attr)
+        return f"{backbone_attr}.", backbone
+
+    def plan(self, model: nn.Module, build: SiteBuilder) -> SitePlan:
+        name = type(model).__name__
+        backbone_attr, heads = self.spec.models[name]
+        p = TensorOutputPlan(self.family, self.output_field(model))
+        prefix, backbone = self._open_backbone(p, model, backbone_attr, f"{self.spec.prefix}Model")
         self._plan_embeddings(p, f"{prefix}embeddings", backbone.embeddings, build)
         parts = self.spec.layers.split(".")
         for i in range(len(parts)):
