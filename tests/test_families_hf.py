@@ -309,3 +309,15 @@ def test_real_vit_s14_converted_to_dinov2_gives_the_timm_logits(shared_dir, cifa
     with torch.no_grad():
         a, b = timm_lm.model(x), hf_lm.model(x)
     assert b.shape == (10, 10) and (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_a_config_returning_tuples_is_refused_by_name_in_every_hf_family():
+    import test_families_hf_swin as swin
+    import test_families_hf_towers as towers
+    for module in (sys.modules[__name__], towers, swin):
+        for name in sorted(module.MODELS):
+            model = module.make(name)
+            model.config.return_dict = False
+            with pytest.raises(UnsupportedModelError, match=r"config.return_dict=False makes the model return a "
+                                                            r"tuple; ptq4vit reads the output by name"):
+                ptq4vit.quantize(model, module.images(2), "ptq4vit", 8, 8, progress=False)
