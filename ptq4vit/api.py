@@ -10,6 +10,7 @@ from torch import nn
 
 from .calib import calibrate_model, default_memory_budget
 from .calib.percentile import calibrate_percentile
+from .calib.reconstruct import reconstruct
 from .checkpoint import float_weights_digest
 from .errors import UserError
 from .finite import bad_scales, nonfinite_count
@@ -87,8 +88,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
             raise UserError("reconstruction_images are given but the recipe's reconstruction is none "
                             "(set reconstruction='learned' to use them)")
         _check_images(model, reconstruction_images, adapters, "reconstruction_images")
-    if learned and _device_and_dtype(model)[1] != torch.float32:
-        raise UserError(f"reconstruction learns in float32: the model's parameters are {_device_and_dtype(model)[1]}; "
+    model_dtype = _device_and_dtype(model)[1]
+    if learned and model_dtype != torch.float32:
+        raise UserError(f"reconstruction learns in float32: the model's parameters are {model_dtype}; "
                         f"quantize a float32 copy (model.float()) or set reconstruction='none'")
 
     name = adapters.adapter_for(model).model_name(model)
@@ -111,30 +113,19 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
             calibrate_percentile(model, images, sites, pairs, progress=progress, desc=desc,
                                  round_zero_point=reparam is not None and reparam.round_zero_point,
                                  fold_dtype=torch.float64 if reparam is not None and reparam.fold_float64 else None)
-        _check_scales(model)
-        return _reconstructed(qmodel, recipe, reconstruction_images if reconstruction_images is not None
-                              else images, progress, threads, memory_budget)
-    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    with qmodel.quantization_disabled():
-        plan = calibrate_model(model, images, sites, recipe, budget, capture_batch,
-                               threads=threads, progress=progress,
-                               desc=f"calibrating {recipe.name} W{w_bits}A{a_bits}")
+    else:
+        budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+        with qmodel.quantization_disabled():
+            plan = calibrate_model(model, images, sites, recipe, budget, capture_batch,
+                                   threads=threads, progress=progress, desc=desc)
+        logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites),
+                     len(plan.groups), budget / 2 ** 20)
     _check_scales(model)
-    logger.debug("%s: %d sites, %d capture pass(es) within a budget of %.1f MiB", name, len(sites), len(plan.groups),
-                 budget / 2 ** 20)
-    return _reconstructed(qmodel, recipe, reconstruction_images if reconstruction_images is not None else images,
-                          progress, threads, memory_budget)
-
-
-def _reconstructed(qmodel: QuantizedModel, recipe: Recipe, images: torch.Tensor, progress: bool,
-                   threads: Optional[int], memory_budget: Optional[int]) -> QuantizedModel:
-    """The calibrated model, reconstructed in place when the recipe asks for it."""
-    if recipe.reconstruction.variant == "none":
-        return qmodel
-    from .calib.reconstruct import reconstruct  # it imports this package's quantized model
-    qmodel.reconstruction_report = reconstruct(qmodel, images, recipe.reconstruction, progress=progress,
-                                               threads=threads, memory_budget=memory_budget)
-    _check_scales(qmodel.model)
+    if learned:
+        qmodel.reconstruction_report = reconstruct(
+            qmodel, images if reconstruction_images is None else reconstruction_images, recipe.reconstruction,
+            progress=progress, threads=threads, memory_budget=memory_budget)
+        _check_scales(model)
     return qmodel
 
 
