@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ptq4vit
-from ptq4vit.calib.gptq import compensated_target, gptq_quantize, input_hessian, row_scales, search_group_scales
+from ptq4vit.calib.gptq import compensated_target, gptq_quantize, gptq_round, input_hessian, row_scales, search_group_scales
 from ptq4vit.nn import QuantLinear
 from ptq4vit.quant import candidate_factors, initial_scale, uniform_fake_quant
 
@@ -19,8 +19,9 @@ def _layer(out=5, inp=7, rows=40, seed=0):
     return w, x
 
 
-def _reference_gptq(w, h, scale, bits, damp, act_order):
-    """Optimal Brain Quantizer order of operations with explicit inverses, one weight at a time."""
+def _reference_gptq(w, h, scale, bits, damp, act_order, unrounded=None):
+    """Optimal Brain Quantizer order of operations with explicit inverses, one weight at a time
+    (``unrounded``, when given, receives each weight as it was just before it was rounded)."""
     w = w.clone()
     h = h.clone()
     n = h.shape[0]
@@ -38,6 +39,8 @@ def _reference_gptq(w, h, scale, bits, damp, act_order):
         hinv = torch.linalg.inv(h[remaining][:, remaining])
         j = remaining[0]
         for r in range(w.shape[0]):
+            if unrounded is not None:
+                unrounded[r, j] = w[r, j]
             qv = float(uniform_fake_quant(w[r, j].reshape(1), scale[r].reshape(1), bits))
             err = (float(w[r, j]) - qv) / float(hinv[0, 0])
             q[r, j] = qv
@@ -57,6 +60,23 @@ def test_gptq_equals_plain_loop_reference(act_order, block):
     ref = _reference_gptq(w, h, scale, 4, 0.01, act_order)
     assert torch.equal(ours, ref)
     assert torch.equal(torch.round(ours / scale.reshape(-1, 1)) * scale.reshape(-1, 1), ours)  # on the grid
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block", [1, 3, 128])
+def test_gptq_unrounded_weights_equal_plain_loop_and_round_to_its_weights(act_order, block):
+    w, x = _layer()
+    h = input_hessian(x)
+    scale = w.abs().amax(1) / 7.5 * 0.7
+    rounded, unrounded = gptq_round(w, h, scale, 4, damp=0.01, act_order=act_order, block=block)
+    ref = torch.zeros_like(w)
+    _reference_gptq(w, h, scale, 4, 0.01, act_order, unrounded=ref)
+    torch.testing.assert_close(unrounded, ref, rtol=0, atol=2e-15)  # float64: the two orders of updates (6e-16 seen)
+    assert torch.equal(rounded, gptq_quantize(w, h, scale, 4, damp=0.01, act_order=act_order, block=block))
+    assert torch.equal(uniform_fake_quant(unrounded, scale.reshape(-1, 1), 4), rounded)  # nearest of it: GPTQ's
+    first = int(torch.argmax(torch.diagonal(h))) if act_order else 0
+    assert torch.equal(unrounded[:, first], w[:, first])  # nothing was rounded before the first column
+    assert not torch.equal(unrounded, w)                  # the later ones carry the updates
 
 
 def test_gptq_lowers_output_error_against_round_to_nearest():

@@ -285,6 +285,44 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         reconstruct(fresh, x, FAST, progress=False)
 
 
+def test_learned_rounding_starts_where_gptq_left_each_weight_before_rounding_it(monkeypatch):
+    m, x = make_tiny_dinov2(depth=2)
+    fast = dict(progress=False, n_candidates=4, rounds=1, threads=1)
+    options = Reconstruction(iterations=25, images=4, batch_size=2)
+    seen = {}
+    real = ptq4vit.api.reconstruct
+
+    def spy(qmodel, images, opts, **kw):
+        seen.update({n: (s.rounding_start.clone(), s.weight.detach().clone()) for n, s in qmodel.sites().items()
+                     if getattr(s, "rounding_start", None) is not None})
+        return real(qmodel, images, opts, **kw)
+    monkeypatch.setattr(ptq4vit.api, "reconstruct", spy)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, reconstruction=options, **fast)
+    sites = q.sites()
+    assert sorted(seen) == sorted(n for n, s in sites.items() if isinstance(s, QuantLinear))  # every GPTQ layer
+    for n, (start, gptq) in seen.items():
+        assert torch.equal(sites[n].w_quant(start), gptq)      # its round to nearest is GPTQ's weight
+    assert sum(not torch.equal(start, gptq) for start, gptq in seen.values()) == len(seen)
+    assert all(getattr(s, "rounding_start", None) is None for s in sites.values())  # spent by reconstruction
+    changed = 0
+    for n, (start, gptq) in seen.items():
+        if not n.startswith("blocks."):
+            continue
+        wq = sites[n].w_quant
+        step = wq.scale.repeat_interleave(start.shape[0] // wq.groups).reshape(-1, 1)
+        codes, low = wq.codes(sites[n].weight.detach()), torch.floor(start / step)
+        n_max = qmax(wq.bits)
+        assert bool(((codes == low.clamp(-n_max, n_max - 1)) | (codes == (low + 1).clamp(-n_max, n_max - 1))).all())
+        changed += int((codes != wq.codes(gptq)).sum())
+    assert changed > 0                                         # learning moved some of GPTQ's codes
+    # nothing is kept where the rounding is not learned
+    seen.clear()
+    ptq4vit.quantize(m, x, "rotq", 4, 4, reconstruction=options, **{"reconstruction.learn_rounding": False}, **fast)
+    assert seen == {}
+    plain = ptq4vit.quantize(m, x, "rotq", 4, 4, **fast)
+    assert all(getattr(s, "rounding_start", None) is None for s in plain.sites().values())
+
+
 def test_quantize_runs_the_recipes_reconstruction_on_its_pool(tmp_path):
     m, _ = make_tiny("vit")
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -26,7 +26,7 @@ from ..recipes.flat import Preset
 from ..quant import (MIN_SCALE, KindRegistry, candidate_factors, initial_scale, renormalize_rows,
                      uniform_fake_quant)
 from .bias_correction import correct_bias
-from .gptq import compensated_target, gptq_quantize, input_energy, input_hessian, row_scales, search_group_scales
+from .gptq import compensated_target, gptq_round, input_energy, input_hessian, row_scales, search_group_scales
 from .metrics import cosine_
 from .released_order import conv_scores, linear_scores, matmul_scores, split_scores
 from .search import Product, best_index, row_scores, score
@@ -198,8 +198,14 @@ def calibrate_linear_second_order(site: QuantLinear, x: torch.Tensor, grad: Opti
     else:
         target = w
     if gptq:
-        wq_values = gptq_quantize(target, h.to(w.device), per_row, wq.bits, damp=rounding.damp,
-                                  act_order=rounding.act_order, block=rounding.block).to(w.dtype)
+        wq_values, unrounded = gptq_round(target, h.to(w.device), per_row, wq.bits, damp=rounding.damp,
+                                          act_order=rounding.act_order, block=rounding.block)
+        wq_values = wq_values.to(w.dtype)
+        if recipe.reconstruction.learns_rounding():
+            # in the weight's dtype a start GPTQ rounded in float64 can cross half a step: it then starts on GPTQ's code
+            start = unrounded.to(w.dtype)
+            site.rounding_start = torch.where(uniform_fake_quant(start, per_row.reshape(-1, 1), wq.bits) == wq_values,
+                                              start, wq_values)
     else:
         wq_values = uniform_fake_quant(w, per_row.reshape(-1, 1), wq.bits)
     if inp is not None:

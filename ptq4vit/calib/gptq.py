@@ -135,6 +135,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
         act_order: quantize columns in decreasing ``diag(H)`` order.
         block: columns per lazily updated block.
     """
+    return gptq_round(w, h, scale, bits, damp=damp, act_order=act_order, block=block)[0]
+
+
+def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, *, damp: float = 0.01,
+               act_order: bool = True, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rounded, unrounded)``: :func:`gptq_quantize`'s weight, and each column as GPTQ found it just
+    before rounding it (the float weight plus the updates of the columns rounded before it), whose
+    round to nearest *is* the rounded weight. Learned rounding starts from the unrounded one
+    (docs/lowbit.md §11): a weight GPTQ left near half a step can still go either way.
+    """
     if block < 1:
         raise ValueError("block must be positive")
     wp, hp, perm = prepare_hessian(w, h, damp, act_order)
@@ -142,6 +152,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
     s = scale.to(torch.float64).reshape(-1, 1)
     n = wp.shape[1]
     q = torch.empty_like(wp)
+    before = torch.empty_like(wp)
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
         wb = wp[:, b0:b1].clone()
@@ -149,12 +160,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = wb[:, i:i + 1]
+            before[:, b0 + i:b0 + i + 1] = col
             qc = uniform_fake_quant(col, s, bits)
             q[:, b0 + i:b0 + i + 1] = qc
             err = (col - qc) / ub[i, i]
             wb[:, i:] -= err * ub[i:i + 1, i:]
             errs[:, i:i + 1] = err
         wp[:, b1:] -= errs @ u[b0:b1, b1:]
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out.to(w.dtype)
+    rounded, unrounded = torch.empty_like(q), torch.empty_like(before)
+    rounded[:, perm] = q
+    unrounded[:, perm] = before
+    return rounded.to(w.dtype), unrounded.to(w.dtype)

@@ -178,7 +178,9 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
                         if grid is None:
                             held_fixed[type(q).__name__ + " weight"] += 1
                         continue  # the weight is not learned: the quantizer rounds it as calibrated
-                    stand_in: nn.Module = LearningWeight(q, site.weight, grid(q, site.weight))
+                    start = getattr(site, "rounding_start", None)  # GPTQ's unrounded weight, where calibration kept it
+                    start = site.weight if start is None else start
+                    stand_in: nn.Module = LearningWeight(q, start, grid(q, site.weight))
                     learners.weights.append((site, stand_in))
                 else:
                     rule = STEP_RULES.find(q)
@@ -339,6 +341,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                 _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
             x_float = target
         bar.close()
+    for site in qmodel.sites().values():  # the unrounded weights are spent (and would only hold memory)
+        if getattr(site, "rounding_start", None) is not None:
+            site.rounding_start = None
     report.held_fixed = dict(held_fixed)
     logger.info("%s", report.summary())
     return report

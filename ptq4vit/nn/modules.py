@@ -52,6 +52,10 @@ class QuantLinear(QuantSite):
         self.smooth: Optional[torch.Tensor]
         self.register_buffer("smooth", torch.ones(linear.in_features, dtype=linear.weight.dtype,
                                                   device=linear.weight.device) if smooth else None)
+        #: Where learned rounding starts (docs/lowbit.md §11): GPTQ's weight before its last rounding,
+        #: set by calibration only when the recipe reconstructs with learned rounding and dropped by
+        #: reconstruction. A plain attribute, not a buffer: never saved, never part of the forward.
+        self.rounding_start: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:

@@ -134,8 +134,9 @@ def _asymmetric_grid(q: AsymmetricQuantizer, weight: torch.Tensor) -> WeightGrid
 class LearningWeight(nn.Module):
     """Stands in for a weight quantizer: ``(clamp(floor(W/Δ) + h(V) + z) - z) · Δ``, ``h`` soft or hard.
 
-    ``V`` starts where ``h`` equals the fractional part of ``W/Δ`` (the soft weight is the float weight,
-    up to the clamp); :meth:`hard_codes` are the codes the learned rounding gives.
+    ``V`` starts where ``h`` equals the fractional part of ``W/Δ`` for the ``weight`` given (the soft
+    weight is that weight up to the clamp: the float weight, or GPTQ's before rounding); :meth:`hard_codes`
+    are the codes the learned rounding gives.
     """
 
     def __init__(self, quantizer: Quantizer, weight: torch.Tensor, grid: WeightGrid):

@@ -18,6 +18,9 @@ class NoReconstruction(Component):
     """No reconstruction: the calibrated weights and steps are the result."""
     variant = "none"
 
+    def learns_rounding(self) -> bool:
+        return False
+
 
 @dataclass(frozen=True)
 class Reconstruction(Component):
@@ -85,6 +88,10 @@ class Reconstruction(Component):
             raise UserError(f"reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
         if self.rounding_weight < 0:
             raise UserError(f"reconstruction.rounding_weight must be at least 0, got {self.rounding_weight}")
+
+    def learns_rounding(self) -> bool:
+        """Whether the weights' rounding is learned (calibration then keeps where it starts: GPTQ's unrounded weight)."""
+        return self.learn_rounding
 
     def beta(self, iteration: int) -> Optional[float]:
         """The regularizer's exponent at ``iteration`` (0-based), None during the warmup."""
