@@ -1,6 +1,7 @@
 """Hugging Face transformers' Swin (SwinForImageClassification, SwinModel) at a tiny size with random weights:
 float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime and
 OpenVINO, the harness's model name, refusals."""
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
 import ptq4vit  # noqa: E402
 from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
+from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation  # noqa: E402
 
 from _fastq import fast_quantize  # noqa: E402
 
@@ -103,11 +105,105 @@ def test_presets_calibrate_at_w8a8_and_w4a4(preset):
     assert 0 < err[8] < err[4]
 
 
-def test_rotq_is_refused_by_name():
-    with pytest.raises(UnsupportedModelError, match=r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
-                                                    r"supported for SwinForImageClassification by the Hugging Face "
-                                                    r"Swin adapter$"):
-        ptq4vit.quantize(make("SwinForImageClassification"), images(), "rotq", 6, 6, progress=False)
+# ---- 2b. rotations (rotq): one stream per stage through patch merging, folded into the q/k/v layers
+
+ALL = RotationOptions(residual=True, heads=True, fc2=True)
+
+
+def _with_position_embedding(model):
+    with torch.no_grad():  # transformers zeroes it, which would hide a rotation left out
+        model.get_submodule("swin.embeddings" if hasattr(model, "swin") else "embeddings").position_embeddings.add_(
+            torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(2)) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("opts", [RotationOptions(residual=True), RotationOptions(heads=True),
+                                  RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
+                         ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
+def test_rotated_swin_reproduces_the_float_model(opts):
+    model = _with_position_embedding(make("SwinForImageClassification", use_absolute_embeddings=True))
+    m, x = model.double(), images().double()
+    with torch.no_grad():
+        ref = output(m, x)
+        # float64: measured max |diff| 8e-17 .. 3.3e-16 with |logits| <= 0.37
+        assert (output(apply_rotation(copy.deepcopy(m), opts), x) - ref).abs().max() < 1e-14
+        m32, x32 = m.float(), images()
+        ref32 = output(m32, x32)
+        # float32: measured 3e-8 .. 9e-8
+        assert (output(apply_rotation(copy.deepcopy(m32), opts), x32) - ref32).abs().max() < 1e-6
+
+
+def test_residual_rotation_leaves_a_rotated_embedding_norm_and_affine_free_norms():
+    m = apply_rotation(make("SwinForImageClassification"), ALL)
+    emb, stage = m.swin.embeddings, m.swin.encoder.layers[0]
+    assert isinstance(emb.norm, RotatedLayerNorm) and emb.norm.weight.shape == (32, 32)
+    layer = stage.blocks[1]
+    for norm in (layer.layernorm_before, layer.layernorm_after, stage.downsample.norm, m.swin.layernorm):
+        assert type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None  # means kept
+    assert stage.downsample.reduction.bias is not None  # the merging norm's shift, folded
+    assert isinstance(layer.mlp.activation_fn[1], OnlineRotation)
+
+
+def test_rotq_calibrates_round_trips_and_exports(tmp_path):
+    model, x = make("SwinForImageClassification"), images(8)
+    with torch.no_grad():
+        ref = output(model, x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(model, x, "rotq", bits, bits, **FAST)
+        with torch.no_grad():
+            y = q(x)
+        assert torch.isfinite(y).all()
+        err[bits] = (y - ref).abs().max().item()
+    assert err[8] < err[4]
+    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), y)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), y)
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.ort import make_session
+
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+        # 4 layers x (qkv, o_proj, fc1, fc2, q@k) + the reduction + the classifier; float: the patch conv (float
+        # image input) and softmax@v (rotq's renormalized softmax rows have no integer lowering)
+        assert sum(s.integer for s in rep.sites) == 22 and len(rep.sites) == 27
+        assert [s.name for s in rep.fallbacks] == ["swin.embeddings.patch_embeddings.projection"] + [
+            f"swin.encoder.layers.{i}.blocks.{j}.attention.matmul2" for i in range(2) for j in range(2)]
+        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - y.numpy()).max() <= 0.02 * np.abs(y.numpy()).max(), fmt
+
+
+def test_rotq_with_quantization_off_is_the_float_model():
+    model, x = make("SwinForImageClassification"), images()
+    with torch.no_grad():
+        ref = output(model, x)
+    q = ptq4vit.quantize(model, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - ref).abs().max() < 1e-6  # measured 6e-8
+
+
+def test_the_bare_backbone_refuses_the_residual_rotation_but_not_the_others():
+    model, x = make("SwinModel"), images()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match=r"^model SwinModel has no classifier to fold the last residual "
+                                                    r"rotation into: its features would come out rotated$"):
+        ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        ref = output(model, x)
+        rotated = output(apply_rotation(copy.deepcopy(model), RotationOptions(heads=True, fc2=True)), x)
+    assert (rotated - ref).abs().max() < 1e-6  # measured 6e-8
+
+
+def test_residual_rotation_refuses_a_grid_that_needs_window_padding():
+    """An 8x8 grid with window 3: transformers pads it to 9x9 after layernorm_before, and the zeros would meet
+    that norm's shift folded into q/k/v."""
+    model = make("SwinForImageClassification", window_size=3)
+    with pytest.raises(UnsupportedModelError, match=r"^module 'swin.encoder.layers.0.blocks.0': residual rotation "
+                                                    r"needs its 8x8 tokens to fill whole 3x3 windows"):
+        apply_rotation(model, ALL)
 
 
 def test_reparam_ln_is_refused_by_name():

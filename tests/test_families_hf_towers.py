@@ -1,6 +1,6 @@
 """Hugging Face transformers' CLIP and SigLIP vision towers: the five checks of a supported family at a tiny
-size (float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime,
-the model names of the harness), which activations the post-GELU quantizers take, and the refusals."""
+size (float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime
+and OpenVINO, the model names of the harness), which activations the post-GELU quantizers take, and the refusals."""
 import math
 
 import numpy as np
@@ -15,6 +15,8 @@ from ptq4vit import UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.models.hf_encoder import ACTIVATION_MINIMA, POST_GELU_FLOOR, fits_post_gelu_quantizers  # noqa: E402
 from ptq4vit.quant.twin import GELU_NEG_RANGE, gelu_twin_fake_quant, gelu_twin_neg_step  # noqa: E402
+
+from _fastq import fast_quantize  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64)
@@ -176,6 +178,35 @@ def test_integer_export_runs_on_onnxruntime(name, tmp_path):
         assert [s.name for s in rep.fallbacks] == [next(iter(q.sites()))]  # the patch conv: float image input
         out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
         assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_integer_export_runs_on_openvino(name, tmp_path):
+    """OpenVINO runs every integer product of the QDQ graph as one integer layer (the towers have no patch
+    merging, which it splits): integer layers = integer products, twins counted twice."""
+    pytest.importorskip("openvino")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
+
+    model, x = make(name), images(4)
+    q = fast_quantize(model, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    rep = export_onnx(q, tmp_path / "qdq.onnx", format="qdq", input_size=(3, 32, 32))
+    assert sum(s.integer for s in rep.sites) == MODELS[name][3] - 1  # the patch conv: float image input
+    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
+    # integer products, float norms/softmax in another op order: a code next to a rounding boundary may flip
+    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
+    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
+    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
+    assert (products, len(integer)) == OPENVINO_INTEGER_LAYERS[name]
+
+
+#: (integer products of the QDQ graph, OpenVINO's integer layers) as measured: CLIP's 12 integer sites with
+#: the twin ones (each fc2 and each softmax @ v) counting two, one more for the projection; SigLIP's 19 with
+#: 6 twins (its pooling head's fc2 and softmax @ v included).
+OPENVINO_INTEGER_LAYERS = {"CLIPVisionModel": (16, 16), "CLIPVisionModelWithProjection": (17, 17),
+                           "SiglipVisionModel": (25, 25)}
 
 
 # ---- refusals

@@ -1,7 +1,7 @@
 """The timm families beyond ViT/DeiT/Swin v1: BEiT, Swin V2, EVA-02 and the SigLIP image towers
 (timm's ViT with the attention-pool head), each at a tiny size, random init, through the five
 checks: switched off the wrapped model computes timm's output bit for bit; ``ptq4vit`` and
-``deploy8`` calibrate at W8A8 and W4A4 and ``rotq`` is refused by name; a checkpoint round trip is
+``deploy8`` calibrate at W8A8 and W4A4, ``rotq`` too on BEiT and is refused by name elsewhere; a checkpoint round trip is
 bit-identical; the integer ONNX export (contrib and QDQ) runs on ONNX Runtime and OpenVINO with its
 integer sites counted; ``ptq4vit models`` lists the family and the command line takes its name."""
 import copy
@@ -18,6 +18,7 @@ from ptq4vit.harness.cli import main
 from ptq4vit.models import insert_quant_sites
 from ptq4vit.presets import get_preset
 from ptq4vit.quantized import QuantizedModel, model_name
+from ptq4vit.transforms import OnlineRotation, RMSNorm, RotationOptions, apply_rotation
 
 from _fastq import fast_quantize
 from conftest import timm_unfused
@@ -119,7 +120,7 @@ def test_presets_calibrate_at_w8a8_and_w4a4(family, preset):
 
 
 @pytest.mark.parametrize("family, message", [
-    ("beit", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for Beit by the timm Beit adapter"),
+    ("beit-swiglu-shared-bias", "module 'blocks.0.mlp': rotation needs timm's Mlp, not SwiGLU (swiglu_mlp=True)"),
     ("swinv2", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for SwinTransformerV2 by the "
                "timm SwinTransformerV2 adapter"),
     ("eva02", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for Eva by the timm Eva adapter"),
@@ -130,6 +131,100 @@ def test_rotq_is_refused_by_name(family, message):
     with pytest.raises(UnsupportedModelError) as err:
         ptq4vit.quantize(model, x, "rotq", 4, 4, **FAST)
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- 2b. rotq on BEiT
+
+ALL = RotationOptions(residual=True, heads=True, fc2=True)
+
+
+def tiny_beit(dtype=torch.float32, **kw):
+    """BEiT with its biases, LayerScales, tokens and position embedding moved well off their initial values
+    and a head of ordinary size (timm scales it by 0.001, which would hide the features behind its bias)."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, **{**TINY, **kw}).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.dim() <= 1 or any(k in key for k in ("bias", "gamma", "token", "pos_embed")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        model.head.weight.normal_(0, 0.2, generator=gen)
+    return model.to(dtype), torch.randn(4, 3, 32, 32, generator=gen).to(dtype)
+
+
+BEIT_POOLS = {"avg-fc_norm": {}, "token-shared-bias-abs-pos": dict(global_pool="token", use_shared_rel_pos_bias=True,
+                                                                   use_rel_pos_bias=False, use_abs_pos_emb=True)}
+
+
+@pytest.mark.parametrize("pool", sorted(BEIT_POOLS))
+@pytest.mark.parametrize("opts", [RotationOptions(residual=True), RotationOptions(heads=True),
+                                  RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
+                         ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
+def test_rotated_beit_reproduces_the_float_model(opts, pool):
+    m, x = tiny_beit(torch.float64, **BEIT_POOLS[pool])
+    with torch.no_grad():
+        ref = m(x)
+        # float64: measured max |diff| 4.4e-16 .. 2.2e-15 with |logits| <= 3.9
+        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
+        m32, x32 = tiny_beit(**BEIT_POOLS[pool])
+        ref32 = m32(x32)
+        # float32: measured 2.4e-7 .. 9.5e-7
+        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 2e-6
+
+
+def test_beit_rotation_moves_the_qv_biases_into_qkv_and_folds_the_layer_scales():
+    m, _ = tiny_beit()
+    attn, blk = m.blocks[1].attn, m.blocks[1]
+    want = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone()
+    assert attn.qkv.bias is None and blk.gamma_1 is not None
+    apply_rotation(m, RotationOptions(fc2=True))  # nothing folds into qkv: its bias is the moved q/k/v biases
+    assert attn.q_bias is None and attn.k_bias is None and attn.v_bias is None
+    assert torch.equal(attn.qkv.bias, want)
+    m, _ = tiny_beit()
+    blk = m.blocks[1]
+    apply_rotation(m, ALL)
+    assert blk.gamma_1 is None and blk.gamma_2 is None  # folded into proj and fc2
+    assert type(blk.norm1) is RMSNorm and type(m.fc_norm) is RMSNorm and isinstance(blk.mlp.norm, OnlineRotation)
+
+
+def test_rotq_on_beit_calibrates_round_trips_and_exports(tmp_path):
+    m, x = tiny_beit()
+    with torch.no_grad():
+        ref = m(x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
+        with torch.no_grad():
+            out = q(x)
+        assert torch.isfinite(out).all()
+        err[bits] = rel(out, ref)
+    assert err[8] < err[4], err
+    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.ort import make_session
+
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+        # 2 blocks x (qkv, proj, fc1, fc2, q@k) + the head; float: the patch conv (float image input) and
+        # softmax@v (rotq's renormalized softmax rows have no integer lowering)
+        assert sum(s.integer for s in rep.sites) == 11 and len(rep.sites) == 14
+        assert [s.name for s in rep.fallbacks] == ["patch_embed.proj", "blocks.0.attn.matmul2",
+                                                   "blocks.1.attn.matmul2"]
+        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - out.numpy()).max() <= 0.02 * np.abs(out.numpy()).max(), fmt
+
+
+def test_rotq_beit_with_quantization_off_is_the_float_model():
+    m, x = tiny_beit()
+    with torch.no_grad():
+        ref = m(x)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - ref).abs().max() < 2e-6
 
 
 # ---------------------------------------------------------------- 3. checkpoint round trip

@@ -13,10 +13,12 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 
 import ptq4vit
 from ptq4vit import CheckpointError, UnsupportedModelError
+from ptq4vit.errors import UserError
 from ptq4vit.models import DEFAULT_ADAPTERS, insert_quant_sites
 from ptq4vit.models.torchvision_swin import QuantShiftedWindowAttention, QuantShiftedWindowAttentionV2
 from ptq4vit.presets import get_preset
 from ptq4vit.quantized import QuantizedModel
+from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation
 
 from _fastq import fast_quantize
 
@@ -174,15 +176,102 @@ def test_presets_calibrate_at_w8a8_and_w4a4(version, preset):
     assert errors[8] < errors[4]
 
 
-@pytest.mark.parametrize("preset,words", [
-    ("rotq", r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not supported for SwinTransformer by the "
-             r"torchvision SwinTransformer adapter$"),
-    ("repq-vit", r"^reparam_ln \(RepQ-ViT's LayerNorm reparameterization\) is not supported for SwinTransformer by "
-                 r"the torchvision SwinTransformer adapter$"),
+@pytest.mark.parametrize("version,preset,words", [
+    ("v2", "rotq", r"^module 'features.1.0': rotation is not supported for Swin V2 blocks: they are res-post-norm "
+                   r"\(no norm output for the residual rotation to fold into\) with cosine attention$"),
+    ("v1", "repq-vit", r"^reparam_ln \(RepQ-ViT's LayerNorm reparameterization\) is not supported for "
+                       r"SwinTransformer by the torchvision SwinTransformer adapter$"),
 ])
-def test_rotations_and_reparam_are_refused_by_name(preset, words):
+def test_v2_rotations_and_reparam_are_refused_by_name(version, preset, words):
+    m = tiny_swin(version)
+    before = copy.deepcopy(m.state_dict())
     with pytest.raises(UnsupportedModelError, match=words):
-        ptq4vit.quantize(tiny_swin(), images(), preset, 6, 6, progress=False)
+        ptq4vit.quantize(m, images(), preset, 6, 6, progress=False, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# ------------------------------------------------------------------ 2b. rotations (rotq) on v1
+
+ALL = RotationOptions(residual=True, heads=True, fc2=True)
+
+
+@pytest.mark.parametrize("opts", [RotationOptions(residual=True), RotationOptions(heads=True),
+                                  RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
+                         ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
+def test_rotated_v1_reproduces_the_float_model(opts):
+    m, x = tiny_swin().double(), images().double()
+    with torch.no_grad():
+        ref = m(x)
+        # float64: measured max |diff| 1.1e-16 .. 3.3e-16 with |logits| <= 0.56
+        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
+        m32, x32 = tiny_swin(), images()
+        ref32 = m32(x32)
+        # float32: measured 6e-8 .. 1.2e-7
+        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 1e-6
+
+
+def test_residual_rotation_leaves_a_rotated_stem_norm_and_affine_free_norms():
+    m = apply_rotation(tiny_swin(), ALL)
+    assert isinstance(m.features[0][2], RotatedLayerNorm) and m.features[0][2].weight.shape == (32, 32)
+    blk = m.features[3][1]
+    for norm in (blk.norm1, blk.norm2, m.features[2].norm, m.norm):  # each token's mean is kept
+        assert type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None
+    assert m.features[2].reduction.bias is not None  # the merging norm's shift, folded
+    assert isinstance(blk.mlp[2], OnlineRotation)
+
+
+def test_rotq_calibrates_round_trips_and_exports(tmp_path):
+    m, x = tiny_swin(), images(8)
+    with torch.no_grad():
+        ref = m(x)
+    errors = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
+        with torch.no_grad():
+            out = q(x)
+        assert torch.isfinite(out).all()
+        errors[bits] = _rel(out, ref)
+    assert errors[8] < errors[4]
+    # q is the W4A4 model: its checkpoint rebuilds the rotated structure
+    ptq4vit.save(q, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    from ptq4vit.export.ort import make_session
+
+    for fmt in ("contrib", "qdq"):
+        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+        # 4 blocks x (qkv, proj, fc1, fc2, q@k) + the reduction + the head; float: the patch conv (float image
+        # input) and softmax@v (rotq's renormalized softmax rows have no integer lowering)
+        assert sum(s.integer for s in rep.sites) == 22 and len(rep.sites) == 27
+        assert [s.name for s in rep.fallbacks] == ["features.0.0"] + [
+            f"features.{i}.{j}.attn.matmul2" for i in (1, 3) for j in range(2)]
+        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - out.numpy()).max() <= 0.02 * np.abs(out.numpy()).max(), fmt
+
+
+def test_rotq_with_quantization_off_is_the_float_model():
+    m, x = tiny_swin(), images()
+    with torch.no_grad():
+        ref = m(x)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    with torch.no_grad(), q.quantization_disabled():
+        assert (q(x) - ref).abs().max() < 1e-6  # measured 1.2e-7
+
+
+def test_a_rotated_model_refuses_a_grid_that_needs_window_padding():
+    """36x36 images: a 9x9 grid, which torchvision pads to 12x12 after norm1; the zeros would meet norm1's
+    shift that the residual rotation folded into qkv's bias."""
+    q = ptq4vit.quantize(tiny_swin(), images(), "rotq", 8, 8, **FAST)
+    x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), pytest.raises(UserError, match=r"^a 9x9 token grid does not fill whole 4x4 windows, which "
+                                                          r"the rotated model needs"):
+        q(x)
+    unrotated = ptq4vit.quantize(tiny_swin(), images(), "ptq4vit", 8, 8, **FAST)
+    with torch.no_grad():
+        assert torch.isfinite(unrotated(x)).all()  # padding is exact without the folded shift
 
 
 # ------------------------------------------------------------------ 3. checkpoint round trip

@@ -6,6 +6,8 @@ fc1_g, fc1_x and fc2, ``swiglu_mlp=True``), and the classifier ``head``. Stays f
 token and position embedding, the relative position bias (per block or shared, added to the
 scores after the first matmul), norms, LayerScale (``gamma_1``/``gamma_2``, parameters of the
 block), dropouts and stochastic depth, average pooling.
+The rotations (``rotq``) fold as in a ViT (:mod:`.beit_rotation`: the q/v biases moved into qkv's
+bias, gamma_1/gamma_2 folded into proj/fc2); a gated MLP or ``scale_mlp`` refuses them by name.
 Anything else is refused by name.
 """
 from __future__ import annotations
@@ -18,7 +20,10 @@ from timm.layers import Mlp
 from timm.models.beit import Attention, Beit, Block, RelativePositionBias
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.modules import OnlineRotation
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .beit_rotation import beit_rotation_layout
 from .create_args import BOOL, BOOL_OR_NONE, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .glu import plan_mlp_or_glu
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
@@ -84,7 +89,8 @@ class BeitAdapter(Adapter):
         return dict(
             patch_size=list(model.patch_embed.patch_size), embed_dim=model.embed_dim, depth=len(model.blocks),
             num_heads=blk.attn.num_heads, mlp_ratio=hidden / model.embed_dim, qkv_bias=has_qkv_bias(blk.attn),
-            swiglu_mlp=swiglu, scale_mlp=not isinstance(blk.mlp.norm, nn.Identity),
+            # a rotated model's online rotation sits in the MLP's identity norm slot (scale_mlp=False)
+            swiglu_mlp=swiglu, scale_mlp=not isinstance(blk.mlp.norm, (nn.Identity, OnlineRotation)),
             init_values=None if blk.gamma_1 is None else 0.1,  # any value: gamma comes from the file
             use_abs_pos_emb=model.pos_embed is not None,
             use_rel_pos_bias=blk.attn.relative_position_bias_table is not None,
@@ -107,6 +113,9 @@ class BeitAdapter(Adapter):
         p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
         p.classifier("head", model.head, build)
         return p
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return beit_rotation_layout(model, residual)
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:

@@ -12,7 +12,10 @@ norms, dropouts, stochastic depth and the average pooler.
 
 Refused by name: ``SwinForMaskedImageModeling``, ``SwinBackbone`` and every other class (not
 registered), a mask token (``use_mask_token=True``), any other layer / attention / MLP class, a stray
-Linear or Conv, and the rotations and ``reparam_ln`` (no layout is described for them here).
+Linear or Conv, and ``reparam_ln`` (no layout is described for it here). The rotations (``rotq``) fold
+into the q/k/v layers and the stages' streams (:mod:`.hf_swin_rotation`); what they leave is planned too:
+the embeddings' norm as a ``RotatedLayerNorm``, affine-free norms, the online rotation after the MLP's
+activation (the MLP is planned as the ViT-layout families plan theirs).
 
 The quantized model returns one tensor: the classifier's ``logits``, the backbone's ``pooler_output``
 (``last_hidden_state`` without a pooler). A checkpoint rebuilds the model from a ``SwinConfig`` with the
@@ -25,11 +28,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..transforms.modules import RotatedLayerNorm
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, ArgKind
 from .hf_attention import QuantHFAttention, fused_qkv
 from .hf_output import TensorOutputPlan
-from .hf_vit import HIDDEN_ACTS, HFVitAdapter, HFVitFamily, hf_activations, is_exact_gelu
+from .hf_swin_rotation import hf_swin_rotation_layout
+from .hf_vit import HIDDEN_ACTS, HFVitAdapter, HFVitFamily
 from .sites import SiteBuilder
 
 SWIN = HFVitFamily(
@@ -116,8 +122,8 @@ class HFSwinAdapter(HFVitAdapter):
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         return Adapter.norm_linear_pairs(self, model)  # refused: not described for Swin
 
-    def rotation_layout(self, model: nn.Module, residual: bool):
-        return Adapter.rotation_layout(self, model, residual)  # refused: the ViT layout has no Swin stages
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return hf_swin_rotation_layout(self.spec, model, residual)
 
     def _plan_swin_embeddings(self, p: SitePlan, path: str, emb: nn.Module, build: SiteBuilder) -> None:
         self._check_class(p, path, emb, "SwinEmbeddings")
@@ -127,7 +133,7 @@ class HFSwinAdapter(HFVitAdapter):
         self._check_class(p, f"{path}.patch_embeddings", emb.patch_embeddings, "SwinPatchEmbeddings")
         p.container(f"{path}.patch_embeddings")
         p.site(f"{path}.patch_embeddings.projection", emb.patch_embeddings.projection, nn.Conv2d, build.patch_conv)
-        p.keep_float(f"{path}.norm", emb.norm, NORMS, "norm")
+        p.keep_float(f"{path}.norm", emb.norm, (*NORMS, RotatedLayerNorm), "norm")  # rotated: it writes the stream
         p.keep_float(f"{path}.dropout", emb.dropout, DROPOUTS, "dropout")
 
     def _plan_stage(self, p: SitePlan, path: str, stage: nn.Module, build: SiteBuilder) -> None:
@@ -155,15 +161,3 @@ class HFSwinAdapter(HFVitAdapter):
         p.replaced_with_parts(path, lambda a: QuantHFSwinAttention(
             a, build.qkv_linear(fused_qkv(a.q_proj, a.k_proj, a.v_proj)), build.linear(a.o_proj), "o_proj",
             *build.attention_matmuls(a.num_attention_heads, a.q_proj)))
-
-    def _plan_mlp(self, p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> None:
-        self._check_class(p, path, mlp, "SwinMLP")
-        p.container(path)
-        p.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
-        act = mlp.activation_fn
-        if build.post_gelu_quantizer and not is_exact_gelu(act):
-            raise p.refuse(f"{path}.activation_fn", act, "the post-GELU quantizers (gelu_twin, gelu_log) need the "
-                                                         "exact GELU (hidden_act='gelu'); turn them off to quantize "
-                                                         "fc2's input uniformly")
-        p.keep_float(f"{path}.activation_fn", act, (nn.GELU, nn.SiLU, nn.ReLU, *hf_activations()), "MLP activation")
-        p.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)

@@ -29,7 +29,7 @@ def check_qkv_bias_layout(p, path: str, attn: nn.Module) -> None:
     if getattr(attn, "qkv_bias_separate", False) and getattr(attn, "q_bias", None) is not None:
         raise p.refuse(path, attn, "qkv_bias_separate=True (the q/k/v bias added after the qkv product) is not "
                                    "supported: the qkv site adds its bias inside the product")
-    if attn.qkv.bias is not None:
+    if attn.qkv.bias is not None and getattr(attn, "q_bias", None) is not None:  # the forward would ignore it
         raise p.refuse(f"{path}.qkv", attn.qkv, "a qkv bias besides q_bias/v_bias is not a layout this adapter knows")
 
 

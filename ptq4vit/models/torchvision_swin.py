@@ -16,8 +16,13 @@ V1 blocks are pre-norm (qkv and fc1 read a norm's output, smoothed if the preset
 res-post-norm (qkv and fc1 read the residual stream itself: nothing to fold a smoothing divisor into).
 V2 zeroes the k part of the qkv bias in every forward; the qkv site holds that zeroed bias.
 
+The rotations (``rotq``) fold into v1 (:mod:`.torchvision_swin_rotation`); what they leave is planned too:
+the stem's norm as a ``RotatedLayerNorm``, affine-free norms, the online rotation in the MLP's first
+Dropout slot. A rotated model's window attention refuses a token grid that is not made of whole windows
+(its padding zeros would meet norm1's shift folded into qkv's bias).
+
 Refused, naming the module: any other block, attention, MLP or patch-merging class, a stray Linear or
-Conv, and the rotations (``rotq``) and ``reparam_ln``, which have no layout here.
+Conv, the rotations on V2 and ``reparam_ln``, which has no layout here.
 
 A torchvision model has no timm name: a checkpoint records ``torchvision_SwinTransformer`` and the
 constructor arguments (the block and patch-merging classes by name; not ``stochastic_depth_prob``, whose
@@ -39,10 +44,13 @@ from torchvision.ops.stochastic_depth import StochasticDepth
 
 from ..errors import UserError
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.modules import RotatedLayerNorm
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .create_args import POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, PROBABILITY, ArgKind, one_of
 from .sites import SiteBuilder
 from .swin_v2 import _check_cpb_mlp
+from .torchvision_swin_rotation import torchvision_swin_rotation_layout
 from .torchvision_vit import plan_torchvision_mlp
 
 #: The model name a torchvision Swin's checkpoint records (a torchvision model carries no timm name).
@@ -82,11 +90,15 @@ class QuantShiftedWindowAttention(nn.Module):
     torchvision scales q before ``q @ kᵀ``; here the scale comes after the matmul so that the unscaled q
     and k are quantized (docs/method.md §1): with quantization off the outputs are bit-identical when the
     head dim is a power of four (the scale a power of two), else they differ by float rounding.
+
+    ``whole_windows``: refuse a grid that needs padding to whole windows (a residual-rotated model, whose
+    qkv bias holds norm1's folded shift: the padded zeros would become keys and values of that bias).
     """
 
     def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, matmul1: "QuantMatMul | FloatMatMul",
-                 matmul2: "QuantMatMul | FloatMatMul"):
+                 matmul2: "QuantMatMul | FloatMatMul", whole_windows: bool = False):
         super().__init__()
+        self.whole_windows = whole_windows
         self.window_size = list(attn.window_size)
         self.shift_size = list(attn.shift_size)
         self.num_heads = attn.num_heads
@@ -120,6 +132,10 @@ class QuantShiftedWindowAttention(nn.Module):
         window = self.window_size
         pad_r = (window[1] - W % window[1]) % window[1]
         pad_b = (window[0] - H % window[0]) % window[0]
+        if self.whole_windows and (pad_r or pad_b):
+            raise UserError(f"a {H}x{W} token grid does not fill whole {window[0]}x{window[1]} windows, which the "
+                            f"rotated model needs (the residual rotation folded norm1's shift into qkv's bias, "
+                            f"which padded tokens would take up); use an image size whose grids fill whole windows")
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         _, pad_h, pad_w, _ = x.shape
         shift = [0 if window[i] >= (pad_h, pad_w)[i] else self.shift_size[i] for i in range(2)]
@@ -238,14 +254,16 @@ class TorchvisionSwinAdapter(Adapter):
         p.container("")
         p.container("features")
         stem = model.features[0]
-        layout = (nn.Conv2d, Permute, nn.LayerNorm)
+        layout = (nn.Conv2d, Permute, (nn.LayerNorm, RotatedLayerNorm))
         if type(stem) is not nn.Sequential or len(stem) != 3 or not all(isinstance(m, t) for m, t in zip(stem, layout)):
             raise p.refuse("features.0", stem, "only torchvision's patch embedding (Conv2d, Permute, LayerNorm) is a "
                                                "known stem")
         p.container("features.0")
         p.site("features.0.0", stem[0], nn.Conv2d, build.patch_conv)
         p.keep_float("features.0.1", stem[1], (Permute,), "permute")
-        p.keep_float("features.0.2", stem[2], NORMS, "norm")
+        p.keep_float("features.0.2", stem[2], (*NORMS, RotatedLayerNorm), "norm")
+        # only the residual rotation turns the stem's norm into a RotatedLayerNorm
+        whole_windows = type(stem[2]) is RotatedLayerNorm
         first = model.features[1][0] if len(model.features) > 1 and len(model.features[1]) else None
         version = _LAYOUTS.get(type(first))
         if version is None:
@@ -258,7 +276,7 @@ class TorchvisionSwinAdapter(Adapter):
                     raise p.refuse(path, stage, "a stage must be a Sequential of Swin blocks")
                 p.container(path)
                 for j, block in enumerate(stage):
-                    self._plan_block(p, f"{path}.{j}", block, type(first), build)
+                    self._plan_block(p, f"{path}.{j}", block, type(first), build, whole_windows)
             else:
                 self._plan_merging(p, path, stage, version[1], build)
         p.keep_float("norm", model.norm, NORMS, "norm")
@@ -276,13 +294,17 @@ class TorchvisionSwinAdapter(Adapter):
         p.keep_float(f"{path}.norm", merging.norm, NORMS, "norm")
         p.site(f"{path}.reduction", merging.reduction, nn.Linear, build.linear)
 
-    def _plan_block(self, p: SitePlan, path: str, block: nn.Module, expected: type, build: SiteBuilder) -> None:
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return torchvision_swin_rotation_layout(model, residual)
+
+    def _plan_block(self, p: SitePlan, path: str, block: nn.Module, expected: type, build: SiteBuilder,
+                    whole_windows: bool) -> None:
         if type(block) is not expected:
             raise p.refuse(path, block, f"expected torchvision's {expected.__name__} here (every block of one version)")
         v2 = expected is SwinTransformerBlockV2
         p.container(path)
         p.keep_float(f"{path}.norm1", block.norm1, NORMS, "norm")
-        self._plan_attention(p, f"{path}.attn", block.attn, v2, build)
+        self._plan_attention(p, f"{path}.attn", block.attn, v2, build, whole_windows)
         p.keep_float(f"{path}.stochastic_depth", block.stochastic_depth, (StochasticDepth, *DROPOUTS),
                      "stochastic depth")
         p.keep_float(f"{path}.norm2", block.norm2, NORMS, "norm")
@@ -292,7 +314,8 @@ class TorchvisionSwinAdapter(Adapter):
         fc1 = (lambda lin: build.linear(lin, asymmetric=True)) if v2 else build.normed_linear
         plan_torchvision_mlp(p, f"{path}.mlp", block.mlp, build, fc1=fc1)
 
-    def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, v2: bool, build: SiteBuilder) -> None:
+    def _plan_attention(self, p: SitePlan, path: str, attn: nn.Module, v2: bool, build: SiteBuilder,
+                        whole_windows: bool) -> None:
         expected = ShiftedWindowAttentionV2 if v2 else ShiftedWindowAttention
         if type(attn) is not expected:
             raise p.refuse(path, attn, f"only torchvision's {expected.__name__} is a known window attention layout "
@@ -306,4 +329,5 @@ class TorchvisionSwinAdapter(Adapter):
                 *build.attention_matmuls(a.num_heads, a.qkv)))
         else:
             p.replaced_with_parts(path, lambda a: QuantShiftedWindowAttention(
-                a, build.qkv_linear(a.qkv), build.linear(a.proj), *build.attention_matmuls(a.num_heads, a.qkv)))
+                a, build.qkv_linear(a.qkv), build.linear(a.proj), *build.attention_matmuls(a.num_heads, a.qkv),
+                whole_windows=whole_windows))

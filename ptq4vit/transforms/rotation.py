@@ -115,8 +115,8 @@ def _fold_norm_into(norm: nn.LayerNorm, readers: list[nn.Linear]) -> None:
             _assign(lin.weight, w * gamma)
 
 
-def _fold_layerscale_into(ls: nn.Module, param: str, writer: nn.Linear) -> None:
-    g = _f64(getattr(ls, param))
+def _fold_layerscale_into(g: torch.Tensor, writer: nn.Linear) -> None:
+    g = _f64(g)
     _assign(writer.weight, _f64(writer.weight) * g.unsqueeze(1))
     if writer.bias is not None:
         _assign(writer.bias, _f64(writer.bias) * g)
@@ -235,9 +235,13 @@ def rotate_residual(stream: ResidualStream, q: torch.Tensor) -> None:
 
     for branch in stream.branches:
         if branch.layer_scale is not None:
-            _fold_layerscale_into(getattr(branch.input.owner, branch.layer_scale), branch.layer_scale_param,
-                                  branch.writer)
-            setattr(branch.input.owner, branch.layer_scale, nn.Identity())
+            owner, attr, param = branch.input.owner, branch.layer_scale, branch.layer_scale_param
+            if param is None:  # the attribute is the scale parameter itself: None once folded
+                _fold_layerscale_into(getattr(owner, attr), branch.writer)
+                setattr(owner, attr, None)
+            else:
+                _fold_layerscale_into(getattr(getattr(owner, attr), param), branch.writer)
+                setattr(owner, attr, nn.Identity())
         _fold_and_replace_norm(branch.input, centred)
         for reader in branch.input.readers:
             _rotate_reader(reader, q)

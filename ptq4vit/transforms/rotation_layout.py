@@ -40,12 +40,13 @@ class ResidualBranch:
 
     ``layer_scale`` is the attribute of ``input.owner`` holding a LayerScale (a per-channel scale,
     the parameter ``layer_scale_param`` of that module, on the writer's output), or None when the
-    branch has none.
+    branch has none. ``layer_scale_param=None``: the attribute is the scale parameter itself (BEiT's
+    ``gamma_1``), which becomes None once folded.
     """
     input: NormReaders
     writer: nn.Linear
     layer_scale: Optional[str] = None
-    layer_scale_param: str = "gamma"
+    layer_scale_param: Optional[str] = "gamma"
 
 
 @dataclass(frozen=True)
