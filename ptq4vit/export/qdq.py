@@ -124,12 +124,15 @@ class QdqMatMul(Lowering):
     def _a_codes(self, e: Emitter, a):
         """``DQ(Q(a / Δa, 1), 1)``: the left operand's codes under a per-tensor QDQ pair, which both
         ONNX Runtime and OpenVINO fuse (neither fuses a per-head left operand). The division is
-        the one QuantizeLinear would do, so the codes are the same."""
-        y = e.op("Div", a, self._head(e, self.a_scale))
+        the one QuantizeLinear would do, so the codes are the same. Below 8 bits ``a`` is clamped
+        to the per-head code range before the division (a clamp of ``a / Δa`` between the
+        division and the Q gives OpenVINO other codes than ONNX Runtime: 0.24 relative at 4 bits);
+        ``round(clamp(a, -qΔ, (q-1)Δ) / Δ)`` equals ``clamp(round(a / Δ), -q, q-1)``."""
+        step = head_shape(self.a_scale, self.out_rank, self.b_axis if self.b_axis is not None else 1)
         if self.a_bits < 8:
             q = qmax(self.a_bits)
-            y = _clip(e, y, -q, q - 1)
-        return _qdq(e, y, 1.0, _I8(0))
+            a = e.op("Min", e.op("Max", a, e.const(-q * step)), e.const((q - 1) * step))
+        return _qdq(e, e.op("Div", a, e.const(step)), 1.0, _I8(0))
 
     def emit(self, e: Emitter, a, b):
         if self.softmax is None:
