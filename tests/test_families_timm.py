@@ -1,7 +1,8 @@
 """The timm families beyond ViT/DeiT/Swin v1: BEiT, Swin V2, EVA-02 and the SigLIP image towers
 (timm's ViT with the attention-pool head), each at a tiny size, random init, through the five
 checks: switched off the wrapped model computes timm's output bit for bit; ``ptq4vit`` and
-``deploy8`` calibrate at W8A8 and W4A4, ``rotq`` too on BEiT and is refused by name elsewhere; a checkpoint round trip is
+``deploy8`` calibrate at W8A8 and W4A4, ``rotq`` too on BEiT and the SigLIP towers, on EVA-02 with its
+``rotate_heads`` off (refused by name: the rotary embedding), and is refused by name on Swin V2; a checkpoint round trip is
 bit-identical; the integer ONNX export (contrib and QDQ) runs on ONNX Runtime and OpenVINO with its
 integer sites counted; ``ptq4vit models`` lists the family and the command line takes its name."""
 import copy
@@ -123,8 +124,9 @@ def test_presets_calibrate_at_w8a8_and_w4a4(family, preset):
     ("beit-swiglu-shared-bias", "module 'blocks.0.mlp': rotation needs timm's Mlp, not SwiGLU (swiglu_mlp=True)"),
     ("swinv2", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for SwinTransformerV2 by the "
                "timm SwinTransformerV2 adapter"),
-    ("eva02", "rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for Eva by the timm Eva adapter"),
-    ("siglip", "module 'attn_pool': the rotations do not cover the attention-pool head (global_pool='map')"),
+    ("eva02", "module 'rope': rotate_heads does not apply to Eva with a rotary position embedding: it rotates q and k "
+              "between qkv and q @ kᵀ, which a per-head rotation of q and k does not commute with (set "
+              "rotate_heads=False: the residual and fc2 rotations apply)"),
 ])
 def test_rotq_is_refused_by_name(family, message):
     model, x = make(family)
@@ -225,6 +227,93 @@ def test_rotq_beit_with_quantization_off_is_the_float_model():
     q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
     with torch.no_grad(), q.quantization_disabled():
         assert (q(x) - ref).abs().max() < 2e-6
+
+
+# ---------------------------------------------------------------- 2c. rotq on the SigLIP towers and EVA-02
+
+
+def tiny_rot(family, dtype=torch.float32, **kw):
+    """A tiny model of ``family`` with its biases, norms, tokens, position embeddings, the pool's latent and EVA's
+    LayerScales moved well off their initial values and a head of ordinary size (timm scales it by 0.001)."""
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**kwargs, **kw}).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.dim() <= 1 or any(k in key for k in ("bias", "gamma", "token", "pos_embed", "latent")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        model.head.weight.normal_(0, 0.2, generator=gen)
+    return model.to(dtype), torch.randn(4, 3, 32, 32, generator=gen).to(dtype)
+
+
+RESIDUAL_FC2 = RotationOptions(residual=True, fc2=True)
+ROT_CASES = [
+    *[("siglip", {}, o) for o in (RotationOptions(residual=True), RotationOptions(heads=True), RotationOptions(fc2=True),
+                                  ALL)],
+    *[("eva02", dict(init_values=0.1), o) for o in (RotationOptions(residual=True), RotationOptions(fc2=True),
+                                                     RESIDUAL_FC2)],
+    ("eva02-base-layout", {}, RESIDUAL_FC2),  # q/k/v projections, fc2's rotation after the SwiGLU's sub-LayerNorm
+    ("eva02", dict(use_rot_pos_emb=False, global_pool="token"), ALL),  # no rotary embedding: the heads rotate too
+]
+
+
+@pytest.mark.parametrize("family, kw, opts", ROT_CASES, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(ROT_CASES)])
+def test_rotated_siglip_and_eva_reproduce_the_float_model(family, kw, opts):
+    m, x = tiny_rot(family, torch.float64, **kw)
+    with torch.no_grad():
+        ref = m(x)
+        # float64: measured max |diff| 2.2e-16 .. 2.2e-15 with |logits| 1.5 .. 3.2
+        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
+        m32, x32 = tiny_rot(family, **kw)
+        ref32 = m32(x32)
+        # float32: measured 1.2e-7 .. 7.2e-7
+        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 2e-6
+
+
+def test_eva_heads_refused_before_anything_changes():
+    """rotq as a whole is refused by name on EVA-02 (rotate_heads and the rotary embedding) before the q/v biases
+    move or anything folds."""
+    m, x = tiny_rot("eva02", init_values=0.1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=r"^module 'rope': rotate_heads does not apply"):
+        apply_rotation(m, ALL)
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+#: (sites, integer sites) of rotq's QDQ export: float are the patch conv (float image input) and every
+#: softmax @ v (rotq's renormalized softmax rows have no integer lowering), the attention pool's too.
+ROTQ_EXPORT = {"siglip": (21, 17), "eva02": (14, 11)}
+
+
+@pytest.mark.parametrize("family", sorted(ROTQ_EXPORT))
+def test_rotq_on_siglip_and_eva_calibrates_round_trips_and_exports(family, tmp_path):
+    """EVA-02 with rotate_heads off (as ``--set rotate_heads=False``); its LayerScales folded into proj and fc2."""
+    kw, overrides = (dict(init_values=0.1), dict(rotate_heads=False)) if family == "eva02" else ({}, {})
+    m, x = tiny_rot(family, **kw)
+    with torch.no_grad():
+        ref = m(x)
+    err = {}
+    for bits in (8, 4):
+        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST, **overrides)
+        with torch.no_grad():
+            out = q(x)
+        assert torch.isfinite(out).all()
+        err[bits] = rel(out, ref)
+    assert err[8] < err[4], err
+    blk = q.model.blocks[0]
+    final = q.model.fc_norm if family == "eva02" else q.model.norm  # EVA-02 pools, then normalises
+    assert type(blk.norm1) is RMSNorm and type(final) is RMSNorm
+    if family == "eva02":
+        assert blk.gamma_1 is None and isinstance(blk.mlp.norm, OnlineRotation)
+    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
+    with torch.no_grad():
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
+        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    pytest.importorskip("onnxruntime")
+    from ptq4vit.export import export_onnx
+    rep = export_onnx(q, tmp_path / "qdq.onnx", format="qdq", input_size=(3, 32, 32))
+    assert (len(rep.sites), sum(s.integer for s in rep.sites)) == ROTQ_EXPORT[family]
 
 
 # ---------------------------------------------------------------- 3. checkpoint round trip

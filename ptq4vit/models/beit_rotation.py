@@ -12,7 +12,6 @@ and the head rotations fold into one bias like any other reader's.
 """
 from __future__ import annotations
 
-import torch
 from timm.layers import Mlp, PatchEmbed
 from timm.models.beit import Attention, Block
 from torch import nn
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import (AttentionHeads, BlockRotation, NormReaders, OnlineSlot, ResidualBranch,
                                           ResidualStream, RotationLayout)
+from .qkv_bias import move_qkv_biases
 
 
 def _refuse(path: str, why: str) -> UnsupportedModelError:
@@ -58,15 +58,6 @@ def _check_residual(model: nn.Module) -> None:
                 raise _refuse(f"blocks.{i}.{norm}", "residual rotation needs a LayerNorm")
 
 
-def _move_qkv_biases(attn: nn.Module) -> None:
-    """``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))`` as ``qkv(x)``: the biases become qkv's own."""
-    if attn.q_bias is None:
-        return
-    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone()
-    attn.qkv.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
-    attn.q_bias, attn.k_bias, attn.v_bias = None, None, None
-
-
 def _residual_stream(model: nn.Module) -> ResidualStream:
     """Writers: the patch conv, the class token, the position embedding, each block's proj and fc2 (after
     gamma_1 / gamma_2); readers: each block's qkv (norm1) and fc1 (norm2), the head (the final norm: ``norm``
@@ -90,7 +81,7 @@ def beit_rotation_layout(model: nn.Module, residual: bool) -> RotationLayout:
         _check_residual(model)
     blocks = []
     for blk in model.blocks:
-        _move_qkv_biases(blk.attn)
+        move_qkv_biases(blk.attn)
         blocks.append(BlockRotation(AttentionHeads(blk.attn.qkv, blk.attn.proj, blk.attn.num_heads,
                                                    blk.attn.qkv.out_features // (3 * blk.attn.num_heads)),
                                     OnlineSlot(blk.mlp, "norm", blk.mlp.fc2)))

@@ -17,8 +17,9 @@ dropouts, patch dropout and stochastic depth, pooling.
 Refused, naming the module: post-norm blocks (``EvaBlockPostNorm``), ``AttentionRope``
 (``attn_type='rope'``, grouped-query attention), q/k normalisation, gated attention, rotary
 embeddings other than ``RotaryEmbeddingCat`` (mixed, DINOv3, MRoPE: untested here), any stray
-Linear/Conv or unknown module. The rotations (``rotq``) are refused for the family: a per-head
-rotation of q and k does not commute with the rotary embedding.
+Linear/Conv or unknown module. The rotations are laid out in :mod:`.eva_rotation`: the residual and
+fc2 rotations apply; ``rotate_heads`` (and so ``rotq`` as a whole) is refused by name with the rotary
+embedding on, which a per-head rotation of q and k does not commute with.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ except ImportError:  # timm 1.0.3, the floor, builds it as PatchDropout
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
+from ..transforms.modules import OnlineRotation
+from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
 from .attention import additive_attention_mask
 from .attention_pool import plan_attention_pool
+from .eva_rotation import eva_rotation_layout
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .glu import plan_mlp_or_glu
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
@@ -112,9 +116,12 @@ class EvaAdapter(Adapter):
             patch_size=list(model.patch_embed.patch_size), embed_dim=model.embed_dim, depth=len(model.blocks),
             num_heads=blk.attn.num_heads, qkv_fused=fused,
             qkv_bias=has_qkv_bias(blk.attn) if fused else blk.attn.q_proj.bias is not None,
-            swiglu_mlp=type(mlp) is not Mlp, scale_mlp=not isinstance(mlp.norm, nn.Identity),
+            # a rotated model's online rotation sits in the MLP's identity norm slot or after its sub-LayerNorm
+            swiglu_mlp=type(mlp) is not Mlp, scale_mlp=not isinstance(mlp.norm, (nn.Identity, OnlineRotation)),
             scale_attn_inner=not isinstance(blk.attn.norm, nn.Identity),
-            init_values=None if blk.gamma_1 is None else 0.1,  # any value: gamma comes from the file
+            # any value: gamma comes from the file; a LayerScale folded by the residual rotation stays registered
+            # (as None), which a model built with one and rotated again reproduces
+            init_values=0.1 if "gamma_1" in blk._parameters else None,
             class_token=model.cls_token is not None, num_reg_tokens=0 if model.reg_token is None else
             model.reg_token.shape[1], no_embed_class=model.no_embed_class, use_abs_pos_emb=model.pos_embed is not None,
             use_rot_pos_emb=model.rope is not None, use_fc_norm=not isinstance(model.fc_norm, nn.Identity),
@@ -147,6 +154,9 @@ class EvaAdapter(Adapter):
         p.keep_float("head_drop", model.head_drop, DROPOUTS, "dropout")
         p.classifier("head", model.head, build)
         return p
+
+    def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
+        return eva_rotation_layout(model, residual)
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not EvaBlock:

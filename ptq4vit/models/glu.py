@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 from timm.layers import GluMlp, Mlp, SwiGLU
 
+from ..transforms.modules import OnlineRotation
 from .adapter import DROPOUTS, NORMS, SitePlan
 from .sites import SiteBuilder
 
@@ -33,7 +34,13 @@ def plan_glu_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> 
         raise p.refuse(path, mlp, "only timm's SwiGLU or GluMlp is a known gated MLP layout")
     p.keep_float(f"{path}.act", mlp.act, GATE_ACTIVATIONS, "gate activation")
     p.keep_float(f"{path}.drop1", mlp.drop1, DROPOUTS, "dropout")
-    p.keep_float(f"{path}.norm", mlp.norm, NORMS, "sub-LayerNorm")
+    norm, norm_path = mlp.norm, f"{path}.norm"
+    if type(norm) is nn.Sequential and len(norm) == 2 and type(norm[1]) is OnlineRotation:
+        # rotate_fc2 after a sub-LayerNorm: fc2's input rotated online after it (docs/lowbit.md §2)
+        p.container(norm_path)
+        p.keep_float(f"{norm_path}.1", norm[1], (OnlineRotation,), "online rotation")
+        norm, norm_path = norm[0], f"{norm_path}.0"
+    p.keep_float(norm_path, norm, (*NORMS, OnlineRotation), "sub-LayerNorm (or fc2's online rotation)")
     p.site(f"{path}.fc2", mlp.fc2, nn.Linear, lambda fc2: build.linear(fc2, smooth=True, asymmetric=True))
     p.keep_float(f"{path}.drop2", mlp.drop2, DROPOUTS, "dropout")
 

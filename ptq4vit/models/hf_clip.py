@@ -9,17 +9,20 @@ position embedding table (an ``nn.Embedding`` looked up at fixed positions), the
 CLIP's QuickGELU takes the post-GELU quantizers (its minimum lies in GELU's negative range, see
 :mod:`.hf_encoder`). Refused by name: any other transformers class (``CLIPModel``,
 ``CLIPForImageClassification``, the text tower), an activation outside GELU's range with the
-post-GELU quantizers on, and the rotations and ``reparam_ln`` (no layout described).
+post-GELU quantizers on, ``reparam_ln``, and the residual rotation of ``CLIPVisionModel`` (its normed
+features would come out rotated). The rotations (``rotq``) are laid out in :mod:`.hf_tower_rotation`.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from ..transforms.modules import RotatedLayerNorm
 from ..transforms.rotation_layout import RotationLayout
 from .adapter import Adapter, NORMS, SitePlan
 from .create_args import POSITIVE_INT, POSITIVE_NUMBER
 from .hf_encoder import plan_encoder_layer
 from .hf_output import TensorOutputPlan
+from .hf_tower_rotation import clip_rotation_layout
 from .hf_vit import HIDDEN_ACTS, HFVitAdapter, HFVitFamily
 from .sites import SiteBuilder
 
@@ -49,7 +52,8 @@ class HFClipAdapter(HFVitAdapter):
         p.site(f"{prefix}embeddings.patch_embedding", emb.patch_embedding, nn.Conv2d, build.patch_conv)
         p.keep_float(f"{prefix}embeddings.position_embedding", emb.position_embedding, (nn.Embedding,),
                      "position embedding table")
-        p.keep_float(f"{prefix}pre_layrnorm", tower.pre_layrnorm, NORMS, "norm")
+        # a RotatedLayerNorm once the residual rotation folded into it: its output is the stream
+        p.keep_float(f"{prefix}pre_layrnorm", tower.pre_layrnorm, (*NORMS, RotatedLayerNorm), "norm")
         self._check_class(p, f"{prefix}encoder", tower.encoder, "CLIPEncoder")
         p.container(f"{prefix}encoder")
         p.container(f"{prefix}encoder.layers")
@@ -67,4 +71,4 @@ class HFClipAdapter(HFVitAdapter):
         return Adapter.norm_linear_pairs(self, model)
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
-        return Adapter.rotation_layout(self, model, residual)
+        return clip_rotation_layout(self.spec, model, residual)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..quant.twin import GELU_NEG_RANGE
 from ..quant.uniform import MAX_BITS, qmax
+from ..transforms.modules import OnlineRotation
 from .adapter import NORMS, SitePlan
 from .hf_attention import QuantHFAttention, fused_qkv
 from .hf_vit import hf_activations, is_exact_gelu
@@ -71,11 +72,15 @@ def plan_hf_mlp(p: SitePlan, path: str, mlp: nn.Module, build: SiteBuilder) -> N
     """``fc1`` → activation → ``fc2``, fc2's input quantized as a GELU output."""
     p.container(path)
     p.site(f"{path}.fc1", mlp.fc1, nn.Linear, build.normed_linear)
-    act = mlp.activation_fn
+    act, act_path = mlp.activation_fn, f"{path}.activation_fn"
+    if type(act) is nn.Sequential and len(act) == 2 and type(act[1]) is OnlineRotation:
+        # rotate_fc2: fc2's input rotated online after the activation (docs/lowbit.md §2)
+        p.container(act_path)
+        p.keep_float(f"{act_path}.1", act[1], (OnlineRotation,), "online rotation")
+        act, act_path = act[0], f"{act_path}.0"
     if build.post_gelu_quantizer and not fits_post_gelu_quantizers(act):
-        raise p.refuse(f"{path}.activation_fn", act, "the post-GELU quantizers (gelu_twin, gelu_log) need an "
-                                                     "activation whose minimum lies in GELU's negative range (GELU, "
-                                                     "its tanh approximation, QuickGELU); turn them off to quantize "
-                                                     "fc2's input uniformly")
-    p.keep_float(f"{path}.activation_fn", act, (nn.GELU, nn.SiLU, nn.ReLU, *hf_activations()), "MLP activation")
+        raise p.refuse(act_path, act, "the post-GELU quantizers (gelu_twin, gelu_log) need an activation whose "
+                                      "minimum lies in GELU's negative range (GELU, its tanh approximation, "
+                                      "QuickGELU); turn them off to quantize fc2's input uniformly")
+    p.keep_float(act_path, act, (nn.GELU, nn.SiLU, nn.ReLU, *hf_activations()), "MLP activation")
     p.site(f"{path}.fc2", mlp.fc2, nn.Linear, build.post_gelu_linear)

@@ -10,7 +10,8 @@ SigLIP's ``gelu_pytorch_tanh`` takes the post-GELU quantizers (see :mod:`.hf_enc
 name: any other transformers class (``SiglipModel``, ``SiglipForImageClassification``, SigLIP 2),
 an activation outside GELU's range with the post-GELU quantizers on, a tower without its head
 (``vision_use_head=False``: it returns tokens), a pooling attention with added key/value
-positions, and the rotations and ``reparam_ln`` (no layout described).
+positions, and ``reparam_ln``. The rotations (``rotq``) are laid out in :mod:`.hf_tower_rotation` (the
+head's own attention output and MLP are not rotated).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .adapter import Adapter, NORMS, SitePlan
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_NUMBER
 from .hf_encoder import plan_encoder_layer, plan_hf_mlp
 from .hf_output import TensorOutputPlan
+from .hf_tower_rotation import siglip_rotation_layout
 from .hf_vit import HIDDEN_ACTS, HFVitAdapter, HFVitFamily
 from .mha_pool import plan_probe_pool
 from .sites import SiteBuilder
@@ -71,4 +73,4 @@ class HFSiglipAdapter(HFVitAdapter):
         return Adapter.norm_linear_pairs(self, model)
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
-        return Adapter.rotation_layout(self, model, residual)
+        return siglip_rotation_layout(self.spec, model, residual)

@@ -36,3 +36,12 @@ def check_qkv_bias_layout(p, path: str, attn: nn.Module) -> None:
 def has_qkv_bias(attn: nn.Module) -> bool:
     """Whether the attention (float, or its quantized replacement holding the folded bias) has a qkv bias."""
     return getattr(attn, "q_bias", None) is not None or attn.qkv.bias is not None
+
+
+def move_qkv_biases(attn: nn.Module) -> None:
+    """``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))`` as ``qkv(x)``: the biases become qkv's own."""
+    if attn.q_bias is None:
+        return
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach().clone()
+    attn.qkv.bias = nn.Parameter(bias, requires_grad=attn.q_bias.requires_grad)
+    attn.q_bias, attn.k_bias, attn.v_bias = None, None, None

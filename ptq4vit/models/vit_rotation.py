@@ -1,9 +1,14 @@
 """Where a rotation finds the residual stream, norms, layer scales, heads and MLPs of a timm
 ``VisionTransformer`` (docs/lowbit.md §2), after checking that the model has the pre-norm layout
-the folding assumes. Anything else is refused naming the module."""
+the folding assumes. Anything else is refused naming the module.
+
+With the attention-pool head (``global_pool='map'``, the SigLIP towers) the final norm's output is
+read by the pool's kv projection only (its latent query is a parameter, not the stream): the last
+residual rotation folds into kv. The pool's own attention output, norm and MLP live in its output
+space and are not rotated."""
 from __future__ import annotations
 
-from timm.layers import Mlp
+from timm.layers import AttentionPoolLatent, Mlp
 from timm.models.deit import VisionTransformerDistilled
 # Imported from vision_transformer (not timm.layers, which gained them after 1.0.3, the floor)
 from timm.models.vision_transformer import Attention, Block, LayerScale
@@ -35,11 +40,14 @@ def _check_residual(model: nn.Module) -> None:
     if not isinstance(model.patch_embed.norm, nn.Identity):
         raise UnsupportedModelError("module 'patch_embed.norm': residual rotation needs it to be an identity")
     if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("module 'attn_pool': residual rotation does not support attention pooling")
-    norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
-    if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
-        raise UnsupportedModelError("residual rotation needs exactly one final LayerNorm (norm or fc_norm)")
-    for attr in ("head", "head_dist"):
+        _check_attention_pool(model)
+        heads = ()  # they read the pool's output, not the stream
+    else:
+        norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
+        if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
+            raise UnsupportedModelError("residual rotation needs exactly one final LayerNorm (norm or fc_norm)")
+        heads = ("head", "head_dist")
+    for attr in heads:
         head = getattr(model, attr, None)
         if head is not None and type(head) is not nn.Linear:
             raise UnsupportedModelError(f"module {attr!r} of type {type(head).__name__}: residual rotation needs a Linear "
@@ -54,6 +62,20 @@ def _check_residual(model: nn.Module) -> None:
                 raise UnsupportedModelError(f"module 'blocks.{name}.{ls_name}': unknown layer scale")
 
 
+def _check_attention_pool(model: nn.Module) -> None:
+    """The pool's kv reads the final norm's output (the pool's latent query is a parameter, not the stream)."""
+    pool = model.attn_pool
+    if type(pool) is not AttentionPoolLatent or type(pool.kv) is not nn.Linear:
+        raise UnsupportedModelError(f"module 'attn_pool' of type {type(pool).__name__}: residual rotation needs "
+                                    f"timm's AttentionPoolLatent with a Linear kv to fold the last rotation into")
+    if not isinstance(model.norm, nn.LayerNorm):
+        raise UnsupportedModelError("module 'norm': residual rotation needs a final LayerNorm before the attention "
+                                    "pool (fc_norm=True normalises after it, so the pool would read the stream itself)")
+    if pool.pos_embed is not None:
+        raise UnsupportedModelError("module 'attn_pool': residual rotation does not fold the pool's position "
+                                    "embedding (pos_embed='abs'), added after the final norm")
+
+
 def _residual_stream(model: nn.Module) -> ResidualStream:
     """Writers: patch embedding, prefix tokens, position embedding, each block's proj and fc2 (after
     its LayerScale); readers: each block's qkv (norm1) and fc1 (norm2), the heads (final norm)."""
@@ -63,8 +85,11 @@ def _residual_stream(model: nn.Module) -> ResidualStream:
                                          ("norm2", blk.mlp.fc1, blk.mlp.fc2, "ls2")):
             branches.append(ResidualBranch(NormReaders(blk, norm, (reader,)), writer,
                                            ls if isinstance(getattr(blk, ls), LayerScale) else None))
-    heads = [model.head] + ([model.head_dist] if isinstance(model, VisionTransformerDistilled) else [])
-    final = "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"
+    if getattr(model, "attn_pool", None) is not None:  # the pool's kv reads the final norm
+        heads, final = [model.attn_pool.kv], "norm"
+    else:
+        heads = [model.head] + ([model.head_dist] if isinstance(model, VisionTransformerDistilled) else [])
+        final = "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"
     return ResidualStream(
         width=model.embed_dim, input_convs=(model.patch_embed.proj,),
         added_tensors=tuple(t for t in (getattr(model, a, None) for a in _STREAM_TENSORS) if t is not None),
@@ -73,9 +98,6 @@ def _residual_stream(model: nn.Module) -> ResidualStream:
 
 def vit_rotation_layout(model: nn.Module, residual: bool) -> RotationLayout:
     """The rotation layout of a timm ViT / DeiT (the residual part only with ``residual``)."""
-    if getattr(model, "attn_pool", None) is not None:  # its heads and MLP would be left unrotated in silence
-        raise UnsupportedModelError("module 'attn_pool': the rotations do not cover the attention-pool head "
-                                    "(global_pool='map')")
     _check_blocks(model)
     if residual:
         _check_residual(model)

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UnsupportedModelError, UserError
 from ..recipes import Recipe
 from ..recipes.transforms import ROTATION_KINDS
 from .modules import OnlineRotation, RMSNorm, RotatedLayerNorm
 from .orthogonal import fixing_ones, make_rotation
-from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, ResidualStream, StreamNorm
+from .rotation_layout import AttentionHeads, NormReaders, OnlineSlot, PackedRows, ResidualStream, StreamNorm
 
 if TYPE_CHECKING:
     from ..models import AdapterRegistry
@@ -97,7 +97,7 @@ def _centre_rows(w: torch.Tensor) -> torch.Tensor:
     return w - w.mean(0, keepdim=True)
 
 
-def _fold_norm_into(norm: nn.LayerNorm, readers: list[nn.Linear]) -> None:
+def _fold_norm_into(norm: nn.LayerNorm, readers: list["nn.Linear | PackedRows"]) -> None:
     """``Linear(LN(x)) = Linear'(LN₀(x))`` with LN₀ affine-free: W' = W diag(γ), b' = b + W β. A reader of
     several normed tokens concatenated (``NormReaders.tokens``) sees γ and β once per token."""
     for lin in readers:
@@ -132,7 +132,7 @@ def _rotate_writer(lin: nn.Linear, q: torch.Tensor, centre: bool = True) -> None
         _assign(lin.bias, ((b - b.mean()) if centre else b) @ q)
 
 
-def _rotate_reader(lin: nn.Linear, q: torch.Tensor) -> None:
+def _rotate_reader(lin: "nn.Linear | PackedRows", q: torch.Tensor) -> None:
     """``lin`` reads ``x Q``: W' = W Q."""
     _assign(lin.weight, _f64(lin.weight) @ q)
 
@@ -268,6 +268,10 @@ def apply_rotation(model: nn.Module, options: RotationOptions, *,
     if adapters is None:
         from ..models import DEFAULT_ADAPTERS as adapters
     layout = adapters.adapter_for(model).rotation_layout(model, residual=options.residual)
+    if options.heads and layout.heads_refused is not None:
+        raise UnsupportedModelError(layout.heads_refused)
+    for change in layout.prepare:
+        change()
     gen = torch.Generator().manual_seed(options.seed)
     with torch.no_grad():
         if options.residual:

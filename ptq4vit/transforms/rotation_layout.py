@@ -7,9 +7,34 @@ rotations into the modules named here and knows nothing of any family's layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """The rows ``rows`` of a packed projection ``owner.<weight_name>`` (bias ``owner.<bias_name>``), folded
+    into by a rotation as a linear layer of its own: ``nn.MultiheadAttention``'s ``in_proj_weight`` in an
+    attention-pool head, whose k and v rows read the stream while its q rows read a learned probe. The
+    bias must exist (a norm's shift folds into it); writes go through the views into the packed tensors."""
+    owner: nn.Module
+    weight_name: str
+    bias_name: str
+    rows: slice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.weight_name)[self.rows]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return getattr(self.owner, self.bias_name)[self.rows]
+
+    @property
+    def in_features(self) -> int:
+        return getattr(self.owner, self.weight_name).shape[1]
 
 
 @dataclass(frozen=True)
@@ -23,7 +48,7 @@ class NormReaders:
     """
     owner: nn.Module
     norm: str
-    readers: tuple[nn.Linear, ...]
+    readers: tuple[Union[nn.Linear, PackedRows], ...]
     tokens: int = 1
 
 
@@ -103,8 +128,9 @@ class OnlineSlot:
 
 @dataclass(frozen=True)
 class BlockRotation:
-    """The parts of one block rotated on their own: the attention heads and the MLP's second layer."""
-    attention: AttentionHeads
+    """The parts of one block rotated on their own: the attention heads (None where the layout refuses
+    ``rotate_heads``, :attr:`RotationLayout.heads_refused`) and the MLP's second layer."""
+    attention: Optional[AttentionHeads]
     fc2: OnlineSlot
 
 
@@ -112,9 +138,16 @@ class BlockRotation:
 class RotationLayout:
     """A model as a rotation sees it; ``residual`` is filled in only when the residual rotation is asked:
     one stream (a plain transformer), or one per stage in model order (a hierarchical model, each
-    stage's stream with its own width and rotation, the next written from the previous one's ``final``)."""
+    stage's stream with its own width and rotation, the next written from the previous one's ``final``).
+
+    ``heads_refused``: why ``rotate_heads`` cannot apply to this model (one line naming the module), None
+    where it can; the residual and fc2 rotations may still apply. ``prepare``: function-preserving changes
+    the folding needs (EVA: the q/v biases moved into qkv's own bias), run once every check has passed.
+    """
     blocks: tuple[BlockRotation, ...]
     residual: Union[ResidualStream, tuple[ResidualStream, ...], None] = None
+    heads_refused: Optional[str] = None
+    prepare: tuple[Callable[[], None], ...] = ()
 
     @property
     def residual_streams(self) -> tuple[ResidualStream, ...]:
