@@ -38,7 +38,7 @@ class Reconstruction(Component):
     #: Images per step (drawn with replacement from the pool).
     batch_size: int = 8
     #: Images in the pool (the first this many of the images given; fewer if fewer are given).
-    images: int = 64
+    images: int = 256
     #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
     lr_rounding: float = 1e-2
     #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
