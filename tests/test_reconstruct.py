@@ -266,6 +266,19 @@ def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
     assert not all(torch.equal(a, b) for a, b in zip(weighted.state_dict().values(), plain.state_dict().values()))
 
 
+def test_with_fisher_a_unit_is_kept_or_restored_by_the_weighted_error_it_learns_against():
+    m, x, q = tiny_w4a4()
+    units = reconstruction_units(q.model, "block")
+    w0 = _fisher_weights(q, x, units, batch=8)[0].double()
+    x_quant, _, target = block_io(q, x)["0"]
+    with torch.no_grad():
+        y = q.model.blocks[0](x_quant).double()
+    weighted = float(((y - target.double()).square() * w0).sum() / (target.double().square() * w0).sum())
+    report = run(copy.deepcopy(q), x, Reconstruction(iterations=25, images=8, batch_size=4, fisher=True))
+    assert report.units[0].error_before == pytest.approx(weighted, rel=1e-10)
+    assert report.units[0].error_before != pytest.approx(block_error(q, "0", x_quant, target), rel=1e-2)
+
+
 def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anything_changes():
     with pytest.raises(UserError, match="reconstruction field qdrop must be a finite number, got 'x'"):
         Reconstruction(qdrop="x")

@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class UnitResult:
-    """A unit's output error relative to its float output (``Σ (y - t)² / Σ t²`` over the pool), before
-    and after; ``kept`` is False where learning raised it and the unit was restored."""
+    """A unit's output error relative to its float output (``Σ (y - t)² / Σ t²`` over the pool, each term
+    weighted by the Fisher with ``fisher``: the error it learns against), before and after; ``kept`` is
+    False where learning raised it and the unit was restored."""
 
     name: str
     error_before: float
@@ -117,12 +118,15 @@ def _run(unit: Unit, x: torch.Tensor, batch: int, out: Optional[torch.Tensor] = 
     return out
 
 
-def _relative_error(unit: Unit, x: torch.Tensor, target: torch.Tensor, batch: int) -> float:
+def _relative_error(unit: Unit, x: torch.Tensor, target: torch.Tensor, batch: int,
+                    weights: Optional[torch.Tensor] = None) -> float:
+    """``Σ w (y - t)² / Σ w t²`` over the pool: the error the unit learns against (``w`` = 1 without Fisher)."""
     err = ref = 0.0
     for i in range(0, len(x), batch):
         t = target[i:i + batch].to(torch.float64)
-        err += float((unit.forward(x[i:i + batch]).to(torch.float64) - t).square().sum())
-        ref += float(t.square().sum())
+        w = 1.0 if weights is None else weights[i:i + batch].to(torch.float64)
+        err += float(((unit.forward(x[i:i + batch]).to(torch.float64) - t).square() * w).sum())
+        ref += float((t.square() * w).sum())
     return err / max(ref, torch.finfo(torch.float64).tiny)
 
 
@@ -325,10 +329,10 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             with qmodel.quantization_disabled():
                 target = _run(unit, x_float, batch)
             x_in = x_quant if options.inputs == "quantized" else x_float
-            before = _relative_error(unit, x_in, target, batch)
+            before = _relative_error(unit, x_in, target, batch, fisher[k])
             saved = _snapshot(unit)
             _learn_unit(unit, x_in, target, fisher[k], options, batches, drops, held_fixed, bar)
-            after = _relative_error(unit, x_in, target, batch)
+            after = _relative_error(unit, x_in, target, batch, fisher[k])
             kept = after <= before
             if not kept:
                 for tensor, copy in saved:
