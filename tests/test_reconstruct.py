@@ -20,6 +20,7 @@ from _fastq import fast_quantize
 from conftest import make_tiny, make_tiny_dinov2
 
 FAST = Reconstruction(iterations=25, images=8, batch_size=4)
+PLAIN = Reconstruction(iterations=25, images=8, batch_size=4, fisher=False)  # the plain output error
 
 
 def tiny_w4a4(preset="ptq4vit"):
@@ -112,7 +113,7 @@ def test_reconstruction_lowers_every_block_output_error_and_keeps_weights_on_the
     m, x, q = tiny_w4a4()
     calibrated = copy.deepcopy(q)
     before = block_io(calibrated, x)
-    report = run(q, x)
+    report = run(q, x, PLAIN)
     assert [u.name for u in report.units] == ["blocks.0", "blocks.1"]
     for name, (xq, _, target) in before.items():      # blocks.1: on the calibrated model's quantized inputs
         assert block_error(q, name, xq, target) < block_error(calibrated, name, xq, target)
@@ -224,7 +225,7 @@ def test_inputs_switch_chooses_the_quantized_or_the_float_block_inputs():
     for inputs, which in (("quantized", 0), ("float", 1)):
         # nothing learned: blocks.1's quantized inputs are the calibrated model's
         report = run(copy.deepcopy(q), x, Reconstruction(iterations=1, images=8, batch_size=4, inputs=inputs,
-                                                         learn_rounding=False, learn_steps=False))
+                                                         learn_rounding=False, learn_steps=False, fisher=False))
         want = block_error(q, "1", io["1"][which], io["1"][2])
         assert report.units[1].error_before == pytest.approx(want, rel=1e-6)
     assert block_error(q, "1", io["1"][0], io["1"][2]) != pytest.approx(block_error(q, "1", io["1"][1], io["1"][2]),
@@ -262,7 +263,7 @@ def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
     weighted = copy.deepcopy(q)
     run(weighted, x, Reconstruction(iterations=25, images=8, batch_size=4, fisher=True))
     plain = copy.deepcopy(q)
-    run(plain, x)
+    run(plain, x, PLAIN)
     assert not all(torch.equal(a, b) for a, b in zip(weighted.state_dict().values(), plain.state_dict().values()))
 
 
@@ -301,7 +302,7 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
 def test_learned_rounding_starts_where_gptq_left_each_weight_before_rounding_it(monkeypatch):
     m, x = make_tiny_dinov2(depth=2)
     fast = dict(progress=False, n_candidates=4, rounds=1, threads=1)
-    options = Reconstruction(iterations=25, images=4, batch_size=2)
+    options = Reconstruction(iterations=25, images=4, batch_size=2, fisher=False)
     seen = {}
     real = ptq4vit.api.reconstruct
 
