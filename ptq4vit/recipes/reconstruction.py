@@ -59,7 +59,7 @@ class Reconstruction(Component):
     #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
     #: cross-entropy against its own prediction at the unit's output), normalized to mean 1: the
     #: error then counts where it moves the prediction, not where the output is merely large.
-    fisher: bool = True
+    fisher: bool = False
     #: Seeds the batches and the QDrop masks.
     seed: int = 0
     #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
