@@ -20,6 +20,7 @@ from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import (AttentionHeads, BlockRotation, NormReaders, OnlineSlot, ResidualBranch,
                                           ResidualStream, RotationLayout)
 from .qkv_bias import move_qkv_biases
+from .timm_rotation_checks import check_block_norms, check_final_norm_and_head
 
 
 def _refuse(path: str, why: str) -> UnsupportedModelError:
@@ -46,16 +47,8 @@ def _check_residual(model: nn.Module) -> None:
         raise _refuse("patch_embed", "residual rotation needs timm's PatchEmbed with a Conv2d")
     if not isinstance(model.patch_embed.norm, nn.Identity):
         raise _refuse("patch_embed.norm", "residual rotation needs it to be an identity")
-    norms = [m for m in (model.norm, model.fc_norm) if not isinstance(m, nn.Identity)]
-    if len(norms) != 1 or not isinstance(norms[0], nn.LayerNorm):
-        raise UnsupportedModelError("residual rotation needs exactly one final LayerNorm (norm or fc_norm)")
-    if type(model.head) is not nn.Linear:
-        raise _refuse("head", f"residual rotation needs a Linear classifier to fold the last rotation into, not "
-                              f"{type(model.head).__name__} (num_classes=0 would return rotated features)")
-    for i, blk in enumerate(model.blocks):
-        for norm in ("norm1", "norm2"):
-            if not isinstance(getattr(blk, norm), nn.LayerNorm):
-                raise _refuse(f"blocks.{i}.{norm}", "residual rotation needs a LayerNorm")
+    check_final_norm_and_head(model)
+    check_block_norms(model)
 
 
 def _residual_stream(model: nn.Module) -> ResidualStream:
