@@ -281,6 +281,39 @@ def test_eva_heads_refused_before_anything_changes():
     assert m.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+def _headless(m):
+    m.reset_classifier(0)
+
+
+def _two_final_norms(m):
+    m.norm, m.fc_norm = torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)
+
+
+def _block_norm_replaced(m):
+    m.blocks[1].norm2 = torch.nn.RMSNorm(32)
+
+
+FINAL_AND_BLOCK_NORM_REFUSALS = [
+    (_headless, "module 'head': residual rotation needs a Linear classifier to fold the last rotation into, not "
+                "Identity (num_classes=0 would return rotated features)"),
+    (_two_final_norms, "residual rotation needs exactly one final LayerNorm (norm or fc_norm)"),
+    (_block_norm_replaced, "module 'blocks.1.norm2': residual rotation needs a LayerNorm"),
+]
+
+
+@pytest.mark.parametrize("family", ["beit", "eva02"])
+@pytest.mark.parametrize("change, message", FINAL_AND_BLOCK_NORM_REFUSALS, ids=["headless", "two-norms", "block-norm"])
+def test_beit_and_eva_refuse_a_head_or_norm_the_residual_rotation_cannot_fold_into(family, change, message):
+    """BEiT and EVA-02 share these checks: each refusal names the module, before anything changes."""
+    m, _ = tiny_beit() if family == "beit" else tiny_rot(family, init_values=0.1)
+    change(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(UnsupportedModelError) as err:
+        apply_rotation(m, RotationOptions(residual=True))
+    assert str(err.value) == message
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 #: (sites, integer sites) of rotq's QDQ export: float are the patch conv (float image input) and every
 #: softmax @ v (rotq's renormalized softmax rows have no integer lowering), the attention pool's too.
 ROTQ_EXPORT = {"siglip": (21, 17), "eva02": (14, 11)}
