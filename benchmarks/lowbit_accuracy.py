@@ -117,13 +117,15 @@ def main() -> None:
                top1=100.0 * float((logits.argmax(-1) == labels).double().mean()),
                agreement=top1_agreement(ref, logits), kl=mean_kl(ref, logits), calib_s=round(calib_s, 1),
                calib_cpu_s=round(calib_cpu_s, 1), cpus=os.cpu_count(), load_before=load_before, cpu=cpu_name(),
-               reconstruction_pool=min(pool_size, len(draw)) if pool_size else 0)
+               reconstruction_pool=min(pool_size, len(draw)) if pool_size else 0,
+               reconstruction=q.reconstruction_report.as_dict() if pool_size else None)
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{label}: top1 {row['top1']:.1f} (float {row['float_top1']:.1f}) agreement {row['agreement']:.1f} "
           f"KL {row['kl']:.4f} calib {calib_s:.0f} s ({calib_cpu_s:.0f} CPU s on {row['cpus']} CPUs; load average "
           f"{load_before:.1f} before it) on {len(labels)} images; CPU: {row['cpu']}"
-          + (f"; reconstruction pool {row['reconstruction_pool']} images" if pool_size else ""))
+          + (f"; reconstruction pool {row['reconstruction_pool']} images, "
+             f"restored as calibrated: {', '.join(q.reconstruction_report.restored()) or 'none'}" if pool_size else ""))
 
 
 if __name__ == "__main__":

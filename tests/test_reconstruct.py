@@ -280,6 +280,21 @@ def test_with_fisher_a_unit_is_kept_or_restored_by_the_weighted_error_it_learns_
     assert report.units[0].error_before != pytest.approx(block_error(q, "0", x_quant, target), rel=1e-2)
 
 
+def test_a_unit_whose_error_learning_raises_is_restored_bit_for_bit_and_reported():
+    m, x, q = tiny_w4a4()
+    calibrated = copy.deepcopy(q.state_dict())
+    # steps and rounding learned far too fast: each block's error rises (0.0154 -> above, 0.0186 -> above)
+    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0))
+    assert report.restored() == ["blocks.0", "blocks.1"]
+    assert all(u.error_after == u.error_before for u in report.units)
+    assert q.state_dict().keys() == calibrated.keys()
+    assert all(torch.equal(calibrated[k], v) for k, v in q.state_dict().items())
+    assert report.summary().splitlines()[0] == "reconstructed 2 unit(s) on 8 image(s), 2 restored as calibrated"
+    assert json.loads(json.dumps(report.as_dict()))["units"][1] == {
+        "name": "blocks.1", "error_before": report.units[1].error_before,
+        "error_after": report.units[1].error_before, "kept": False}
+
+
 def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anything_changes():
     with pytest.raises(UserError, match="reconstruction field qdrop must be a finite number, got 'x'"):
         Reconstruction(qdrop="x")
@@ -383,7 +398,8 @@ def test_a_sweep_reconstructs_on_the_calibration_draw_continued(tiny_cli_args, t
 
     def spy(model, images, *args, **kwargs):
         seen.update(images=images, pool=kwargs["reconstruction_images"])
-        return real(model, images, *args, **kwargs)
+        seen["qmodel"] = real(model, images, *args, **kwargs)
+        return seen["qmodel"]
     monkeypatch.setattr(ptq4vit, "quantize", spy)
     calib_dir = tiny_cli_args[tiny_cli_args.index("--calib-dir") + 1]
     assert main(["quantize", "--model", "vit_tiny_patch16_224", *tiny_cli_args, "--calib-size", "4", "--bits", "W4A4",
@@ -393,3 +409,6 @@ def test_a_sweep_reconstructs_on_the_calibration_draw_continued(tiny_cli_args, t
                 model_kwargs=json.loads(tiny_cli_args[tiny_cli_args.index("--model-kwargs") + 1]))
     draw = calibration_images(ImageFolder(calib_dir, lm.transform()), 6, 3).images
     assert torch.equal(seen["pool"], draw) and torch.equal(seen["images"], draw[:4])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert rows[-1]["reconstruction"] == seen["qmodel"].reconstruction_report.as_dict()  # the run's row keeps the report
+    assert rows[-1]["reconstruction"]["images"] == 6

@@ -71,8 +71,20 @@ class ReconstructionReport:
     images: int = 0
     held_fixed: dict[str, int] = field(default_factory=dict)
 
+    def restored(self) -> list[str]:
+        """The units restored as calibrated (learning raised their error)."""
+        return [u.name for u in self.units if not u.kept]
+
+    def as_dict(self) -> dict:
+        """Plain data for a results row: the pool size, each unit's errors and whether it was kept, the kinds held fixed."""
+        return {"images": self.images, "held_fixed": dict(self.held_fixed),
+                "units": [{"name": u.name, "error_before": u.error_before, "error_after": u.error_after,
+                           "kept": u.kept} for u in self.units]}
+
     def summary(self) -> str:
-        lines = [f"reconstructed {len(self.units)} unit(s) on {self.images} image(s)"]
+        restored = self.restored()
+        lines = [f"reconstructed {len(self.units)} unit(s) on {self.images} image(s)"
+                 + (f", {len(restored)} restored as calibrated" if restored else "")]
         lines += [f"  {u.name}: error {u.error_before:.4g} -> {u.error_after:.4g}" + ("" if u.kept else " (restored)")
                   for u in self.units]
         if self.held_fixed:

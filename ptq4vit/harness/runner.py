@@ -428,6 +428,7 @@ class Runner:
             from ..checkpoint import save
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             save(qmodel, checkpoint, create_kwargs=lm.kwargs, data_config=lm.data_config)
+        report = qmodel.reconstruction_report
         del qmodel
 
         row = {
@@ -457,6 +458,7 @@ class Runner:
             "drop": None if float_top1 is None else float_top1 - r.top1,
             "agreement": fid.get("agreement"),
             "kl": fid.get("kl"),
+            "reconstruction": None if report is None else report.as_dict(),
             "eval_seconds": round(r.seconds, 3),
             "float_eval_seconds": float_secs,
             "float_key": res.float_key,
