@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ptq4vit
+from ptq4vit import CheckpointError, UnsupportedModelError
 from ptq4vit.models import insert_quant_sites
 from ptq4vit.presets import get_preset
 from ptq4vit.quantized import QuantizedModel
@@ -90,14 +91,28 @@ def calibrate_at_w8a8_and_w4a4(model, x, preset, error, output=call, same_shape=
     return runs, errors
 
 
-def rotq_switched_off(model, x, output=call):
-    """rotq at W4A4 with nearest rounding and no bias correction (corrected biases change the float function):
-    the quantized model, its output with quantization off and the float model's output."""
+def switched_off(model, x, preset="base", bits=8, output=call, **overrides):
+    """``model`` quantized with ``preset`` at W``bits``A``bits``, its output on ``x`` with quantization switched off
+    and the float model's output."""
     with torch.no_grad():
         ref = output(model, x)
-    q = ptq4vit.quantize(model, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST, **overrides)
     with torch.no_grad(), q.quantization_disabled():
         return q, q(x), ref
+
+
+def rotq_switched_off(model, x, output=call):
+    """:func:`switched_off` for rotq at W4A4 with nearest rounding and no bias correction (corrected biases change
+    the float function)."""
+    return switched_off(model, x, "rotq", 4, output, weight_rounding="nearest", bias_correction=False)
+
+
+def assert_refused_untouched(model, change, match, error=UnsupportedModelError):
+    """``change(model)`` raises ``error`` matching ``match`` and leaves every tensor of the model as it was."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        change(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def assert_checkpoint_round_trip(q, model, x, directory, want=None) -> dict:
@@ -110,6 +125,22 @@ def assert_checkpoint_round_trip(q, model, x, directory, want=None) -> dict:
         assert torch.equal(ptq4vit.load(path)(x), want)
         assert torch.equal(ptq4vit.load(path, model)(x), want)
     return meta
+
+
+def assert_crafted_torchvision_checkpoint_refused(q, directory, monkeypatch, key, value, words):
+    """A checkpoint of ``q`` whose create_kwargs gain ``key=value`` is refused (``words``) before torchvision
+    builds anything."""
+    import torchvision.models
+
+    from test_checkpoint_checks import rewrite
+    ptq4vit.save(q, directory / "q.safetensors")
+    built = []
+    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a))
+    bad = rewrite(directory / "q.safetensors", directory / "bad.safetensors",
+                  meta_edit=lambda meta: meta["model"]["create_kwargs"].update({key: value}))
+    with pytest.raises(CheckpointError, match=words):
+        ptq4vit.load(bad)
+    assert built == []
 
 
 def run_on_onnx_runtime(q, x, directory, **export_kw):

@@ -10,15 +10,15 @@ from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
 import ptq4vit
-from ptq4vit import CheckpointError, UnsupportedModelError
+from ptq4vit import UnsupportedModelError
 from ptq4vit.models import DEFAULT_ADAPTERS, AdapterRegistry, SwinAdapter, VitAdapter, insert_quant_sites
 from ptq4vit.models.torchvision_vit import QuantMultiheadAttention
 from ptq4vit.presets import get_preset
 from ptq4vit.transforms import OnlineRotation, RMSNorm
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,
-                            move_off_init, random_images, rel, rotq_switched_off, run_on_onnx_runtime, run_on_openvino,
-                            unquantized)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_crafted_torchvision_checkpoint_refused,
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, move_off_init,
+                            random_images, rel, rotq_switched_off, run_on_onnx_runtime, run_on_openvino, unquantized)
 
 TINY_VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96, num_classes=10)
 #: |wrapped - torchvision| / max|torchvision| with quantization off: the attention runs in timm's op order
@@ -96,11 +96,8 @@ def _with_mlp():
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unknown_layouts_are_refused_by_name_and_left_untouched(case):
     make, module, words = REFUSED[case]
-    m = make()
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=f"^module '{module}' of type .*: .*{words}"):
-        insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(make(), lambda m: insert_quant_sites(m, get_preset("ptq4vit"), 8, 8),
+                             f"^module '{module}' of type .*: .*{words}")
 
 
 # ------------------------------------------------------------------ 1. float equivalence
@@ -162,18 +159,8 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
                                              ("norm_layer", "x", "argument 'norm_layer' is not an architecture"),
                                              ("dropout", 2.0, "argument 'dropout' must be a number from 0 to 1")])
 def test_a_crafted_checkpoint_cannot_ask_for_weights_or_files(tmp_path, monkeypatch, key, value, words):
-    import torchvision.models
-
-    from test_checkpoint_checks import rewrite
     q = ptq4vit.quantize(tiny_vit(num_layers=1), images(), "base", **FAST)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    built = []
-    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a))
-    bad = rewrite(tmp_path / "q.safetensors", tmp_path / "bad.safetensors",
-                  meta_edit=lambda meta: meta["model"]["create_kwargs"].update({key: value}))
-    with pytest.raises(CheckpointError, match=words):
-        ptq4vit.load(bad)
-    assert built == []
+    assert_crafted_torchvision_checkpoint_refused(q, tmp_path, monkeypatch, key, value, words)
 
 
 def test_builder_names_build_the_architecture_without_weights():

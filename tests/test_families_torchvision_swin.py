@@ -11,16 +11,16 @@ from torchvision.models import SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 import ptq4vit
-from ptq4vit import CheckpointError, UnsupportedModelError
 from ptq4vit.errors import UserError
 from ptq4vit.models import DEFAULT_ADAPTERS, insert_quant_sites
 from ptq4vit.models.torchvision_swin import QuantShiftedWindowAttention, QuantShiftedWindowAttentionV2
 from ptq4vit.presets import get_preset
 from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,
-                            move_off_init, random_images, rel, rotation_error, rotq_switched_off, run_on_onnx_runtime,
-                            run_on_openvino, unquantized, within)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_crafted_torchvision_checkpoint_refused,
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, move_off_init,
+                            random_images, rel, rotation_error, rotq_switched_off, run_on_onnx_runtime, run_on_openvino,
+                            unquantized, within)
 from _fastq import fast_quantize
 
 #: 32x32 images, patch 4: an 8x8 token grid, window 4, so the second block of the first stage is shifted
@@ -110,11 +110,8 @@ def _with_stray():
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unknown_layouts_are_refused_by_name_and_left_untouched(case):
     make, module, words = REFUSED[case]
-    m = make()
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=f"^module '{module}' of type .*: .*{words}"):
-        insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(make(), lambda m: insert_quant_sites(m, get_preset("ptq4vit"), 8, 8),
+                             f"^module '{module}' of type .*: .*{words}")
 
 
 # ------------------------------------------------------------------ 1. float equivalence
@@ -162,11 +159,8 @@ def test_presets_calibrate_at_w8a8_and_w4a4(version, preset):
                        r"SwinTransformer by the torchvision SwinTransformer adapter$"),
 ])
 def test_v2_rotations_and_reparam_are_refused_by_name(version, preset, words):
-    m = tiny_swin(version)
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=words):
-        ptq4vit.quantize(m, images(), preset, 6, 6, progress=False, inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(
+        tiny_swin(version), lambda m: ptq4vit.quantize(m, images(), preset, 6, 6, progress=False, inplace=True), words)
 
 
 # ------------------------------------------------------------------ 2b. rotations (rotq) on v1
@@ -247,18 +241,8 @@ def test_checkpoint_round_trip_is_bit_identical(version, tmp_path):
                                              ("norm_layer", "x", "argument 'norm_layer' is not an architecture"),
                                              ("block", "os.system", "argument 'block' must be one of")])
 def test_a_crafted_checkpoint_cannot_ask_for_weights_or_other_classes(tmp_path, monkeypatch, key, value, words):
-    import torchvision.models
-
-    from test_checkpoint_checks import rewrite
     q = ptq4vit.quantize(tiny_swin(), images(), "base", **FAST)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    built = []
-    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a))
-    bad = rewrite(tmp_path / "q.safetensors", tmp_path / "bad.safetensors",
-                  meta_edit=lambda meta: meta["model"]["create_kwargs"].update({key: value}))
-    with pytest.raises(CheckpointError, match=words):
-        ptq4vit.load(bad)
-    assert built == []
+    assert_crafted_torchvision_checkpoint_refused(q, tmp_path, monkeypatch, key, value, words)
 
 
 @pytest.mark.parametrize("name,version", [("swin_t", "SwinTransformerBlock"),
