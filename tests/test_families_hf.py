@@ -17,9 +17,9 @@ from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.transforms import RotationOptions, apply_rotation  # noqa: E402
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,  # noqa: E402
-                            max_abs, move_off_init, random_images, rotation_error, rotq_switched_off,
-                            run_on_onnx_runtime, run_on_openvino)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_refused_untouched,  # noqa: E402
+                            calibrate_at_w8a8_and_w4a4, integer_products, max_abs, move_off_init, random_images,
+                            rotation_error, rotq_switched_off, run_on_onnx_runtime, run_on_openvino, switched_off)
 from _family_checks import logits_or_pooled as output  # noqa: E402
 from conftest import REPO  # noqa: E402
 
@@ -52,10 +52,8 @@ def images(n=8, seed=1):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
-    model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    _, got, ref = switched_off(make(name), images(), output=output)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification", "Dinov2Model"])
@@ -64,9 +62,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     (its matmuls are sites), which differs from SDPA's fused kernel by float rounding: measured at most 6e-7."""
     model, x = make(name, attn="sdpa"), images()
     assert model.config._attn_implementation == "sdpa"
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset
@@ -130,12 +127,9 @@ def test_rotq_with_quantization_off_is_the_float_model():
 def test_residual_rotation_of_a_backbone_without_pooler_is_refused_by_name():
     """Dinov2Model returns the normed class token: the last rotation would have no Linear to fold into."""
     model, x = make("Dinov2Model"), images()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match=r"^model Dinov2Model has no classifier or pooler to fold the "
-                                                    r"last residual rotation into: its features would come out "
-                                                    r"rotated$"):
-        ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before anything changed
+    assert_refused_untouched(model, lambda m: ptq4vit.quantize(m, x, "rotq", 6, 6, progress=False),
+                             r"^model Dinov2Model has no classifier or pooler to fold the last residual rotation into: "
+                             r"its features would come out rotated$")  # refused before anything changed
     with torch.no_grad():
         ref = output(model, x)
         rotated = output(apply_rotation(copy.deepcopy(model), RotationOptions(heads=True, fc2=True)), x)

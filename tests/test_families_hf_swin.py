@@ -15,9 +15,10 @@ from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation  # noqa: E402
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,  # noqa: E402
-                            max_abs, move_off_init, random_images, rotation_error, rotq_switched_off,
-                            run_on_onnx_runtime, run_on_openvino, within)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_refused_untouched,  # noqa: E402
+                            calibrate_at_w8a8_and_w4a4, integer_products, max_abs, move_off_init, random_images,
+                            rotation_error, rotq_switched_off, run_on_onnx_runtime, run_on_openvino, switched_off,
+                            within)
 from _family_checks import logits_or_pooled as output  # noqa: E402
 from _fastq import fast_quantize  # noqa: E402
 
@@ -58,11 +59,10 @@ def images(n=4, seed=1):
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
     model, x = make(name), images()
     layer = model.get_submodule(("swin." if name != "SwinModel" else "") + "encoder.layers.0.blocks.1")
-    q = ptq4vit.quantize(model, x, "base", **FAST)
+    q, got, ref = switched_off(model, x, output=output)
     assert layer.shift_size == 2  # the shifted layer, with a nonzero mask
     assert list(q.sites()) == MODELS[name]
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -72,9 +72,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     (classifier) and 5e-7 (backbone features) on these models."""
     model, x = make(name, attn="sdpa"), images()
     assert model.config._attn_implementation == "sdpa"
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset
@@ -145,11 +144,9 @@ def test_rotq_with_quantization_off_is_the_float_model():
 
 def test_the_bare_backbone_refuses_the_residual_rotation_but_not_the_others():
     model, x = make("SwinModel"), images()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"^model SwinModel has no classifier to fold the last residual "
-                                                    r"rotation into: its features would come out rotated$"):
-        ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False, inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_refused_untouched(model, lambda m: ptq4vit.quantize(m, x, "rotq", 6, 6, progress=False, inplace=True),
+                             r"^model SwinModel has no classifier to fold the last residual rotation into: its "
+                             r"features would come out rotated$")
     with torch.no_grad():
         ref = output(model, x)
         rotated = output(apply_rotation(copy.deepcopy(model), RotationOptions(heads=True, fc2=True)), x)

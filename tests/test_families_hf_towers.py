@@ -16,9 +16,9 @@ from ptq4vit.models.hf_encoder import ACTIVATION_MINIMA, POST_GELU_FLOOR, fits_p
 from ptq4vit.quant.twin import GELU_NEG_RANGE, gelu_twin_fake_quant, gelu_twin_neg_step  # noqa: E402
 from ptq4vit.transforms import RotationOptions  # noqa: E402
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,  # noqa: E402
-                            max_abs, move_off_init, random_images, rotation_error, run_on_onnx_runtime,
-                            run_on_openvino, within)
+from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4,  # noqa: E402
+                            integer_products, max_abs, move_off_init, random_images, rotation_error,
+                            run_on_onnx_runtime, run_on_openvino, switched_off, within)
 from _fastq import fast_quantize  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -57,10 +57,8 @@ def output(model, x):
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
     """SigLIP's pooling head runs nn.MultiheadAttention, which scales q before q @ kᵀ; the quantized head scales
     after it: by 1/sqrt(16), a power of two, so bit for bit here too."""
-    model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    _, got, ref = switched_off(make(name), images(), output=output)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -68,9 +66,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     """transformers' default attention is SDPA; the quantized attention computes the eager formula: measured at
     most 7.2e-7 with |outputs| up to 2.2."""
     model, x = make(name, attn="sdpa"), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset

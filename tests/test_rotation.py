@@ -8,13 +8,13 @@ import torch
 
 import ptq4vit
 from ptq4vit import DEFAULT_ADAPTERS, Adapter, SitePlan
-from ptq4vit.errors import UnsupportedModelError, UserError
+from ptq4vit.errors import UserError
 from ptq4vit.presets import get_preset
 from ptq4vit.transforms import (OnlineRotation, RMSNorm, RotationOptions, apply_rotation, hadamard, make_rotation,
                                 random_orthogonal)
 
-from _family_checks import (assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, max_abs, move_off_init,
-                            rotation_error, rotq_switched_off, run_on_onnx_runtime)
+from _family_checks import (assert_checkpoint_round_trip, assert_refused_untouched, calibrate_at_w8a8_and_w4a4, max_abs,
+                            move_off_init, rotation_error, rotq_switched_off, run_on_onnx_runtime)
 from conftest import make_tiny
 
 ALL = RotationOptions(residual=True, heads=True, fc2=True)
@@ -110,12 +110,11 @@ def test_rotation_options_errors():
     with pytest.raises(UserError, match="rotation_kind"):
         get_preset("ptq4vit", rotation_kind="givens")
     # a family whose adapter describes no rotation layout is refused by name, before anything changes
-    model = _NoRotationNet()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
-                                                    r"supported for _NoRotationNet by the NoRotationNet adapter$"):
-        apply_rotation(model, RotationOptions(heads=True), adapters=DEFAULT_ADAPTERS.with_adapter(_NoRotationAdapter()))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    adapters = DEFAULT_ADAPTERS.with_adapter(_NoRotationAdapter())
+    assert_refused_untouched(
+        _NoRotationNet(), lambda m: apply_rotation(m, RotationOptions(heads=True), adapters=adapters),
+        r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not supported for _NoRotationNet by the "
+        r"NoRotationNet adapter$")
     untouched, _ = make_tiny("swin")
     assert apply_rotation(untouched, RotationOptions()) is untouched
 
@@ -214,10 +213,8 @@ def test_a_rotation_fixing_the_ones_commutes_with_centring():
 ])
 def test_swin_residual_rotation_refuses_what_it_cannot_fold(kw, module, words):
     m, x = _tiny_swin(torch.float64, **kw)
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=rf"^module '{re.escape(module)}': residual rotation .*{words}"):
-        apply_rotation(m, ALL)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(m, lambda m: apply_rotation(m, ALL),
+                             rf"^module '{re.escape(module)}': residual rotation .*{words}")
     ref = m(x)  # the rotations that do not touch the stream still apply
     assert (apply_rotation(m, RotationOptions(heads=True, fc2=True))(x) - ref).abs().max() < 1e-14
 
@@ -251,11 +248,9 @@ def test_vit_without_a_classifier_refuses_the_residual_rotation_but_not_the_othe
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=48,
                           num_heads=2, num_classes=0).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match=r"^module 'head' of type Identity: residual rotation needs a "
-                                                    r"Linear classifier .*num_classes=0 would return rotated features"):
-        apply_rotation(m, RotationOptions(residual=True))
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # refused before anything changed
+    assert_refused_untouched(m, lambda m: apply_rotation(m, RotationOptions(residual=True)),
+                             r"^module 'head' of type Identity: residual rotation needs a Linear classifier "
+                             r".*num_classes=0 would return rotated features")  # refused before anything changed
     with torch.no_grad():
         ref = m(x)
         rotated = apply_rotation(copy.deepcopy(m), RotationOptions(heads=True, fc2=True))(x)
