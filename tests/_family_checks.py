@@ -143,6 +143,15 @@ def assert_crafted_torchvision_checkpoint_refused(q, directory, monkeypatch, key
     assert built == []
 
 
+def assert_only_architecture_keys_saved(q, directory, keys, value):
+    """Saving ``q`` with any of ``keys`` (set to ``value``) in its create_kwargs is refused by name, and nothing is
+    written."""
+    for key in keys:
+        with pytest.raises(CheckpointError, match=f"^create_kwargs: argument '{key}' is not an architecture argument"):
+            ptq4vit.save(q, directory / "q.safetensors", create_kwargs={key: value})
+    assert not (directory / "q.safetensors").exists()
+
+
 def run_on_onnx_runtime(q, x, directory, **export_kw):
     """Exports ``q`` in both integer formats (contrib, QDQ) to ``directory/<format>.onnx`` and runs each on ONNX
     Runtime: yields ``(format, export report, output)``."""

@@ -11,14 +11,14 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
                                                           "(pip install 'ptq4vit[hf]')")
 
 import ptq4vit  # noqa: E402
-from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
+from ptq4vit import UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation  # noqa: E402
 
-from _family_checks import (FAST, assert_checkpoint_round_trip, assert_refused_untouched,  # noqa: E402
-                            calibrate_at_w8a8_and_w4a4, integer_products, max_abs, move_off_init, random_images,
-                            rotation_error, rotq_switched_off, run_on_onnx_runtime, run_on_openvino, switched_off,
-                            within)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_only_architecture_keys_saved,  # noqa: E402
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, max_abs,
+                            move_off_init, random_images, rotation_error, rotq_switched_off, run_on_onnx_runtime,
+                            run_on_openvino, switched_off, within)
 from _family_checks import logits_or_pooled as output  # noqa: E402
 from _fastq import fast_quantize  # noqa: E402
 
@@ -182,10 +182,7 @@ def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
 
 def test_a_checkpoint_passes_only_architecture_config_keys(tmp_path):
     q = ptq4vit.quantize(make("SwinModel"), images(), "base", **FAST)
-    for key in ("trust_remote_code", "name_or_path", "use_mask_token"):
-        with pytest.raises(CheckpointError, match=f"^create_kwargs: argument '{key}' is not an architecture argument"):
-            ptq4vit.save(q, tmp_path / "q.safetensors", create_kwargs={key: True})
-    assert not (tmp_path / "q.safetensors").exists()
+    assert_only_architecture_keys_saved(q, tmp_path, ("trust_remote_code", "name_or_path", "use_mask_token"), True)
 
 
 # ---- 4. integer export on ONNX Runtime and OpenVINO
