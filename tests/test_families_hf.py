@@ -13,10 +13,15 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
                                                           "(pip install 'ptq4vit[hf]')")
 
 import ptq4vit  # noqa: E402
-from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
+from ptq4vit import UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.transforms import RotationOptions, apply_rotation  # noqa: E402
 
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_only_architecture_keys_saved,  # noqa: E402
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, max_abs,
+                            move_off_init, random_images, rotation_error, rotq_switched_off, run_on_onnx_runtime,
+                            run_on_openvino, switched_off)
+from _family_checks import logits_or_pooled as output  # noqa: E402
 from conftest import REPO  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
@@ -30,7 +35,6 @@ MODELS = {
     "Dinov2ForImageClassification": ("Dinov2Config", dict(mlp_ratio=2), 8),
     "Dinov2Model": ("Dinov2Config", dict(mlp_ratio=2), 7),  # no classifier, no pooler
 }
-FAST = dict(progress=False, n_candidates=4, rounds=1)
 
 
 def make(name, attn="eager", seed=0, **extra):
@@ -41,12 +45,7 @@ def make(name, attn="eager", seed=0, **extra):
 
 
 def images(n=8, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def output(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out.pooler_output
+    return random_images(n, seed)
 
 
 # ---- 1. quantization off reproduces the original
@@ -54,10 +53,8 @@ def output(model, x):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
-    model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    _, got, ref = switched_off(make(name), images(), output=output)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification", "Dinov2Model"])
@@ -66,9 +63,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     (its matmuls are sites), which differs from SDPA's fused kernel by float rounding: measured at most 6e-7."""
     model, x = make(name, attn="sdpa"), images()
     assert model.config._attn_implementation == "sdpa"
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset
@@ -77,18 +73,9 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification"])
 @pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
 def test_presets_calibrate_at_w8a8_and_w4a4(name, preset):
-    model, x = make(name), images()
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
-        # deploy8 keeps the attention matmuls float (docs/deployment.md)
+    runs, err = calibrate_at_w8a8_and_w4a4(make(name), images(), preset, max_abs, output, same_shape=True)
+    for q, _ in runs.values():  # deploy8 keeps the attention matmuls float (docs/deployment.md)
         assert len(q.sites()) == MODELS[name][2] - (0 if q.preset.quantize_attention else 2)
-        with torch.no_grad():
-            y = q(x)
-        assert y.shape == ref.shape and torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
     assert 0 < err[8] < err[4]
 
 
@@ -98,11 +85,8 @@ def test_presets_calibrate_at_w8a8_and_w4a4(name, preset):
 def perturbed(name, dtype, **extra):
     """A 2-layer model with nonzero norm affines, biases, tokens and DINOv2 LayerScales (what the folding moves)."""
     model = make(name, num_hidden_layers=2, **extra)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if any(k in key for k in ("norm", "lambda", "bias", "token", "position")):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    move_off_init(model, 0.5, names=("norm", "lambda", "bias", "token", "position"),
+                  generator=torch.Generator().manual_seed(1))
     return model.to(dtype)
 
 
@@ -116,25 +100,15 @@ ALL = RotationOptions(residual=True, heads=True, fc2=True)
 def test_rotated_model_reproduces_the_float_model(name, opts):
     """Measured (eager attention): at most 6.7e-16 in float64 and 1.8e-7 in float32, with |outputs| 0.5 to 1.1."""
     for dtype, bound in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
-        model, x = perturbed(name, dtype), images().to(dtype)
-        with torch.no_grad():
-            ref = output(model, x)
-            assert (output(apply_rotation(copy.deepcopy(model), opts), x) - ref).abs().max() < bound
+        assert rotation_error(perturbed(name, dtype), images().to(dtype), opts, output) < bound
 
 
 @pytest.mark.parametrize("name", ["ViTForImageClassification", "Dinov2ForImageClassification"])
 def test_rotq_calibrates_at_w8a8_and_w4a4_and_round_trips(name, tmp_path):
     model, x = perturbed(name, torch.float32), images()
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            y = q(x)
-        assert y.shape == ref.shape and torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
+    runs, err = calibrate_at_w8a8_and_w4a4(model, x, "rotq", max_abs, output, same_shape=True)
     assert 0 < err[8] < err[4]
+    q, _ = runs[4]
     prefix = "vit.layers.0" if name.startswith("ViT") else "dinov2.encoder.layer.0"
     layer = q.model.get_submodule(prefix)
     norms = ("layernorm_before", "layernorm_after") if name.startswith("ViT") else ("norm1", "norm2")
@@ -143,30 +117,20 @@ def test_rotq_calibrates_at_w8a8_and_w4a4_and_round_trips(name, tmp_path):
     assert [type(m).__name__ for m in layer.mlp.activation_fn] == ["GELUActivation", "OnlineRotation"]
     if not name.startswith("ViT"):
         assert [type(layer.layer_scale1).__name__, type(layer.layer_scale2).__name__] == ["Identity", "Identity"]
-    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model: its checkpoint rebuilds the rotated structure
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
+    assert_checkpoint_round_trip(q, model, x, tmp_path)  # the W4A4 model: its checkpoint rebuilds the rotated structure
 
 
 def test_rotq_with_quantization_off_is_the_float_model():
-    model, x = perturbed("Dinov2ForImageClassification", torch.float32), images()
-    with torch.no_grad():
-        ref = output(model, x)
-    q = ptq4vit.quantize(model, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - ref).abs().max() < 1e-6
+    _, got, ref = rotq_switched_off(perturbed("Dinov2ForImageClassification", torch.float32), images(), output)
+    assert (got - ref).abs().max() < 1e-6
 
 
 def test_residual_rotation_of_a_backbone_without_pooler_is_refused_by_name():
     """Dinov2Model returns the normed class token: the last rotation would have no Linear to fold into."""
     model, x = make("Dinov2Model"), images()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match=r"^model Dinov2Model has no classifier or pooler to fold the "
-                                                    r"last residual rotation into: its features would come out "
-                                                    r"rotated$"):
-        ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before anything changed
+    assert_refused_untouched(model, lambda m: ptq4vit.quantize(m, x, "rotq", 6, 6, progress=False),
+                             r"^model Dinov2Model has no classifier or pooler to fold the last residual rotation into: "
+                             r"its features would come out rotated$")  # refused before anything changed
     with torch.no_grad():
         ref = output(model, x)
         rotated = output(apply_rotation(copy.deepcopy(model), RotationOptions(heads=True, fc2=True)), x)
@@ -187,20 +151,13 @@ def test_sites_are_the_fused_qkv_the_projections_and_the_matmuls():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
     model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "ptq4vit", **FAST)
-    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    meta = assert_checkpoint_round_trip(ptq4vit.quantize(model, x, "ptq4vit", **FAST), model, x, tmp_path)
     assert meta["model"]["name"] == name
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
 
 
 def test_a_checkpoint_passes_only_architecture_config_keys(tmp_path):
     q = ptq4vit.quantize(make("ViTForImageClassification"), images(), "base", **FAST)
-    for key in ("trust_remote_code", "name_or_path", "attn_implementation"):
-        with pytest.raises(CheckpointError, match=f"^create_kwargs: argument '{key}' is not an architecture argument"):
-            ptq4vit.save(q, tmp_path / "q.safetensors", create_kwargs={key: "x"})
-    assert not (tmp_path / "q.safetensors").exists()
+    assert_only_architecture_keys_saved(q, tmp_path, ("trust_remote_code", "name_or_path", "attn_implementation"), "x")
 
 
 # ---- 4. integer export on ONNX Runtime and OpenVINO
@@ -211,29 +168,24 @@ def test_integer_export_runs_on_onnxruntime_and_openvino(name, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
     from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
-    from ptq4vit.export.ort import make_session
 
     model, x = make(name), images()
     q = ptq4vit.quantize(model, x, "base", **FAST)
     sites = MODELS[name][2]
     with torch.no_grad():
         ref = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    for _, rep, out in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         assert (len(rep.sites), sum(s.integer for s in rep.sites)) == (sites, sites - 1)
         assert [s.name for s in rep.fallbacks] == [next(iter(q.sites()))]  # the patch conv: float image input
-        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
         assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-6 * np.abs(ref).max() * 10
     # OpenVINO, on the ptq4vit preset's graph (the base preset's QDQ graph fails to compile in OpenVINO's CPU
     # plugin for timm's ViT too): every quantized product is an integer layer (a twin product counts twice)
     q = ptq4vit.quantize(model, x, "ptq4vit", **FAST)
     rep = export_onnx(q, tmp_path / "ov.onnx", format="qdq", input_size=(3, 32, 32))
     assert sum(s.integer for s in rep.sites) == sites - 1
-    compiled = compile_onnx(tmp_path / "ov.onnx", "f32", threads=1)
-    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
-    assert len(integer) == sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-    assert compiled.run(x.numpy()).shape == ref.shape
+    out, integer = run_on_openvino(tmp_path / "ov.onnx", x)
+    assert integer == integer_products(rep)
+    assert out.shape == ref.shape
 
 
 # ---- refusals

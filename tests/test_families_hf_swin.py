@@ -4,7 +4,6 @@ OpenVINO, the harness's model name, refusals."""
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,10 +11,15 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
                                                           "(pip install 'ptq4vit[hf]')")
 
 import ptq4vit  # noqa: E402
-from ptq4vit import CheckpointError, UnsupportedModelError  # noqa: E402
+from ptq4vit import UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation  # noqa: E402
 
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_only_architecture_keys_saved,  # noqa: E402
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, max_abs,
+                            move_off_init, random_images, rotation_error, rotq_switched_off, run_on_onnx_runtime,
+                            run_on_openvino, switched_off, within)
+from _family_checks import logits_or_pooled as output  # noqa: E402
 from _fastq import fast_quantize  # noqa: E402
 
 #: 32x32 images, patch 4: an 8x8 token grid with window 4, so the second layer of the first stage is shifted
@@ -34,7 +38,6 @@ def sites(prefix: str) -> list[str]:
 
 #: model class -> its sites (the backbone has no classifier; its output is the average-pooled features)
 MODELS = {"SwinForImageClassification": sites("swin.") + ["classifier"], "SwinModel": sites("")}
-FAST = dict(progress=False, n_candidates=4, rounds=1)
 
 
 def make(name, attn="eager", seed=0, **extra):
@@ -42,21 +45,11 @@ def make(name, attn="eager", seed=0, **extra):
     the tables, which would hide a bias left out)."""
     torch.manual_seed(seed)
     config = transformers.SwinConfig(**{**TINY, **extra}, attn_implementation=attn)
-    model = getattr(transformers, name)(config).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.dim() <= 1 or "bias" in key:
-                p.add_(torch.randn(p.shape) * 0.1)
-    return model
+    return move_off_init(getattr(transformers, name)(config).eval(), 0.1, names=("bias",), vectors=True)
 
 
 def images(n=4, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def output(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out.pooler_output
+    return random_images(n, seed)
 
 
 # ---- 1. quantization off reproduces the original
@@ -66,11 +59,10 @@ def output(model, x):
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
     model, x = make(name), images()
     layer = model.get_submodule(("swin." if name != "SwinModel" else "") + "encoder.layers.0.blocks.1")
-    q = ptq4vit.quantize(model, x, "base", **FAST)
+    q, got, ref = switched_off(model, x, output=output)
     assert layer.shift_size == 2  # the shifted layer, with a nonzero mask
     assert list(q.sites()) == MODELS[name]
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -80,9 +72,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     (classifier) and 5e-7 (backbone features) on these models."""
     model, x = make(name, attn="sdpa"), images()
     assert model.config._attn_implementation == "sdpa"
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset
@@ -90,18 +81,10 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
 
 @pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
 def test_presets_calibrate_at_w8a8_and_w4a4(preset):
-    model, x = make("SwinForImageClassification"), images(8)
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
-        # deploy8 keeps the attention matmuls float (docs/deployment.md): 4 layers x 2 matmuls fewer sites
+    runs, err = calibrate_at_w8a8_and_w4a4(make("SwinForImageClassification"), images(8), preset, max_abs, output,
+                                           same_shape=True)
+    for q, _ in runs.values():  # deploy8 keeps the attention matmuls float (docs/deployment.md): 4 layers x 2 matmuls
         assert len(q.sites()) == len(MODELS["SwinForImageClassification"]) - (0 if q.preset.quantize_attention else 8)
-        with torch.no_grad():
-            y = q(x)
-        assert y.shape == ref.shape and torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
     assert 0 < err[8] < err[4]
 
 
@@ -122,15 +105,10 @@ def _with_position_embedding(model):
                          ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
 def test_rotated_swin_reproduces_the_float_model(opts):
     model = _with_position_embedding(make("SwinForImageClassification", use_absolute_embeddings=True))
-    m, x = model.double(), images().double()
-    with torch.no_grad():
-        ref = output(m, x)
-        # float64: measured max |diff| 8e-17 .. 3.3e-16 with |logits| <= 0.37
-        assert (output(apply_rotation(copy.deepcopy(m), opts), x) - ref).abs().max() < 1e-14
-        m32, x32 = m.float(), images()
-        ref32 = output(m32, x32)
-        # float32: measured 3e-8 .. 9e-8
-        assert (output(apply_rotation(copy.deepcopy(m32), opts), x32) - ref32).abs().max() < 1e-6
+    # float64: measured max |diff| 8e-17 .. 3.3e-16 with |logits| <= 0.37
+    assert rotation_error(model.double(), images().double(), opts, output) < 1e-14
+    # float32: measured 3e-8 .. 9e-8
+    assert rotation_error(model.float(), images(), opts, output) < 1e-6
 
 
 def test_residual_rotation_leaves_a_rotated_embedding_norm_and_affine_free_norms():
@@ -146,51 +124,29 @@ def test_residual_rotation_leaves_a_rotated_embedding_norm_and_affine_free_norms
 
 def test_rotq_calibrates_round_trips_and_exports(tmp_path):
     model, x = make("SwinForImageClassification"), images(8)
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            y = q(x)
-        assert torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
+    runs, err = calibrate_at_w8a8_and_w4a4(model, x, "rotq", max_abs, output)
     assert err[8] < err[4]
-    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), y)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), y)
-    pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session
-
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    q, y = runs[4]
+    assert_checkpoint_round_trip(q, model, x, tmp_path, want=y)  # the W4A4 model
+    for fmt, rep, got in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         # 4 layers x (qkv, o_proj, fc1, fc2, q@k) + the reduction + the classifier; float: the patch conv (float
         # image input) and softmax@v (rotq's renormalized softmax rows have no integer lowering)
         assert sum(s.integer for s in rep.sites) == 22 and len(rep.sites) == 27
         assert [s.name for s in rep.fallbacks] == ["swin.embeddings.patch_embeddings.projection"] + [
             f"swin.encoder.layers.{i}.blocks.{j}.attention.matmul2" for i in range(2) for j in range(2)]
-        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - y.numpy()).max() <= 0.02 * np.abs(y.numpy()).max(), fmt
+        assert within(got, y.numpy(), 0.02), fmt
 
 
 def test_rotq_with_quantization_off_is_the_float_model():
-    model, x = make("SwinForImageClassification"), images()
-    with torch.no_grad():
-        ref = output(model, x)
-    q = ptq4vit.quantize(model, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - ref).abs().max() < 1e-6  # measured 6e-8
+    _, got, ref = rotq_switched_off(make("SwinForImageClassification"), images(), output)
+    assert (got - ref).abs().max() < 1e-6  # measured 6e-8
 
 
 def test_the_bare_backbone_refuses_the_residual_rotation_but_not_the_others():
     model, x = make("SwinModel"), images()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"^model SwinModel has no classifier to fold the last residual "
-                                                    r"rotation into: its features would come out rotated$"):
-        ptq4vit.quantize(model, x, "rotq", 6, 6, progress=False, inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_refused_untouched(model, lambda m: ptq4vit.quantize(m, x, "rotq", 6, 6, progress=False, inplace=True),
+                             r"^model SwinModel has no classifier to fold the last residual rotation into: its "
+                             r"features would come out rotated$")
     with torch.no_grad():
         ref = output(model, x)
         rotated = output(apply_rotation(copy.deepcopy(model), RotationOptions(heads=True, fc2=True)), x)
@@ -218,22 +174,15 @@ def test_reparam_ln_is_refused_by_name():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
     model, x = make(name, use_absolute_embeddings=True), images()
-    q = ptq4vit.quantize(model, x, "ptq4vit", **FAST)
-    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    meta = assert_checkpoint_round_trip(ptq4vit.quantize(model, x, "ptq4vit", **FAST), model, x, tmp_path)
     assert meta["model"]["name"] == name
     kw = meta["model"]["create_kwargs"]
     assert (kw["depths"], kw["num_heads"], kw["window_size"], kw["use_absolute_embeddings"]) == ([2, 2], [2, 2], 4, True)
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
 
 
 def test_a_checkpoint_passes_only_architecture_config_keys(tmp_path):
     q = ptq4vit.quantize(make("SwinModel"), images(), "base", **FAST)
-    for key in ("trust_remote_code", "name_or_path", "use_mask_token"):
-        with pytest.raises(CheckpointError, match=f"^create_kwargs: argument '{key}' is not an architecture argument"):
-            ptq4vit.save(q, tmp_path / "q.safetensors", create_kwargs={key: True})
-    assert not (tmp_path / "q.safetensors").exists()
+    assert_only_architecture_keys_saved(q, tmp_path, ("trust_remote_code", "name_or_path", "use_mask_token"), True)
 
 
 # ---- 4. integer export on ONNX Runtime and OpenVINO
@@ -243,27 +192,18 @@ def test_a_checkpoint_passes_only_architecture_config_keys(tmp_path):
 def test_integer_export_runs_on_onnxruntime_and_openvino(name, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
-    from ptq4vit.export.ort import make_session
-
     model, x = make(name), images()
     q = fast_quantize(model, x)
     n = len(MODELS[name])
     with torch.no_grad():
         ref = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    for fmt, rep, out in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         assert (len(rep.sites), sum(s.integer for s in rep.sites)) == (n, n - 1)
         assert [s.name for s in rep.fallbacks] == [MODELS[name][0]]  # the patch conv: float image input
-        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        # integer products, float norms/softmax in another op order: a code next to a rounding boundary may flip
-        assert out.shape == ref.shape and np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), fmt
-    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
-    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
-    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
-    assert len(integer) == products + OPENVINO_DIFFERENCE
+        assert out.shape == ref.shape and within(out, ref, 0.02), fmt
+    out, integer = run_on_openvino(tmp_path / "qdq.onnx", x)
+    assert within(out, ref, 0.02)
+    assert integer == integer_products(rep) + OPENVINO_DIFFERENCE
 
 
 #: OpenVINO's integer layers minus the QDQ graph's integer products: the patch-merging reduction runs as two

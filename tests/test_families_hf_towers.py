@@ -1,10 +1,8 @@
 """Hugging Face transformers' CLIP and SigLIP vision towers: the five checks of a supported family at a tiny
 size (float equivalence, calibration with each preset, checkpoint round trip, integer export on ONNX Runtime
 and OpenVINO, the model names of the harness), which activations the post-GELU quantizers take, and the refusals."""
-import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +14,11 @@ from ptq4vit import UnsupportedModelError  # noqa: E402
 from ptq4vit.harness import zoo  # noqa: E402
 from ptq4vit.models.hf_encoder import ACTIVATION_MINIMA, POST_GELU_FLOOR, fits_post_gelu_quantizers  # noqa: E402
 from ptq4vit.quant.twin import GELU_NEG_RANGE, gelu_twin_fake_quant, gelu_twin_neg_step  # noqa: E402
-from ptq4vit.transforms import RotationOptions, apply_rotation  # noqa: E402
+from ptq4vit.transforms import RotationOptions  # noqa: E402
 
+from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4,  # noqa: E402
+                            integer_products, max_abs, move_off_init, random_images, rotation_error,
+                            run_on_onnx_runtime, run_on_openvino, switched_off, within)
 from _fastq import fast_quantize  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -30,7 +31,6 @@ MODELS = {
     # ... + the head's q, kv, matmul1, matmul2, out_proj, fc1, fc2
     "SiglipVisionModel": ("SiglipVisionConfig", {}, "pooler_output", 20),
 }
-FAST = dict(progress=False, n_candidates=4, rounds=1)
 
 
 def make(name, attn="eager", seed=0, **extra):
@@ -38,16 +38,12 @@ def make(name, attn="eager", seed=0, **extra):
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**TINY, **cfg, **extra}, attn_implementation=attn)
     model = getattr(transformers, name)(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # nonzero norm affines and biases (transformers initialises them to 1 and 0)
-        for key, p in model.named_parameters():
-            if "norm" in key or "bias" in key:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+    # nonzero norm affines and biases (transformers initialises them to 1 and 0)
+    return move_off_init(model, 0.1, names=("norm", "bias"), generator=torch.Generator().manual_seed(seed + 1))
 
 
 def images(n=8, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed)
 
 
 def output(model, x):
@@ -61,10 +57,8 @@ def output(model, x):
 def test_quantization_off_reproduces_eager_attention_bit_for_bit(name):
     """SigLIP's pooling head runs nn.MultiheadAttention, which scales q before q @ kᵀ; the quantized head scales
     after it: by 1/sqrt(16), a power of two, so bit for bit here too."""
-    model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert torch.equal(q(x), output(model, x))
+    _, got, ref = switched_off(make(name), images(), output=output)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -72,9 +66,8 @@ def test_quantization_off_reproduces_sdpa_at_the_float_floor(name):
     """transformers' default attention is SDPA; the quantized attention computes the eager formula: measured at
     most 7.2e-7 with |outputs| up to 2.2."""
     model, x = make(name, attn="sdpa"), images()
-    q = ptq4vit.quantize(model, x, "base", **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - output(model, x)).abs().max() <= 2e-6
+    _, got, ref = switched_off(model, x, output=output)
+    assert (got - ref).abs().max() <= 2e-6
 
 
 # ---- 2. calibration with each preset
@@ -87,17 +80,10 @@ def test_presets_calibrate_at_w8a8_and_w4a4(name, preset):
     model, x = make(name), images()
     assert type(model.encoder.layers[0].mlp.activation_fn if hasattr(model, "encoder") else
                 model.vision_model.encoder.layers[0].mlp.activation_fn).__name__ in ("QuickGELUActivation", "GELUTanh")
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
+    runs, err = calibrate_at_w8a8_and_w4a4(model, x, preset, max_abs, output, same_shape=True)
+    for q, _ in runs.values():
         assert len(q.sites()) == MODELS[name][3] - (0 if q.preset.quantize_attention else
                                                     2 * (TINY["num_hidden_layers"] + (name == "SiglipVisionModel")))
-        with torch.no_grad():
-            y = q(x)
-        assert y.shape == ref.shape and torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
     assert 0 < err[8] < err[4]
 
 
@@ -152,12 +138,8 @@ def test_an_activation_outside_gelus_range_is_refused_with_the_twin():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
     model, x = make(name), images()
-    q = ptq4vit.quantize(model, x, "ptq4vit", 4, 4, **FAST)
-    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    meta = assert_checkpoint_round_trip(ptq4vit.quantize(model, x, "ptq4vit", 4, 4, **FAST), model, x, tmp_path)
     assert meta["model"]["name"] == name
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), q(x))
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), q(x))
 
 
 # ---- 4. integer export on ONNX Runtime
@@ -166,20 +148,15 @@ def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_integer_export_runs_on_onnxruntime(name, tmp_path):
     pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session
-
     model, x = make(name), images()
     q = ptq4vit.quantize(model, x, "base", **FAST)
     sites = MODELS[name][3]
     with torch.no_grad():
         ref = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    for _, rep, out in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         assert (len(rep.sites), sum(s.integer for s in rep.sites)) == (sites, sites - 1)
         assert [s.name for s in rep.fallbacks] == [next(iter(q.sites()))]  # the patch conv: float image input
-        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+        assert out.shape == ref.shape and within(out, ref, 1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -188,7 +165,6 @@ def test_integer_export_runs_on_openvino(name, tmp_path):
     merging, which it splits): integer layers = integer products, twins counted twice."""
     pytest.importorskip("openvino")
     from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
 
     model, x = make(name), images(4)
     q = fast_quantize(model, x)
@@ -196,12 +172,9 @@ def test_integer_export_runs_on_openvino(name, tmp_path):
         ref = q(x).numpy()
     rep = export_onnx(q, tmp_path / "qdq.onnx", format="qdq", input_size=(3, 32, 32))
     assert sum(s.integer for s in rep.sites) == MODELS[name][3] - 1  # the patch conv: float image input
-    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
-    # integer products, float norms/softmax in another op order: a code next to a rounding boundary may flip
-    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
-    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
-    assert (products, len(integer)) == OPENVINO_INTEGER_LAYERS[name]
+    out, integer = run_on_openvino(tmp_path / "qdq.onnx", x)
+    assert within(out, ref, 0.02)
+    assert (integer_products(rep), integer) == OPENVINO_INTEGER_LAYERS[name]
 
 
 #: (integer products of the QDQ graph, OpenVINO's integer layers) as measured: CLIP's 12 integer sites with
@@ -240,10 +213,7 @@ ALL = RotationOptions(residual=True, heads=True, fc2=True)
 def test_rotated_tower_reproduces_the_float_model(name, opts):
     """Measured (eager attention): at most 2.1e-15 in float64 and 8.3e-7 in float32, with |outputs| 1.9 to 2.2."""
     for dtype, bound in ((torch.float64, 1e-14), (torch.float32, 2e-6)):
-        model, x = make(name).to(dtype), images().to(dtype)
-        with torch.no_grad():
-            ref = output(model, x)
-            assert (output(apply_rotation(copy.deepcopy(model), opts), x) - ref).abs().max() < bound
+        assert rotation_error(make(name).to(dtype), images().to(dtype), opts, output) < bound
 
 
 #: (sites, integer sites) of rotq's QDQ export: float are the patch conv (float image input) and every
@@ -254,26 +224,17 @@ ROTQ_EXPORT = {"CLIPVisionModelWithProjection": (14, 11), "SiglipVisionModel": (
 @pytest.mark.parametrize("name", sorted(ROTQ_EXPORT))
 def test_rotq_calibrates_at_w8a8_and_w4a4_round_trips_and_exports(name, tmp_path):
     model, x = make(name), images()
-    with torch.no_grad():
-        ref = output(model, x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            y = q(x)
-        assert y.shape == ref.shape and torch.isfinite(y).all()
-        err[bits] = (y - ref).abs().max().item()
+    runs, err = calibrate_at_w8a8_and_w4a4(model, x, "rotq", max_abs, output, same_shape=True)
     assert 0 < err[8] < err[4]
+    q, y = runs[4]
     layer = q.model.get_submodule("vision_model.encoder.layers.0" if name.startswith("CLIP") else "encoder.layers.0")
     assert [type(layer.layer_norm1).__name__, type(layer.layer_norm2).__name__] == ["RMSNorm", "RMSNorm"]
     assert [type(m).__name__ for m in layer.mlp.activation_fn] == [
         "QuickGELUActivation" if name.startswith("CLIP") else "GELUTanh", "OnlineRotation"]
     if name.startswith("CLIP"):
         assert type(q.model.vision_model.pre_layrnorm).__name__ == "RotatedLayerNorm"
-    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model: its checkpoint rebuilds the rotated structure
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), y)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), y)
+    # the W4A4 model: its checkpoint rebuilds the rotated structure
+    assert_checkpoint_round_trip(q, model, x, tmp_path, want=y)
     pytest.importorskip("onnxruntime")
     from ptq4vit.export import export_onnx
     rep = export_onnx(q, tmp_path / "qdq.onnx", format="qdq", input_size=(3, 32, 32))

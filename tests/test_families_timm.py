@@ -7,7 +7,6 @@ bit-identical; the integer ONNX export (contrib and QDQ) runs on ONNX Runtime an
 integer sites counted; ``ptq4vit models`` lists the family and the command line takes its name."""
 import copy
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -21,6 +20,9 @@ from ptq4vit.presets import get_preset
 from ptq4vit.quantized import QuantizedModel, model_name
 from ptq4vit.transforms import OnlineRotation, RMSNorm, RotationOptions, apply_rotation
 
+from _family_checks import (FAST, assert_checkpoint_round_trip, calibrate_at_w8a8_and_w4a4, integer_products,
+                            move_off_init, random_images, rel, rotation_error, rotq_switched_off, run_on_onnx_runtime,
+                            run_on_openvino, within)
 from _fastq import fast_quantize
 from conftest import timm_unfused
 
@@ -54,7 +56,6 @@ SITES = {
     "eva02-base-layout": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in EVA_BASE_BLOCK], "head"],
     "siglip": ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(2) for s in PER_BLOCK], *ATTN_POOL, "head"],
 }
-FAST = dict(progress=False, n_candidates=4, rounds=1)
 
 
 def make(family: str):
@@ -63,15 +64,7 @@ def make(family: str):
     name, kwargs = FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.dim() <= 1 or "bias" in key or "gamma" in key:
-                p.add_(torch.randn(p.shape) * 0.1)
-    return model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def rel(a, ref) -> float:
-    return float((a - ref).abs().max() / ref.abs().max())
+    return move_off_init(model, 0.1, names=("bias", "gamma"), vectors=True), random_images(4)
 
 
 # ---------------------------------------------------------------- 1. switched off: timm's output
@@ -107,16 +100,7 @@ def test_swinv2_tiny_config_really_masks_and_the_float_parts_are_listed():
 @pytest.mark.parametrize("family", ["beit", "swinv2", "eva02", "eva02-base-layout", "siglip"])
 @pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
 def test_presets_calibrate_at_w8a8_and_w4a4(family, preset):
-    model, x = make(family)
-    with torch.no_grad():
-        ref = model(x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(model, x, preset, bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        err[bits] = rel(out, ref)
+    _, err = calibrate_at_w8a8_and_w4a4(*make(family), preset, rel)
     assert err[8] < err[4], err
 
 
@@ -143,15 +127,7 @@ ALL = RotationOptions(residual=True, heads=True, fc2=True)
 def tiny_beit(dtype=torch.float32, **kw):
     """BEiT with its biases, LayerScales, tokens and position embedding moved well off their initial values
     and a head of ordinary size (timm scales it by 0.001, which would hide the features behind its bias)."""
-    torch.manual_seed(0)
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, **{**TINY, **kw}).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.dim() <= 1 or any(k in key for k in ("bias", "gamma", "token", "pos_embed")):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-        model.head.weight.normal_(0, 0.2, generator=gen)
-    return model.to(dtype), torch.randn(4, 3, 32, 32, generator=gen).to(dtype)
+    return tiny_rot("beit", dtype, **kw)
 
 
 BEIT_POOLS = {"avg-fc_norm": {}, "token-shared-bias-abs-pos": dict(global_pool="token", use_shared_rel_pos_bias=True,
@@ -163,15 +139,10 @@ BEIT_POOLS = {"avg-fc_norm": {}, "token-shared-bias-abs-pos": dict(global_pool="
                                   RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
                          ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
 def test_rotated_beit_reproduces_the_float_model(opts, pool):
-    m, x = tiny_beit(torch.float64, **BEIT_POOLS[pool])
-    with torch.no_grad():
-        ref = m(x)
-        # float64: measured max |diff| 4.4e-16 .. 2.2e-15 with |logits| <= 3.9
-        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
-        m32, x32 = tiny_beit(**BEIT_POOLS[pool])
-        ref32 = m32(x32)
-        # float32: measured 2.4e-7 .. 9.5e-7
-        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 2e-6
+    # float64: measured max |diff| 4.4e-16 .. 2.2e-15 with |logits| <= 3.9
+    assert rotation_error(*tiny_beit(torch.float64, **BEIT_POOLS[pool]), opts) < 1e-14
+    # float32: measured 2.4e-7 .. 9.5e-7
+    assert rotation_error(*tiny_beit(**BEIT_POOLS[pool]), opts) < 2e-6
 
 
 def test_beit_rotation_moves_the_qv_biases_into_qkv_and_folds_the_layer_scales():
@@ -191,42 +162,22 @@ def test_beit_rotation_moves_the_qv_biases_into_qkv_and_folds_the_layer_scales()
 
 def test_rotq_on_beit_calibrates_round_trips_and_exports(tmp_path):
     m, x = tiny_beit()
-    with torch.no_grad():
-        ref = m(x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        err[bits] = rel(out, ref)
+    runs, err = calibrate_at_w8a8_and_w4a4(m, x, "rotq", rel)
     assert err[8] < err[4], err
-    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
-    pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session
-
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    q, out = runs[4]
+    assert_checkpoint_round_trip(q, m, x, tmp_path, want=out)  # the W4A4 model
+    for fmt, rep, got in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         # 2 blocks x (qkv, proj, fc1, fc2, q@k) + the head; float: the patch conv (float image input) and
         # softmax@v (rotq's renormalized softmax rows have no integer lowering)
         assert sum(s.integer for s in rep.sites) == 11 and len(rep.sites) == 14
         assert [s.name for s in rep.fallbacks] == ["patch_embed.proj", "blocks.0.attn.matmul2",
                                                    "blocks.1.attn.matmul2"]
-        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - out.numpy()).max() <= 0.02 * np.abs(out.numpy()).max(), fmt
+        assert within(got, out.numpy(), 0.02), fmt
 
 
 def test_rotq_beit_with_quantization_off_is_the_float_model():
-    m, x = tiny_beit()
-    with torch.no_grad():
-        ref = m(x)
-    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - ref).abs().max() < 2e-6
+    _, got, ref = rotq_switched_off(*tiny_beit())
+    assert (got - ref).abs().max() < 2e-6
 
 
 # ---------------------------------------------------------------- 2c. rotq on the SigLIP towers and EVA-02
@@ -239,10 +190,8 @@ def tiny_rot(family, dtype=torch.float32, **kw):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **{**kwargs, **kw}).eval()
     gen = torch.Generator().manual_seed(1)
+    move_off_init(model, 0.5, names=("bias", "gamma", "token", "pos_embed", "latent"), vectors=True, generator=gen)
     with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.dim() <= 1 or any(k in key for k in ("bias", "gamma", "token", "pos_embed", "latent")):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
         model.head.weight.normal_(0, 0.2, generator=gen)
     return model.to(dtype), torch.randn(4, 3, 32, 32, generator=gen).to(dtype)
 
@@ -260,15 +209,10 @@ ROT_CASES = [
 
 @pytest.mark.parametrize("family, kw, opts", ROT_CASES, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(ROT_CASES)])
 def test_rotated_siglip_and_eva_reproduce_the_float_model(family, kw, opts):
-    m, x = tiny_rot(family, torch.float64, **kw)
-    with torch.no_grad():
-        ref = m(x)
-        # float64: measured max |diff| 2.2e-16 .. 2.2e-15 with |logits| 1.5 .. 3.2
-        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
-        m32, x32 = tiny_rot(family, **kw)
-        ref32 = m32(x32)
-        # float32: measured 1.2e-7 .. 7.2e-7
-        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 2e-6
+    # float64: measured max |diff| 2.2e-16 .. 2.2e-15 with |logits| 1.5 .. 3.2
+    assert rotation_error(*tiny_rot(family, torch.float64, **kw), opts) < 1e-14
+    # float32: measured 1.2e-7 .. 7.2e-7
+    assert rotation_error(*tiny_rot(family, **kw), opts) < 2e-6
 
 
 def test_eva_heads_refused_before_anything_changes():
@@ -324,25 +268,15 @@ def test_rotq_on_siglip_and_eva_calibrates_round_trips_and_exports(family, tmp_p
     """EVA-02 with rotate_heads off (as ``--set rotate_heads=False``); its LayerScales folded into proj and fc2."""
     kw, overrides = (dict(init_values=0.1), dict(rotate_heads=False)) if family == "eva02" else ({}, {})
     m, x = tiny_rot(family, **kw)
-    with torch.no_grad():
-        ref = m(x)
-    err = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST, **overrides)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        err[bits] = rel(out, ref)
+    runs, err = calibrate_at_w8a8_and_w4a4(m, x, "rotq", rel, **overrides)
     assert err[8] < err[4], err
+    q, out = runs[4]
     blk = q.model.blocks[0]
     final = q.model.fc_norm if family == "eva02" else q.model.norm  # EVA-02 pools, then normalises
     assert type(blk.norm1) is RMSNorm and type(final) is RMSNorm
     if family == "eva02":
         assert blk.gamma_1 is None and isinstance(blk.mlp.norm, OnlineRotation)
-    ptq4vit.save(q, tmp_path / "q.safetensors")  # the W4A4 model
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    assert_checkpoint_round_trip(q, m, x, tmp_path, want=out)  # the W4A4 model
     pytest.importorskip("onnxruntime")
     from ptq4vit.export import export_onnx
     rep = export_onnx(q, tmp_path / "qdq.onnx", format="qdq", input_size=(3, 32, 32))
@@ -359,11 +293,7 @@ def test_checkpoint_round_trip_is_bit_identical(family, tmp_path):
     # what quantize records before wrapping (the wrapped BEiT/EVA/Swin V2 attention holds its q/k/v biases as
     # the qkv site's bias, so the float weights are identified on the float model)
     q.float_weights_sha256 = ptq4vit.checkpoint.float_weights_digest(model)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    with torch.no_grad():
-        want = q(x)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), want)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", model)(x), want)
+    assert_checkpoint_round_trip(q, model, x, tmp_path)
 
 
 # ---------------------------------------------------------------- 4. integer ONNX export
@@ -380,27 +310,18 @@ OPENVINO_DIFFERENCE = {"eva02": -2, "eva02-base-layout": -2, "swinv2": 1}
 def test_integer_export_runs_on_onnx_runtime_and_openvino(family, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
-    from ptq4vit.export.ort import make_session
-
     model, x = make(family)
     q = fast_quantize(model, x)
     with torch.no_grad():
         ref = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+    for fmt, rep, out in run_on_onnx_runtime(q, x, tmp_path):
         assert sum(s.integer for s in rep.sites) == INTEGER_SITES[family] == len(q.sites()) - 1
         assert [s.name for s in rep.fallbacks] == ["patch_embed.proj"]
-        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        # integer products, float LayerNorm/softmax in another op order: a code next to a rounding
-        # boundary may flip; the logits stay within 2% of the torch model's range
-        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), fmt
-    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
-    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
-    twins = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
-    assert len(integer) == twins + OPENVINO_DIFFERENCE.get(family, 0)
+        # the logits stay within 2% of the torch model's range
+        assert within(out, ref, 0.02), fmt
+    out, integer = run_on_openvino(tmp_path / "qdq.onnx", x)
+    assert within(out, ref, 0.02)
+    assert integer == integer_products(rep) + OPENVINO_DIFFERENCE.get(family, 0)
 
 
 # ---------------------------------------------------------------- 5. names

@@ -10,14 +10,16 @@ from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
 import ptq4vit
-from ptq4vit import CheckpointError, UnsupportedModelError
+from ptq4vit import UnsupportedModelError
 from ptq4vit.models import DEFAULT_ADAPTERS, AdapterRegistry, SwinAdapter, VitAdapter, insert_quant_sites
 from ptq4vit.models.torchvision_vit import QuantMultiheadAttention
 from ptq4vit.presets import get_preset
-from ptq4vit.quantized import QuantizedModel
 from ptq4vit.transforms import OnlineRotation, RMSNorm
 
-FAST = dict(progress=False, n_candidates=4, rounds=1)
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_crafted_torchvision_checkpoint_refused,
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, move_off_init,
+                            random_images, rel, rotq_switched_off, run_on_onnx_runtime, run_on_openvino, unquantized)
+
 TINY_VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=48, mlp_dim=96, num_classes=10)
 #: |wrapped - torchvision| / max|torchvision| with quantization off: the attention runs in timm's op order
 #: (q @ kᵀ, then * scale, softmax, @ v), PyTorch's eval path in its own fused kernel. Measured at most
@@ -29,27 +31,16 @@ FLOAT_FLOOR = 1e-6
 def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
     torch.manual_seed(seed)
     model = VisionTransformer(**{**TINY_VIT, **kw}).eval()
-    with torch.no_grad():  # torchvision zero-initialises the head; norms off the identity so that folding them matters
-        for name, p in model.named_parameters():
-            if name.startswith("heads") or ".ln" in name:
-                p.add_(torch.randn(p.shape) * 0.3)
-    return model
+    # torchvision zero-initialises the head; norms off the identity so that folding them matters
+    return move_off_init(model, 0.3, names=("heads", ".ln"))
 
 
 def images(n: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed)
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max())
-
-
-def _unquantized(model: nn.Module) -> QuantizedModel:
-    m = copy.deepcopy(model)
-    insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    q = QuantizedModel(m, get_preset("ptq4vit"), 8, 8, "torchvision_VisionTransformer")
-    q.set_quantization(False)
-    return q
+def _unquantized(model: nn.Module):
+    return unquantized(model, "torchvision_VisionTransformer")
 
 
 # ------------------------------------------------------------------ structure and refusals
@@ -105,11 +96,8 @@ def _with_mlp():
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unknown_layouts_are_refused_by_name_and_left_untouched(case):
     make, module, words = REFUSED[case]
-    m = make()
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=f"^module '{module}' of type .*: .*{words}"):
-        insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(make(), lambda m: insert_quant_sites(m, get_preset("ptq4vit"), 8, 8),
+                             f"^module '{module}' of type .*: .*{words}")
 
 
 # ------------------------------------------------------------------ 1. float equivalence
@@ -120,9 +108,9 @@ def test_with_quantization_off_it_computes_what_torchvision_computes():
         m, x = tiny_vit(seed), images(seed=seed + 1)
         with torch.no_grad():
             ref = m(x)
-            assert _rel(_unquantized(m)(x), ref) < FLOAT_FLOOR
+            assert rel(_unquantized(m)(x), ref) < FLOAT_FLOOR
         # the floor is PyTorch's own: its two eval paths of nn.MultiheadAttention differ by as much
-        assert 0 < _rel(m(x).detach(), ref) < FLOAT_FLOOR
+        assert 0 < rel(m(x).detach(), ref) < FLOAT_FLOOR
 
 
 def test_attention_returns_multihead_attentions_output_and_weights():
@@ -142,29 +130,16 @@ def test_attention_returns_multihead_attentions_output_and_weights():
 
 @pytest.mark.parametrize("preset", ["ptq4vit", "rotq", "deploy8"])
 def test_presets_calibrate_at_w8a8_and_w4a4(preset):
-    m, x = tiny_vit(), images(8)
-    with torch.no_grad():
-        ref = m(x)
-    errors = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, preset, bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        errors[bits] = _rel(out, ref)
+    _, errors = calibrate_at_w8a8_and_w4a4(tiny_vit(), images(8), preset, rel)
     assert errors[8] < errors[4]
 
 
 def test_rotq_folds_into_the_packed_projection_and_keeps_the_float_function():
-    m, x = tiny_vit(), images()
-    with torch.no_grad():
-        ref = m(x)
-    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
+    q, got, ref = rotq_switched_off(tiny_vit(), images())
     block = q.model.encoder.layers.encoder_layer_0
     assert isinstance(block.ln_1, RMSNorm) and isinstance(block.mlp[2], OnlineRotation)
     assert isinstance(q.model.encoder.ln, RMSNorm)
-    with torch.no_grad(), q.quantization_disabled():
-        assert _rel(q(x), ref) < 2 * FLOAT_FLOOR
+    assert rel(got, ref) < 2 * FLOAT_FLOOR
 
 
 # ------------------------------------------------------------------ 3. checkpoint round trip
@@ -172,16 +147,11 @@ def test_rotq_folds_into_the_packed_projection_and_keeps_the_float_function():
 
 def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     m, x = tiny_vit(num_layers=1), images()
-    q = ptq4vit.quantize(m, x, "ptq4vit", **FAST)
-    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    meta = assert_checkpoint_round_trip(ptq4vit.quantize(m, x, "ptq4vit", **FAST), m, x, tmp_path)
     assert meta["model"]["name"] == "torchvision_VisionTransformer"
     assert meta["model"]["create_kwargs"] == dict(num_classes=10, image_size=32, patch_size=8, num_layers=1,
                                                   num_heads=2, hidden_dim=48, mlp_dim=96, dropout=0.0,
                                                   attention_dropout=0.0, representation_size=None)
-    with torch.no_grad():
-        want = q(x)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), want)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), want)
 
 
 @pytest.mark.parametrize("key,value,words", [("weights", "IMAGENET1K_V1", "argument 'weights' is not an architecture"),
@@ -189,18 +159,8 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
                                              ("norm_layer", "x", "argument 'norm_layer' is not an architecture"),
                                              ("dropout", 2.0, "argument 'dropout' must be a number from 0 to 1")])
 def test_a_crafted_checkpoint_cannot_ask_for_weights_or_files(tmp_path, monkeypatch, key, value, words):
-    import torchvision.models
-
-    from test_checkpoint_checks import rewrite
     q = ptq4vit.quantize(tiny_vit(num_layers=1), images(), "base", **FAST)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    built = []
-    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a))
-    bad = rewrite(tmp_path / "q.safetensors", tmp_path / "bad.safetensors",
-                  meta_edit=lambda meta: meta["model"]["create_kwargs"].update({key: value}))
-    with pytest.raises(CheckpointError, match=words):
-        ptq4vit.load(bad)
-    assert built == []
+    assert_crafted_torchvision_checkpoint_refused(q, tmp_path, monkeypatch, key, value, words)
 
 
 def test_builder_names_build_the_architecture_without_weights():
@@ -216,29 +176,23 @@ def test_builder_names_build_the_architecture_without_weights():
 def test_integer_export_runs_on_onnx_runtime_and_openvino(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session, optimized_op_counts
+    from ptq4vit.export.ort import optimized_op_counts
 
     m, x = tiny_vit(), images(8)
     q = ptq4vit.quantize(m, x, "ptq4vit", **FAST)
     with torch.no_grad():
         want = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        path = tmp_path / f"{fmt}.onnx"
-        rep = export_onnx(q, path, format=fmt, input_size=(3, 32, 32))
+    for fmt, rep, got in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         # 2 blocks x (qkv, q@k, softmax@v, out_proj, mlp.0, mlp.3) + head in integers; the patch conv stays float
         assert sum(s.integer for s in rep.sites) == 13
         assert [s.name for s in rep.fallbacks] == ["conv_proj"]
-        products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-        assert optimized_op_counts(str(path)).get("MatMulIntegerToFloat", 0) == products == 17
-        got = make_session(str(path)).run(None, {"input": x.numpy()})[0]
+        products = integer_products(rep)
+        assert optimized_op_counts(str(tmp_path / f"{fmt}.onnx")).get("MatMulIntegerToFloat", 0) == products == 17
         assert np.mean(got.argmax(1) == want.argmax(1)) == 1.0
     pytest.importorskip("openvino")
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
-    ov = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
-    layers = executed_layers(ov)
-    assert len([lay for lay in layers if lay[1] in INTEGER_PRECISIONS]) == 17
-    assert np.mean(ov.run(x.numpy()).argmax(1) == want.argmax(1)) == 1.0
+    out, integer = run_on_openvino(tmp_path / "qdq.onnx", x)
+    assert integer == 17
+    assert np.mean(out.argmax(1) == want.argmax(1)) == 1.0
 
 
 # ------------------------------------------------------------------ 5. model names and the command line

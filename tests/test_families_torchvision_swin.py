@@ -4,7 +4,6 @@ refusals."""
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,17 +11,18 @@ from torchvision.models import SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 import ptq4vit
-from ptq4vit import CheckpointError, UnsupportedModelError
 from ptq4vit.errors import UserError
 from ptq4vit.models import DEFAULT_ADAPTERS, insert_quant_sites
 from ptq4vit.models.torchvision_swin import QuantShiftedWindowAttention, QuantShiftedWindowAttentionV2
 from ptq4vit.presets import get_preset
-from ptq4vit.quantized import QuantizedModel
 from ptq4vit.transforms import OnlineRotation, RotatedLayerNorm, RotationOptions, apply_rotation
 
+from _family_checks import (FAST, assert_checkpoint_round_trip, assert_crafted_torchvision_checkpoint_refused,
+                            assert_refused_untouched, calibrate_at_w8a8_and_w4a4, integer_products, move_off_init,
+                            random_images, rel, rotation_error, rotq_switched_off, run_on_onnx_runtime, run_on_openvino,
+                            unquantized, within)
 from _fastq import fast_quantize
 
-FAST = dict(progress=False, n_candidates=4, rounds=1)
 #: 32x32 images, patch 4: an 8x8 token grid, window 4, so the second block of the first stage is shifted
 #: with a real mask; head dim 16 in both stages (the scale 1/4 a power of two: scaling after q @ kᵀ changes no bit).
 TINY = dict(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10,
@@ -38,27 +38,15 @@ def tiny_swin(version: str = "v1", seed: int = 0, **kw) -> SwinTransformer:
     zeroes several of them, and V2 the k part of the qkv bias, which would hide a bias left out)."""
     torch.manual_seed(seed)
     model = SwinTransformer(**{**TINY, **(V2 if version == "v2" else {}), **kw}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() <= 1 or "bias" in name or "logit_scale" in name:
-                p.add_(torch.randn(p.shape) * 0.1)
-    return model
+    return move_off_init(model, 0.1, names=("bias", "logit_scale"), vectors=True)
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed)
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).abs().max() / ref.abs().max())
-
-
-def _unquantized(model: nn.Module) -> QuantizedModel:
-    m = copy.deepcopy(model)
-    insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    q = QuantizedModel(m, get_preset("ptq4vit"), 8, 8, "torchvision_SwinTransformer")
-    q.set_quantization(False)
-    return q
+def _unquantized(model: nn.Module):
+    return unquantized(model, "torchvision_SwinTransformer")
 
 
 # ------------------------------------------------------------------ structure and refusals
@@ -122,11 +110,8 @@ def _with_stray():
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unknown_layouts_are_refused_by_name_and_left_untouched(case):
     make, module, words = REFUSED[case]
-    m = make()
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=f"^module '{module}' of type .*: .*{words}"):
-        insert_quant_sites(m, get_preset("ptq4vit"), 8, 8)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(make(), lambda m: insert_quant_sites(m, get_preset("ptq4vit"), 8, 8),
+                             f"^module '{module}' of type .*: .*{words}")
 
 
 # ------------------------------------------------------------------ 1. float equivalence
@@ -147,7 +132,7 @@ def test_a_head_dim_that_is_not_a_power_of_four_moves_the_scale_at_the_float_flo
     m, x = tiny_swin(embed_dim=16), images()
     with torch.no_grad():
         got, ref = _unquantized(m)(x), m(x)
-    assert 0 < _rel(got, ref) < 1e-6
+    assert 0 < rel(got, ref) < 1e-6
 
 
 def test_other_image_sizes_pad_as_torchvision_does():
@@ -163,16 +148,7 @@ def test_other_image_sizes_pad_as_torchvision_does():
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("preset", ["ptq4vit", "deploy8"])
 def test_presets_calibrate_at_w8a8_and_w4a4(version, preset):
-    m, x = tiny_swin(version), images(8)
-    with torch.no_grad():
-        ref = m(x)
-    errors = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, preset, bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        errors[bits] = _rel(out, ref)
+    _, errors = calibrate_at_w8a8_and_w4a4(tiny_swin(version), images(8), preset, rel)
     assert errors[8] < errors[4]
 
 
@@ -183,11 +159,8 @@ def test_presets_calibrate_at_w8a8_and_w4a4(version, preset):
                        r"SwinTransformer by the torchvision SwinTransformer adapter$"),
 ])
 def test_v2_rotations_and_reparam_are_refused_by_name(version, preset, words):
-    m = tiny_swin(version)
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=words):
-        ptq4vit.quantize(m, images(), preset, 6, 6, progress=False, inplace=True)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(
+        tiny_swin(version), lambda m: ptq4vit.quantize(m, images(), preset, 6, 6, progress=False, inplace=True), words)
 
 
 # ------------------------------------------------------------------ 2b. rotations (rotq) on v1
@@ -199,15 +172,10 @@ ALL = RotationOptions(residual=True, heads=True, fc2=True)
                                   RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
                          ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
 def test_rotated_v1_reproduces_the_float_model(opts):
-    m, x = tiny_swin().double(), images().double()
-    with torch.no_grad():
-        ref = m(x)
-        # float64: measured max |diff| 1.1e-16 .. 3.3e-16 with |logits| <= 0.56
-        assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
-        m32, x32 = tiny_swin(), images()
-        ref32 = m32(x32)
-        # float32: measured 6e-8 .. 1.2e-7
-        assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 1e-6
+    # float64: measured max |diff| 1.1e-16 .. 3.3e-16 with |logits| <= 0.56
+    assert rotation_error(tiny_swin().double(), images().double(), opts) < 1e-14
+    # float32: measured 6e-8 .. 1.2e-7
+    assert rotation_error(tiny_swin(), images(), opts) < 1e-6
 
 
 def test_residual_rotation_leaves_a_rotated_stem_norm_and_affine_free_norms():
@@ -222,43 +190,22 @@ def test_residual_rotation_leaves_a_rotated_stem_norm_and_affine_free_norms():
 
 def test_rotq_calibrates_round_trips_and_exports(tmp_path):
     m, x = tiny_swin(), images(8)
-    with torch.no_grad():
-        ref = m(x)
-    errors = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        errors[bits] = _rel(out, ref)
+    runs, errors = calibrate_at_w8a8_and_w4a4(m, x, "rotq", rel)
     assert errors[8] < errors[4]
-    # q is the W4A4 model: its checkpoint rebuilds the rotated structure
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
-    pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session
-
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    q, out = runs[4]  # the W4A4 model: its checkpoint rebuilds the rotated structure
+    assert_checkpoint_round_trip(q, m, x, tmp_path, want=out)
+    for fmt, rep, got in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         # 4 blocks x (qkv, proj, fc1, fc2, q@k) + the reduction + the head; float: the patch conv (float image
         # input) and softmax@v (rotq's renormalized softmax rows have no integer lowering)
         assert sum(s.integer for s in rep.sites) == 22 and len(rep.sites) == 27
         assert [s.name for s in rep.fallbacks] == ["features.0.0"] + [
             f"features.{i}.{j}.attn.matmul2" for i in (1, 3) for j in range(2)]
-        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        assert np.abs(got - out.numpy()).max() <= 0.02 * np.abs(out.numpy()).max(), fmt
+        assert within(got, out.numpy(), 0.02), fmt
 
 
 def test_rotq_with_quantization_off_is_the_float_model():
-    m, x = tiny_swin(), images()
-    with torch.no_grad():
-        ref = m(x)
-    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - ref).abs().max() < 1e-6  # measured 1.2e-7
+    _, got, ref = rotq_switched_off(tiny_swin(), images())
+    assert (got - ref).abs().max() < 1e-6  # measured 1.2e-7
 
 
 def test_a_rotated_model_refuses_a_grid_that_needs_window_padding():
@@ -280,8 +227,7 @@ def test_a_rotated_model_refuses_a_grid_that_needs_window_padding():
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_checkpoint_round_trip_is_bit_identical(version, tmp_path):
     m, x = tiny_swin(version), images()
-    q = ptq4vit.quantize(m, x, "ptq4vit", **FAST)
-    meta = ptq4vit.save(q, tmp_path / "q.safetensors")
+    meta = assert_checkpoint_round_trip(ptq4vit.quantize(m, x, "ptq4vit", **FAST), m, x, tmp_path)
     assert meta["model"]["name"] == "torchvision_SwinTransformer"
     block, merging = ("SwinTransformerBlockV2", "PatchMergingV2") if version == "v2" else ("SwinTransformerBlock",
                                                                                           "PatchMerging")
@@ -289,28 +235,14 @@ def test_checkpoint_round_trip_is_bit_identical(version, tmp_path):
         num_classes=10, patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
         mlp_ratio=4.0, dropout=0.0, attention_dropout=0.0, block=block,
         downsample_layer=merging)
-    with torch.no_grad():
-        want = q(x)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), want)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), want)
 
 
 @pytest.mark.parametrize("key,value,words", [("weights", "IMAGENET1K_V1", "argument 'weights' is not an architecture"),
                                              ("norm_layer", "x", "argument 'norm_layer' is not an architecture"),
                                              ("block", "os.system", "argument 'block' must be one of")])
 def test_a_crafted_checkpoint_cannot_ask_for_weights_or_other_classes(tmp_path, monkeypatch, key, value, words):
-    import torchvision.models
-
-    from test_checkpoint_checks import rewrite
     q = ptq4vit.quantize(tiny_swin(), images(), "base", **FAST)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    built = []
-    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a))
-    bad = rewrite(tmp_path / "q.safetensors", tmp_path / "bad.safetensors",
-                  meta_edit=lambda meta: meta["model"]["create_kwargs"].update({key: value}))
-    with pytest.raises(CheckpointError, match=words):
-        ptq4vit.load(bad)
-    assert built == []
+    assert_crafted_torchvision_checkpoint_refused(q, tmp_path, monkeypatch, key, value, words)
 
 
 @pytest.mark.parametrize("name,version", [("swin_t", "SwinTransformerBlock"),
@@ -336,27 +268,18 @@ OPENVINO_DIFFERENCE = {"v1": 2, "v2": 1}
 def test_integer_export_runs_on_onnx_runtime_and_openvino(version, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.openvino import INTEGER_PRECISIONS, compile_onnx, executed_layers
-    from ptq4vit.export.ort import make_session
-
     m, x = tiny_swin(version), images()
     q = fast_quantize(m, x)
     with torch.no_grad():
         ref = q(x).numpy()
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt, input_size=(3, 32, 32))
+    for fmt, rep, out in run_on_onnx_runtime(q, x, tmp_path, input_size=(3, 32, 32)):
         # 2 stages x 2 blocks x 6 + the reduction + the head in integers; the patch conv (float image input) float
         assert sum(s.integer for s in rep.sites) == 26 == len(q.sites()) - 1
         assert [s.name for s in rep.fallbacks] == ["features.0.0"]
-        out = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
-        # integer products, float norms/softmax in another op order: a code next to a rounding boundary may flip
-        assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max(), fmt
-    compiled = compile_onnx(tmp_path / "qdq.onnx", "f32", threads=1)
-    assert np.abs(compiled.run(x.numpy()) - ref).max() <= 0.02 * np.abs(ref).max()
-    products = sum(2 if "twin" in s.lowering else 1 for s in rep.sites if s.integer)
-    integer = [layer for layer in executed_layers(compiled) if layer[1] in INTEGER_PRECISIONS]
-    assert len(integer) == products + OPENVINO_DIFFERENCE[version]
+        assert within(out, ref, 0.02), fmt
+    out, integer = run_on_openvino(tmp_path / "qdq.onnx", x)
+    assert within(out, ref, 0.02)
+    assert integer == integer_products(rep) + OPENVINO_DIFFERENCE[version]
 
 
 # ------------------------------------------------------------------ 5. model names and the command line

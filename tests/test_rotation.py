@@ -8,11 +8,13 @@ import torch
 
 import ptq4vit
 from ptq4vit import DEFAULT_ADAPTERS, Adapter, SitePlan
-from ptq4vit.errors import UnsupportedModelError, UserError
+from ptq4vit.errors import UserError
 from ptq4vit.presets import get_preset
 from ptq4vit.transforms import (OnlineRotation, RMSNorm, RotationOptions, apply_rotation, hadamard, make_rotation,
                                 random_orthogonal)
 
+from _family_checks import (assert_checkpoint_round_trip, assert_refused_untouched, calibrate_at_w8a8_and_w4a4, max_abs,
+                            move_off_init, rotation_error, rotq_switched_off, run_on_onnx_runtime)
 from conftest import make_tiny
 
 ALL = RotationOptions(residual=True, heads=True, fc2=True)
@@ -24,10 +26,7 @@ def _tiny_dinov2(dtype=torch.float32):
     m = timm.create_model("vit_small_patch14_dinov2", img_size=28, num_classes=10, pretrained=False, depth=2,
                           embed_dim=96, num_heads=3, reg_tokens=2, init_values=0.3).eval()
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if any(k in name for k in ("norm", "gamma", "bias", "token", "pos_embed")):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    move_off_init(m, 0.5, names=("norm", "gamma", "bias", "token", "pos_embed"), generator=gen)
     x = torch.randn(4, 3, 28, 28, generator=gen)
     return m.to(dtype), x.to(dtype)
 
@@ -50,15 +49,10 @@ def test_hadamard_and_rotations_are_orthogonal():
                                   RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
                          ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
 def test_rotated_model_reproduces_float_model(opts):
-    m, x = _tiny_dinov2(torch.float64)
-    ref = m(x)
-    rot = apply_rotation(copy.deepcopy(m), opts)
     # float64: measured max |diff| 1.6e-15 with |logits| ~1
-    assert (rot(x) - ref).abs().max() < 1e-14
-    m32, x32 = _tiny_dinov2(torch.float32)
-    ref32 = m32(x32)
+    assert rotation_error(*_tiny_dinov2(torch.float64), opts) < 1e-14
     # float32: measured 2.4e-7 .. 4.2e-7
-    assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 2e-6
+    assert rotation_error(*_tiny_dinov2(torch.float32), opts) < 2e-6
 
 
 def test_residual_rotation_replaces_norms_and_layerscale():
@@ -116,12 +110,11 @@ def test_rotation_options_errors():
     with pytest.raises(UserError, match="rotation_kind"):
         get_preset("ptq4vit", rotation_kind="givens")
     # a family whose adapter describes no rotation layout is refused by name, before anything changes
-    model = _NoRotationNet()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not "
-                                                    r"supported for _NoRotationNet by the NoRotationNet adapter$"):
-        apply_rotation(model, RotationOptions(heads=True), adapters=DEFAULT_ADAPTERS.with_adapter(_NoRotationAdapter()))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    adapters = DEFAULT_ADAPTERS.with_adapter(_NoRotationAdapter())
+    assert_refused_untouched(
+        _NoRotationNet(), lambda m: apply_rotation(m, RotationOptions(heads=True), adapters=adapters),
+        r"^rotation \(rotate_residual, rotate_heads, rotate_fc2\) is not supported for _NoRotationNet by the "
+        r"NoRotationNet adapter$")
     untouched, _ = make_tiny("swin")
     assert apply_rotation(untouched, RotationOptions()) is untouched
 
@@ -154,10 +147,7 @@ def _tiny_swin(dtype=torch.float32, **kw):
                 num_classes=10)
     m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **{**args, **kw}).eval()
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    move_off_init(m, 0.5, names=("norm", "bias"), generator=gen)
     x = torch.randn(4, 3, 32, 32, generator=gen)
     return m.to(dtype), x.to(dtype)
 
@@ -173,14 +163,10 @@ def test_tiny_swin_has_shifted_windows_and_patch_merging():
                                   RotationOptions(fc2=True), ALL, RotationOptions(True, True, True, "orthogonal", 5)],
                          ids=["residual", "heads", "fc2", "all", "all-orthogonal"])
 def test_rotated_swin_reproduces_float_model(opts):
-    m, x = _tiny_swin(torch.float64)
-    ref = m(x)
     # float64: measured max |diff| 3.9e-16 with |logits| <= 0.62
-    assert (apply_rotation(copy.deepcopy(m), opts)(x) - ref).abs().max() < 1e-14
-    m32, x32 = _tiny_swin()
-    ref32 = m32(x32)
+    assert rotation_error(*_tiny_swin(torch.float64), opts) < 1e-14
     # float32: measured 6e-8 .. 1.2e-7
-    assert (apply_rotation(copy.deepcopy(m32), opts)(x32) - ref32).abs().max() < 1e-6
+    assert rotation_error(*_tiny_swin(), opts) < 1e-6
 
 
 def test_rotated_swin_with_padded_merging_and_clamped_windows():
@@ -227,41 +213,21 @@ def test_a_rotation_fixing_the_ones_commutes_with_centring():
 ])
 def test_swin_residual_rotation_refuses_what_it_cannot_fold(kw, module, words):
     m, x = _tiny_swin(torch.float64, **kw)
-    before = copy.deepcopy(m.state_dict())
-    with pytest.raises(UnsupportedModelError, match=rf"^module '{re.escape(module)}': residual rotation .*{words}"):
-        apply_rotation(m, ALL)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert_refused_untouched(m, lambda m: apply_rotation(m, ALL),
+                             rf"^module '{re.escape(module)}': residual rotation .*{words}")
     ref = m(x)  # the rotations that do not touch the stream still apply
     assert (apply_rotation(m, RotationOptions(heads=True, fc2=True))(x) - ref).abs().max() < 1e-14
 
 
-FAST = dict(progress=False, n_candidates=4, rounds=1)
-
-
 def test_rotq_on_swin_calibrates_round_trips_and_exports(tmp_path):
     m, x = _tiny_swin()
-    with torch.no_grad():
-        ref = m(x)
-    errors = {}
-    for bits in (8, 4):
-        q = ptq4vit.quantize(m, x, "rotq", bits, bits, **FAST)
-        with torch.no_grad():
-            out = q(x)
-        assert torch.isfinite(out).all()
-        errors[bits] = float((out - ref).abs().max())
+    runs, errors = calibrate_at_w8a8_and_w4a4(m, x, "rotq", max_abs)
     assert errors[8] < errors[4]
     # q is the W4A4 model: its checkpoint rebuilds the rotated structure (bias of the reduction included)
-    ptq4vit.save(q, tmp_path / "q.safetensors")
-    with torch.no_grad():
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors")(x), out)
-        assert torch.equal(ptq4vit.load(tmp_path / "q.safetensors", m)(x), out)
+    q, out = runs[4]
+    assert_checkpoint_round_trip(q, m, x, tmp_path, want=out)
     pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from ptq4vit.export import export_onnx
-    from ptq4vit.export.ort import make_session
-
-    for fmt in ("contrib", "qdq"):
-        rep = export_onnx(q, tmp_path / f"{fmt}.onnx", format=fmt)
+    for _, rep, got in run_on_onnx_runtime(q, x, tmp_path):
         # 6 blocks x (qkv, proj, fc1, fc2, q@k) + 2 reductions + head.fc; float: the patch conv and softmax@v
         # (rotq's renormalized softmax rows have no integer lowering)
         assert sum(s.integer for s in rep.sites) == 33 and len(rep.sites) == 40
@@ -269,17 +235,12 @@ def test_rotq_on_swin_calibrates_round_trips_and_exports(tmp_path):
             f"layers.{i}.blocks.{j}.attn.matmul2" for i in range(3) for j in range(2)]
         assert [t.name for t in rep.float_transforms] == ["patch_embed.norm"] + [
             f"layers.{i}.blocks.{j}.mlp.norm" for i in range(3) for j in range(2)]
-        got = make_session(str(tmp_path / f"{fmt}.onnx")).run(None, {"input": x.numpy()})[0]
         assert float(abs(got - out.numpy()).max()) < 1e-5  # measured 6e-8
 
 
 def test_rotq_swin_with_quantization_off_is_the_float_model():
-    m, x = _tiny_swin()
-    with torch.no_grad():
-        ref = m(x)
-    q = ptq4vit.quantize(m, x, "rotq", 4, 4, weight_rounding="nearest", bias_correction=False, **FAST)
-    with torch.no_grad(), q.quantization_disabled():
-        assert (q(x) - ref).abs().max() < 1e-6  # measured 1.2e-7
+    _, got, ref = rotq_switched_off(*_tiny_swin())
+    assert (got - ref).abs().max() < 1e-6  # measured 1.2e-7
 
 
 def test_vit_without_a_classifier_refuses_the_residual_rotation_but_not_the_others():
@@ -287,11 +248,9 @@ def test_vit_without_a_classifier_refuses_the_residual_rotation_but_not_the_othe
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=48,
                           num_heads=2, num_classes=0).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match=r"^module 'head' of type Identity: residual rotation needs a "
-                                                    r"Linear classifier .*num_classes=0 would return rotated features"):
-        apply_rotation(m, RotationOptions(residual=True))
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # refused before anything changed
+    assert_refused_untouched(m, lambda m: apply_rotation(m, RotationOptions(residual=True)),
+                             r"^module 'head' of type Identity: residual rotation needs a Linear classifier "
+                             r".*num_classes=0 would return rotated features")  # refused before anything changed
     with torch.no_grad():
         ref = m(x)
         rotated = apply_rotation(copy.deepcopy(m), RotationOptions(heads=True, fc2=True))(x)
