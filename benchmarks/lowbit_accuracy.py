@@ -11,7 +11,7 @@ run again (resumable). Usage:
     python benchmarks/lowbit_accuracy.py --preset rotq --bits W4A4 [--set field=value ...] [--label NAME]
 
 With ``--set reconstruction=learned`` the model is reconstructed after calibration (docs/lowbit.md §11)
-on the first ``reconstruction.images`` (256) images of the same draw, the 32 calibration images first.
+on the first ``reconstruction.images`` (1000) images of the same draw, the 32 calibration images first.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def logits_of(model, dataset, batch_size: int = 50) -> tuple[torch.Tensor, torch
 
 def print_table(results: Path) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    rows = list({(r["label"], r["limit"]): r for r in rows}.values())  # a run made again replaces its stale row
     print("| run | images | top-1 (%) | agreement (%) | KL(float‖quant) | calib s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -87,7 +88,10 @@ def main() -> None:
     label = args.label or " ".join([args.preset, args.bits] + [f"{k}={v}" for k, v in sorted(overrides.items())])
     results = out / "results.jsonl"
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    if any(r["label"] == label and r["limit"] == args.limit for r in done):
+    recipe = ptq4vit.get_recipe(args.preset, **overrides)
+    # a row is reused only for the recipe it ran, not for its label: a changed default makes it stale
+    recipe_key = json.loads(json.dumps(recipe.key_dict()))
+    if any(r["label"] == label and r["limit"] == args.limit and r.get("recipe") == recipe_key for r in done):
         print(f"done already: {label}")
         return
 
@@ -102,7 +106,6 @@ def main() -> None:
         ref, labels = logits_of(lm.model, test)
         torch.save((ref, labels), cache)
 
-    recipe = ptq4vit.get_recipe(args.preset, **overrides)
     # with reconstruction, its pool is the calibration draw continued (as a sweep draws it)
     pool_size = recipe.reconstruction.images if recipe.reconstruction.variant != "none" else 0
     draw = calibration_images(ImageFolder(cifar / "calib", tf), max(args.calib_size, pool_size), seed=3).images
@@ -112,7 +115,7 @@ def main() -> None:
     q = ptq4vit.quantize(lm.model, calib, recipe, w_bits, a_bits, progress=True, reconstruction_images=pool)
     calib_s, calib_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     logits, _ = logits_of(q, test)
-    row = dict(label=label, preset=args.preset, bits=args.bits, overrides=overrides, limit=args.limit,
+    row = dict(label=label, preset=args.preset, bits=args.bits, overrides=overrides, recipe=recipe_key, limit=args.limit,
                images=len(labels), float_top1=100.0 * float((ref.argmax(-1) == labels).double().mean()),
                top1=100.0 * float((logits.argmax(-1) == labels).double().mean()),
                agreement=top1_agreement(ref, logits), kl=mean_kl(ref, logits), calib_s=round(calib_s, 1),

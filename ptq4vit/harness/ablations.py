@@ -70,6 +70,7 @@ RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "Fisher-weighted error": {"reconstruction.fisher": True},
     "float block inputs": {"reconstruction.inputs": "float"},
     "sub-block units": {"reconstruction.unit": "sublayer"},
+    "pool of 256 images": {"reconstruction.images": 256},
 }
 
 #: Each preset's named variants (one component switched off or swapped): the rows of its ablation.

@@ -37,8 +37,10 @@ class Reconstruction(Component):
     iterations: int = 100
     #: Images per step (drawn with replacement from the pool).
     batch_size: int = 8
-    #: Images in the pool (the first this many of the images given; fewer if fewer are given).
-    images: int = 256
+    #: Images in the pool (the first this many of the images given; fewer if fewer are given). The
+    #: rounding of a block's ~1.8M weights (ViT-S) fits a small pool and then moves the model away from
+    #: float on other images: the more images, the less (docs/lowbit.md §11).
+    images: int = 1000
     #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
     lr_rounding: float = 1e-2
     #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
