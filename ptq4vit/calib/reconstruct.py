@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -77,9 +77,7 @@ class ReconstructionReport:
 
     def as_dict(self) -> dict:
         """Plain data for a results row: the pool size, each unit's errors and whether it was kept, the kinds held fixed."""
-        return {"images": self.images, "held_fixed": dict(self.held_fixed),
-                "units": [{"name": u.name, "error_before": u.error_before, "error_after": u.error_after,
-                           "kept": u.kept} for u in self.units]}
+        return asdict(self)
 
     def summary(self) -> str:
         restored = self.restored()
