@@ -1,6 +1,7 @@
 """Block reconstruction (docs/lowbit.md §11): the learned rounding's arithmetic, the learned steps' gradient,
 what each switch changes, and that a reconstructed model stays an ordinary quantized model."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -13,8 +14,8 @@ from ptq4vit.calib.units import reconstruction_units
 from ptq4vit.nn import QuantLinear
 from ptq4vit.presets import get_preset
 from ptq4vit.quant import AsymmetricQuantizer, TwinGeluQuantizer, UniformQuantizer, qmax
-from ptq4vit.quant.learning import (STEP_RULES, LearningActivation, LearningWeight, WEIGHT_GRIDS, hard_rounding,
-                                    rounding_regularizer, soft_rounding, soft_rounding_start)
+from ptq4vit.quant.learning import (STEP_RULES, LearningActivation, LearningWeight, SignRoundingWeight, WEIGHT_GRIDS,
+                                    hard_rounding, rounding_regularizer, soft_rounding, soft_rounding_start)
 
 from _fastq import fast_quantize
 from conftest import make_tiny, make_tiny_dinov2
@@ -90,6 +91,31 @@ def test_learned_weight_rounds_on_the_calibrated_grid():
     assert lw(w).tolist() == [[0.5, -0.5, 1.5, 1.5]]
 
 
+def test_sign_rounding_is_hard_from_the_start_and_moves_by_the_gradients_sign():
+    q = UniformQuantizer(3)                                   # codes -4..3
+    q.set_scale(torch.tensor([0.5]))
+    w = torch.tensor([[0.26, -0.74, 0.5, 3.9]])               # W/Δ = 0.52, -1.48, 1, 7.8
+    sw = SignRoundingWeight(q, w, WEIGHT_GRIDS.get(q)(q, w))
+    assert sw.hard_codes().tolist() == [[1.0, -1.0, 1.0, 3.0]]   # V = 0: round to nearest, clamped
+    out = sw(w)
+    assert out.tolist() == [[0.5, -0.5, 0.5, 1.5]]               # the forward is the hard weight itself
+    out.sum().backward()
+    assert sw.v.grad.tolist() == [[0.5, 0.5, 0.5, 0.0]]           # Δ straight through round; 0 where clamped
+    with torch.no_grad():
+        sw.v.fill_(-0.5)
+    assert sw.hard_codes().tolist() == [[0.0, -2.0, 1.0, 3.0]]   # down; 1 - 1/2 ties to 0 but stays on floor(1)
+    with torch.no_grad():
+        sw.v.fill_(0.5)
+    assert sw.hard_codes().tolist() == [[1.0, -1.0, 2.0, 3.0]]   # up (W/Δ = 1 up to 2), clamped at qmax - 1
+    with torch.no_grad():
+        sw.v.zero_()
+    sw.v.grad = torch.tensor([[1.0, -2.0, 0.0, 3.0]])
+    sw.sign_step(0.3)
+    assert torch.equal(sw.v.detach(), torch.tensor([[-0.3, 0.3, 0.0, -0.3]]))
+    sw.sign_step(0.3)
+    assert sw.v.tolist() == [[-0.5, 0.5, 0.0, -0.5]]   # kept within half a step
+
+
 def test_learned_step_is_the_quantizer_at_the_start_and_gets_the_lsq_gradient():
     x = torch.tensor([[0.3, 5.0, -0.7, 1.2]])
     q = UniformQuantizer(3)
@@ -109,11 +135,12 @@ def test_learned_step_is_the_quantizer_at_the_start_and_gets_the_lsq_gradient():
 
 # ---- reconstruction
 
-def test_reconstruction_lowers_every_block_output_error_and_keeps_weights_on_the_grid():
+@pytest.mark.parametrize("rounding", ["adaround", "sign"])
+def test_reconstruction_lowers_every_block_output_error_and_keeps_weights_on_the_grid(rounding):
     m, x, q = tiny_w4a4()
     calibrated = copy.deepcopy(q)
     before = block_io(calibrated, x)
-    report = run(q, x, PLAIN)
+    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, rounding=rounding))
     assert [u.name for u in report.units] == ["blocks.0", "blocks.1"]
     for name, (xq, _, target) in before.items():      # blocks.1: on the calibrated model's quantized inputs
         assert block_error(q, name, xq, target) < block_error(calibrated, name, xq, target)
@@ -159,12 +186,14 @@ def test_rotq_model_with_online_rotation_is_reconstructed():
     assert all(u.error_after < u.error_before for u in report.units)
 
 
-def test_same_seed_gives_the_same_model_and_another_seed_another():
+@pytest.mark.parametrize("rounding", ["adaround", "sign"])
+def test_same_seed_gives_the_same_model_and_another_seed_another(rounding):
     m, x, q = tiny_w4a4()
     a, b, c = copy.deepcopy(q), copy.deepcopy(q), copy.deepcopy(q)
-    run(a, x)
-    run(b, x)
-    run(c, x, Reconstruction(iterations=25, images=8, batch_size=4, seed=1))
+    options = Reconstruction(iterations=25, images=8, batch_size=4, rounding=rounding)
+    run(a, x, options)
+    run(b, x, options)
+    run(c, x, dataclasses.replace(options, seed=1))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -302,6 +331,12 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         Reconstruction(qdrop=1)
     with pytest.raises(UserError, match="reconstruction field unit must be one of 'block', 'sublayer'"):
         Reconstruction(unit="layer")
+    with pytest.raises(UserError, match="reconstruction field rounding must be one of 'adaround', 'sign'"):
+        Reconstruction(rounding="soft")
+    for field, value in (("warmup", 0.5), ("beta_start", 10.0), ("beta_end", 1.0), ("rounding_weight", 0.1)):
+        with pytest.raises(UserError, match=f"reconstruction.{field} is a setting of rounding='adaround', not of "
+                                            "rounding='sign'"):
+            Reconstruction(rounding="sign", **{field: value})
     m, x, q = tiny_w4a4()
     before = copy.deepcopy(q.state_dict())
     with pytest.raises(UserError, match="above the memory budget .* use fewer images"):

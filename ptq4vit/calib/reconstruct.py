@@ -30,7 +30,7 @@ import logging
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..quant import Quantizer
-from ..quant.learning import (STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight, rounding_regularizer)
+from ..quant.learning import (STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
+                              SignRoundingWeight, rounding_regularizer)
 from ..quantized import QuantizedModel
 from ..recipes.reconstruction import Reconstruction
 from ..typecheck import check_arguments
@@ -173,7 +174,7 @@ def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Un
 
 @dataclass
 class _Learners:
-    weights: list[tuple[nn.Module, LearningWeight]] = field(default_factory=list)
+    weights: list[tuple[nn.Module, Union[LearningWeight, SignRoundingWeight]]] = field(default_factory=list)
     activations: list[LearningActivation] = field(default_factory=list)
 
 
@@ -194,7 +195,8 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
                         continue  # the weight is not learned: the quantizer rounds it as calibrated
                     start = getattr(site, "rounding_start", None)  # GPTQ's unrounded weight, where calibration kept it
                     start = site.weight if start is None else start
-                    stand_in: nn.Module = LearningWeight(q, start, grid(q, site.weight))
+                    learner = SignRoundingWeight if options.rounding == "sign" else LearningWeight
+                    stand_in: nn.Module = learner(q, start, grid(q, site.weight))
                     learners.weights.append((site, stand_in))
                 else:
                     rule = STEP_RULES.find(q)
@@ -235,11 +237,12 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
     with _learning(unit, options, drops, held_fixed) as learners:
         v = [w.v for _, w in learners.weights]
         u = [a.u for a in learners.activations if a.u is not None]
-        groups = ([{"params": v, "lr": options.lr_rounding}] if v else []) + (
+        sign = options.rounding == "sign"
+        groups = ([{"params": v, "lr": options.lr_rounding}] if v and not sign else []) + (
             [{"params": u, "lr": options.lr_steps}] if u else [])
         n_weights = sum(p.numel() for p in v)
-        if groups:
-            opt = torch.optim.Adam(groups)
+        if groups or v:
+            opt = torch.optim.Adam(groups) if groups else None
             for a in learners.activations:
                 a.drop = options.qdrop
             for it in range(options.iterations):
@@ -249,13 +252,21 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
                     if fisher is not None:
                         diff = diff * (fisher[idx].to(diff.dtype) / fisher_scale)
                     loss = diff.mean() / mean_square
-                    beta = options.beta(it)
+                    beta = None if sign else options.beta(it)
                     if beta is not None and v and options.rounding_weight > 0:
                         reg = sum(rounding_regularizer(p, beta) for p in v) / n_weights
                         loss = loss + options.rounding_weight * reg
-                    opt.zero_grad(set_to_none=True)
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                    for p in v:
+                        p.grad = None
                     loss.backward()
-                opt.step()
+                if opt is not None:
+                    opt.step()
+                if sign:  # the rate falls linearly to 0 over the iterations (SignRound's schedule)
+                    lr = options.lr_rounding * (1.0 - it / options.iterations)
+                    for _, w in learners.weights:
+                        w.sign_step(lr)
                 bar.update(1)
                 if it % 10 == 0 or it == options.iterations - 1:
                     bar.set_postfix_str(f"{unit.name} loss {float(loss):.4g}", refresh=False)

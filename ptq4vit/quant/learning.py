@@ -162,6 +162,46 @@ class LearningWeight(nn.Module):
         return ((self.codes(h) - self.grid.zero) * self.grid.step).to(w.dtype)
 
 
+class SignRoundingWeight(nn.Module):
+    """Stands in for a weight quantizer with a hard rounding learned by its sign gradient (SignRound,
+    Cheng et al. 2023): ``(clamp(round(W/Δ + V) + z) - z) · Δ``, ``V`` in [-0.5, 0.5] starting at 0.
+
+    Every forward is the quantized weight itself (the gradient reaches ``V`` straight through
+    ``round``), so the error learned against is the error of the codes written at the end: no soft
+    weight to anneal, no gap between what was learned and what is kept. ``V`` spans one step, so each
+    weight ends on one of the two codes around ``W/Δ``: the same choice AdaRound has.
+    """
+
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, grid: WeightGrid):
+        super().__init__()
+        self.quantizer = quantizer
+        self.enabled = quantizer.enabled
+        self.grid = grid
+        self.register_buffer("scaled", weight.detach().to(torch.float32) / grid.step)
+        self.register_buffer("base", torch.floor(self.scaled))
+        self.v = nn.Parameter(torch.zeros_like(self.scaled))
+
+    def codes(self, rounded: torch.Tensor) -> torch.Tensor:
+        # round(W/Δ ± 1/2) can tie to a third code where W/Δ is an integer: keep to floor and floor + 1
+        # (torch.where, not clamp: clamp halves the gradient where the code sits on a bound)
+        neighbour = torch.where(rounded < self.base, self.base, torch.where(rounded > self.base + 1, self.base + 1, rounded))
+        return (neighbour + self.grid.zero).clamp(self.grid.low, self.grid.high)
+
+    def hard_codes(self) -> torch.Tensor:
+        return self.codes(torch.round(self.scaled + self.v.detach()))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return ((self.codes(round_ste(self.scaled + self.v)) - self.grid.zero) * self.grid.step).to(w.dtype)
+
+    @torch.no_grad()
+    def sign_step(self, lr: float) -> None:
+        """One signed-gradient step, ``V`` kept within half a step of the start."""
+        if self.v.grad is not None:
+            self.v.sub_(self.v.grad.sign(), alpha=lr).clamp_(-0.5, 0.5)
+
+
 # ---- activations: the step a kind learns
 
 @dataclass(frozen=True)
@@ -273,6 +313,6 @@ class LearningActivation(nn.Module):
         return None if self.u is None else self.step().detach()
 
 
-__all__ = ["GAMMA", "ZETA", "STEP_RULES", "WEIGHT_GRIDS", "LearningActivation", "LearningWeight", "StepRule",
+__all__ = ["GAMMA", "ZETA", "STEP_RULES", "WEIGHT_GRIDS", "LearningActivation", "LearningWeight", "SignRoundingWeight", "StepRule",
            "WeightGrid", "hard_rounding", "round_ste", "rounding_regularizer", "soft_rounding", "soft_rounding_start",
            "straight_through"]

@@ -5,7 +5,7 @@ as it is) or ``learned``, whose fields say what :func:`ptq4vit.reconstruct` lear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional, Union
 
 from ..errors import UserError
@@ -41,12 +41,18 @@ class Reconstruction(Component):
     #: rounding of a block's ~1.8M weights (ViT-S) fits a small pool and then moves the model away from
     #: float on other images: the more images, the less (docs/lowbit.md §11).
     images: int = 1000
-    #: Adam learning rate of the rounding variables ``V`` (AdaRound's 1e-3 is for 20k steps).
+    #: The rounding variables' rate: Adam's learning rate of ``V`` with ``"adaround"`` (AdaRound's 1e-3 is
+    #: for 20k steps); with ``"sign"``, how far ``V`` moves (in steps of the grid) at the first iteration,
+    #: falling linearly to 0: 1e-2 over 100 iterations lets ``V`` move about half a step.
     lr_rounding: float = 1e-2
     #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
     lr_steps: float = 1e-3
     #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
     learn_rounding: bool = True
+    #: How the rounding is learned: ``"adaround"`` (a soft rounding annealed to hard by a regularizer:
+    #: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``) or ``"sign"`` (the hard rounding
+    #: itself, moved by the gradient's sign at a rate falling linearly from ``lr_rounding`` to 0).
+    rounding: Literal["adaround", "sign"] = "adaround"
     #: Learn the activation steps (False: every activation quantizer is held fixed).
     learn_steps: bool = True
     #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
@@ -91,6 +97,11 @@ class Reconstruction(Component):
             raise UserError(f"reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
         if self.rounding_weight < 0:
             raise UserError(f"reconstruction.rounding_weight must be at least 0, got {self.rounding_weight}")
+        if self.rounding == "sign":  # the annealing's settings would be silently unused
+            for name in _ADAROUND_ONLY:
+                if getattr(self, name) != _DEFAULTS[name]:
+                    raise UserError(f"reconstruction.{name} is a setting of rounding='adaround', not of "
+                                    f"rounding='sign' (got {name}={getattr(self, name)})")
 
     def learns_rounding(self) -> bool:
         """Whether the weights' rounding is learned (calibration then keeps where it starts: GPTQ's unrounded weight)."""
@@ -104,5 +115,9 @@ class Reconstruction(Component):
         progress = (iteration - start) / max(1, self.iterations - start)
         return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
 
+
+#: The fields only AdaRound's annealing reads.
+_ADAROUND_ONLY = ("warmup", "beta_start", "beta_end", "rounding_weight")
+_DEFAULTS = {f.name: f.default for f in fields(Reconstruction)}
 
 ReconstructionChoice = Union[NoReconstruction, Reconstruction]
