@@ -331,7 +331,7 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         Reconstruction(qdrop=1)
     with pytest.raises(UserError, match="reconstruction field unit must be one of 'block', 'sublayer'"):
         Reconstruction(unit="layer")
-    with pytest.raises(UserError, match="reconstruction field rounding must be one of 'adaround', 'sign'"):
+    with pytest.raises(UserError, match="reconstruction field rounding must be one of 'sign', 'adaround'"):
         Reconstruction(rounding="soft")
     for field, value in (("warmup", 0.5), ("beta_start", 10.0), ("beta_end", 1.0), ("rounding_weight", 0.1)):
         with pytest.raises(UserError, match=f"reconstruction.{field} is a setting of rounding='adaround', not of "

@@ -65,6 +65,7 @@ RECONSTRUCTION: dict = {"reconstruction": "learned"}
 #: One switch of the reconstruction changed per row: (label, overrides of ``rotq`` with ``RECONSTRUCTION``).
 RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "no learned rounding": {"reconstruction.learn_rounding": False},
+    "AdaRound rounding": {"reconstruction.rounding": "adaround"},
     "no step learning": {"reconstruction.learn_steps": False},
     "no QDrop": {"reconstruction.qdrop": 0.0},
     "Fisher-weighted error": {"reconstruction.fisher": True},

@@ -24,8 +24,8 @@ class NoReconstruction(Component):
 
 @dataclass(frozen=True)
 class Reconstruction(Component):
-    """Learn, unit by unit, each weight's rounding (AdaRound) and the activation steps (LSQ) against
-    the unit's output error on a pool of images (docs/lowbit.md §11).
+    """Learn, unit by unit, each weight's rounding (by the gradient's sign, or AdaRound) and the activation
+    steps (LSQ) against the unit's output error on a pool of images (docs/lowbit.md §11).
 
     The defaults are sized for a ViT-S (12 blocks, 257 tokens) on 2 CPU cores; the time is about
     ``units × (iterations × t_step + images × t_image)``, the two costs of one block printed by
@@ -37,9 +37,8 @@ class Reconstruction(Component):
     iterations: int = 100
     #: Images per step (drawn with replacement from the pool).
     batch_size: int = 8
-    #: Images in the pool (the first this many of the images given; fewer if fewer are given). The
-    #: rounding of a block's ~1.8M weights (ViT-S) fits a small pool and then moves the model away from
-    #: float on other images: the more images, the less (docs/lowbit.md §11).
+    #: Images in the pool (the first this many of the images given; fewer if fewer are given). On the
+    #: ViT-S/14 at W4A4 a larger pool agreed more with float (docs/lowbit.md §11).
     images: int = 1000
     #: The rounding variables' rate: Adam's learning rate of ``V`` with ``"adaround"`` (AdaRound's 1e-3 is
     #: for 20k steps); with ``"sign"``, how far ``V`` moves (in steps of the grid) at the first iteration,
@@ -49,10 +48,11 @@ class Reconstruction(Component):
     lr_steps: float = 1e-3
     #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
     learn_rounding: bool = True
-    #: How the rounding is learned: ``"adaround"`` (a soft rounding annealed to hard by a regularizer:
-    #: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``) or ``"sign"`` (the hard rounding
-    #: itself, moved by the gradient's sign at a rate falling linearly from ``lr_rounding`` to 0).
-    rounding: Literal["adaround", "sign"] = "adaround"
+    #: How the rounding is learned: ``"sign"`` (the hard rounding itself, moved by the gradient's sign
+    #: at a rate falling linearly from ``lr_rounding`` to 0) or ``"adaround"`` (a soft rounding annealed
+    #: to hard by a regularizer: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``; within
+    #: 100 iterations most of it is still soft when it is made hard, docs/lowbit.md §11).
+    rounding: Literal["sign", "adaround"] = "sign"
     #: Learn the activation steps (False: every activation quantizer is held fixed).
     learn_steps: bool = True
     #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
