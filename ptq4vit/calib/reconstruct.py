@@ -4,7 +4,8 @@
 (each transformer block, or each residual branch: :mod:`.units`), learns what makes the unit's
 quantized output closest to its float output on a pool of images:
 
-* the rounding of every weight of its linear sites, up or down on the calibrated grid (AdaRound),
+* the rounding of every weight of its linear sites, up or down on the calibrated grid (by the sign of
+  its gradient on the hard rounding, or AdaRound's annealed soft rounding: ``rounding``),
   written back at the end as ``codes · Δ`` (as GPTQ writes its rounding), so a checkpoint stores
   ordinary codes and scales and the integer export is unchanged in kind;
 * the steps of its activation quantizers (LSQ), written back into their buffers;

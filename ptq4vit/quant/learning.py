@@ -8,6 +8,10 @@ it can learn. While a block is reconstructed its quantizers are temporarily repl
   al. 2020): ``codes = clamp(floor(W/Δ) + h(V) + z)``, ``h`` a rectified sigmoid of a free ``V`` per
   weight, annealed to hard (``h`` in {0, 1}) by :func:`rounding_regularizer`; the hard codes are
   what :meth:`LearningWeight.hard_codes` gives and what the weight is rewritten to.
+* :class:`SignRoundingWeight`: a weight's rounding learned on the same grid with the hard rounding in
+  every forward (SignRound, Cheng et al. 2023): ``codes = clamp(round(W/Δ + V) + z)``, ``V`` in
+  [-1/2, 1/2] moved by the sign of its gradient (straight through ``round``): what it learns on is
+  what it writes;
 * :class:`LearningActivation`: an activation quantizer whose step is learned (LSQ, Esser et al.
   2020: the gradient reaches the step through ``round`` by the straight-through estimator) or held
   fixed, optionally with QDrop (Wei et al. 2022: each value keeps its float value with probability
