@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..quant import Quantizer
-from ..quant.learning import (STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
+from ..quant.learning import (ROUNDING_LEARNERS, STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
                               SignRoundingWeight, rounding_regularizer)
 from ..quantized import QuantizedModel
 from ..recipes.reconstruction import Reconstruction
@@ -196,8 +196,7 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
                         continue  # the weight is not learned: the quantizer rounds it as calibrated
                     start = getattr(site, "rounding_start", None)  # GPTQ's unrounded weight, where calibration kept it
                     start = site.weight if start is None else start
-                    learner = SignRoundingWeight if options.rounding == "sign" else LearningWeight
-                    stand_in: nn.Module = learner(q, start, grid(q, site.weight))
+                    stand_in: nn.Module = ROUNDING_LEARNERS[options.rounding](q, start, grid(q, site.weight))
                     learners.weights.append((site, stand_in))
                 else:
                     rule = STEP_RULES.find(q)
@@ -238,11 +237,11 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
     with _learning(unit, options, drops, held_fixed) as learners:
         v = [w.v for _, w in learners.weights]
         u = [a.u for a in learners.activations if a.u is not None]
-        sign = options.rounding == "sign"
+        sign = options.rounding == "sign"  # the sign rounding moves V itself; Adam moves the rest
         groups = ([{"params": v, "lr": options.lr_rounding}] if v and not sign else []) + (
             [{"params": u, "lr": options.lr_steps}] if u else [])
         n_weights = sum(p.numel() for p in v)
-        if groups or v:
+        if v or u:
             opt = torch.optim.Adam(groups) if groups else None
             for a in learners.activations:
                 a.drop = options.qdrop
@@ -257,9 +256,7 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
                     if beta is not None and v and options.rounding_weight > 0:
                         reg = sum(rounding_regularizer(p, beta) for p in v) / n_weights
                         loss = loss + options.rounding_weight * reg
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                    for p in v:
+                    for p in v + u:
                         p.grad = None
                     loss.backward()
                 if opt is not None:

@@ -206,6 +206,10 @@ class SignRoundingWeight(nn.Module):
             self.v.sub_(self.v.grad.sign(), alpha=lr).clamp_(-0.5, 0.5)
 
 
+#: The stand-in for each way of learning the rounding (``Reconstruction.rounding``).
+ROUNDING_LEARNERS: dict[str, type[nn.Module]] = {"adaround": LearningWeight, "sign": SignRoundingWeight}
+
+
 # ---- activations: the step a kind learns
 
 @dataclass(frozen=True)
@@ -317,6 +321,6 @@ class LearningActivation(nn.Module):
         return None if self.u is None else self.step().detach()
 
 
-__all__ = ["GAMMA", "ZETA", "STEP_RULES", "WEIGHT_GRIDS", "LearningActivation", "LearningWeight", "SignRoundingWeight", "StepRule",
+__all__ = ["GAMMA", "ZETA", "ROUNDING_LEARNERS", "STEP_RULES", "WEIGHT_GRIDS", "LearningActivation", "LearningWeight", "SignRoundingWeight", "StepRule",
            "WeightGrid", "hard_rounding", "round_ste", "rounding_regularizer", "soft_rounding", "soft_rounding_start",
            "straight_through"]
