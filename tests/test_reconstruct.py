@@ -9,7 +9,7 @@ import torch
 
 import ptq4vit
 from ptq4vit import Reconstruction, UserError, reconstruct
-from ptq4vit.calib.reconstruct import _fisher_weights
+from ptq4vit.calib.reconstruct import _fisher_weights, _float_model, _replaced_parameters
 from ptq4vit.calib.units import reconstruction_units
 from ptq4vit.nn import QuantLinear
 from ptq4vit.presets import get_preset
@@ -179,9 +179,10 @@ def test_reconstructed_model_saves_loads_and_exports_like_a_calibrated_one(tmp_p
 
 def test_rotq_model_with_online_rotation_is_reconstructed():
     m, x = make_tiny_dinov2(depth=2)
-    q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, threads=1)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, threads=1,
+                         reconstruction=Reconstruction(iterations=25, images=4, batch_size=2, inputs="float"))
     assert type(q.model.blocks[0].mlp.norm).__name__ == "OnlineRotation"
-    report = run(q, x, Reconstruction(iterations=25, images=4, batch_size=2, inputs="float"))
+    report = q.reconstruction_report
     assert [u.name for u in report.units] == ["blocks.0", "blocks.1"]
     assert all(u.error_after < u.error_before for u in report.units)
 
@@ -276,7 +277,7 @@ def test_sublayer_units_compose_to_the_block_and_are_reconstructed():
 def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
     m, x, q = tiny_w4a4()
     units = reconstruction_units(q.model, "block")
-    got = _fisher_weights(q, x, units, batch=8)
+    got = _fisher_weights(q, x, units, batch=8, replaced=[])
     outs = []
 
     def keep(mod, args, out):
@@ -299,7 +300,7 @@ def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
 def test_with_fisher_a_unit_is_kept_or_restored_by_the_weighted_error_it_learns_against():
     m, x, q = tiny_w4a4()
     units = reconstruction_units(q.model, "block")
-    w0 = _fisher_weights(q, x, units, batch=8)[0].double()
+    w0 = _fisher_weights(q, x, units, batch=8, replaced=[])[0].double()
     x_quant, _, target = block_io(q, x)["0"]
     with torch.no_grad():
         y = q.model.blocks[0](x_quant).double()
@@ -385,6 +386,51 @@ def test_learned_rounding_starts_where_gptq_left_each_weight_before_rounding_it(
     assert seen == {}
     plain = ptq4vit.quantize(m, x, "rotq", 4, 4, **fast)
     assert all(getattr(s, "rounding_start", None) is None for s in plain.sites().values())
+
+
+def test_targets_are_the_float_models_not_gptqs_rounding_nor_the_corrected_biases(monkeypatch):
+    m, x = make_tiny_dinov2(depth=2)
+    options = Reconstruction(iterations=5, images=4, batch_size=2)
+    seen = {}
+    real = ptq4vit.api.reconstruct
+
+    def spy(qmodel, images, opts, **kw):
+        replaced = _replaced_parameters(qmodel)
+        seen["names"] = [n for n, _, _ in replaced]
+        calibrated = [p.detach().clone() for _, p, _ in replaced]
+        block0 = {}
+        hook = qmodel.model.blocks[0].register_forward_hook(lambda mod, a, out: block0.update(x=a[0], y=out))
+        with torch.no_grad():
+            with _float_model(qmodel, replaced):
+                seen["float"] = qmodel(x)
+                target = block0["y"].double()
+            with qmodel.quantization_disabled():
+                seen["quantizers off"] = qmodel(x)
+            qmodel(x)
+        hook.remove()
+        seen["put back"] = all(torch.equal(p, c) for (_, p, _), c in zip(replaced, calibrated))
+        seen["error"] = float((block0["y"].double() - target).square().sum() / target.square().sum())
+        return real(qmodel, images, opts, **kw)
+    monkeypatch.setattr(ptq4vit.api, "reconstruct", spy)
+    q = ptq4vit.quantize(m, x, "rotq", 4, 4, reconstruction=options, progress=False, n_candidates=4, rounds=1,
+                         threads=1)
+    linears = [n for n, s in q.sites().items() if isinstance(s, QuantLinear)]
+    assert seen["names"] == [f"{n}.{p}" for n in linears for p in ("weight", "bias")]  # GPTQ and bias correction
+    with torch.no_grad():
+        ref = m(x)
+    torch.testing.assert_close(seen["float"], ref, rtol=0, atol=1e-6)  # rotation is exact up to float rounding
+    assert float((seen["quantizers off"] - ref).abs().max()) > 1e-2     # GPTQ's weights and the biases remain
+    assert seen["put back"]
+    assert q.reconstruction_report.units[0].error_before == pytest.approx(seen["error"], rel=1e-7)
+    assert all(getattr(s, name, None) is None for s in q.sites().values()
+               for name in ("float_weight", "float_bias"))              # spent by reconstruction
+    # a model calibrated without them cannot be reconstructed against the float model: refused, unchanged
+    plain = ptq4vit.quantize(m, x, "rotq", 4, 4, progress=False, n_candidates=4, rounds=1, threads=1)
+    before = copy.deepcopy(plain.state_dict())
+    with pytest.raises(UserError, match=r"calibration replaced 18 weight\(s\) or bias\(es\) .* first "
+                                        r"blocks.0.attn.qkv.weight: quantize with the recipe's reconstruction set"):
+        run(plain, x)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
 
 
 def test_quantize_runs_the_recipes_reconstruction_on_its_pool(tmp_path):

@@ -395,6 +395,11 @@ def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: 
         x = _smooth(site, x, smoothing.alpha if smoothing is not None else 0.0)
     # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
     float_weight = site.weight.detach().clone() if recipe.transform("bias_correction") is not None else None
+    if recipe.reconstruction.variant != "none":  # reconstruction learns against the float layer
+        if recipe.weights.rounding.variant == "gptq":
+            site.float_weight = site.weight.detach().clone()
+        if float_weight is not None and site.bias is not None:
+            site.float_bias = site.bias.detach().clone()
     if recipe.weights.second_order:
         calibrate_linear_second_order(site, x, grad, recipe, budget)
     else:

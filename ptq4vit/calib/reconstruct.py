@@ -2,7 +2,8 @@
 
 :func:`reconstruct` takes a calibrated :class:`~ptq4vit.quantized.QuantizedModel` and, unit by unit
 (each transformer block, or each residual branch: :mod:`.units`), learns what makes the unit's
-quantized output closest to its float output on a pool of images:
+quantized output closest to its float output on a pool of images (the float model's: where calibration
+replaced a layer's weight or bias, GPTQ's rounding or bias correction, it kept the float one for this):
 
 * the rounding of every weight of its linear sites, up or down on the calibrated grid (by the sign of
   its gradient on the hard rounding, or AdaRound's annealed soft rounding: ``rounding``),
@@ -20,7 +21,7 @@ quantized model computes them (``inputs="quantized"``) and as the float model do
 float outputs: 3 activations per image (2 with ``inputs="float"``), plus, with ``fisher``, the
 squared gradients at every unit's output in bfloat16 (half an activation per unit and image).
 Nothing of the previous units is kept. The optimization's own graph (one batch through one block)
-is not counted.
+and the float weights calibration kept (one copy of the replaced layers' weights) are not counted.
 
 Reproducible: batches and QDrop masks are drawn from generators seeded by ``seed``, and the work
 runs on a fixed number of intra-op threads, so the same inputs give a bit-identical model.
@@ -142,7 +143,38 @@ def _relative_error(unit: Unit, x: torch.Tensor, target: torch.Tensor, batch: in
     return err / max(ref, torch.finfo(torch.float64).tiny)
 
 
-def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Unit], batch: int) -> list[torch.Tensor]:
+def _replaced_parameters(qmodel: QuantizedModel) -> list[tuple[str, nn.Parameter, Optional[torch.Tensor]]]:
+    """``(name, parameter, float value)`` of every weight and bias calibration replaced (GPTQ's rounded
+    weights, bias correction's biases); the float value is None where it was not kept."""
+    recipe = qmodel.recipe
+    roles = (["weight"] if recipe.weights.rounding.variant == "gptq" else []) + (
+        ["bias"] if recipe.transform("bias_correction") is not None else [])
+    replaced = []
+    for name, site in qmodel.sites().items():
+        for role in roles:
+            if hasattr(site, f"float_{role}") and getattr(site, role, None) is not None:
+                replaced.append((f"{name}.{role}", getattr(site, role), getattr(site, f"float_{role}")))
+    return replaced
+
+
+@contextmanager
+def _float_model(qmodel: QuantizedModel, replaced: list) -> Iterator[None]:
+    """The float model: every quantizer off and the float weights and biases swapped in where calibration
+    replaced them (turning the quantizers off alone would keep GPTQ's rounding and the corrected biases)."""
+    swapped = []
+    try:
+        with qmodel.quantization_disabled():
+            for _, param, value in replaced:
+                swapped.append((param, param.data))
+                param.data = value
+            yield
+    finally:
+        for param, data in swapped:
+            param.data = data
+
+
+def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Unit], batch: int,
+                    replaced: list) -> list[torch.Tensor]:
     """Per unit, the squared gradient at its output (bfloat16: the range of float32 at half the memory) of
     the float model's summed cross-entropy against its own predictions, for every image."""
     grads: list[Optional[torch.Tensor]] = [None] * len(units)
@@ -161,7 +193,7 @@ def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Un
 
     handles = [u.grad_at.register_forward_hook(make_hook(k)) for k, u in enumerate(units)]
     try:
-        with qmodel.quantization_disabled(), torch.enable_grad():
+        with _float_model(qmodel, replaced), torch.enable_grad():
             for i in range(0, len(images), batch):
                 where["first"] = i
                 x = images[i:i + batch].detach().clone().requires_grad_(True)
@@ -315,6 +347,13 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     if uncalibrated:
         raise UserError(f"reconstruct needs a calibrated model (ptq4vit.quantize first): {len(uncalibrated)} "
                         f"quantizer(s) were never calibrated, first a {uncalibrated[0]}")
+    replaced = _replaced_parameters(qmodel)
+    missing = [name for name, _, value in replaced if value is None]
+    if missing:
+        raise UserError(f"reconstruct learns against the float model, but calibration replaced {len(missing)} "
+                        f"weight(s) or bias(es) (GPTQ's rounding, bias correction) without keeping the float "
+                        f"ones, first {missing[0]}: quantize with the recipe's reconstruction set "
+                        f"(reconstruction='learned'), which keeps them")
     device = params[0].device
     pool = images[:options.images].to(device=device, dtype=torch.float32)
     units = reconstruction_units(model, options.unit)
@@ -336,16 +375,16 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             raise UserError(f"reconstruction on {len(pool)} images holds {held / 2 ** 20:.0f} MiB of activations, "
                             f"above the memory budget of {budget / 2 ** 20:.0f} MiB: use fewer images "
                             f"(Reconstruction(images=...)) or a larger memory_budget")
-        fisher = _fisher_weights(qmodel, pool, units, batch) if options.fisher else [None] * len(units)
+        fisher = _fisher_weights(qmodel, pool, units, batch, replaced) if options.fisher else [None] * len(units)
         bar = tqdm(total=len(units) * options.iterations, desc="reconstructing", unit="it", disable=not progress)
         x_float = x_quant = None
         for k, unit in enumerate(units):
             if not unit.chained:
-                with qmodel.quantization_disabled():
+                with _float_model(qmodel, replaced):
                     x_float = _block_inputs(model, blocks[unit.block], pool, batch)
                 if options.inputs == "quantized":
                     x_quant = _block_inputs(model, blocks[unit.block], pool, batch)
-            with qmodel.quantization_disabled():
+            with _float_model(qmodel, replaced):
                 target = _run(unit, x_float, batch)
             x_in = x_quant if options.inputs == "quantized" else x_float
             before = _relative_error(unit, x_in, target, batch, fisher[k])
@@ -364,9 +403,10 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                 _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
             x_float = target
         bar.close()
-    for site in qmodel.sites().values():  # the unrounded weights are spent (and would only hold memory)
-        if getattr(site, "rounding_start", None) is not None:
-            site.rounding_start = None
+    for site in qmodel.sites().values():  # the unrounded and float weights are spent (and would only hold memory)
+        for spent in ("rounding_start", "float_weight", "float_bias"):
+            if getattr(site, spent, None) is not None:
+                setattr(site, spent, None)
     report.held_fixed = dict(held_fixed)
     logger.info("%s", report.summary())
     return report

@@ -56,6 +56,13 @@ class QuantLinear(QuantSite):
         #: set by calibration only when the recipe reconstructs with learned rounding and dropped by
         #: reconstruction. A plain attribute, not a buffer: never saved, never part of the forward.
         self.rounding_start: Optional[torch.Tensor] = None
+        #: The layer's float weight and bias where calibration replaces them (GPTQ's rounded weight, the
+        #: corrected bias) and the recipe reconstructs: reconstruction's targets are the float model's,
+        #: not the model with these replaced (docs/lowbit.md §11). Taken after smoothing or rotation (the
+        #: float model's function is unchanged by them); plain attributes, never saved, dropped by
+        #: reconstruction.
+        self.float_weight: Optional[torch.Tensor] = None
+        self.float_bias: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
