@@ -320,7 +320,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
 
     Args:
         qmodel: a calibrated float32 model (``ptq4vit.quantize``); its weights and activation steps
-            are rewritten, its structure, quantizer kinds and bits are not.
+            are rewritten, its structure, quantizer kinds and bits are not. Where its recipe replaced
+            weights or biases (GPTQ, bias correction) it must have been quantized with the recipe's
+            reconstruction set, which keeps the float ones (else UserError).
         images: float tensor ``(N, 3, H, W)`` transformed like eval images; the first
             ``options.images`` of them are the pool.
         options: what is learned and for how long (:class:`Reconstruction`).
