@@ -37,8 +37,7 @@ class Reconstruction(Component):
     iterations: int = 100
     #: Images per step (drawn with replacement from the pool).
     batch_size: int = 8
-    #: Images in the pool (the first this many of the images given; fewer if fewer are given). On the
-    #: ViT-S/14 at W4A4 a larger pool agreed more with float (docs/lowbit.md §11).
+    #: Images in the pool (the first this many of the images given; fewer if fewer are given).
     images: int = 1000
     #: The rounding variables' rate: Adam's learning rate of ``V`` with ``"adaround"`` (AdaRound's 1e-3 is
     #: for 20k steps); with ``"sign"``, how far ``V`` moves (in steps of the grid) at the first iteration,
