@@ -396,8 +396,8 @@ def _calibrate_linear_site(site: QuantLinear, inputs: list[torch.Tensor], grad: 
     # The layer's float weight (smoothed), before GPTQ replaces it: bias correction's reference.
     float_weight = site.weight.detach().clone() if recipe.transform("bias_correction") is not None else None
     if recipe.reconstruction.variant != "none":  # reconstruction learns against the float layer
-        if recipe.weights.rounding.variant == "gptq":
-            site.float_weight = site.weight.detach().clone()
+        if recipe.weights.rounding.variant == "gptq":  # the same float weight bias correction reads, not a second copy
+            site.float_weight = float_weight if float_weight is not None else site.weight.detach().clone()
         if float_weight is not None and site.bias is not None:
             site.float_bias = site.bias.detach().clone()
     if recipe.weights.second_order:
