@@ -17,6 +17,8 @@ The integers of every product are unchanged, so outputs are too, on any CPU.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 __all__ = ["adapt_for_cpu"]
@@ -90,15 +92,21 @@ def _computed_to_u8(graph, q, consumer, zp_idx: int, inits, consts) -> bool:
     return True
 
 
-def _full_range_left(graph_maps, node, inits, consts) -> bool:
+def _full_range_left(graph_maps, node, inits, consts, readers: Counter) -> bool:
     """Whether the left operand of a product spans all 256 codes (8 bits, not a twin, not clipped)."""
     _, _, producer = graph_maps
     if node.op_type == "MatMulIntegerToFloat":
+        # uint8 codes straight from a QuantizeLinear span all 256 values, with zero point 128 (symmetric)
+        # or any other (an asymmetric input); narrower codes pass through a Clip first, except the
+        # post-GELU twin's negative part (zero point 0, at most 128 by GELU's minimum), which shares
+        # its weight codes with the positive part
         zp = _get(node.input[4], inits, consts) if len(node.input) > 4 and node.input[4] else None
-        if zp is None or zp.dtype != np.uint8 or np.any(zp != 128):
+        if zp is None or zp.dtype != np.uint8:
             return False
         q = producer.get(node.input[0])
-        return q is not None and q.op_type == "QuantizeLinear"
+        if q is None or q.op_type != "QuantizeLinear":
+            return False
+        return bool(np.all(zp == 128)) or readers[node.input[1]] == 1
     dq = producer.get(node.input[0])
     if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
         return False
@@ -116,9 +124,10 @@ def adapt_for_cpu(model, vnni: bool) -> int:
     graph = model.graph
     inits, consts, producer = maps = _graph_maps(graph)
     changed = 0
+    readers = Counter(n.input[1] for n in graph.node if n.op_type == "MatMulIntegerToFloat")  # right operands
     for node in list(graph.node):
         if node.op_type == "MatMulIntegerToFloat":
-            if not _full_range_left(maps, node, inits, consts):
+            if not _full_range_left(maps, node, inits, consts, readers):
                 continue
             if vnni:
                 changed += _to_s8(graph, node, 1, 5, inits, consts)
@@ -127,7 +136,7 @@ def adapt_for_cpu(model, vnni: bool) -> int:
             else:                                                   # kᵀ of q @ kᵀ
                 q = _codes_source(node.input[1], producer)
                 changed += q is not None and _computed_to_u8(graph, q, node, 5, inits, consts)
-        elif node.op_type == "MatMul" and not vnni and _full_range_left(maps, node, inits, consts):
+        elif node.op_type == "MatMul" and not vnni and _full_range_left(maps, node, inits, consts, readers):
             dq = producer.get(node.input[1])
             if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
                 continue
