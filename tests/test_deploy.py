@@ -251,8 +251,10 @@ def test_openvino_runs_every_linear_in_integers_with_fused_quantizers(key, tmp_p
 def test_runtimes_agree_with_fake_quant_torch_as_closely_as_float_rounding_allows(key, tmp_path):
     """As tests/test_openvino.py: each runtime within 1.5x the torch model's change under a
     relative input perturbation the size of the float graphs' ORT/OpenVINO difference."""
+    from _family_checks import OPENVINO_INT8_EXACT
     from test_openvino import _rel, runtime_outputs_and_noise_floor
     _, q = deploy(key)
     ref, q_ort, q_ov, floor = runtime_outputs_and_noise_floor(q, tmp_path)
     assert _rel(q_ort, ref) <= 1.5 * floor + 1e-6
-    assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6
+    if OPENVINO_INT8_EXACT:  # without VNNI OpenVINO's products saturate (tests/test_openvino.py)
+        assert _rel(q_ov, ref) <= 1.5 * floor + 1e-6

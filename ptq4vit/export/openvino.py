@@ -5,16 +5,25 @@ OpenVINO's CPU plugin runs float layers in bf16 by default on CPUs that have it 
 AMX): :func:`compile_onnx` therefore always takes a precision, ``"f32"`` (float layers in
 float32, comparable with ONNX Runtime) or ``"default"`` (the plugin's own choice, reported by
 :attr:`OpenVINOModel.precision`). Needs the ``openvino`` extra.
+
+On x86 CPUs without VNNI (AVX2 only) the plugin's u8×s8 kernels saturate pairs of products at
+int16, as ONNX Runtime's do, and OpenVINO has no load-time rewrite like
+:func:`ptq4vit.export.ort.make_session`'s: a product whose 8-bit left operand spans all 256 codes
+can come out wrong (OpenVINO documents this "saturation issue"; its workaround is 7-bit weights at
+quantization time). :func:`compile_onnx` then warns once per compiled int8 model, and
+:attr:`OpenVINOModel.int8_exact` says so (docs/deployment.md).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from ..errors import UserError
+from .cpu import cpu_has_vnni, cpu_name
 
 __all__ = ["PRECISIONS", "OpenVINOModel", "compile_onnx", "executed_layers", "INTEGER_PRECISIONS"]
 
@@ -32,6 +41,7 @@ class OpenVINOModel:
     compiled: object
     precision: str        # the precision the plugin runs float layers in (read back after compiling)
     hint: str             # what was asked for
+    int8_exact: bool = True  # False where this CPU lacks VNNI and the model has integer layers (they may saturate)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
@@ -58,8 +68,14 @@ def compile_onnx(path: "str | os.PathLike", precision: str = "f32", threads: Opt
         config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled = core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
     actual = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    return OpenVINOModel(compiled, {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16",
-                                    "<Type: 'float16'>": "f16"}.get(actual, actual), precision)
+    model = OpenVINOModel(compiled, {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16",
+                                     "<Type: 'float16'>": "f16"}.get(actual, actual), precision)
+    if not cpu_has_vnni() and any(prec in INTEGER_PRECISIONS for _, prec, _ in executed_layers(model)):
+        model.int8_exact = False
+        warnings.warn(f"{os.fspath(path)}: this CPU ({cpu_name()}) has no VNNI, so OpenVINO's int8 products may "
+                      f"saturate and differ from the quantized model; ONNX Runtime (ptq4vit.export.ort.make_session) "
+                      f"stays exact here", RuntimeWarning, stacklevel=2)
+    return model
 
 
 def executed_layers(model: OpenVINOModel, layer_types=PRODUCT_LAYERS) -> list:
