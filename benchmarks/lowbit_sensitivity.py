@@ -8,6 +8,10 @@ all on, and each kind alone (the same operand of every block, e.g. ``mlp.fc2.a``
 ``attn.matmul2.a`` = the post-softmax operand), printing top-1 agreement with the float model and
 mean KL(float ‖ quantized). Weights stay quantized throughout (GPTQ writes its rounded values into
 the layers). A kind whose row is far below "weights only" is where the bits are lost.
+
+With ``--set reconstruction=learned`` the model is reconstructed after calibration (docs/lowbit.md §11)
+on the pool ``benchmarks/lowbit_accuracy.py`` uses (the calibration draw continued to
+``reconstruction.images``), so the rows say what reconstruction leaves.
 """
 from __future__ import annotations
 
@@ -35,7 +39,10 @@ def main() -> None:
     ap.add_argument("--bits", default="W6A6")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--limit", type=int, default=40, help="test images per class")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {k: parse_field(k, v) for k, v in (kv.split("=", 1) for kv in args.set)}
     w_bits, a_bits = parse_bits(args.bits)
 
@@ -44,9 +51,12 @@ def main() -> None:
     tf = lm.transform()
     test = ImageFolder(shared / "data" / "cifar10" / "test", tf, limit_per_class=args.limit, strict=True)
     ref = logits_of(lm.model, test)
-    calib = calibration_images(ImageFolder(shared / "data" / "cifar10" / "calib", tf), 32, seed=3).images
+    recipe = ptq4vit.get_recipe(args.preset, **overrides)
+    pool_size = recipe.reconstruction.images if recipe.reconstruction.variant != "none" else 0
+    draw = calibration_images(ImageFolder(shared / "data" / "cifar10" / "calib", tf), max(32, pool_size), seed=3).images
     start = time.perf_counter()
-    q = ptq4vit.quantize(lm.model, calib, args.preset, w_bits, a_bits, progress=False, **overrides)
+    q = ptq4vit.quantize(lm.model, draw[:32], recipe, w_bits, a_bits, progress=False,
+                         reconstruction_images=draw if pool_size else None)
     print(f"{args.preset} {args.bits} {overrides or ''}: calibrated in {time.perf_counter() - start:.0f} s; "
           f"{len(ref)} test images", flush=True)
 
