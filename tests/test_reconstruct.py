@@ -206,9 +206,14 @@ def _weights_and_buffers(q):
     return weights, buffers
 
 
+def _biases(q):
+    return {n: s.bias.detach().clone() for n, s in q.sites().items() if getattr(s, "bias", None) is not None}
+
+
 def test_switches_learn_only_what_they_say():
     m, x, q = tiny_w4a4()
     w0, b0 = _weights_and_buffers(q)
+    bias0 = _biases(q)
 
     no_rounding = copy.deepcopy(q)
     run(no_rounding, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_rounding=False))
@@ -222,11 +227,26 @@ def test_switches_learn_only_what_they_say():
     assert all(torch.equal(b[n], b0[n]) for n in b0)
     assert not all(torch.equal(w[n], w0[n]) for n in w0)
 
+    assert all(torch.equal(bias[n], bias0[n]) for bias in (_biases(no_rounding), _biases(no_steps)) for n in bias0)
+
     nothing = copy.deepcopy(q)
     report = run(nothing, x, Reconstruction(iterations=5, images=8, batch_size=4, learn_steps=False,
                                             learn_rounding=False))
     assert all(torch.equal(a, b) for a, b in zip(nothing.state_dict().values(), q.state_dict().values()))
     assert all(u.error_after == u.error_before for u in report.units)
+
+    only_bias = copy.deepcopy(q)
+    report = run(only_bias, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_steps=False,
+                                              learn_rounding=False, learn_bias=True))
+    w, b = _weights_and_buffers(only_bias)
+    assert all(torch.equal(w[n], w0[n]) for n in w0) and all(torch.equal(b[n], b0[n]) for n in b0)
+    bias = _biases(only_bias)
+    for u in report.units:  # a kept block's biases all moved; a restored one's are as calibrated
+        names = [n for n in bias0 if n.startswith(u.name + ".")]
+        assert names and all(torch.equal(bias[n], bias0[n]) != u.kept for n in names), (u, names)
+    assert any(u.kept for u in report.units)
+    assert [(p.grad, p.requires_grad) for p in only_bias.parameters()] == [(None, p.requires_grad)
+                                                                          for p in q.parameters()]
 
     no_drop = copy.deepcopy(q)
     run(no_drop, x, Reconstruction(iterations=25, images=8, batch_size=4, qdrop=0.0))

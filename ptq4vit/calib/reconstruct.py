@@ -10,6 +10,7 @@ replaced a layer's weight or bias, GPTQ's rounding or bias correction, it kept t
   written back at the end as ``codes · Δ`` (as GPTQ writes its rounding), so a checkpoint stores
   ordinary codes and scales and the integer export is unchanged in kind;
 * the steps of its activation quantizers (LSQ), written back into their buffers;
+* with ``learn_bias``, the biases of its linear layers (float in every export);
 
 against the unit's output error, optionally weighted by a diagonal Fisher (the squared gradient of
 the float model's loss at the unit's output) and with QDrop. The learning happens on stand-ins
@@ -209,6 +210,7 @@ def _fisher_weights(qmodel: QuantizedModel, images: torch.Tensor, units: list[Un
 class _Learners:
     weights: list[tuple[nn.Module, Union[LearningWeight, SignRoundingWeight]]] = field(default_factory=list)
     activations: list[LearningActivation] = field(default_factory=list)
+    biases: list[nn.Parameter] = field(default_factory=list)
 
 
 @contextmanager
@@ -219,6 +221,9 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
     swapped: list[tuple[nn.Module, str, Quantizer]] = []
     try:
         for site in unit.sites().values():
+            bias = getattr(site, "bias", None)
+            if options.learn_bias and isinstance(bias, nn.Parameter):
+                learners.biases.append(bias.requires_grad_(True))  # frozen again on exit
             for role, q in site.quantizers().items():
                 if role == "w_quant":
                     grid = WEIGHT_GRIDS.find(q)
@@ -246,14 +251,18 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
     finally:
         for site, role, q in reversed(swapped):
             setattr(site, role, q)
+        for bias in learners.biases:
+            bias.requires_grad_(False)
+            bias.grad = None
 
 
 def _snapshot(unit: Unit) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tensor, copy) of every weight and quantizer buffer of the unit's sites, to restore a unit."""
     kept = []
     for site in unit.sites().values():
-        if getattr(site, "weight", None) is not None:
-            kept.append((site.weight.data, site.weight.detach().clone()))
+        for name in ("weight", "bias"):
+            if getattr(site, name, None) is not None:
+                kept.append((getattr(site, name).data, getattr(site, name).detach().clone()))
         for q in site.quantizers().values():
             kept += [(b, b.clone()) for b in q.buffers()]
     return kept
@@ -269,11 +278,12 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
     with _learning(unit, options, drops, held_fixed) as learners:
         v = [w.v for _, w in learners.weights]
         u = [a.u for a in learners.activations if a.u is not None]
+        b = learners.biases
         sign = options.rounding == "sign"  # the sign rounding moves V itself; Adam moves the rest
         groups = ([{"params": v, "lr": options.lr_rounding}] if v and not sign else []) + (
-            [{"params": u, "lr": options.lr_steps}] if u else [])
+            [{"params": u, "lr": options.lr_steps}] if u else []) + ([{"params": b, "lr": options.lr_bias}] if b else [])
         n_weights = sum(p.numel() for p in v)
-        if v or u:
+        if v or u or b:
             opt = torch.optim.Adam(groups) if groups else None
             for a in learners.activations:
                 a.drop = options.qdrop
@@ -288,7 +298,7 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
                     if beta is not None and v and options.rounding_weight > 0:
                         reg = sum(rounding_regularizer(p, beta) for p in v) / n_weights
                         loss = loss + options.rounding_weight * reg
-                    for p in v + u:
+                    for p in v + u + b:
                         p.grad = None
                     loss.backward()
                 if opt is not None:

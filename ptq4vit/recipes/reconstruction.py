@@ -45,6 +45,8 @@ class Reconstruction(Component):
     lr_rounding: float = 1e-2
     #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
     lr_steps: float = 1e-3
+    #: Adam learning rate of the linear layers' biases (absolute: a bias moves about this much per step).
+    lr_bias: float = 1e-3
     #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
     learn_rounding: bool = True
     #: How the rounding is learned: ``"sign"`` (the hard rounding itself, moved by the gradient's sign
@@ -52,6 +54,8 @@ class Reconstruction(Component):
     #: to hard by a regularizer: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``; within
     #: 100 iterations most of it is still soft when it is made hard, docs/lowbit.md §11).
     rounding: Literal["sign", "adaround"] = "sign"
+    #: Learn the biases of the unit's linear layers (float in every export: nothing changes in kind).
+    learn_bias: bool = False
     #: Learn the activation steps (False: every activation quantizer is held fixed).
     learn_steps: bool = True
     #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
@@ -85,7 +89,7 @@ class Reconstruction(Component):
         for name in ("iterations", "batch_size", "images"):
             if getattr(self, name) < 1:
                 raise UserError(f"reconstruction.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_rounding", "lr_steps", "beta_end"):
+        for name in ("lr_rounding", "lr_steps", "lr_bias", "beta_end"):
             if getattr(self, name) <= 0:
                 raise UserError(f"reconstruction.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.qdrop < 1:
