@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
-from .cpu import cpu_has_vnni, cpu_name
+from .cpu import cpu_name, u8s8_saturates
 
 __all__ = ["PRECISIONS", "OpenVINOModel", "compile_onnx", "executed_layers", "INTEGER_PRECISIONS"]
 
@@ -41,7 +41,7 @@ class OpenVINOModel:
     compiled: object
     precision: str        # the precision the plugin runs float layers in (read back after compiling)
     hint: str             # what was asked for
-    int8_exact: bool = True  # False where this CPU lacks VNNI and the model has integer layers (they may saturate)
+    int8_exact: bool = True  # False on an x86 CPU without VNNI when the model has integer layers (they may saturate)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
@@ -70,7 +70,7 @@ def compile_onnx(path: "str | os.PathLike", precision: str = "f32", threads: Opt
     actual = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     model = OpenVINOModel(compiled, {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16",
                                      "<Type: 'float16'>": "f16"}.get(actual, actual), precision)
-    if not cpu_has_vnni() and any(prec in INTEGER_PRECISIONS for _, prec, _ in executed_layers(model)):
+    if u8s8_saturates() and any(prec in INTEGER_PRECISIONS for _, prec, _ in executed_layers(model)):
         model.int8_exact = False
         warnings.warn(f"{os.fspath(path)}: this CPU ({cpu_name()}) has no VNNI, so OpenVINO's int8 products may "
                       f"saturate and differ from the quantized model; ONNX Runtime (ptq4vit.export.ort.make_session) "
