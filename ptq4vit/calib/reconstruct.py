@@ -257,7 +257,7 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
 
 
 def _snapshot(unit: Unit) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tensor, copy) of every weight and quantizer buffer of the unit's sites, to restore a unit."""
+    """(tensor, copy) of every weight, bias and quantizer buffer of the unit's sites, to restore a unit."""
     kept = []
     for site in unit.sites().values():
         for name in ("weight", "bias"):
