@@ -350,6 +350,10 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         Reconstruction(qdrop="x")
     with pytest.raises(UserError, match=r"reconstruction.qdrop must be a probability in \[0, 1\), got 1.0"):
         Reconstruction(qdrop=1)
+    with pytest.raises(UserError, match="reconstruction.lr_bias must be positive, got 0.0"):
+        Reconstruction(lr_bias=0)
+    with pytest.raises(UserError, match="reconstruction field learn_bias must be True or False, got 'yes'"):
+        Reconstruction(learn_bias="yes")
     with pytest.raises(UserError, match="reconstruction field unit must be one of 'block', 'sublayer'"):
         Reconstruction(unit="layer")
     with pytest.raises(UserError, match="reconstruction field rounding must be one of 'sign', 'adaround'"):
