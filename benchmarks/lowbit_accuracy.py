@@ -26,7 +26,7 @@ import torch
 import ptq4vit
 from ptq4vit.export.cpu import cpu_name
 from ptq4vit.harness import zoo
-from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
+from ptq4vit.harness.data import ImageFolder, calibration_and_pool, make_loader
 from ptq4vit.harness.fidelity import mean_kl, top1_agreement
 from ptq4vit.harness.runner import parse_bits
 
@@ -107,9 +107,7 @@ def main() -> None:
         torch.save((ref, labels), cache)
 
     # with reconstruction, its pool is the calibration draw continued (as a sweep draws it)
-    pool_size = recipe.reconstruction.images if recipe.reconstruction.variant != "none" else 0
-    draw = calibration_images(ImageFolder(cifar / "calib", tf), max(args.calib_size, pool_size), seed=3).images
-    calib, pool = draw[:args.calib_size], (draw if pool_size else None)
+    calib, pool = calibration_and_pool(ImageFolder(cifar / "calib", tf), recipe, args.calib_size, seed=3)
     load_before = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     q = ptq4vit.quantize(lm.model, calib, recipe, w_bits, a_bits, progress=True, reconstruction_images=pool)
@@ -120,15 +118,15 @@ def main() -> None:
                top1=100.0 * float((logits.argmax(-1) == labels).double().mean()),
                agreement=top1_agreement(ref, logits), kl=mean_kl(ref, logits), calib_s=round(calib_s, 1),
                calib_cpu_s=round(calib_cpu_s, 1), cpus=os.cpu_count(), load_before=load_before, cpu=cpu_name(),
-               reconstruction_pool=min(pool_size, len(draw)) if pool_size else 0,
-               reconstruction=q.reconstruction_report.as_dict() if pool_size else None)
+               reconstruction_pool=len(pool) if pool is not None else 0,
+               reconstruction=q.reconstruction_report.as_dict() if pool is not None else None)
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{label}: top1 {row['top1']:.1f} (float {row['float_top1']:.1f}) agreement {row['agreement']:.1f} "
           f"KL {row['kl']:.4f} calib {calib_s:.0f} s ({calib_cpu_s:.0f} CPU s on {row['cpus']} CPUs; load average "
           f"{load_before:.1f} before it) on {len(labels)} images; CPU: {row['cpu']}"
           + (f"; reconstruction pool {row['reconstruction_pool']} images, "
-             f"restored as calibrated: {', '.join(q.reconstruction_report.restored()) or 'none'}" if pool_size else ""))
+             f"restored as calibrated: {', '.join(q.reconstruction_report.restored()) or 'none'}" if pool is not None else ""))
 
 
 if __name__ == "__main__":

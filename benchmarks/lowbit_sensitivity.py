@@ -22,7 +22,7 @@ import torch
 
 import ptq4vit
 from ptq4vit.harness import zoo
-from ptq4vit.harness.data import ImageFolder, calibration_images, make_loader
+from ptq4vit.harness.data import ImageFolder, calibration_and_pool, make_loader
 from ptq4vit.harness.fidelity import mean_kl, top1_agreement
 from ptq4vit.harness.runner import parse_bits
 from ptq4vit.presets import parse_field
@@ -52,11 +52,9 @@ def main() -> None:
     test = ImageFolder(shared / "data" / "cifar10" / "test", tf, limit_per_class=args.limit, strict=True)
     ref = logits_of(lm.model, test)
     recipe = ptq4vit.get_recipe(args.preset, **overrides)
-    pool_size = recipe.reconstruction.images if recipe.reconstruction.variant != "none" else 0
-    draw = calibration_images(ImageFolder(shared / "data" / "cifar10" / "calib", tf), max(32, pool_size), seed=3).images
+    calib, pool = calibration_and_pool(ImageFolder(shared / "data" / "cifar10" / "calib", tf), recipe, 32, seed=3)
     start = time.perf_counter()
-    q = ptq4vit.quantize(lm.model, draw[:32], recipe, w_bits, a_bits, progress=False,
-                         reconstruction_images=draw if pool_size else None)
+    q = ptq4vit.quantize(lm.model, calib, recipe, w_bits, a_bits, progress=False, reconstruction_images=pool)
     print(f"{args.preset} {args.bits} {overrides or ''}: calibrated in {time.perf_counter() - start:.0f} s; "
           f"{len(ref)} test images", flush=True)
 

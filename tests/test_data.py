@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ptq4vit.harness.data import (ImageFolder, calibration_images, calibration_permutation, collate, load_rgb, make_loader,
-                          resolve_splits)
+from ptq4vit.harness.data import (ImageFolder, calibration_and_pool, calibration_images, calibration_permutation, collate,
+                                  load_rgb, make_loader, resolve_splits)
+from ptq4vit.recipes.named import get_recipe
 from ptq4vit.errors import UserError
 
 from conftest import missing_shared
@@ -63,6 +64,17 @@ def test_calibration_images_draw_the_permutation(cifar_dir):
     assert cal.indices == [int(i) for i in idx]
     assert cal.images.shape == (32, 3, 32, 32)
     assert torch.equal(cal.images[0], ds[int(idx[0])][0])
+
+
+@pytest.mark.parametrize("pool_images, drawn", [(40, 40), (20, 32)])
+def test_the_reconstruction_pool_is_the_calibration_draw_continued(cifar_dir, pool_images, drawn):
+    ds = ImageFolder(cifar_dir / "calib", _tensor)
+    draw = calibration_images(ds, drawn, 3).images
+    calib, pool = calibration_and_pool(ds, get_recipe("rotq", reconstruction="learned",
+                                                      **{"reconstruction.images": pool_images}), 32, seed=3)
+    assert torch.equal(calib, draw[:32]) and torch.equal(pool, draw)  # a pool below 32 still holds every calibration image
+    calib, pool = calibration_and_pool(ds, get_recipe("rotq"), 32, seed=3)
+    assert torch.equal(calib, draw[:32]) and pool is None
 
 
 def test_modes_are_converted_to_rgb(tmp_path):

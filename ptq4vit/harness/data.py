@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..recipes.recipe import Recipe
 
 #: File endings read as images (compared case-insensitively), as torchvision's ImageFolder.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -201,6 +202,24 @@ def calibration_images(dataset: ImageFolder, size: int = 32, seed: int = 3, *, p
         raise UserError(f"only {len(images)} of the images in {dataset.root} are readable, "
                         f"{size} needed for calibration")
     return Calibration(torch.stack(images), used, [dataset.samples[i][0] for i in used], skipped)
+
+
+def reconstruction_draw_size(recipe: Recipe, calib_size: int) -> int:
+    """The size of the reconstruction pool a run draws (0 without reconstruction): the calibration draw
+    continued to ``reconstruction.images``, and never fewer than the calibration images it starts with."""
+    if recipe.reconstruction.variant == "none":
+        return 0
+    return max(calib_size, recipe.reconstruction.images)
+
+
+def calibration_and_pool(dataset: ImageFolder, recipe: Recipe, calib_size: int = 32,
+                         seed: int = 3) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(calibration images, reconstruction pool or None)`` for ``recipe`` from one draw of ``dataset``:
+    the first ``calib_size`` images calibrate, and the pool is the draw continued
+    (:func:`reconstruction_draw_size`), as a sweep draws them."""
+    pool_size = reconstruction_draw_size(recipe, calib_size)
+    draw = calibration_images(dataset, pool_size or calib_size, seed).images
+    return draw[:calib_size], (draw if pool_size else None)
 
 
 # --------------------------------------------------------------------------- data roots

@@ -31,7 +31,7 @@ from ..atomic_write import atomic_write, atomic_write_text
 from ..errors import UserError
 from ..quant import check_bits as check_quant_bits
 from . import zoo
-from .data import ImageFolder, calibration_images, resolve_splits
+from .data import ImageFolder, calibration_images, reconstruction_draw_size, resolve_splits
 from .evaluate import barrier, broadcast_object, dist_info, evaluate
 from .fidelity import fidelity
 from .labels import slug
@@ -400,9 +400,8 @@ class Runner:
         lm = self._load_model(res)
         images = self._calibration(job)
         recipe = ptq4vit.get_recipe(job.preset, **job.overrides)
-        pool = None
-        if recipe.reconstruction.variant != "none":  # its pool: the calibration draw, continued
-            pool = self._calibration(job, max(job.calib_size, recipe.reconstruction.images)).to(self.device)
+        pool_size = reconstruction_draw_size(recipe, job.calib_size)
+        pool = self._calibration(job, pool_size).to(self.device) if pool_size else None
         float_top1, n_eval, n_skipped, float_secs, float_logits = self._float_top1(res, lm)
 
         if self.device.type == "cuda":
