@@ -55,10 +55,14 @@ def saved(vit_q, tmp_path):
 
 
 @pytest.mark.parametrize("key,preset,bits", [("vit", "ptq4vit", 8), ("dinov2", "ptq4vit", 6), ("deit", "official", 8),
-                                             ("swin", "ptq4vit", 8), ("vit", "base", 4)])
+                                             ("swin", "ptq4vit", 8), ("vit", "base", 4), ("vit", "ptq4vit+top", 4)])
 def test_round_trip_is_bit_identical(key, preset, bits, tmp_path):
     m = float_model(key)
+    top = preset.endswith("+top")  # the softmax twin with a top: one more tensor per attention
+    if top:
+        preset = get_preset(preset[:-4], softmax_twin_top=True)
     q = fast_quantize(m, images(m), preset, bits, bits)
+    assert any(k.endswith("matmul2.a_quant.top") for k in q.model.state_dict()) == top
     path = tmp_path / "q.safetensors"
     meta = ck.save(q, path)
     q2 = ptq4vit.load(path)

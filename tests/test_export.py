@@ -82,9 +82,11 @@ def _matmul_site(bits, form):
     if form is None:
         aq = UniformQuantizer(bits, heads, axis=1)
         aq.set_scale(torch.tensor([2.5, 3.5, 1.5]) / qmax(bits))
-    else:
-        aq = TwinSoftmaxQuantizer(bits, form)
+    else:  # "select-top": a top that clips the largest probabilities
+        aq = TwinSoftmaxQuantizer(bits, form.split("-")[0], top=form.endswith("-top"))
         aq.set_split(torch.tensor(2.0 ** -3))
+        if aq.has_top:
+            aq.set_top(torch.tensor(0.3))
     x = torch.randn(2, heads, 20, 40, generator=torch.Generator().manual_seed(0)) * 2
     return _MatMulNet(QuantMatMul(aq, bq), form is not None), x
 
@@ -110,7 +112,7 @@ def test_linear_site_is_exact(bits, kind, fmt, combine, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [8, 6])
-@pytest.mark.parametrize("form", ["select", "sum", None])
+@pytest.mark.parametrize("form", ["select", "sum", "select-top", None])
 @pytest.mark.parametrize("fmt,combine", FORMATS)
 def test_attention_matmul_site_is_exact(bits, form, fmt, combine, tmp_path):
     mod, x = _matmul_site(bits, form)
@@ -131,15 +133,18 @@ class _BoundaryNet(nn.Module):
         return self.mm(x[..., :20], x[:, :, :20, 20:])
 
 
-@pytest.mark.parametrize("form", ["select", "sum"])
+@pytest.mark.parametrize("form", ["select", "sum", "select-top"])
 @pytest.mark.parametrize("fmt", ["contrib", "qdq"])
 def test_softmax_twin_codes_match_torch_at_half_boundaries(form, fmt, tmp_path):
-    """Probabilities within 8 ulps of every .5 boundary of both twin branches: the graph's codes are
-    the torch model's (a single flipped code would move an output by Δ_R·|v|, far above 1e-6)."""
+    """Probabilities within 8 ulps of every .5 boundary of both twin branches (and of the top and the
+    regions' meeting point, with a top): the graph's codes are the torch model's (a single flipped
+    code would move an output by Δ_R·|v|, far above 1e-6)."""
     bits, split = 8, torch.tensor(2.0 ** -2)
+    top = 0.6 if form == "select-top" else 1.0
     levels = qmax(bits) - 1
-    edges = torch.cat([(torch.arange(levels, dtype=torch.float64) + 0.5) / levels,          # hi branch
-                       (torch.arange(levels, dtype=torch.float64) + 0.5) * 0.25 / levels])  # lo branch
+    edges = torch.cat([(torch.arange(levels, dtype=torch.float64) + 0.5) * top / levels,          # hi branch
+                       (torch.arange(levels, dtype=torch.float64) + 0.5) * 0.25 * top / levels,  # lo branch
+                       torch.tensor([top, 0.25 * top, 0.9], dtype=torch.float64)])
     x = edges.float()
     vals, up, down = [x], x.clone(), x.clone()
     for _ in range(8):
@@ -148,8 +153,10 @@ def test_softmax_twin_codes_match_torch_at_half_boundaries(form, fmt, tmp_path):
     a = torch.cat(vals)
     a = torch.cat([a, a.new_zeros((-len(a)) % 20)]).reshape(1, 1, -1, 20).clamp(0, 1)
     x = torch.cat([a, torch.randn(1, 1, a.shape[2], 8, generator=torch.Generator().manual_seed(0))], -1)
-    aq = TwinSoftmaxQuantizer(bits, form)
+    aq = TwinSoftmaxQuantizer(bits, form.split("-")[0], top=form.endswith("-top"))
     aq.set_split(split)
+    if aq.has_top:
+        aq.set_top(torch.tensor(top))
     bq = UniformQuantizer(bits)
     bq.set_scale(torch.tensor([3.0 / 128]))
     mod = _BoundaryNet(QuantMatMul(aq, bq))

@@ -75,6 +75,22 @@ def test_softmax_twin_select_form_4bit():
     assert torch.allclose(got, want, atol=0, rtol=1e-6)
 
 
+def test_softmax_twin_with_a_top_shrinks_both_ranges_and_clips_above_it():
+    s, top = torch.tensor(0.5), torch.tensor(0.5)  # regions meet at 0.25; Δ_R1 = 0.25/7, Δ_R2 = 0.5/7
+    x = t(0.0, 0.1, 0.2499, 0.25, 0.3, 0.5, 0.9, 1.0)
+    got = softmax_twin_fake_quant(x, s, 4, "select", top)
+    # 0.1/Δ_R1 = 2.8 -> 3; 0.2499/Δ_R1 = 6.997 -> 7; 0.25/Δ_R2 = 3.5 (3.4999998 in float32) -> 3;
+    # 0.3/Δ_R2 = 4.2 -> 4; 0.5 and above: the largest code, 7
+    want = t(0.0, 3 * 0.25 / 7, 0.25, 3 * 0.5 / 7, 4 * 0.5 / 7, 0.5, 0.5, 0.5)
+    assert torch.allclose(got, want, atol=0, rtol=1e-6)
+    lo, hi = softmax_twin_codes(x, s, 4, top)
+    assert lo.tolist() == [0, 3, 7, 0, 0, 0, 0, 0] and hi.tolist() == [0, 0, 0, 3, 4, 7, 7, 7]
+    y = torch.rand(1000) ** 4  # a top of 1 is the twin without one, bit for bit
+    assert torch.equal(softmax_twin_fake_quant(y, s, 4, "select", torch.tensor(1.0)), softmax_twin_fake_quant(y, s, 4))
+    with pytest.raises(ValueError, match="'select' form only"):
+        softmax_twin_fake_quant(y, s, 4, "sum", top)
+
+
 def test_softmax_twin_official_sum_form_offsets_every_value():
     s = torch.tensor(0.25)
     x = t(0.0, 0.1, 0.25, 0.5, 1.0)
@@ -152,6 +168,14 @@ def test_twin_quantizer_modules_match_functions():
     sm.set_split(torch.tensor(1 / 8))
     x = torch.rand(4, 3, 5, 5)
     assert torch.equal(sm(x), softmax_twin_fake_quant(x, torch.tensor(1 / 8), 6, "select"))
+    assert "top" not in dict(sm.named_buffers())  # without a top its tensors are those it always had
+    sm = TwinSoftmaxQuantizer(6, "select", top=True)
+    sm.set_split(torch.tensor(1 / 8))
+    sm.set_top(torch.tensor(0.3))
+    assert torch.equal(sm(x), softmax_twin_fake_quant(x, torch.tensor(1 / 8), 6, "select", torch.tensor(0.3)))
+    assert sm.qparams("a") == {"split": 0.125, "top": pytest.approx(0.3)} and sm.spec()["top"] is True
+    with pytest.raises(ValueError, match="'select' form only"):
+        TwinSoftmaxQuantizer(6, "sum", top=True)
     ge = TwinGeluQuantizer(6)
     ge.set_scale(torch.tensor([0.1]))
     y = torch.randn(10, 7)

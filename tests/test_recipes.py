@@ -30,6 +30,7 @@ VARIANTS = [
     (dict(softmax=UniformSoftmax(renorm=True)), dict(softmax_twin=False, softmax_renorm=True)),
     (dict(softmax=TwinSoftmax(form="sum", split_search_quantized_b=False)),
      dict(softmax_twin=True, softmax_twin_form="sum", split_search_quantized_b=False)),
+    (dict(softmax=TwinSoftmax(top=True, renorm=True)), dict(softmax_twin=True, softmax_twin_top=True, softmax_renorm=True)),
     (dict(softmax=LogSoftmax(base="log2", renorm=True)),
      dict(softmax_twin=False, softmax_log="log2", softmax_log_scale=False, softmax_renorm=True)),
     (dict(calibration=Percentile(), softmax=LogSoftmax(), gelu=UniformGelu()),
@@ -151,6 +152,7 @@ INVALID = [
                     transforms=(Rotation(), LayerNormReparam())), "ln_reparam folds into LayerNorm's affine"),
     (lambda: Recipe(softmax="cubic"), "softmax must be one of uniform, twin, log, float, got 'cubic'"),
     (lambda: TwinSoftmax(form="both"), "twin field form must be one of 'select', 'sum'"),
+    (lambda: TwinSoftmax(form="sum", top=True), "softmax.top needs softmax.form='select'"),
 ]
 
 

@@ -269,6 +269,25 @@ def test_twin_steps_are_learned_or_held_fixed():
     assert report.held_fixed == {"TwinGeluQuantizer": 2, "TwinSoftmaxQuantizer": 2}
 
 
+def test_a_softmax_twins_top_is_learned_or_held_fixed_and_its_split_never_moves():
+    m, _ = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    q = fast_quantize(m, x, get_preset("ptq4vit", softmax_twin_top=True), 4, 4)
+    sm = q.model.blocks[0].attn.matmul2.a_quant
+    assert sm.has_top
+    p = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(LearningActivation(sm, STEP_RULES.get(sm), learn=True)(p), sm(p))  # the quantizer at the start
+    top, split = "model.blocks.0.attn.matmul2.a_quant.top", "model.blocks.0.attn.matmul2.a_quant.split"
+    learned, fixed = copy.deepcopy(q), copy.deepcopy(q)
+    report = run(learned, x)
+    assert not torch.equal(learned.state_dict()[top], q.state_dict()[top])
+    assert torch.equal(learned.state_dict()[split], q.state_dict()[split])
+    assert "TwinSoftmaxQuantizer" not in report.held_fixed
+    report = run(fixed, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_twin_log=False))
+    assert torch.equal(fixed.state_dict()[top], q.state_dict()[top])
+    assert report.held_fixed["TwinSoftmaxQuantizer"] == 2
+
+
 def test_inputs_switch_chooses_the_quantized_or_the_float_block_inputs():
     m, x, q = tiny_w4a4()
     io = block_io(q, x)

@@ -187,3 +187,36 @@ def test_split_search_with_renormalized_rows_scores_what_the_layer_computes():
     assert picked[True] == loop_best(True)
     assert picked[False] == loop_best(False)
     assert picked[True] != picked[False]
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_a_softmax_top_is_searched_at_the_split_then_the_split_at_the_top(renorm):
+    """softmax.top: the split at top 1, the top at that split, the split again at that top, each the
+    best of its candidates in a plain loop; at 4 bits a top below 1 wins on these rows."""
+    torch.manual_seed(0)
+    attn = torch.softmax(torch.randn(4, 2, 16, 16) * 1.5, -1)  # no probability near 1
+    v = torch.randn(4, 2, 16, 8) + 1.0
+    grad = torch.randn(4, 2, 16, 8)
+    site = QuantMatMul(TwinSoftmaxQuantizer(4, top=True), UniformQuantizer(4, 2, axis=1), renorm_rows=renorm)
+    calibrate_matmul(site, attn, v, grad, get_recipe(get_preset("ptq4vit", n_candidates=20, rounds=1)), 1 << 22)
+    b_fixed = uniform_fake_quant(v, (v.transpose(0, 1).reshape(2, -1).abs().amax(1) / 7.5).reshape(1, 2, 1, 1), 4)
+    out = attn @ v
+
+    def loop_score(split, top):
+        q = softmax_twin_fake_quant(attn, split, 4, "select", top)
+        if renorm:
+            q = q * (attn.sum(-1, keepdim=True) / q.sum(-1, keepdim=True))
+        return spec_score((q @ b_fixed).flatten(0, 1), out.flatten(0, 1), grad.flatten(0, 1), "hessian")
+
+    splits = [torch.tensor(2.0 ** -i) for i in range(20)]
+    tops = [torch.tensor(2.0 ** (-j / 2)) for j in range(9)]
+
+    def first_best(cands, fn):  # the first of equal scores, as the search
+        scores = [fn(c) for c in cands]
+        return cands[scores.index(max(scores))]
+
+    split = first_best(splits, lambda s: loop_score(s, torch.tensor(1.0)))
+    top = first_best(tops, lambda t: loop_score(split, t))
+    split = first_best(splits, lambda s: loop_score(s, top))
+    assert (site.a_quant.split.item(), site.a_quant.top.item()) == (split.item(), top.item())
+    assert top.item() < 1

@@ -295,6 +295,7 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
     a_fn = renorm(a_space.fake_quant)
     a_cands = a_space.fixed if a_space.fixed is not None else grid.around(a_space.start)   # (n, 1) or (n, heads)
     twin = aq.whole_operand_search
+    clip_space = aq.clip_search(a_all) if twin else None  # a softmax twin's top (docs/lowbit.md §12)
     if twin:
         # One parameter for the layer (the softmax split), scored over all heads at once.
         def whole_product() -> Product:
@@ -328,6 +329,12 @@ def calibrate_matmul(site: QuantMatMul, a: torch.Tensor, b: torch.Tensor, grad: 
             a_scale = torch.stack([a_cands[best_index(head_product(h), "a", b_fixed[:, h], a_fn, a_cands[:, h:h + 1],
                                                       budget), h]
                                    for h in range(heads)])
+        if clip_space is not None:  # the top at this split, then the split at that top (a_fn reads the top)
+            a_space.store(a_scale)
+            tops = clip_space.fixed
+            clip_space.store(tops[best_index(whole_product(), "a", b_fixed.flatten(0, 1), renorm(clip_space.fake_quant),
+                                             tops, budget), 0])
+            a_scale = a_cands[best_index(whole_product(), "a", b_fixed.flatten(0, 1), a_fn, a_cands, budget), 0]
         del b_fixed
         a_fixed = a_fn(a, a_scale) if twin else a_fn(a, a_scale.reshape(1, heads, 1, 1))
         if released:

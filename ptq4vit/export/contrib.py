@@ -189,11 +189,13 @@ class ContribMatMul(Lowering):
         lo_all = e.quantize(a, f32(t.step_lo), u8(0))
         if t.form == "select":
             hi_all = e.quantize(a, f32(t.step_hi), u8(0))
+            if t.clip_hi:  # above the top: the largest code
+                hi_all = e.op("Min", hi_all, e.const(u8(t.levels)))
         else:  # the released code's round(x·(qmax-1))
             hi_all = e.quantize(e.op("Mul", a, e.const(f32(t.levels))), f32(1.0), u8(0))
         if t.form == "select":
             # codes of the region each value falls in; masks by multiplication (ORT's Where is slow)
-            below = e.op("Cast", e.op("Less", a, e.const(f32(t.split))), to_i=2)  # TensorProto.UINT8
+            below = e.op("Cast", e.op("Less", a, e.const(f32(t.threshold))), to_i=2)  # TensorProto.UINT8
             above = e.op("Sub", e.const(u8(1)), below)
             lo = e.op("Mul", lo_all, below)
             hi = e.op("Mul", hi_all, above)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import (AsymmetricQuantizer, KindRegistry, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+from ..quant import (AsymmetricQuantizer, KindRegistry, TwinGeluQuantizer, TwinSoftmaxQuantizer, softmax_twin_steps,
                      UniformQuantizer, qmax)
 from .report import SiteExport
 
@@ -106,7 +106,9 @@ class GeluTwin:
 @dataclass(frozen=True)
 class SoftmaxTwin:
     """Post-softmax twin with split ``s = 2^-i``: ``lo`` codes (step ``Δ_R1 = s/levels``) and ``hi``
-    codes (step ``Δ_R2 = 1/levels = 2^i Δ_R1``), as :func:`ptq4vit.quant.twin.softmax_twin_codes`."""
+    codes (step ``Δ_R2 = 1/levels = 2^i Δ_R1``), as :func:`ptq4vit.quant.twin.softmax_twin_codes`;
+    with a top ``t`` both steps are ``t`` times these, the regions meet at ``threshold = s·t`` and the
+    ``hi`` codes stop at ``levels`` (``clip_hi``)."""
     integer_form: ClassVar[str] = "softmax_twin"
     bits: int
     form: str
@@ -116,6 +118,8 @@ class SoftmaxTwin:
     shift: int                # i
     lo_max: int               # sum form: the lo code of every x >= s
     hi_min: int               # sum form: the hi code of every x <= s
+    threshold: float = 0.0    # where the regions meet: s, or s·t with a top
+    clip_hi: bool = False     # a top: values above it take the largest hi code
     # The sum form (``official``) keeps the released code's ``hi = round(x·(qmax-1))``; the
     # lowerings multiply by ``levels`` and quantize with step 1 there, so the codes stay torch's.
 
@@ -127,12 +131,16 @@ class SoftmaxTwin:
     def of(cls, aq: TwinSoftmaxQuantizer) -> "SoftmaxTwin":
         levels = qmax(aq.bits) - 1
         split = aq.split.detach().float().cpu()
-        step_lo, step_hi = split / levels, torch.ones(()) / levels        # as torch computes them
+        top = aq.current_top()
+        top = None if top is None else top.detach().float().cpu()
+        step_lo, step_hi = softmax_twin_steps(split, aq.bits, top)       # as torch computes them
         i = pow2_exponent(float(step_hi) / float(step_lo))
         if i is None or i < 0:  # Δ_R2 / Δ_R1 = 1/s = 2^i by construction
             raise NotImplementedError(f"softmax twin with a split that is not a power of two ({float(split)})")
+        threshold = split if top is None else split * top
         return cls(aq.bits, aq.form, float(split), float(step_lo), float(step_hi), i,
-                   int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split * levels)))
+                   int(torch.round(split / step_lo).clamp(0, levels)), int(torch.round(split * levels)),
+                   float(threshold), top is not None)
 
 
 @dataclass(frozen=True)

@@ -140,9 +140,11 @@ class QdqMatMul(Lowering):
             return e.op("Mul", y, self._head(e, self.a_scale * self.b_scale))
         t = self.softmax
         if t.form == "select":
-            below = e.op("Cast", e.op("Less", a, e.const(f32(t.split))), to_i=1)  # TensorProto.FLOAT
+            below = e.op("Cast", e.op("Less", a, e.const(f32(t.threshold))), to_i=1)  # TensorProto.FLOAT
             lo_in = e.op("Mul", a, below)
             hi_in = e.op("Sub", a, lo_in)
+            if t.clip_hi:  # above the top: the largest code
+                hi_in = e.op("Min", hi_in, e.const(f32(t.step_hi * t.levels)))
         else:
             lo_in = _clip(e, a, 0.0, t.split)
             hi_in = _clip(e, a, t.split, 1.0)

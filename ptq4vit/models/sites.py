@@ -117,7 +117,7 @@ class SiteBuilder:
         softmax_quant = {  # the post-softmax operand's quantizer, by the recipe's softmax variant
             # the log quantizer's largest level is calibrated under percentile calibration (RepQ-ViT's)
             "log": lambda: LogQuantizer(self.a_bits, softmax.base, scaled=self.zero_point, device=device),
-            "twin": lambda: TwinSoftmaxQuantizer(self.a_bits, softmax.form, device=device),
+            "twin": lambda: TwinSoftmaxQuantizer(self.a_bits, softmax.form, top=softmax.top, device=device),
             "uniform": per_head,
         }[softmax.variant]()
         return matmul1, QuantMatMul(softmax_quant, per_head(), renorm_rows=softmax.renorm)

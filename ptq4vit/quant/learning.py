@@ -32,7 +32,8 @@ from torch import nn
 
 from .gelu_log import GeluLogQuantizer, _codes_per_halving
 from .log import LOG_BASES, LogQuantizer
-from .quantizers import AsymmetricQuantizer, Quantizer, TwinGeluQuantizer, UniformQuantizer, group_view, scale_view
+from .quantizers import (AsymmetricQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer,
+                         group_view, scale_view)
 from .registry import KindRegistry
 from .uniform import MIN_SCALE, qmax
 
@@ -229,8 +230,9 @@ class StepRule:
     learnable: Callable[[Quantizer], bool] = lambda q: True
 
 
-#: The activation kinds whose step can be learned. A kind without a rule (the softmax twin, whose split is
-#: a power of two by design, an unscaled log quantizer, a kind registered elsewhere) is held fixed.
+#: The activation kinds whose step can be learned. A kind without a rule (an unscaled log quantizer, a kind
+#: registered elsewhere) is held fixed, and so is a softmax twin without a top (its split is a power of two
+#: by design; with a top, the top is learned).
 STEP_RULES: KindRegistry[StepRule] = KindRegistry("learned activation step")
 
 
@@ -273,11 +275,23 @@ def _scaled_log_learn(q: LogQuantizer, x: torch.Tensor, step: torch.Tensor) -> t
     return torch.where(c >= levels, xf.new_zeros(()), value).to(x.dtype)
 
 
+def _twin_softmax_learn(q: TwinSoftmaxQuantizer, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The twin with its top learned (the split stays the power of two it was searched as)."""
+    levels = qmax(q.bits) - 1
+    xf = x.to(torch.float32)
+    step_lo, step_hi = q.split * top / levels, top / levels
+    below = xf < (q.split * top).detach()
+    lo = round_ste(xf / step_lo).clamp(0, levels) * step_lo
+    hi = round_ste(xf / step_hi).clamp(0, levels) * step_hi
+    return torch.where(below, lo, hi).to(x.dtype)
+
+
 STEP_RULES.register(UniformQuantizer, StepRule("scale", _uniform_learn, "uniform"))
 STEP_RULES.register(AsymmetricQuantizer, StepRule("scale", _asymmetric_learn, "uniform"))
 STEP_RULES.register(TwinGeluQuantizer, StepRule("scale", _twin_gelu_learn, "twin_log", lambda q: not q.pow2))
 STEP_RULES.register(GeluLogQuantizer, StepRule("scale", _gelu_log_learn, "twin_log"))
 STEP_RULES.register(LogQuantizer, StepRule("scale", _scaled_log_learn, "twin_log", lambda q: q.scaled))
+STEP_RULES.register(TwinSoftmaxQuantizer, StepRule("top", _twin_softmax_learn, "twin_log", lambda q: q.has_top))
 
 
 class LearningActivation(nn.Module):

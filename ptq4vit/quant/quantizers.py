@@ -23,7 +23,7 @@ from torch import nn
 from .asymmetric import asymmetric_codes, asymmetric_dequantize, asymmetric_fake_quant, range_to_step
 from .search_space import ScaleSearch
 from .twin import (SoftmaxTwinForm, gelu_twin_fake_quant, gelu_twin_neg_step, pow2_candidates, softmax_split_candidates,
-                   softmax_twin_fake_quant)
+                   softmax_top_candidates, softmax_twin_fake_quant)
 from .uniform import check_bits, initial_scale, uniform_codes, uniform_dequantize, uniform_fake_quant
 
 
@@ -72,7 +72,7 @@ class Quantizer(nn.Module):
 
     #: Buffers that are steps (a scale, the GELU twin's negative step, the softmax split): each value
     #: must be finite and positive (ptq4vit.finite); any other floating buffer (a zero point) finite.
-    positive_buffers: tuple[str, ...] = ("scale", "neg_scale", "split")
+    positive_buffers: tuple[str, ...] = ("scale", "neg_scale", "split", "top")
 
     def __init__(self, bits: int):
         super().__init__()
@@ -134,6 +134,11 @@ class Quantizer(nn.Module):
     def scale_search(self, x: torch.Tensor) -> Optional[ScaleSearch]:
         """The search space of its parameter on the operand ``x`` (float32, all calibration rows);
         None when it has nothing to search."""
+        return None
+
+    def clip_search(self, x: torch.Tensor) -> Optional[ScaleSearch]:
+        """A second parameter, searched with the first fixed (then the first again with it): None when
+        it has none."""
         return None
 
 
@@ -249,40 +254,62 @@ class AsymmetricQuantizer(GroupedQuantizer):
 
 
 class TwinSoftmaxQuantizer(Quantizer):
-    """Twin uniform quantizer for post-softmax values; one split ``s = 2^-i`` per layer."""
+    """Twin uniform quantizer for post-softmax values; one split ``s = 2^-i`` per layer, and with
+    ``top`` a searched top ``t`` of the range (values above it clip; docs/lowbit.md §12)."""
 
     #: mask, both regions and their temporaries
     search_copies = 5
     whole_operand_search = True
 
-    def __init__(self, bits: int, form: SoftmaxTwinForm = "select", device: Optional[torch.device] = None):
+    def __init__(self, bits: int, form: SoftmaxTwinForm = "select", top: bool = False,
+                 device: Optional[torch.device] = None):
         super().__init__(bits)
         if form not in ("select", "sum"):
             raise ValueError(f"softmax twin form must be 'select' or 'sum', got {form!r}")
+        if top and form != "select":
+            raise ValueError("a softmax twin top is a setting of the 'select' form only")
         self.form = form
+        self.has_top = top
         self.register_buffer("split", torch.ones((), dtype=torch.float32, device=device))
+        if top:  # only then: a twin without a top keeps the tensors (and checkpoints) it always had
+            self.register_buffer("top", torch.ones((), dtype=torch.float32, device=device))
 
     def set_split(self, split: torch.Tensor) -> None:
         self.split.copy_(split.reshape(()))
         self.calibrated = True
 
+    def set_top(self, top: torch.Tensor) -> None:
+        self.top.copy_(top.reshape(()))
+
+    def current_top(self) -> Optional[torch.Tensor]:
+        """The top ``t`` (None without one: the range ends at 1)."""
+        return self.top if self.has_top else None
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return softmax_twin_fake_quant(x, self.split, self.bits, self.form)
+        return softmax_twin_fake_quant(x, self.split, self.bits, self.form, self.current_top())
 
     def spec_fields(self) -> dict:
-        return {"form": self.form}
+        return {"form": self.form, **({"top": True} if self.has_top else {})}
 
     def qparams(self, role: str) -> dict:
-        return {"split": float(self.split)}
+        return {"split": float(self.split), **({"top": float(self.top)} if self.has_top else {})}
 
     def scale_search(self, x: torch.Tensor) -> ScaleSearch:
-        """The splits ``2^-i`` (docs/method.md §3), whatever the data."""
+        """The splits ``2^-i`` (docs/method.md §3), whatever the data, at the current top."""
         bits, form = self.bits, self.form
-        return ScaleSearch(lambda t, s: softmax_twin_fake_quant(t, s, bits, form), self.set_split,
+        return ScaleSearch(lambda t, s: softmax_twin_fake_quant(t, s, bits, form, self.current_top()), self.set_split,
                            fixed=softmax_split_candidates().to(x.device).reshape(-1, 1))
 
+    def clip_search(self, x: torch.Tensor) -> Optional[ScaleSearch]:
+        """With a top, the tops ``2^(-j/2)`` at the current split (docs/lowbit.md §12)."""
+        if not self.has_top:
+            return None
+        bits = self.bits
+        return ScaleSearch(lambda t, top: softmax_twin_fake_quant(t, self.split, bits, "select", top), self.set_top,
+                           fixed=softmax_top_candidates().to(x.device).reshape(-1, 1))
+
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, form={self.form}"
+        return f"bits={self.bits}, form={self.form}" + (", top=True" if self.has_top else "")
 
 
 class PostGeluQuantizer(Quantizer):

@@ -1,7 +1,9 @@
 """Twin uniform quantizers (PTQ4ViT §3.2): two uniform ranges whose steps differ by a power of two.
 
 * After softmax (values in [0, 1]): ``R1 = [0, s)`` with step ``s / (qmax-1)`` and
-  ``R2 = [s, 1]`` with step ``1 / (qmax-1)``, ``s = 2^-i``.
+  ``R2 = [s, 1]`` with step ``1 / (qmax-1)``, ``s = 2^-i``. With a ``top`` ``t`` (docs/lowbit.md
+  §12) both ranges shrink by ``t``: ``R1 = [0, s·t)``, ``R2 = [s·t, t]``, values above ``t`` clipped;
+  the steps still differ by ``2^i``.
 * After GELU: a fixed negative range (GELU's minimum is about -0.17) and a searched
   positive range.
 
@@ -11,7 +13,7 @@ kept so the ``official`` preset reproduces the published numbers).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -25,20 +27,34 @@ GELU_NEG_RANGE = 0.16997124254703522
 #: Splits ``s = 2^-i`` tried for the softmax twin quantizer, i = 0..19.
 SOFTMAX_SPLIT_EXPONENTS = tuple(range(20))
 
+#: Tops ``t = 2^(-j/2)`` tried for a softmax twin with a top, j = 0..8 (1 down to 1/16).
+SOFTMAX_TOP_HALVINGS = tuple(range(9))
+
 
 def softmax_split_candidates() -> torch.Tensor:
     return torch.tensor([2.0 ** -i for i in SOFTMAX_SPLIT_EXPONENTS], dtype=torch.float32)
 
 
-def softmax_twin_steps(split: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ_R1, Δ_R2) for a split ``s``: ``s / (qmax-1)`` and ``1 / (qmax-1)``."""
+def softmax_top_candidates() -> torch.Tensor:
+    """Tops ``t = 2^(-j/2)``, j = 0..8, searched for a twin with a top (1 is the plain twin)."""
+    return torch.tensor([2.0 ** (-j / 2) for j in SOFTMAX_TOP_HALVINGS], dtype=torch.float32)
+
+
+def softmax_twin_steps(split: torch.Tensor, bits: int,
+                       top: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ_R1, Δ_R2) for a split ``s``: ``s / (qmax-1)`` and ``1 / (qmax-1)``; with a ``top`` ``t``,
+    ``s·t / (qmax-1)`` and ``t / (qmax-1)``."""
     levels = qmax(bits) - 1
-    return split / levels, torch.ones_like(split) / levels
+    if top is None:
+        return split / levels, torch.ones_like(split) / levels
+    return split * top / levels, top / levels
 
 
-def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region-selected codes ``(lo, hi)``: ``lo`` counts Δ_R1 steps where ``x < s`` (else 0),
-    ``hi`` counts Δ_R2 steps where ``x >= s`` (else 0). Both lie in ``[0, qmax-1]``.
+def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int,
+                       top: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region-selected codes ``(lo, hi)``: ``lo`` counts Δ_R1 steps where ``x < s`` (``x < s·t`` with a
+    top; else 0), ``hi`` counts Δ_R2 steps elsewhere (else 0). Both lie in ``[0, qmax-1]``: with a top,
+    values above it take the largest ``hi`` code.
 
     Both branches divide by their float32 step, as ``QuantizeLinear`` does: ``x * (qmax-1)`` for
     the ``hi`` branch would differ from ``x / Δ_R2`` next to .5 boundaries, since ``Δ_R2 = 1/127``
@@ -48,25 +64,29 @@ def softmax_twin_codes(x: torch.Tensor, split: torch.Tensor, bits: int) -> tuple
     ``(lo + (hi << i))·Δ_R1``, which is what integer kernels use.
     """
     levels = qmax(bits) - 1
-    step_lo, step_hi = softmax_twin_steps(split, bits)
+    step_lo, step_hi = softmax_twin_steps(split, bits, top)
     x = x.to(compute_dtype(x))  # the split is a 0-d float32 tensor: it would not promote a half x
-    below = x < split
+    below = x < (split if top is None else split * top)
     zero = x.new_zeros(())
     lo = torch.where(below, torch.round(x / step_lo).clamp_(0, levels), zero)
     hi = torch.where(below, zero, torch.round(x / step_hi).clamp_(0, levels))
     return lo, hi
 
 
-def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select") -> torch.Tensor:
-    """Fake-quantize post-softmax values with the twin uniform quantizer (docs/method.md §3).
+def softmax_twin_fake_quant(x: torch.Tensor, split: torch.Tensor, bits: int, form: SoftmaxTwinForm = "select",
+                            top: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fake-quantize post-softmax values with the twin uniform quantizer (docs/method.md §3), with
+    a ``top`` (``"select"`` only) as :func:`softmax_twin_codes`.
 
     Computed in float32 and rounded once to x's dtype, like :func:`.uniform.uniform_fake_quant`.
     """
     levels = qmax(bits) - 1
-    step_lo, step_hi = softmax_twin_steps(split, bits)
+    step_lo, step_hi = softmax_twin_steps(split, bits, top)
     if form == "select":
-        lo, hi = softmax_twin_codes(x, split, bits)
+        lo, hi = softmax_twin_codes(x, split, bits, top)
         return lo.mul_(step_lo).add_(hi.mul_(step_hi)).to(x.dtype)
+    if top is not None:
+        raise ValueError("a softmax twin top is a setting of the 'select' form only")
     if form == "sum":
         xf = x.to(compute_dtype(x))
         zero = torch.zeros_like(split)

@@ -49,6 +49,8 @@ class Preset:
     softmax_twin_form: Literal["select", "sum"] = "select"
     #: Quantize v while searching the softmax split (the released code leaves it float).
     split_search_quantized_b: bool = True
+    #: Search a top of the softmax twin's range with its split (docs/lowbit.md §12).
+    softmax_twin_top: bool = False
     #: Twin uniform quantizer on the post-GELU input of fc2.
     gelu_twin: bool = True
     #: Restrict Δ+ of the GELU twin to ``2^m Δ-`` (needed for integer kernels).
@@ -169,7 +171,8 @@ FLAT_PATHS: dict[str, str] = {
     "n_candidates": "calibration.n_candidates", "rounds": "calibration.rounds",
     "search_rows": "calibration.search_rows", "calibration": "calibration",
     "softmax_twin": "softmax", "softmax_twin_form": "softmax.form",
-    "split_search_quantized_b": "softmax.split_search_quantized_b", "softmax_log": "softmax.base",
+    "split_search_quantized_b": "softmax.split_search_quantized_b", "softmax_twin_top": "softmax.top",
+    "softmax_log": "softmax.base",
     "softmax_renorm": "softmax.renorm", "softmax_log_scale": "calibration", "quantize_attention": "softmax",
     "gelu_twin": "gelu", "gelu_pow2": "gelu.pow2", "gelu_log": "gelu.base",
     "conv_per_channel": "weights.conv_per_channel", "w_granularity": "weights.granularity",

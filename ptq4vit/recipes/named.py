@@ -44,7 +44,7 @@ def from_flat(p: Preset):
         softmax = LogSoftmax(base=p.softmax_log, renorm=p.softmax_renorm)
     elif p.softmax_twin:
         softmax = TwinSoftmax(form=p.softmax_twin_form, split_search_quantized_b=p.split_search_quantized_b,
-                              renorm=p.softmax_renorm)
+                              renorm=p.softmax_renorm, top=p.softmax_twin_top)
     else:
         softmax = UniformSoftmax(renorm=p.softmax_renorm)
     if p.gelu_log != "none" and p.gelu_twin:  # two switches for one slot: the flat format's own ambiguity

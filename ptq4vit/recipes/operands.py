@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from ..errors import UserError
 from .component import Component
 
 LogBase = Literal["log2", "log_sqrt2"]
@@ -38,13 +39,21 @@ class TwinSoftmax(SoftmaxOperand):
     form: Literal["select", "sum"] = "select"
     split_search_quantized_b: bool = True
     renorm: bool = False
+    #: Search a top of the range with the split (values above it clip; ``"select"`` only, docs/lowbit.md §12).
+    top: bool = False
+
+    def check(self) -> None:
+        if self.top and self.form != "select":
+            raise UserError(f"softmax.top needs softmax.form='select' (the released code's 'sum' form has no top), "
+                            f"got form={self.form!r}")
 
     def quantizes_v_in_split_search(self) -> bool:
         return self.split_search_quantized_b
 
     def flat_fields(self) -> dict:
         return {"softmax_twin": True, "softmax_twin_form": self.form,
-                "split_search_quantized_b": self.split_search_quantized_b, "softmax_renorm": self.renorm}
+                "split_search_quantized_b": self.split_search_quantized_b, "softmax_renorm": self.renorm,
+                "softmax_twin_top": self.top}
 
 
 @dataclass(frozen=True)

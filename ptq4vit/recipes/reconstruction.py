@@ -59,7 +59,8 @@ class Reconstruction(Component):
     #: Learn the activation steps (False: every activation quantizer is held fixed).
     learn_steps: bool = True
     #: With ``learn_steps``, also learn the steps of twin and log quantizers (post-GELU twin without
-    #: ``gelu_pow2``, post-GELU log, scaled post-softmax log); False holds them fixed.
+    #: ``gelu_pow2``, post-GELU log, scaled post-softmax log, the softmax twin's top with ``softmax.top``);
+    #: False holds them fixed.
     learn_twin_log: bool = True
     #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning (0: off).
     qdrop: float = 0.5
