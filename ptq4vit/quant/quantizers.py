@@ -70,7 +70,7 @@ class Quantizer(nn.Module):
     #: once (all heads of an attention operand); False: one per group, each scored on its own.
     whole_operand_search: ClassVar[bool] = False
 
-    #: Buffers that are steps (a scale, the GELU twin's negative step, the softmax split): each value
+    #: Buffers that are steps (a scale, the GELU twin's negative step, the softmax split and top): each value
     #: must be finite and positive (ptq4vit.finite); any other floating buffer (a zero point) finite.
     positive_buffers: tuple[str, ...] = ("scale", "neg_scale", "split", "top")
 
