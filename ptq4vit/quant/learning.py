@@ -35,6 +35,7 @@ from .log import LOG_BASES, LogQuantizer
 from .quantizers import (AsymmetricQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer,
                          group_view, scale_view)
 from .registry import KindRegistry
+from .twin import softmax_twin_steps
 from .uniform import MIN_SCALE, qmax
 
 #: The rectified sigmoid's stretch (AdaRound): ``h = clamp(sigmoid(V)(ζ - γ) + γ, 0, 1)`` reaches 0 and 1
@@ -279,7 +280,7 @@ def _twin_softmax_learn(q: TwinSoftmaxQuantizer, x: torch.Tensor, top: torch.Ten
     """The twin with its top learned (the split stays the power of two it was searched as)."""
     levels = qmax(q.bits) - 1
     xf = x.to(torch.float32)
-    step_lo, step_hi = q.split * top / levels, top / levels
+    step_lo, step_hi = softmax_twin_steps(q.split, q.bits, top)
     below = xf < (q.split * top).detach()
     lo = round_ste(xf / step_lo).clamp(0, levels) * step_lo
     hi = round_ste(xf / step_hi).clamp(0, levels) * step_hi
