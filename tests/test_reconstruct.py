@@ -301,6 +301,21 @@ def test_inputs_switch_chooses_the_quantized_or_the_float_block_inputs():
                                                                          rel=1e-3)
 
 
+def test_each_block_learns_on_the_outputs_of_the_blocks_before_it_as_kept_or_restored():
+    m, x, q = tiny_w4a4()
+    calibrated = copy.deepcopy(q)
+    io = block_io(calibrated, x)   # the float targets: the calibrated model's weights are the float ones
+    report = run(q, x)
+    assert not report.restored()
+    final = block_io(q, x)   # blocks.1's quantized input: the reconstructed blocks.0's output
+    assert report.units[1].error_after == pytest.approx(block_error(q, "1", final["1"][0], io["1"][2]), rel=1e-6)
+    restored = run(copy.deepcopy(calibrated), x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0,
+                                                                  lr_rounding=10.0))
+    assert restored.restored() == ["blocks.0", "blocks.1"]   # blocks.1's input: the calibrated blocks.0's output
+    assert restored.units[1].error_before == pytest.approx(block_error(calibrated, "1", io["1"][0], io["1"][2]),
+                                                           rel=1e-6)
+
+
 def test_sublayer_units_compose_to_the_block_and_are_reconstructed():
     m, x, q = tiny_w4a4()
     units = reconstruction_units(q.model, "sublayer")

@@ -133,13 +133,17 @@ def _run(unit: Unit, x: torch.Tensor, batch: int, out: Optional[torch.Tensor] = 
 
 
 def _relative_error(unit: Unit, x: torch.Tensor, target: torch.Tensor, batch: int,
-                    weights: Optional[torch.Tensor] = None) -> float:
-    """``Σ w (y - t)² / Σ w t²`` over the pool: the error the unit learns against (``w`` = 1 without Fisher)."""
+                    weights: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> float:
+    """``Σ w (y - t)² / Σ w t²`` over the pool: the error the unit learns against (``w`` = 1 without Fisher);
+    the outputs ``y`` are written into ``out`` if given (the next unit's inputs, without a second pass)."""
     err = ref = 0.0
     for i in range(0, len(x), batch):
+        y = unit.forward(x[i:i + batch])
+        if out is not None:
+            out[i:i + len(y)] = y
         t = target[i:i + batch].to(torch.float64)
         w = 1.0 if weights is None else weights[i:i + batch].to(torch.float64)
-        err += float(((unit.forward(x[i:i + batch]).to(torch.float64) - t).square() * w).sum())
+        err += float(((y.to(torch.float64) - t).square() * w).sum())
         ref += float((t.square() * w).sum())
     return err / max(ref, torch.finfo(torch.float64).tiny)
 
@@ -402,17 +406,22 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             before = _relative_error(unit, x_in, target, batch, fisher[k])
             saved = _snapshot(unit)
             _learn_unit(unit, x_in, target, fisher[k], options, batches, drops, held_fixed, bar)
-            after = _relative_error(unit, x_in, target, batch, fisher[k])
+            # with quantized inputs the float inputs are spent (the target is computed): their buffer takes
+            # the learned unit's outputs, the next unit's inputs if it is kept, and the memory stays 3 activations
+            quantized = options.inputs == "quantized"
+            after = _relative_error(unit, x_in, target, batch, fisher[k], out=x_float if quantized else None)
             kept = after <= before
             if not kept:
                 for tensor, copy in saved:
                     tensor.copy_(copy)
                 after = before
+                if quantized:
+                    _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
+            elif quantized:
+                x_quant = x_float
             del saved
             fisher[k] = None
             report.units.append(UnitResult(unit.name, before, after, kept))
-            if options.inputs == "quantized":
-                _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
             x_float = target
         bar.close()
     for site in qmodel.sites().values():  # the unrounded and float weights are spent (and would only hold memory)
