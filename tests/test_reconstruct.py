@@ -3,6 +3,7 @@ what each switch changes, and that a reconstructed model stays an ordinary quant
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -116,6 +117,26 @@ def test_sign_rounding_is_hard_from_the_start_and_moves_by_the_gradients_sign():
     assert sw.v.tolist() == [[-0.5, 0.5, 0.0, -0.5]]   # kept within half a step
 
 
+def test_learned_weight_step_gets_the_lsq_gradient_and_the_codes_follow_the_moved_grid():
+    q = UniformQuantizer(3, groups=2, axis=0)                 # a step per row, codes -4..3
+    q.set_scale(torch.tensor([0.5, 1.0]))
+    w = torch.tensor([[0.26, -0.74, 0.5, 3.9],                # W/Δ = 0.52, -1.48, 1, 7.8
+                      [0.3, -1.6, 2.2, 9.0]])                 # W/Δ = 0.3, -1.6, 2.2, 9
+    sw = SignRoundingWeight(q, w, WEIGHT_GRIDS.get(q)(q, w), learn_step=True)
+    fixed = SignRoundingWeight(q, w, WEIGHT_GRIDS.get(q)(q, w))
+    out = sw(w)
+    assert torch.equal(out, fixed(w)) and torch.equal(sw.hard_codes(), fixed.hard_codes())   # s = 0: as calibrated
+    out.sum().backward()
+    # d/ds of Δe^s·code(W/(Δe^s)) at s = 0: Δ·(code - W/Δ) where the code is inside the range, Δ·code where clamped
+    want = [0.5 * ((1 - 0.52) + (-1 + 1.48) + (1 - 1) + 3), (0 - 0.3) + (-2 + 1.6) + (2 - 2.2) + 3]
+    assert sw.s.grad.tolist() == pytest.approx(want, abs=1e-6)
+    with torch.no_grad():
+        sw.s.copy_(torch.tensor([math.log(2.0), 0.0]))        # row 0's step 0.5 -> 1
+    assert sw.learned_scale().tolist() == pytest.approx([1.0, 1.0], rel=1e-6)
+    assert sw.hard_codes().tolist() == [[0.0, -1.0, 0.0, 3.0], [0.0, -2.0, 2.0, 3.0]]   # around W/Δ' now
+    assert LearningWeight(q, w, WEIGHT_GRIDS.get(q)(q, w)).learned_scale() is None
+
+
 def test_learned_step_is_the_quantizer_at_the_start_and_gets_the_lsq_gradient():
     x = torch.tensor([[0.3, 5.0, -0.7, 1.2]])
     q = UniformQuantizer(3)
@@ -161,12 +182,13 @@ def test_reconstruction_lowers_every_block_output_error_and_keeps_weights_on_the
     assert changed > 0
 
 
-def test_reconstructed_model_saves_loads_and_exports_like_a_calibrated_one(tmp_path):
+@pytest.mark.parametrize("weight_steps", [False, True])
+def test_reconstructed_model_saves_loads_and_exports_like_a_calibrated_one(tmp_path, weight_steps):
     pytest.importorskip("onnxruntime")
     from ptq4vit.export import export_onnx
     m, x, q = tiny_w4a4()
     calibrated = copy.deepcopy(q)
-    run(q, x)
+    run(q, x, dataclasses.replace(FAST, learn_weight_steps=weight_steps))
     ptq4vit.save(q, tmp_path / "r.safetensors")
     q2 = ptq4vit.load(tmp_path / "r.safetensors")
     with torch.no_grad():
@@ -247,6 +269,20 @@ def test_switches_learn_only_what_they_say():
     assert any(u.kept for u in report.units)
     assert [(p.grad, p.requires_grad) for p in only_bias.parameters()] == [(None, p.requires_grad)
                                                                           for p in q.parameters()]
+
+    weight_steps = copy.deepcopy(q)   # the weights' steps move, each weight on one of its two codes of the moved grid
+    report = run(weight_steps, x, Reconstruction(iterations=25, images=8, batch_size=4, learn_weight_steps=True))
+    assert not report.restored()
+    sites = [(n, s, weight_steps.sites()[n]) for n, s in q.sites().items() if isinstance(s, QuantLinear)
+             and n.startswith("blocks.")]
+    assert sites and all(not torch.equal(new.w_quant.scale, old.w_quant.scale) for _, old, new in sites)
+    for _, old, new in sites:
+        wq = new.w_quant
+        step = wq.scale.repeat_interleave(new.weight.shape[0] // wq.groups).reshape(-1, 1)
+        codes = wq.codes(new.weight.detach())
+        assert torch.equal(wq.dequantize(codes.clone(), torch.float32), new.weight.detach())   # on the moved grid
+        low = torch.floor(old.weight.detach() / step).clamp(-qmax(wq.bits), qmax(wq.bits) - 1)
+        assert bool(((codes == low) | (codes == (low + 1).clamp(max=qmax(wq.bits) - 1))).all())
 
     no_drop = copy.deepcopy(q)
     run(no_drop, x, Reconstruction(iterations=25, images=8, batch_size=4, qdrop=0.0))
@@ -388,6 +424,12 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         Reconstruction(lr_bias=0)
     with pytest.raises(UserError, match="reconstruction field learn_bias must be True or False, got 'yes'"):
         Reconstruction(learn_bias="yes")
+    with pytest.raises(UserError, match="reconstruction.learn_weight_steps learns the weight steps with the "
+                                        "rounding: it needs learn_rounding=True and rounding='sign' \\(got "
+                                        "learn_rounding=True, rounding='adaround'\\)"):
+        Reconstruction(learn_weight_steps=True, rounding="adaround")
+    with pytest.raises(UserError, match="it needs learn_rounding=True and rounding='sign' \\(got learn_rounding=False"):
+        Reconstruction(learn_weight_steps=True, learn_rounding=False)
     with pytest.raises(UserError, match="reconstruction field unit must be one of 'block', 'sublayer'"):
         Reconstruction(unit="layer")
     with pytest.raises(UserError, match="reconstruction field rounding must be one of 'sign', 'adaround'"):

@@ -237,7 +237,9 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
                         continue  # the weight is not learned: the quantizer rounds it as calibrated
                     start = getattr(site, "rounding_start", None)  # GPTQ's unrounded weight, where calibration kept it
                     start = site.weight if start is None else start
-                    stand_in: nn.Module = ROUNDING_LEARNERS[options.rounding](q, start, grid(q, site.weight))
+                    learner = ROUNDING_LEARNERS[options.rounding]
+                    stand_in: nn.Module = (learner(q, start, grid(q, site.weight), learn_step=True)
+                                           if options.learn_weight_steps else learner(q, start, grid(q, site.weight)))
                     learners.weights.append((site, stand_in))
                 else:
                     rule = STEP_RULES.find(q)
@@ -281,7 +283,8 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
     fisher_scale = float(fisher.to(torch.float64).mean()) if fisher is not None else 1.0
     with _learning(unit, options, drops, held_fixed) as learners:
         v = [w.v for _, w in learners.weights]
-        u = [a.u for a in learners.activations if a.u is not None]
+        u = [a.u for a in learners.activations if a.u is not None] + [
+            w.s for _, w in learners.weights if w.s is not None]  # activation and weight log-steps
         b = learners.biases
         sign = options.rounding == "sign"  # the sign rounding moves V itself; Adam moves the rest
         groups = ([{"params": v, "lr": options.lr_rounding}] if v and not sign else []) + (
@@ -320,7 +323,10 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
     with torch.no_grad():
         for site, w in learners.weights:
             q = w.quantizer
-            site.weight.copy_(q.dequantize(w.hard_codes(), site.weight.dtype))
+            codes, scale = w.hard_codes(), w.learned_scale()
+            if scale is not None:
+                q.scale.copy_(scale)
+            site.weight.copy_(q.dequantize(codes, site.weight.dtype))
         for a in learners.activations:
             step = a.learned_step()
             if step is not None:

@@ -72,6 +72,7 @@ RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "float block inputs": {"reconstruction.inputs": "float"},
     "sub-block units": {"reconstruction.unit": "sublayer"},
     "pool of 256 images": {"reconstruction.images": 256},
+    "learned weight steps": {"reconstruction.learn_weight_steps": True},
 }
 
 #: Each preset's named variants (one component switched off or swapped): the rows of its ablation.

@@ -153,7 +153,11 @@ class LearningWeight(nn.Module):
         x = weight.detach().to(torch.float32) / grid.step
         self.register_buffer("base", torch.floor(x))
         self.v = nn.Parameter(soft_rounding_start(x - self.base))
+        self.s: Optional[nn.Parameter] = None  # the step is never learned with a soft rounding
         self.soft = True
+
+    def learned_scale(self) -> Optional[torch.Tensor]:
+        return None
 
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         return (self.base + h + self.grid.zero).clamp(self.grid.low, self.grid.high)
@@ -176,9 +180,13 @@ class SignRoundingWeight(nn.Module):
     ``round``), so the error learned against is the error of the codes written at the end: no soft
     weight to anneal, no gap between what was learned and what is kept. ``V`` spans one step, so each
     weight ends on one of the two codes around ``W/Δ``: the same choice AdaRound has.
+
+    With ``learn_step`` the step of each group of the quantizer (each row, per channel) is learned
+    too, as ``Δ · exp(s)`` (LSQ's gradient through ``round``), and the two codes are those around
+    ``W/Δ'`` for the current step ``Δ'``: the grid moves, its kind (steps, zero points, codes) does not.
     """
 
-    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, grid: WeightGrid):
+    def __init__(self, quantizer: Quantizer, weight: torch.Tensor, grid: WeightGrid, learn_step: bool = False):
         super().__init__()
         self.quantizer = quantizer
         self.enabled = quantizer.enabled
@@ -186,20 +194,45 @@ class SignRoundingWeight(nn.Module):
         self.register_buffer("scaled", weight.detach().to(torch.float32) / grid.step)
         self.register_buffer("base", torch.floor(self.scaled))
         self.v = nn.Parameter(torch.zeros_like(self.scaled))
+        self.s: Optional[nn.Parameter] = None
+        if learn_step:
+            self.register_buffer("start", weight.detach().to(torch.float32))
+            self.s = nn.Parameter(torch.zeros_like(quantizer.scale))
 
-    def codes(self, rounded: torch.Tensor) -> torch.Tensor:
+    def step(self) -> torch.Tensor:
+        """The grid's step, learned (a column of per-row values, or a scalar) or as calibrated."""
+        if self.s is None:
+            return self.grid.step
+        factor = torch.exp(self.s).reshape(-1).repeat_interleave(self.start.shape[0] // self.s.numel())
+        return self.grid.step * factor.reshape(-1, 1)
+
+    def _scaled_and_base(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.s is None:
+            return self.scaled, self.base
+        scaled = self.start / self.step()
+        return scaled, torch.floor(scaled.detach())
+
+    def codes(self, rounded: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         # round(W/Δ ± 1/2) can tie to a third code where W/Δ is an integer: keep to floor and floor + 1
         # (torch.where, not clamp: clamp halves the gradient where the code sits on a bound)
-        neighbour = torch.where(rounded < self.base, self.base, torch.where(rounded > self.base + 1, self.base + 1, rounded))
+        base = self.base if base is None else base
+        neighbour = torch.where(rounded < base, base, torch.where(rounded > base + 1, base + 1, rounded))
         return (neighbour + self.grid.zero).clamp(self.grid.low, self.grid.high)
 
     def hard_codes(self) -> torch.Tensor:
-        return self.codes(torch.round(self.scaled + self.v.detach()))
+        with torch.no_grad():
+            scaled, base = self._scaled_and_base()
+            return self.codes(torch.round(scaled + self.v), base)
+
+    def learned_scale(self) -> Optional[torch.Tensor]:
+        """The learned steps to write into the quantizer's ``scale`` (None when the step is not learned)."""
+        return None if self.s is None else (self.quantizer.scale * torch.exp(self.s)).detach()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return ((self.codes(round_ste(self.scaled + self.v)) - self.grid.zero) * self.grid.step).to(w.dtype)
+        scaled, base = self._scaled_and_base()
+        return ((self.codes(round_ste(scaled + self.v), base) - self.grid.zero) * self.step()).to(w.dtype)
 
     @torch.no_grad()
     def sign_step(self, lr: float) -> None:

@@ -49,6 +49,9 @@ class Reconstruction(Component):
     lr_bias: float = 1e-3
     #: Learn each weight's rounding (False: the calibrated weights are kept bit for bit).
     learn_rounding: bool = True
+    #: Learn each weight group's step (each row's, per channel) with the rounding, LSQ-style at ``lr_steps``
+    #: (``rounding="sign"`` only): the grid moves, its kind (steps, zero points, codes) does not.
+    learn_weight_steps: bool = False
     #: How the rounding is learned: ``"sign"`` (the hard rounding itself, moved by the gradient's sign
     #: at a rate falling linearly from ``lr_rounding`` to 0) or ``"adaround"`` (a soft rounding annealed
     #: to hard by a regularizer: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``; within
@@ -101,6 +104,10 @@ class Reconstruction(Component):
             raise UserError(f"reconstruction needs beta_start >= beta_end, got {self.beta_start} < {self.beta_end}")
         if self.rounding_weight < 0:
             raise UserError(f"reconstruction.rounding_weight must be at least 0, got {self.rounding_weight}")
+        if self.learn_weight_steps and not (self.learn_rounding and self.rounding == "sign"):
+            raise UserError("reconstruction.learn_weight_steps learns the weight steps with the rounding: it needs "
+                            f"learn_rounding=True and rounding='sign' (got learn_rounding={self.learn_rounding}, "
+                            f"rounding={self.rounding!r})")
         if self.rounding == "sign":  # the annealing's settings would be silently unused
             for name in _ADAROUND_ONLY:
                 if getattr(self, name) != _DEFAULTS[name]:
