@@ -237,9 +237,8 @@ def _learning(unit: Unit, options: Reconstruction, generator: torch.Generator,
                         continue  # the weight is not learned: the quantizer rounds it as calibrated
                     start = getattr(site, "rounding_start", None)  # GPTQ's unrounded weight, where calibration kept it
                     start = site.weight if start is None else start
-                    learner = ROUNDING_LEARNERS[options.rounding]
-                    stand_in: nn.Module = (learner(q, start, grid(q, site.weight), learn_step=True)
-                                           if options.learn_weight_steps else learner(q, start, grid(q, site.weight)))
+                    step = {"learn_step": True} if options.learn_weight_steps else {}  # a sign rounding's option
+                    stand_in: nn.Module = ROUNDING_LEARNERS[options.rounding](q, start, grid(q, site.weight), **step)
                     learners.weights.append((site, stand_in))
                 else:
                     rule = STEP_RULES.find(q)

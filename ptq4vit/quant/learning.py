@@ -191,20 +191,20 @@ class SignRoundingWeight(nn.Module):
         self.quantizer = quantizer
         self.enabled = quantizer.enabled
         self.grid = grid
-        self.register_buffer("scaled", weight.detach().to(torch.float32) / grid.step)
-        self.register_buffer("base", torch.floor(self.scaled))
-        self.v = nn.Parameter(torch.zeros_like(self.scaled))
+        self.v = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
         self.s: Optional[nn.Parameter] = None
-        if learn_step:
+        if learn_step:  # W/Δ' changes with the step: keep W
             self.register_buffer("start", weight.detach().to(torch.float32))
             self.s = nn.Parameter(torch.zeros_like(quantizer.scale))
+        else:  # the grid is fixed: W/Δ and its floor once
+            self.register_buffer("scaled", weight.detach().to(torch.float32) / grid.step)
+            self.register_buffer("base", torch.floor(self.scaled))
 
     def step(self) -> torch.Tensor:
         """The grid's step, learned (a column of per-row values, or a scalar) or as calibrated."""
         if self.s is None:
             return self.grid.step
-        factor = torch.exp(self.s).reshape(-1).repeat_interleave(self.start.shape[0] // self.s.numel())
-        return self.grid.step * factor.reshape(-1, 1)
+        return self.grid.step * _row_values(torch.exp(self.s), self.quantizer, self.start)
 
     def _scaled_and_base(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.s is None:
@@ -212,10 +212,9 @@ class SignRoundingWeight(nn.Module):
         scaled = self.start / self.step()
         return scaled, torch.floor(scaled.detach())
 
-    def codes(self, rounded: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def codes(self, rounded: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         # round(W/Δ ± 1/2) can tie to a third code where W/Δ is an integer: keep to floor and floor + 1
         # (torch.where, not clamp: clamp halves the gradient where the code sits on a bound)
-        base = self.base if base is None else base
         neighbour = torch.where(rounded < base, base, torch.where(rounded > base + 1, base + 1, rounded))
         return (neighbour + self.grid.zero).clamp(self.grid.low, self.grid.high)
 
