@@ -13,7 +13,9 @@ replaced a layer's weight or bias, GPTQ's rounding or bias correction, it kept t
 * with ``learn_bias``, the biases of its linear layers (float in every export);
 
 against the unit's output error, optionally weighted by a diagonal Fisher (the squared gradient of
-the float model's loss at the unit's output) and with QDrop. The learning happens on stand-ins
+the float model's loss at the unit's output) and with QDrop. With ``network_iterations``, a last stage
+learns the same at every site of the model at once against the KL divergence of the model's output
+from the float model's (the rounding going on from where the units left it, with ``network_rounding``). The learning happens on stand-ins
 swapped into the unit's sites for the duration (:mod:`ptq4vit.quant.learning`); the model's own
 forward is never changed, so a model that is not reconstructed computes what it always did.
 
@@ -21,8 +23,10 @@ What it holds at once (``memory_budget``): the pool's inputs of the current unit
 quantized model computes them (``inputs="quantized"``) and as the float model does, and the unit's
 float outputs: 3 activations per image (2 with ``inputs="float"``), plus, with ``fisher``, the
 squared gradients at every unit's output in bfloat16 (half an activation per unit and image).
-Nothing of the previous units is kept. The optimization's own graph (one batch through one block)
-and the float weights calibration kept (one copy of the replaced layers' weights) are not counted.
+Nothing of the previous units is kept. The network stage holds the float model's class
+log-probabilities of the pool. The optimization's own graph (one batch through one block, or through
+the model in the network stage) and the float weights calibration kept (one copy of the replaced
+layers' weights) are not counted.
 
 Reproducible: batches and QDrop masks are drawn from generators seeded by ``seed``, and the work
 runs on a fixed number of intra-op threads, so the same inputs give a bit-identical model.
@@ -32,8 +36,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Union
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +72,30 @@ class UnitResult:
 
 
 @dataclass
+class NetworkResult:
+    """The network stage's steps and the mean KL(float ‖ quantized) of the model's output over the pool,
+    before and after; ``kept`` is False where learning raised it and the model was restored."""
+
+    iterations: int
+    kl_before: float
+    kl_after: float
+    kept: bool
+
+
+@dataclass
 class ReconstructionReport:
-    """What :func:`reconstruct` did: per unit errors, the pool size, and the quantizers held fixed by kind."""
+    """What :func:`reconstruct` did: per unit errors, the network stage's KL (None without one), the pool
+    size, and the quantizers held fixed by kind."""
 
     units: list[UnitResult] = field(default_factory=list)
     images: int = 0
     held_fixed: dict[str, int] = field(default_factory=dict)
+    network: Optional[NetworkResult] = None
 
     def restored(self) -> list[str]:
-        """The units restored as calibrated (learning raised their error)."""
-        return [u.name for u in self.units if not u.kept]
+        """The units (and ``"network"`` for the network stage) restored as they were: learning raised their error."""
+        return [u.name for u in self.units if not u.kept] + (
+            ["network"] if self.network is not None and not self.network.kept else [])
 
     def as_dict(self) -> dict:
         """Plain data for a results row: the pool size, each unit's errors and whether it was kept, the kinds held fixed."""
@@ -89,6 +107,10 @@ class ReconstructionReport:
                  + (f", {len(restored)} restored as calibrated" if restored else "")]
         lines += [f"  {u.name}: error {u.error_before:.4g} -> {u.error_after:.4g}" + ("" if u.kept else " (restored)")
                   for u in self.units]
+        if self.network is not None:
+            n = self.network
+            lines.append(f"  network ({n.iterations} steps): output KL {n.kl_before:.4g} -> {n.kl_after:.4g}"
+                         + ("" if n.kept else " (restored)"))
         if self.held_fixed:
             lines.append("  held fixed: " + ", ".join(f"{n} {k}" for k, n in sorted(self.held_fixed.items())))
         return "\n".join(lines)
@@ -273,13 +295,13 @@ def _snapshot(unit: Unit) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return kept
 
 
-def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Optional[torch.Tensor],
-                options: Reconstruction, batches: torch.Generator, drops: torch.Generator, held_fixed: Counter,
-                bar) -> None:
-    """Optimize the unit's stand-ins on the pool, then write the hard rounding and the learned steps."""
-    n = len(x_in)
-    mean_square = float(target.to(torch.float64).square().mean())
-    fisher_scale = float(fisher.to(torch.float64).mean()) if fisher is not None else 1.0
+def _learn(unit: Unit, options: Reconstruction, iterations: int, loss_of: Callable[[torch.Tensor], torch.Tensor],
+           n: int, batches: torch.Generator, drops: torch.Generator, held_fixed: Counter, bar,
+           keep_unrounded: bool = False) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Optimize the unit's stand-ins for ``iterations`` steps, each on ``loss_of`` a batch of pool indices,
+    then write the hard rounding and the learned steps; with ``keep_unrounded``, returns each sign-rounded
+    site with the weight its rounding rounds (where a later stage goes on learning it)."""
+    unrounded = []
     with _learning(unit, options, drops, held_fixed) as learners:
         v = [w.v for _, w in learners.weights]
         u = [a.u for a in learners.activations if a.u is not None] + [
@@ -293,13 +315,10 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
             opt = torch.optim.Adam(groups) if groups else None
             for a in learners.activations:
                 a.drop = options.qdrop
-            for it in range(options.iterations):
-                idx = torch.randint(n, (options.batch_size,), generator=batches).to(x_in.device)
+            for it in range(iterations):
+                idx = torch.randint(n, (options.batch_size,), generator=batches)
                 with torch.enable_grad():
-                    diff = (unit.forward(x_in[idx]) - target[idx]).square()
-                    if fisher is not None:
-                        diff = diff * (fisher[idx].to(diff.dtype) / fisher_scale)
-                    loss = diff.mean() / mean_square
+                    loss = loss_of(idx)
                     beta = None if sign else options.beta(it)
                     if beta is not None and v and options.rounding_weight > 0:
                         reg = sum(rounding_regularizer(p, beta) for p in v) / n_weights
@@ -310,14 +329,16 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
                 if opt is not None:
                     opt.step()
                 if sign:  # the rate falls linearly to 0 over the iterations (SignRound's schedule)
-                    lr = options.lr_rounding * (1.0 - it / options.iterations)
+                    lr = options.lr_rounding * (1.0 - it / iterations)
                     for _, w in learners.weights:
                         w.sign_step(lr)
                 bar.update(1)
-                if it % 10 == 0 or it == options.iterations - 1:
+                if it % 10 == 0 or it == iterations - 1:
                     bar.set_postfix_str(f"{unit.name} loss {float(loss):.4g}", refresh=False)
         else:
-            bar.update(options.iterations)
+            bar.update(iterations)
+        if keep_unrounded:
+            unrounded = [(site, w.unrounded()) for site, w in learners.weights if isinstance(w, SignRoundingWeight)]
     # the quantizers are back in place: write what was learned into them
     with torch.no_grad():
         for site, w in learners.weights:
@@ -330,6 +351,72 @@ def _learn_unit(unit: Unit, x_in: torch.Tensor, target: torch.Tensor, fisher: Op
             step = a.learned_step()
             if step is not None:
                 getattr(a.quantizer, a.rule.buffer).copy_(step)
+    return unrounded
+
+
+def _unit_loss(unit: Unit, x_in: torch.Tensor, target: torch.Tensor,
+               fisher: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The unit's output error on a batch, relative to the target's mean square (Fisher-weighted if given)."""
+    mean_square = float(target.to(torch.float64).square().mean())
+    fisher_scale = float(fisher.to(torch.float64).mean()) if fisher is not None else 1.0
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(x_in.device)
+        diff = (unit.forward(x_in[idx]) - target[idx]).square()
+        if fisher is not None:
+            diff = diff * (fisher[idx].to(diff.dtype) / fisher_scale)
+        return diff.mean() / mean_square
+    return loss_of
+
+
+def _output_kl(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, float_log_probs: torch.Tensor,
+               batch: int) -> float:
+    """Mean over ``images`` of KL(float ‖ model) between the class distributions."""
+    total = 0.0
+    for i in range(0, len(images), batch):
+        log_q = F.log_softmax(model(images[i:i + batch]).to(torch.float64), dim=-1)
+        log_p = float_log_probs[i:i + batch].to(torch.float64)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+    return total / len(images)
+
+
+def _float_log_probs(qmodel: QuantizedModel, pool: torch.Tensor, replaced: list, batch: int) -> torch.Tensor:
+    """The float model's class log-probabilities of the pool: taken before any unit is learned, as a unit
+    writes its quantized weights over float ones calibration kept no copy of."""
+    with _float_model(qmodel, replaced):
+        return torch.cat([F.log_softmax(qmodel(pool[i:i + batch]), dim=-1) for i in range(0, len(pool), batch)])
+
+
+def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: torch.Tensor,
+                   options: Reconstruction, batches: torch.Generator, drops: torch.Generator, held_fixed: Counter,
+                   bar) -> "NetworkResult":
+    """The network stage: every site of the model at once, against the KL of its output from the float
+    model's; the model is restored where the pool's KL would rise."""
+    batch = options.batch_size
+    model = qmodel.model
+    whole = Unit("network", qmodel, (model,), model, "", False)
+    rounding = options.network_learns_rounding()
+    stage = replace(options, learn_rounding=rounding, learn_weight_steps=options.learn_weight_steps and rounding)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.to(pool.device)
+        log_q = F.log_softmax(qmodel(pool[idx]), dim=-1)
+        log_p = float_log_probs[idx]
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    before = _output_kl(qmodel, pool, float_log_probs, batch)
+    saved = _snapshot(whole)
+    held_here: Counter = Counter()
+    _learn(whole, stage, options.network_iterations, loss_of, len(pool), batches, drops, held_here, bar)
+    for kind, count in held_here.items():  # each quantizer once: the units have counted those of the blocks
+        held_fixed[kind] = max(held_fixed[kind], count)
+    after = _output_kl(qmodel, pool, float_log_probs, batch)
+    kept = after <= before
+    if not kept:
+        for tensor, copy in saved:
+            tensor.copy_(copy)
+        after = before
+    return NetworkResult(options.network_iterations, before, after, kept)
 
 
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstruction = Reconstruction(), *,
@@ -397,7 +484,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                             f"above the memory budget of {budget / 2 ** 20:.0f} MiB: use fewer images "
                             f"(Reconstruction(images=...)) or a larger memory_budget")
         fisher = _fisher_weights(qmodel, pool, units, batch, replaced) if options.fisher else [None] * len(units)
-        bar = tqdm(total=len(units) * options.iterations, desc="reconstructing", unit="it", disable=not progress)
+        float_log_probs = _float_log_probs(qmodel, pool, replaced, batch) if options.network_iterations else None
+        network_rounding = options.network_learns_rounding()
+        bar = tqdm(total=len(units) * options.iterations + options.network_iterations, desc="reconstructing", unit="it", disable=not progress)
         x_float = x_quant = None
         for k, unit in enumerate(units):
             if not unit.chained:
@@ -410,7 +499,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             x_in = x_quant if options.inputs == "quantized" else x_float
             before = _relative_error(unit, x_in, target, batch, fisher[k])
             saved = _snapshot(unit)
-            _learn_unit(unit, x_in, target, fisher[k], options, batches, drops, held_fixed, bar)
+            unrounded = _learn(unit, options, options.iterations, _unit_loss(unit, x_in, target, fisher[k]),
+                               len(x_in), batches, drops, held_fixed, bar, keep_unrounded=network_rounding)
             # with quantized inputs the float inputs are spent (the target is computed): their buffer takes
             # the learned unit's outputs, the next unit's inputs if it is kept, and the memory stays 3 activations
             quantized = options.inputs == "quantized"
@@ -422,12 +512,18 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                 after = before
                 if quantized:
                     _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
-            elif quantized:
-                x_quant = x_float
-            del saved
+            else:
+                if quantized:
+                    x_quant = x_float
+                for site, weight in unrounded:  # the network stage goes on from here
+                    site.rounding_start = weight
+            del saved, unrounded
             fisher[k] = None
             report.units.append(UnitResult(unit.name, before, after, kept))
             x_float = target
+        del x_float, x_quant, target, x_in
+        if options.network_iterations:
+            report.network = _learn_network(qmodel, pool, float_log_probs, options, batches, drops, held_fixed, bar)
         bar.close()
     for site in qmodel.sites().values():  # the unrounded and float weights are spent (and would only hold memory)
         for spent in ("rounding_start", "float_weight", "float_bias"):
@@ -438,4 +534,4 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     return report
 
 
-__all__ = ["Reconstruction", "ReconstructionReport", "UnitResult", "reconstruct"]
+__all__ = ["NetworkResult", "Reconstruction", "ReconstructionReport", "UnitResult", "reconstruct"]

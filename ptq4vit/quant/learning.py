@@ -113,12 +113,13 @@ class WeightGrid:
 
 
 def _row_values(values: torch.Tensor, q: Quantizer, weight: torch.Tensor) -> torch.Tensor:
-    """A ``(groups,)`` buffer as a ``(rows, 1)`` column (or a scalar for a per-tensor quantizer)."""
+    """A ``(groups,)`` buffer as a column against the weight's rows (``(rows, 1)`` for a linear layer's
+    weight, ``(rows, 1, 1, 1)`` for a convolution's), or a scalar for a per-tensor quantizer."""
     if q.axis is None:
         return values.reshape(())
-    if q.axis != 0 or weight.dim() != 2:
+    if q.axis != 0:
         raise NotImplementedError(f"learned rounding of a weight grouped along axis {q.axis}")
-    return values.repeat_interleave(weight.shape[0] // values.numel()).reshape(-1, 1)
+    return values.repeat_interleave(weight.shape[0] // values.numel()).reshape(-1, *[1] * (weight.dim() - 1))
 
 
 #: How to read the grid off a weight quantizer, per kind; a kind without one keeps its rounding.
@@ -222,6 +223,13 @@ class SignRoundingWeight(nn.Module):
         with torch.no_grad():
             scaled, base = self._scaled_and_base()
             return self.codes(torch.round(scaled + self.v), base)
+
+    def unrounded(self) -> torch.Tensor:
+        """The weight the hard rounding rounds to nearest, ``(W/Δ' + V) · Δ'``: where a later stage that
+        learns the rounding again starts (its ``V = 0`` then gives the codes learned here, ties aside)."""
+        with torch.no_grad():
+            scaled, _ = self._scaled_and_base()
+            return (scaled + self.v) * self.step()
 
     def learned_scale(self) -> Optional[torch.Tensor]:
         """The learned steps to write into the quantizer's ``scale`` (None when the step is not learned)."""

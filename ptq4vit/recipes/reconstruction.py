@@ -75,6 +75,13 @@ class Reconstruction(Component):
     #: cross-entropy against its own prediction at the unit's output), normalized to mean 1: the
     #: error then counts where it moves the prediction, not where the output is merely large.
     fisher: bool = False
+    #: Steps of a last stage over the whole model after the units (0: none): it learns what the units
+    #: learned, at the same rates, against the KL divergence of the model's output from the float
+    #: model's, so error a unit inherits and cannot undo on its own is learned against where it ends.
+    network_iterations: int = 0
+    #: In that stage, go on learning the weights' rounding from where the units left it (sign rounding
+    #: only); False: only the activation steps (and biases with ``learn_bias``).
+    network_rounding: bool = True
     #: Seeds the batches and the QDrop masks.
     seed: int = 0
     #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
@@ -93,6 +100,8 @@ class Reconstruction(Component):
         for name in ("iterations", "batch_size", "images"):
             if getattr(self, name) < 1:
                 raise UserError(f"reconstruction.{name} must be at least 1, got {getattr(self, name)}")
+        if self.network_iterations < 0:
+            raise UserError(f"reconstruction.network_iterations must be at least 0, got {self.network_iterations}")
         for name in ("lr_rounding", "lr_steps", "lr_bias", "beta_end"):
             if getattr(self, name) <= 0:
                 raise UserError(f"reconstruction.{name} must be positive, got {getattr(self, name)}")
@@ -108,11 +117,19 @@ class Reconstruction(Component):
             raise UserError("reconstruction.learn_weight_steps learns the weight steps with the rounding: it needs "
                             f"learn_rounding=True and rounding='sign' (got learn_rounding={self.learn_rounding}, "
                             f"rounding={self.rounding!r})")
+        if self.network_iterations and self.network_rounding and self.learn_rounding and self.rounding != "sign":
+            raise UserError("reconstruction.network_rounding goes on learning a sign rounding, but rounding="
+                            f"{self.rounding!r}: set network_rounding=False (the network stage then learns steps "
+                            "and biases only) or rounding='sign'")
         if self.rounding == "sign":  # the annealing's settings would be silently unused
             for name in _ADAROUND_ONLY:
                 if getattr(self, name) != _DEFAULTS[name]:
                     raise UserError(f"reconstruction.{name} is a setting of rounding='adaround', not of "
                                     f"rounding='sign' (got {name}={getattr(self, name)})")
+
+    def network_learns_rounding(self) -> bool:
+        """Whether the network stage runs and goes on learning the rounding the units learned."""
+        return bool(self.network_iterations) and self.network_rounding and self.learn_rounding
 
     def learns_rounding(self) -> bool:
         """Whether the weights' rounding is learned (calibration then keeps where it starts: GPTQ's unrounded weight)."""
