@@ -360,7 +360,7 @@ def test_each_block_learns_on_the_outputs_of_the_blocks_before_it_as_kept_or_res
     final = block_io(q, x)   # blocks.1's quantized input: the reconstructed blocks.0's output
     assert report.units[1].error_after == pytest.approx(block_error(q, "1", final["1"][0], io["1"][2]), rel=1e-6)
     restored = run(copy.deepcopy(calibrated), x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0,
-                                                                  lr_rounding=10.0))
+                                                                  lr_rounding=10.0, qdrop=0.5))
     assert restored.restored() == ["blocks.0", "blocks.1"]   # blocks.1's input: the calibrated blocks.0's output
     assert restored.units[1].error_before == pytest.approx(block_error(calibrated, "1", io["1"][0], io["1"][2]),
                                                            rel=1e-6)
@@ -418,7 +418,8 @@ def test_a_unit_whose_error_learning_raises_is_restored_bit_for_bit_and_reported
     m, x, q = tiny_w4a4()
     calibrated = copy.deepcopy(q.state_dict())
     # steps and rounding learned far too fast: each block's error rises (0.0154 -> above, 0.0186 -> above)
-    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0))
+    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0,
+                                      qdrop=0.5))
     assert report.restored() == ["blocks.0", "blocks.1"]
     assert all(u.error_after == u.error_before for u in report.units)
     assert q.state_dict().keys() == calibrated.keys()
@@ -504,7 +505,7 @@ def test_a_network_stage_that_raises_the_kl_is_restored_bit_for_bit():
     float_model.set_quantization(False)
     # far too fast for the units (each restored, as in the test above) and for the network stage after them
     report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0,
-                                      network_iterations=5))
+                                      qdrop=0.5, network_iterations=5))
     assert report.restored() == ["blocks.0", "blocks.1", "network"]
     assert report.network.kl_after == report.network.kl_before == pytest.approx(_output_kl(float_model, q, x), rel=1e-5)
     assert "  network (5 steps): output KL" in report.summary() and report.summary().count("(restored)") == 3

@@ -13,10 +13,10 @@ replaced a layer's weight or bias, GPTQ's rounding or bias correction, it kept t
 * with ``learn_bias``, the biases of its linear layers (float in every export);
 
 against the unit's output error, optionally weighted by a diagonal Fisher (the squared gradient of
-the float model's loss at the unit's output) and with QDrop. With ``network_iterations``, a last stage
-learns the same at every site of the model at once against the KL divergence of the model's output
-from the float model's (the rounding going on from where the units left it, with ``network_rounding``). The learning happens on stand-ins
-swapped into the unit's sites for the duration (:mod:`ptq4vit.quant.learning`); the model's own
+the float model's loss at the unit's output) and with QDrop. With ``network_iterations``, a last
+stage learns the same at every site of the model at once against the KL divergence of the model's
+output from the float model's (with ``network_rounding``, the rounding going on from where the units
+left it). The learning happens on stand-ins swapped into the unit's sites for the duration (:mod:`ptq4vit.quant.learning`); the model's own
 forward is never changed, so a model that is not reconstructed computes what it always did.
 
 What it holds at once (``memory_budget``): the pool's inputs of the current unit in float32, as the
@@ -98,7 +98,8 @@ class ReconstructionReport:
             ["network"] if self.network is not None and not self.network.kept else [])
 
     def as_dict(self) -> dict:
-        """Plain data for a results row: the pool size, each unit's errors and whether it was kept, the kinds held fixed."""
+        """Plain data for a results row: the pool size, each unit's errors and whether it was kept, the network
+        stage's KL, the kinds held fixed."""
         return asdict(self)
 
     def summary(self) -> str:
@@ -338,7 +339,7 @@ def _learn(unit: Unit, options: Reconstruction, iterations: int, loss_of: Callab
         else:
             bar.update(iterations)
         if keep_unrounded:
-            unrounded = [(site, w.unrounded()) for site, w in learners.weights if isinstance(w, SignRoundingWeight)]
+            unrounded = [(site, w.unrounded()) for site, w in learners.weights]  # sign roundings (the recipe checks)
     # the quantizers are back in place: write what was learned into them
     with torch.no_grad():
         for site, w in learners.weights:

@@ -67,7 +67,7 @@ RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "no learned rounding": {"reconstruction.learn_rounding": False},
     "AdaRound rounding": {"reconstruction.rounding": "adaround"},
     "no step learning": {"reconstruction.learn_steps": False},
-    "no QDrop": {"reconstruction.qdrop": 0.0},
+    "QDrop 0.5": {"reconstruction.qdrop": 0.5},
     "Fisher-weighted error": {"reconstruction.fisher": True},
     "float block inputs": {"reconstruction.inputs": "float"},
     "sub-block units": {"reconstruction.unit": "sublayer"},

@@ -34,15 +34,15 @@ class Reconstruction(Component):
     variant = "learned"
 
     #: Optimization steps per unit.
-    iterations: int = 100
+    iterations: int = 200
     #: Images per step (drawn with replacement from the pool).
     batch_size: int = 8
     #: Images in the pool (the first this many of the images given; fewer if fewer are given).
-    images: int = 1000
+    images: int = 512
     #: The rounding variables' rate: Adam's learning rate of ``V`` with ``"adaround"`` (AdaRound's 1e-3 is
     #: for 20k steps); with ``"sign"``, how far ``V`` moves (in steps of the grid) at the first iteration,
-    #: falling linearly to 0: 1e-2 over 100 iterations lets ``V`` move about half a step.
-    lr_rounding: float = 1e-2
+    #: falling linearly to 0: 5e-3 over 200 iterations lets ``V`` move about half a step.
+    lr_rounding: float = 5e-3
     #: Adam learning rate of the log-steps ``u`` (a step is ``Δ0 · exp(u)``: a relative rate).
     lr_steps: float = 1e-3
     #: Adam learning rate of the linear layers' biases (absolute: a bias moves about this much per step).
@@ -55,7 +55,7 @@ class Reconstruction(Component):
     #: How the rounding is learned: ``"sign"`` (the hard rounding itself, moved by the gradient's sign
     #: at a rate falling linearly from ``lr_rounding`` to 0) or ``"adaround"`` (a soft rounding annealed
     #: to hard by a regularizer: ``warmup``, ``beta_start``, ``beta_end``, ``rounding_weight``; within
-    #: 100 iterations most of it is still soft when it is made hard, docs/lowbit.md §11).
+    #: the default iterations most of it is still soft when it is made hard, docs/lowbit.md §11).
     rounding: Literal["sign", "adaround"] = "sign"
     #: Learn the biases of the unit's linear layers (float in every export: nothing changes in kind).
     learn_bias: bool = False
@@ -65,8 +65,9 @@ class Reconstruction(Component):
     #: ``gelu_pow2``, post-GELU log, scaled post-softmax log, the softmax twin's top with ``softmax.top``);
     #: False holds them fixed.
     learn_twin_log: bool = True
-    #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning (0: off).
-    qdrop: float = 0.5
+    #: QDrop: the probability that a value keeps its float value in an activation quantizer while learning
+    #: (0: off, the default: without it every block of the ViT-S/14 ends with a lower error, docs/results.md).
+    qdrop: float = 0.0
     #: A unit's inputs: from the quantized preceding units (``"quantized"``) or from the float model (``"float"``).
     inputs: Literal["quantized", "float"] = "quantized"
     #: Reconstruct whole blocks, or each residual branch (attention, MLP) on its own.
