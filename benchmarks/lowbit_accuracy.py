@@ -11,7 +11,7 @@ run again (resumable). Usage:
     python benchmarks/lowbit_accuracy.py --preset rotq --bits W4A4 [--set field=value ...] [--label NAME]
 
 With ``--set reconstruction=learned`` the model is reconstructed after calibration (docs/lowbit.md §11)
-on the first ``reconstruction.images`` (1000) images of the same draw, the 32 calibration images first.
+on the first ``reconstruction.images`` (512 by default) images of the same draw, the 32 calibration images first.
 """
 from __future__ import annotations
 
