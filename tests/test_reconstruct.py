@@ -454,7 +454,8 @@ def test_the_network_stage_lowers_the_output_kl_after_the_units_as_they_left_the
     assert report.units == first.units                     # the unit stage is the same with a network stage after it
     n = report.network
     assert n.iterations == 20 and n.kept and n.kl_after < n.kl_before
-    assert n.kl_before == pytest.approx(_output_kl(float_model, units_only, x), rel=1e-5)   # float32 logits, batches of 4 against 1
+    # float32 logits in batches of 4 against one image at a time
+    assert n.kl_before == pytest.approx(_output_kl(float_model, units_only, x), rel=1e-5)
     assert n.kl_after == pytest.approx(_output_kl(float_model, q, x), rel=1e-5)
     assert f"  network (20 steps): output KL {n.kl_before:.4g} -> {n.kl_after:.4g}" in report.summary().splitlines()
     assert report.held_fixed == first.held_fixed == {"TwinGeluQuantizer": 2, "TwinSoftmaxQuantizer": 2}

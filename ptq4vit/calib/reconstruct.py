@@ -16,8 +16,9 @@ against the unit's output error, optionally weighted by a diagonal Fisher (the s
 the float model's loss at the unit's output) and with QDrop. With ``network_iterations``, a last
 stage learns the same at every site of the model at once against the KL divergence of the model's
 output from the float model's (with ``network_rounding``, the rounding going on from where the units
-left it). The learning happens on stand-ins swapped into the unit's sites for the duration (:mod:`ptq4vit.quant.learning`); the model's own
-forward is never changed, so a model that is not reconstructed computes what it always did.
+left it). The learning happens on stand-ins swapped into the unit's sites for the duration
+(:mod:`ptq4vit.quant.learning`); the model's own forward is never changed, so a model that is not
+reconstructed computes what it always did.
 
 What it holds at once (``memory_budget``): the pool's inputs of the current unit in float32, as the
 quantized model computes them (``inputs="quantized"``) and as the float model does, and the unit's
@@ -376,8 +377,8 @@ def _output_kl(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     total = 0.0
     for i in range(0, len(images), batch):
         log_q = F.log_softmax(model(images[i:i + batch]).to(torch.float64), dim=-1)
-        log_p = float_log_probs[i:i + batch].to(torch.float64)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
+        total += float(F.kl_div(log_q, float_log_probs[i:i + batch].to(torch.float64), reduction="sum",
+                                log_target=True))
     return total / len(images)
 
 
@@ -402,8 +403,7 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(pool.device)
         log_q = F.log_softmax(qmodel(pool[idx]), dim=-1)
-        log_p = float_log_probs[idx]
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return F.kl_div(log_q, float_log_probs[idx], reduction="batchmean", log_target=True)
 
     before = _output_kl(qmodel, pool, float_log_probs, batch)
     saved = _snapshot(whole)
@@ -487,7 +487,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
         fisher = _fisher_weights(qmodel, pool, units, batch, replaced) if options.fisher else [None] * len(units)
         float_log_probs = _float_log_probs(qmodel, pool, replaced, batch) if options.network_iterations else None
         network_rounding = options.network_learns_rounding()
-        bar = tqdm(total=len(units) * options.iterations + options.network_iterations, desc="reconstructing", unit="it", disable=not progress)
+        bar = tqdm(total=len(units) * options.iterations + options.network_iterations, desc="reconstructing",
+                   unit="it", disable=not progress)
         x_float = x_quant = None
         for k, unit in enumerate(units):
             if not unit.chained:
