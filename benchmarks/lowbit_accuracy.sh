@@ -8,7 +8,7 @@
 # Usage: bash benchmarks/lowbit_accuracy.sh [--main-only | --reconstruction] [extra sweep options, e.g. --limit 1000 for all 10 000 images]
 # --main-only: the four presets at three bit settings (12 runs), without the ablation rows.
 # --reconstruction: rotq with and without reconstruction (docs/lowbit.md §11; the pool: the first
-#   reconstruction.images of the calibration draw, 1000 by default) at W4A4, W6A6, W3A3 and W4A8, then
+#   reconstruction.images of the calibration draw, 512 by default) at W4A4, W6A6, W3A3 and W4A8, then
 #   at W4A4 one reconstruction switch changed per row (ptq4vit.harness.ablations.RECONSTRUCTION_ABLATION_ROWS).
 set -euo pipefail
 MAIN_ONLY=0

@@ -500,13 +500,23 @@ def test_the_network_stage_learns_against_the_float_model_of_a_rotated_gptq_mode
     assert n.kl_after == pytest.approx(_output_kl(float_model, q, x[:4]), rel=1e-4)
 
 
+def test_the_network_stage_learns_at_its_own_rates_not_the_units():
+    m, x, q = tiny_w4a4()
+    # the units' rates are so fast that each unit is restored; at those rates the network stage diverges too
+    # (the next test), at its own it lowers the KL
+    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0,
+                                      qdrop=0.5, network_iterations=5))
+    assert report.restored() == ["blocks.0", "blocks.1"]
+    assert report.network.kept and report.network.kl_after < report.network.kl_before
+
+
 def test_a_network_stage_that_raises_the_kl_is_restored_bit_for_bit():
     m, x, q = tiny_w4a4()
     calibrated, float_model = copy.deepcopy(q.state_dict()), copy.deepcopy(q)
     float_model.set_quantization(False)
     # far too fast for the units (each restored, as in the test above) and for the network stage after them
     report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0,
-                                      qdrop=0.5, network_iterations=5))
+                                      qdrop=0.5, network_iterations=5, network_lr_steps=1.0, network_lr_rounding=10.0))
     assert report.restored() == ["blocks.0", "blocks.1", "network"]
     assert report.network.kl_after == report.network.kl_before == pytest.approx(_output_kl(float_model, q, x), rel=1e-5)
     assert "  network (5 steps): output KL" in report.summary() and report.summary().count("(restored)") == 3
@@ -542,6 +552,10 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
                                         "rounding='adaround': set network_rounding=False"):
         Reconstruction(network_iterations=5, rounding="adaround")
     Reconstruction(network_iterations=5, rounding="adaround", network_rounding=False)   # steps only: it can work
+    with pytest.raises(UserError, match="reconstruction.network_lr_rounding must be positive, got 0"):
+        Reconstruction(network_lr_rounding=0)
+    with pytest.raises(UserError, match="reconstruction.network_lr_steps must be positive, got -0.1"):
+        Reconstruction(network_lr_steps=-0.1)
     m, x, q = tiny_w4a4()
     before = copy.deepcopy(q.state_dict())
     with pytest.raises(UserError, match="above the memory budget .* use fewer images"):

@@ -77,12 +77,17 @@ class Reconstruction(Component):
     #: error then counts where it moves the prediction, not where the output is merely large.
     fisher: bool = False
     #: Steps of a last stage over the whole model after the units (0: none): it learns what the units
-    #: learned, at the same rates, against the KL divergence of the model's output from the float
+    #: learned, at its own rates, against the KL divergence of the model's output from the float
     #: model's, so error a unit inherits and cannot undo on its own is learned against where it ends.
     network_iterations: int = 0
     #: In that stage, go on learning the weights' rounding from where the units left it (sign rounding
     #: only); False: only the activation steps (and biases with ``learn_bias``).
     network_rounding: bool = True
+    #: The network stage's ``lr_rounding`` (the sign step's first rate, falling linearly to 0): far below
+    #: the units' own, as every weight of the model moves by the sign of one batch's gradient at once.
+    network_lr_rounding: float = 1e-4
+    #: The network stage's ``lr_steps`` (Adam's rate of the log-steps, with ``learn_steps``).
+    network_lr_steps: float = 1e-4
     #: Seeds the batches and the QDrop masks.
     seed: int = 0
     #: Fraction of the iterations before the rounding regularizer starts (the rounding learns freely).
@@ -103,7 +108,7 @@ class Reconstruction(Component):
                 raise UserError(f"reconstruction.{name} must be at least 1, got {getattr(self, name)}")
         if self.network_iterations < 0:
             raise UserError(f"reconstruction.network_iterations must be at least 0, got {self.network_iterations}")
-        for name in ("lr_rounding", "lr_steps", "lr_bias", "beta_end"):
+        for name in ("lr_rounding", "lr_steps", "lr_bias", "network_lr_rounding", "network_lr_steps", "beta_end"):
             if getattr(self, name) <= 0:
                 raise UserError(f"reconstruction.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.qdrop < 1:
