@@ -73,7 +73,7 @@ RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "sub-block units": {"reconstruction.unit": "sublayer"},
     "pool of 256 images": {"reconstruction.images": 256},
     "learned weight steps": {"reconstruction.learn_weight_steps": True},
-    "network stage": {"reconstruction.network_iterations": 50},
+    "network stage": {"reconstruction.network_iterations": 20},
 }
 
 #: Each preset's named variants (one component switched off or swapped): the rows of its ablation.
