@@ -93,6 +93,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
         raise UserError(f"reconstruction learns in float32: the model's parameters are {model_dtype}; "
                         f"quantize a float32 copy (model.float()) or set reconstruction='none'")
 
+    if learned and recipe.reconstruction.last_unit == "features":
+        adapters.adapter_for(model).head_features(model)  # refuses, before calibrating, a family that cannot say
     name = adapters.adapter_for(model).model_name(model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -124,7 +126,7 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     if learned:
         qmodel.reconstruction_report = reconstruct(
             qmodel, images if reconstruction_images is None else reconstruction_images, recipe.reconstruction,
-            progress=progress, threads=threads, memory_budget=memory_budget)
+            progress=progress, threads=threads, memory_budget=memory_budget, adapters=adapters)
         _check_scales(model)
     return qmodel
 

@@ -4,8 +4,10 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
+import timm
 import torch
 
 import ptq4vit
@@ -378,6 +380,56 @@ def test_sublayer_units_compose_to_the_block_and_are_reconstructed():
     assert any(u.error_after < u.error_before for u in report.units)
 
 
+def test_the_vit_adapter_states_the_features_its_classifier_reads_and_refuses_where_none_are_pooled():
+    from ptq4vit.models import DEFAULT_ADAPTERS, UnsupportedModelError
+    adapters = DEFAULT_ADAPTERS
+    h = torch.randn(3, 17, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m, _ = make_tiny("vit")                                  # class token pooled
+        read = adapters.adapter_for(m).head_features(m)
+        assert torch.equal(read(h), m.norm(h)[:, 0])
+        assert torch.equal(m.head(read(h)), m.forward_head(m.norm(h)))   # all the head reads
+        avg = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10,
+                                global_pool="avg").eval()
+        assert torch.equal(adapters.adapter_for(avg).head_features(avg)(h), avg.fc_norm(h[:, 1:].mean(1)))
+        d, _ = make_tiny("deit_distilled")                       # two heads, each reading its own token
+        assert torch.equal(adapters.adapter_for(d).head_features(d)(h), d.norm(h)[:, :2])
+    for pool, why in (("", "with global_pool='': it outputs every token"),
+                      ("map", "with global_pool='map': its attention pool holds quantization sites")):
+        other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10,
+                                  global_pool=pool)
+        with pytest.raises(UnsupportedModelError, match=f"last_unit='features' is not supported for a "
+                                                        f"VisionTransformer {re.escape(why)}"):
+            adapters.adapter_for(other).head_features(other)
+    swin, _ = make_tiny("swin")
+    with pytest.raises(UnsupportedModelError, match="last_unit='features' is not supported for SwinTransformer by "
+                                                    "the timm Swin"):
+        adapters.adapter_for(swin).head_features(swin)
+
+
+def test_with_last_unit_features_the_last_block_learns_against_what_the_classifier_reads():
+    m, x, q = tiny_w4a4()
+    io = block_io(q, x)
+    fixed = dict(iterations=1, images=8, batch_size=4, learn_rounding=False, learn_steps=False, fisher=False)
+    whole = run(copy.deepcopy(q), x, Reconstruction(**fixed))
+    read = run(copy.deepcopy(q), x, Reconstruction(**fixed, last_unit="features"))
+    with torch.no_grad():   # the plain reference: the class token's final norm, quantized block against float
+        y = q.model.norm(q.model.blocks[1](io["1"][0]))[:, 0].double()
+        t = q.model.norm(io["1"][2])[:, 0].double()
+    assert read.units[1].error_before == pytest.approx(float((y - t).square().sum() / t.square().sum()), rel=1e-6)
+    assert whole.units[1].error_before == pytest.approx(block_error(q, "1", io["1"][0], io["1"][2]), rel=1e-6)
+    assert read.units[1].error_before != pytest.approx(whole.units[1].error_before, rel=1e-2)
+    assert read.units[0] == whole.units[0]                      # the blocks before it learn as they did
+    learned = copy.deepcopy(q)
+    report = run(learned, x, Reconstruction(iterations=25, images=8, batch_size=4, fisher=False,
+                                            last_unit="features"))
+    assert report.units[1].kept and report.units[1].error_after < report.units[1].error_before
+    final = block_io(learned, x)
+    with torch.no_grad():
+        y = learned.model.norm(learned.model.blocks[1](final["1"][0]))[:, 0].double()
+    assert report.units[1].error_after == pytest.approx(float((y - t).square().sum() / t.square().sum()), rel=1e-6)
+
+
 def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
     m, x, q = tiny_w4a4()
     units = reconstruction_units(q.model, "block")
@@ -556,6 +608,11 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
         Reconstruction(network_lr_rounding=0)
     with pytest.raises(UserError, match="reconstruction.network_lr_steps must be positive, got -0.1"):
         Reconstruction(network_lr_steps=-0.1)
+    with pytest.raises(UserError, match="reconstruction.last_unit='features' and fisher=True are two ways to count "
+                                        "the last unit's error"):
+        Reconstruction(last_unit="features", fisher=True)
+    with pytest.raises(UserError, match="reconstruction field last_unit must be one of 'output', 'features'"):
+        Reconstruction(last_unit="cls")
     m, x, q = tiny_w4a4()
     before = copy.deepcopy(q.state_dict())
     with pytest.raises(UserError, match="above the memory budget .* use fewer images"):
@@ -675,7 +732,7 @@ def test_quantize_runs_the_recipes_reconstruction_on_its_pool(tmp_path):
         assert torch.equal(loaded(x), q(x))
 
 
-def test_quantize_refuses_a_reconstruction_it_cannot_run_before_calibrating():
+def test_quantize_refuses_a_reconstruction_it_cannot_run_before_calibrating(monkeypatch):
     m, _ = make_tiny("vit")
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with pytest.raises(UserError, match="reconstruction_images are given but the recipe's reconstruction is none"):
@@ -686,6 +743,13 @@ def test_quantize_refuses_a_reconstruction_it_cannot_run_before_calibrating():
         ptq4vit.quantize(m, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned", reconstruction_images=bad)
     with pytest.raises(UserError, match="reconstruction learns in float32: the model's parameters are torch.bfloat16"):
         ptq4vit.quantize(copy.deepcopy(m).bfloat16(), x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
+    swin, sx = make_tiny("swin")
+    calls = []
+    monkeypatch.setattr(ptq4vit.api, "calibrate_model", lambda *a, **k: calls.append(a))
+    with pytest.raises(UserError, match="last_unit='features' is not supported for SwinTransformer"):
+        ptq4vit.quantize(swin, sx, "ptq4vit", 4, 4, progress=False,
+                         reconstruction=Reconstruction(last_unit="features", fisher=False))
+    assert not calls
 
 
 def test_a_sweep_reconstructs_on_the_calibration_draw_continued(tiny_cli_args, tmp_path, monkeypatch):

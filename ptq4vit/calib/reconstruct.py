@@ -12,8 +12,9 @@ replaced a layer's weight or bias, GPTQ's rounding or bias correction, it kept t
 * the steps of its activation quantizers (LSQ), written back into their buffers;
 * with ``learn_bias``, the biases of its linear layers (float in every export);
 
-against the unit's output error, optionally weighted by a diagonal Fisher (the squared gradient of
-the float model's loss at the unit's output) and with QDrop. With ``network_iterations``, a last
+against the unit's output error (the last unit's optionally over only what the classifier reads of it:
+``last_unit``), optionally weighted by a diagonal Fisher (the squared gradient of the float model's
+loss at the unit's output) and with QDrop. With ``network_iterations``, a last
 stage learns the same at every site of the model at once against the KL divergence of the model's
 output from the float model's (with ``network_rounding``, the rounding going on from where the units
 left it). The learning happens on stand-ins swapped into the unit's sites for the duration
@@ -46,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models import AdapterRegistry
 from ..quant import Quantizer
 from ..quant.learning import (ROUNDING_LEARNERS, STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
                               SignRoundingWeight, rounding_regularizer)
@@ -63,7 +65,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class UnitResult:
     """A unit's output error relative to its float output (``Σ (y - t)² / Σ t²`` over the pool, each term
-    weighted by the Fisher with ``fisher``: the error it learns against), before and after; ``kept`` is
+    weighted by the Fisher with ``fisher``; of the features the classifier reads for the last unit with
+    ``last_unit="features"``: the error it learns against), before and after; ``kept`` is
     False where learning raised it and the unit was restored."""
 
     name: str
@@ -421,9 +424,16 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     return NetworkResult(options.network_iterations, before, after, kept)
 
 
+def _head_features(model: nn.Module, adapters: Optional[AdapterRegistry]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the classifier reads of the last block's output, as ``model``'s family adapter states it (or refuses)."""
+    if adapters is None:
+        from ..models import DEFAULT_ADAPTERS as adapters
+    return adapters.adapter_for(model).head_features(model)
+
+
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstruction = Reconstruction(), *,
-                progress: bool = True, threads: Optional[int] = None,
-                memory_budget: Optional[int] = None) -> ReconstructionReport:
+                progress: bool = True, threads: Optional[int] = None, memory_budget: Optional[int] = None,
+                adapters: Optional[AdapterRegistry] = None) -> ReconstructionReport:
     """Reconstruct a calibrated model block by block, in place (docs/lowbit.md §11); returns what it did.
 
     Args:
@@ -439,11 +449,13 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             CPUs this process may use); torch's setting is restored afterwards.
         memory_budget: bytes the cached activations may take (default: as ``quantize``'s); a pool
             that does not fit raises UserError before anything is changed.
+        adapters: the model families known (default: the shipped ones); with ``last_unit="features"``
+            the model's adapter states what its classifier reads of the last block's output, or refuses.
 
     A unit whose output error on the pool would rise is restored as it was (``kept=False``).
     """
     check_arguments(reconstruct, dict(qmodel=qmodel, images=images, options=options, progress=progress,
-                                      threads=threads, memory_budget=memory_budget))
+                                      threads=threads, memory_budget=memory_budget, adapters=adapters))
     if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
         raise UserError(f"images must be a non-empty float tensor of shape (N, 3, H, W), got {tuple(images.shape)} "
                         f"of {images.dtype}")
@@ -467,6 +479,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     device = params[0].device
     pool = images[:options.images].to(device=device, dtype=torch.float32)
     units = reconstruction_units(model, options.unit)
+    if options.last_unit == "features":  # the last unit learns against what the classifier reads of its output
+        read = _head_features(model, adapters)
+        units[-1] = replace(units[-1], forward=lambda x, last=units[-1].forward: read(last(x)))
     batch = options.batch_size
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     report = ReconstructionReport(images=len(pool))
@@ -506,17 +521,17 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                                len(x_in), batches, drops, held_fixed, bar, keep_unrounded=network_rounding)
             # with quantized inputs the float inputs are spent (the target is computed): their buffer takes
             # the learned unit's outputs, the next unit's inputs if it is kept, and the memory stays 3 activations
-            quantized = options.inputs == "quantized"
-            after = _relative_error(unit, x_in, target, batch, fisher[k], out=x_float if quantized else None)
+            chains = options.inputs == "quantized" and k + 1 < len(units)
+            after = _relative_error(unit, x_in, target, batch, fisher[k], out=x_float if chains else None)
             kept = after <= before
             if not kept:
                 for tensor, copy in saved:
                     tensor.copy_(copy)
                 after = before
-                if quantized:
+                if chains:
                     _run(unit, x_quant, batch, out=x_quant)  # in place: batches are independent
             else:
-                if quantized:
+                if chains:
                     x_quant = x_float
                 for site, weight in unrounded:  # the network stage goes on from here
                     site.rounding_start = weight

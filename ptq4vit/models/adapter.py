@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable
 
+import torch
 from torch import nn
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchDropout, PatchEmbed, SelectAdaptivePool2d
 # Imported from vision_transformer (not timm.layers, which gained it after 1.0.3, the floor)
@@ -289,6 +290,14 @@ class Adapter(ABC):
         list them refuse it."""
         raise UnsupportedModelError(f"reparam_ln (RepQ-ViT's LayerNorm reparameterization) is not supported for "
                                     f"{type(model).__name__} by the {self.family} adapter")
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The features the classifier reads of the output of ``model``'s last block, as a function of that
+        output made of float modules only (the final norm and the pooling), for reconstruction's
+        ``last_unit="features"`` (docs/lowbit.md §11). Families that do not state it refuse it."""
+        raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for {type(model).__name__} "
+                                    f"by the {self.family} adapter: it does not state what the classifier reads of "
+                                    f"the last block's output (use last_unit='output')")
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
         """Where the rotations of docs/lowbit.md §2 fold in ``model`` (the residual stream's writers,

@@ -14,10 +14,14 @@ The attention-pool head (``global_pool='map'``, the SigLIP towers) is planned by
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock, VisionTransformer
 
+from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
 from .attention_pool import plan_attention_pool
@@ -98,6 +102,22 @@ class VitAdapter(Adapter):
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
         return vit_rotation_layout(model, residual)
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm, then what ``forward_head`` pools before its classifier (the class token, or the
+        mean of the patch tokens, then ``fc_norm``); distilled DeiT's two heads read the class and the
+        distillation token each, so both are kept."""
+        if getattr(model, "attn_pool", None) is not None:
+            raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a "
+                                        f"{type(model).__name__} with global_pool='map': its attention pool holds "
+                                        f"quantization sites that no unit learns (use last_unit='output')")
+        if not model.global_pool:
+            raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a "
+                                        f"{type(model).__name__} with global_pool='': it outputs every token "
+                                        f"(use last_unit='output')")
+        if isinstance(model, VisionTransformerDistilled):
+            return lambda x: model.norm(x)[:, :2]
+        return lambda x: model.forward_head(model.norm(x), pre_logits=True)
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:

@@ -72,6 +72,11 @@ class Reconstruction(Component):
     inputs: Literal["quantized", "float"] = "quantized"
     #: Reconstruct whole blocks, or each residual branch (attention, MLP) on its own.
     unit: Literal["block", "sublayer"] = "block"
+    #: What the last unit (the model's last block, or that block's MLP branch) learns against: its whole
+    #: output, every token (``"output"``), or the features the classifier reads of it (``"features"``: for
+    #: a token-pooled ViT the final norm of its class token, for an average-pooled one the normed mean of
+    #: its patch tokens), which the model's family adapter states; the tokens nothing reads then do not count.
+    last_unit: Literal["output", "features"] = "output"
     #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
     #: cross-entropy against its own prediction at the unit's output), normalized to mean 1: the
     #: error then counts where it moves the prediction, not where the output is merely large.
@@ -123,6 +128,9 @@ class Reconstruction(Component):
             raise UserError("reconstruction.learn_weight_steps learns the weight steps with the rounding: it needs "
                             f"learn_rounding=True and rounding='sign' (got learn_rounding={self.learn_rounding}, "
                             f"rounding={self.rounding!r})")
+        if self.fisher and self.last_unit == "features":
+            raise UserError("reconstruction.last_unit='features' and fisher=True are two ways to count the last "
+                            "unit's error (the Fisher weights its whole output): set one of them")
         if self.network_iterations and self.network_rounding and self.learn_rounding and self.rounding != "sign":
             raise UserError("reconstruction.network_rounding goes on learning a sign rounding, but rounding="
                             f"{self.rounding!r}: set network_rounding=False (the network stage then learns steps "
