@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..models import AdapterRegistry
+from ..models import DEFAULT_ADAPTERS, AdapterRegistry
 from ..quant import Quantizer
 from ..quant.learning import (ROUNDING_LEARNERS, STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
                               SignRoundingWeight, rounding_regularizer)
@@ -424,16 +424,9 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     return NetworkResult(options.network_iterations, before, after, kept)
 
 
-def _head_features(model: nn.Module, adapters: Optional[AdapterRegistry]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the classifier reads of the last block's output, as ``model``'s family adapter states it (or refuses)."""
-    if adapters is None:
-        from ..models import DEFAULT_ADAPTERS as adapters
-    return adapters.adapter_for(model).head_features(model)
-
-
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstruction = Reconstruction(), *,
                 progress: bool = True, threads: Optional[int] = None, memory_budget: Optional[int] = None,
-                adapters: Optional[AdapterRegistry] = None) -> ReconstructionReport:
+                adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> ReconstructionReport:
     """Reconstruct a calibrated model block by block, in place (docs/lowbit.md §11); returns what it did.
 
     Args:
@@ -480,7 +473,7 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     pool = images[:options.images].to(device=device, dtype=torch.float32)
     units = reconstruction_units(model, options.unit)
     if options.last_unit == "features":  # the last unit learns against what the classifier reads of its output
-        read = _head_features(model, adapters)
+        read = adapters.adapter_for(model).head_features(model)
         units[-1] = replace(units[-1], forward=lambda x, last=units[-1].forward: read(last(x)))
     batch = options.batch_size
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
