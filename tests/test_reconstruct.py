@@ -9,6 +9,7 @@ import re
 import pytest
 import timm
 import torch
+import torchvision
 
 import ptq4vit
 from ptq4vit import Reconstruction, UserError, reconstruct
@@ -401,10 +402,11 @@ def test_the_vit_adapter_states_the_features_its_classifier_reads_and_refuses_wh
         with pytest.raises(UnsupportedModelError, match=f"last_unit='features' is not supported for a "
                                                         f"VisionTransformer {re.escape(why)}"):
             adapters.adapter_for(other).head_features(other)
-    swin, _ = make_tiny("swin")
-    with pytest.raises(UnsupportedModelError, match="last_unit='features' is not supported for SwinTransformer by "
-                                                    "the timm Swin"):
-        adapters.adapter_for(swin).head_features(swin)
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=48,
+                                              mlp_dim=96, num_classes=10)
+    with pytest.raises(UnsupportedModelError, match="last_unit='features' is not supported for VisionTransformer by "
+                                                    "the torchvision VisionTransformer adapter"):
+        adapters.adapter_for(tv).head_features(tv)
 
 
 def test_with_last_unit_features_the_last_block_learns_against_what_the_classifier_reads():
@@ -743,11 +745,13 @@ def test_quantize_refuses_a_reconstruction_it_cannot_run_before_calibrating(monk
         ptq4vit.quantize(m, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned", reconstruction_images=bad)
     with pytest.raises(UserError, match="reconstruction learns in float32: the model's parameters are torch.bfloat16"):
         ptq4vit.quantize(copy.deepcopy(m).bfloat16(), x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
-    swin, sx = make_tiny("swin")
+    unpooled = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10,
+                                 global_pool="").eval()
     calls = []
     monkeypatch.setattr(ptq4vit.api, "calibrate_model", lambda *a, **k: calls.append(a))
-    with pytest.raises(UserError, match="last_unit='features' is not supported for SwinTransformer"):
-        ptq4vit.quantize(swin, sx, "ptq4vit", 4, 4, progress=False,
+    with pytest.raises(UserError, match="last_unit='features' is not supported for a VisionTransformer with "
+                                        "global_pool=''"):
+        ptq4vit.quantize(unpooled, x, "ptq4vit", 4, 4, progress=False,
                          reconstruction=Reconstruction(last_unit="features", fisher=False))
     assert not calls
 

@@ -57,7 +57,7 @@ from ..typecheck import check_arguments
 from .budget import default_memory_budget
 from .capture import frozen_parameters
 from .run import default_workers, intra_op_threads
-from .units import Unit, reconstruction_units
+from .units import Unit, bind_block_arguments, reconstruction_units
 
 logger = logging.getLogger(__name__)
 
@@ -472,9 +472,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     device = params[0].device
     pool = images[:options.images].to(device=device, dtype=torch.float32)
     units = reconstruction_units(model, options.unit)
-    if options.last_unit == "features":  # the last unit learns against what the classifier reads of its output
-        read = adapters.adapter_for(model).head_features(model)
-        units[-1] = replace(units[-1], forward=lambda x, last=units[-1].forward: read(last(x)))
+    # what the classifier reads of the last unit's output (refused here, before any pass, by a family without it)
+    read = adapters.adapter_for(model).head_features(model) if options.last_unit == "features" else None
     batch = options.batch_size
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     report = ReconstructionReport(images=len(pool))
@@ -485,6 +484,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
 
     with intra_op_threads(threads if threads is not None else default_workers(device)), \
             frozen_parameters(model), torch.no_grad():
+        units = bind_block_arguments(model, units, pool)
+        if read is not None:  # the last unit learns against what the classifier reads of its output
+            units[-1] = replace(units[-1], forward=lambda x, last=units[-1].forward: read(last(x)))
         probe = _block_inputs(model, blocks[units[0].block], pool[:1], 1)
         per_image = probe.numel() * probe.element_size()
         held = per_image * len(pool) * (3 if options.inputs == "quantized" else 2)

@@ -9,11 +9,16 @@ gets its input from a pass of the model (``chained=False``).
 ``unit="sublayer"`` splits a block into its residual branches where a split is registered for
 its class (:data:`SUBLAYER_SPLITS`): timm's pre-norm ``Block`` into ``x + ls1(attn(norm1(x)))``
 and ``x + ls2(mlp(norm2(x)))``, whose composition is the block's forward exactly.
+
+Some models call their blocks with more than the tokens: EVA passes its rotary embedding, BEiT its
+shared relative position bias. :func:`bind_block_arguments` records what each block is called with
+in a pass of the model and makes its unit call it so; arguments that change with the batch, or a
+split of a block called with any, are refused (a unit called without them would learn another function).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -101,4 +106,69 @@ def reconstruction_units(model: nn.Module, unit: str) -> list[Unit]:
     return units
 
 
-__all__ = ["SUBLAYER_SPLITS", "Unit", "model_blocks", "reconstruction_units"]
+def _block_calls(model: nn.Module, paths: list[str], images: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
+    """What each block of ``paths`` is called with besides its input, in one pass of ``model`` over ``images``."""
+    modules = dict(model.named_modules())
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(path: str):
+        def hook(module, args, kwargs):
+            calls.setdefault(path, (tuple(args[1:]), dict(kwargs)))
+        return hook
+
+    handles = [modules[path].register_forward_pre_hook(recorder(path), with_kwargs=True) for path in paths]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def bind_block_arguments(model: nn.Module, units: list[Unit], image: torch.Tensor) -> list[Unit]:
+    """``units`` whose blocks the model calls with arguments besides their input (EVA's rotary embedding,
+    BEiT's shared relative position bias) call them with those arguments, recorded in passes of ``model``
+    over ``image`` (one image) once and twice; UserError naming the block and the argument where one
+    differs between the passes (it depends on the images) or where a split unit would drop them."""
+    paths = list(dict.fromkeys(u.block for u in units))
+    once = _block_calls(model, paths, image[:1])
+    twice = _block_calls(model, paths, torch.cat([image[:1]] * 2))
+    blocks = dict(model.named_modules())
+    bound = []
+    for unit in units:
+        args, kwargs = once.get(unit.block, ((), {}))
+        if not args and not kwargs:
+            bound.append(unit)
+            continue
+        block = blocks[unit.block]
+        args2, kwargs2 = twice[unit.block]
+        if not (_same(args, args2) and _same(kwargs, kwargs2)):
+            names = [*(f"argument {i + 1}" for i in range(len(args))), *kwargs]
+            first = next((n for n, a, b in zip(names, (*args, *kwargs.values()), (*args2, *kwargs2.values()))
+                          if not _same(a, b)), "its arguments")
+            raise UserError(f"block {unit.block!r} ({type(block).__name__}) is called with {first!r}, which "
+                            f"changes with the images: reconstruction replays a block on cached inputs and "
+                            f"cannot reproduce it")
+        passed = [*(f"argument {i + 1}" for i, a in enumerate(args) if a is not None),
+                  *(name for name, value in kwargs.items() if value is not None)]
+        if unit.name != unit.block and passed:
+            raise UserError(f"reconstruction unit 'sublayer' cannot split block {unit.block!r} "
+                            f"({type(block).__name__}): the model calls it with {', '.join(map(repr, passed))} "
+                            f"besides its input; use unit='block'")
+        bound.append(replace(unit, forward=lambda x, block=block, args=args, kwargs=kwargs: block(x, *args, **kwargs)))
+    return bound
+
+
+__all__ = ["SUBLAYER_SPLITS", "Unit", "bind_block_arguments", "model_blocks", "reconstruction_units"]

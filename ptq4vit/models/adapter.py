@@ -308,6 +308,22 @@ class Adapter(ABC):
                                     f"{type(model).__name__} by the {self.family} adapter")
 
 
+def timm_pooled_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the classifier of a timm model reads of its last block's output, by timm's convention: the
+    final ``norm`` ends ``forward_features`` and ``forward_head(..., pre_logits=True)`` pools (the class
+    token, or the mean of the patch tokens, and ``fc_norm``; Swin's average over the grid). Refuses an
+    attention pool (its sites belong to no unit) and no pooling (every token is an output)."""
+    name = type(model).__name__
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a {name} with "
+                                    f"global_pool='map': its attention pool holds quantization sites that no "
+                                    f"unit learns (use last_unit='output')")
+    if not model.global_pool:
+        raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a {name} with "
+                                    f"global_pool='': it outputs every token (use last_unit='output')")
+    return lambda x: model.forward_head(model.norm(x), pre_logits=True)
+
+
 def check_affine_norm(path: str, norm: nn.Module, family: str) -> None:
     """Refuse a norm that has no per-channel affine for a reparameterization to fold into."""
     if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:

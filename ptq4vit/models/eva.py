@@ -23,7 +23,7 @@ embedding on, which a per-head rotation of q and k does not commute with.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import OnlineRotation
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
 from .attention import additive_attention_mask
 from .attention_pool import plan_attention_pool
 from .eva_rotation import eva_rotation_layout
@@ -107,6 +107,10 @@ class EvaAdapter(Adapter):
         use_post_transformer_norm=BOOL_OR_NONE, global_pool=one_of("", "avg", "avgmax", "max", "token", "map"),
         dynamic_img_size=BOOL,
     )
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""
+        return timm_pooled_features(model)
 
     def create_kwargs(self, model: nn.Module) -> dict:
         blk = model.blocks[0]

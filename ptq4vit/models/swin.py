@@ -8,7 +8,7 @@ Anything else (another block or attention class, a stray Linear/Conv) is refused
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTra
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import RotatedLayerNorm
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 from .swin_rotation import swin_rotation_layout
@@ -75,6 +75,10 @@ class SwinAdapter(Adapter):
         patch_size=POSITIVE_INT, embed_dim=POSITIVE_INT, depths=POSITIVE_INTS, num_heads=POSITIVE_INTS,
         window_size=SIZE, mlp_ratio=POSITIVE_NUMBER, qkv_bias=BOOL, global_pool=one_of("", "avg", "avgmax", "max"),
     )
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""
+        return timm_pooled_features(model)
 
     def create_kwargs(self, model: nn.Module) -> dict:
         layers = list(model.layers)

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlo
 
 from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, timm_pooled_features
 from .attention_pool import plan_attention_pool
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
@@ -107,17 +107,10 @@ class VitAdapter(Adapter):
         """The final norm, then what ``forward_head`` pools before its classifier (the class token, or the
         mean of the patch tokens, then ``fc_norm``); distilled DeiT's two heads read the class and the
         distillation token each, so both are kept."""
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a "
-                                        f"{type(model).__name__} with global_pool='map': its attention pool holds "
-                                        f"quantization sites that no unit learns (use last_unit='output')")
-        if not model.global_pool:
-            raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a "
-                                        f"{type(model).__name__} with global_pool='': it outputs every token "
-                                        f"(use last_unit='output')")
+        read = timm_pooled_features(model)  # refuses an attention pool and no pooling
         if isinstance(model, VisionTransformerDistilled):
             return lambda x: model.norm(x)[:, :2]
-        return lambda x: model.forward_head(model.norm(x), pre_logits=True)
+        return read
 
     def _plan_block(self, p: SitePlan, path: str, block: nn.Module, build: SiteBuilder) -> None:
         if type(block) is not Block:
