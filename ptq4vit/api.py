@@ -11,6 +11,7 @@ from torch import nn
 from .calib import calibrate_model, default_memory_budget
 from .calib.percentile import calibrate_percentile
 from .calib.reconstruct import reconstruct
+from .calib.units import bind_block_arguments, reconstruction_units
 from .checkpoint import float_weights_digest
 from .errors import UserError
 from .finite import bad_scales, nonfinite_count
@@ -106,6 +107,9 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     sites = prepare_sites(model, recipe, w_bits, a_bits, adapters=adapters)
     qmodel = QuantizedModel(model, recipe, w_bits, a_bits, name)
     qmodel.float_weights_sha256 = float_digest
+    if learned:  # the blocks reconstruction replays, refused now rather than after calibrating
+        with qmodel.quantization_disabled():
+            bind_block_arguments(model, reconstruction_units(model, recipe.reconstruction.unit), images[:1])
 
     desc = f"calibrating {recipe.name} W{w_bits}A{a_bits}"
     if recipe.calibration.variant == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image

@@ -7,6 +7,7 @@ import re
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 from timm.models.vision_transformer import Block
 
@@ -130,6 +131,10 @@ def test_block_arguments_that_change_with_the_images_or_that_a_split_would_drop_
     with pytest.raises(UserError, match=re.escape("block 'blocks.0' (Block) is called with 'attn_mask', which changes "
                                                   "with the images")):
         bind_block_arguments(MaskedBlocks(per_image=True), units_of(model), x)
+    model.blocks.append(Block(16, 2))        # a block the forward never calls
+    model.forward = lambda x: model.blocks[1](model.blocks[0](x))
+    with pytest.raises(UserError, match=re.escape("block 'blocks.2' (Block) is not called in a pass of the model")):
+        bind_block_arguments(model, units_of(model), x)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -160,3 +165,21 @@ def test_a_family_refuses_features_where_nothing_is_pooled_or_an_attention_pool_
     with pytest.raises(UnsupportedModelError, match=f"last_unit='features' is not supported for a "
                                                     f"{type(m).__name__} with global_pool='{pool}': {why}"):
         DEFAULT_ADAPTERS.adapter_for(m).head_features(m)
+
+
+def test_quantize_refuses_blocks_it_cannot_replay_before_calibrating(monkeypatch):
+    import ptq4vit
+    calls = []
+    monkeypatch.setattr(ptq4vit.api, "calibrate_model", lambda *a, **k: calls.append(a))
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=48,
+                                              mlp_dim=96, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="^VisionTransformer has no transformer blocks to reconstruct"):
+        ptq4vit.quantize(tv, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
+    transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+    swin = transformers.SwinForImageClassification(transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=10)).eval()
+    with pytest.raises(UserError, match=re.escape("block 'swin.encoder.layers.0.blocks.0' (SwinLayer) returns a tuple, "
+                                                  "not its tokens: reconstruction cannot replay it")):
+        ptq4vit.quantize(swin, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
+    assert not calls

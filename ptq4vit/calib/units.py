@@ -106,17 +106,18 @@ def reconstruction_units(model: nn.Module, unit: str) -> list[Unit]:
     return units
 
 
-def _block_calls(model: nn.Module, paths: list[str], images: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
-    """What each block of ``paths`` is called with besides its input, in one pass of ``model`` over ``images``."""
+def _block_calls(model: nn.Module, paths: list[str], images: torch.Tensor) -> dict[str, tuple[tuple, dict, Any]]:
+    """What each block of ``paths`` is called with besides its input, and what it returns, in one pass of
+    ``model`` over ``images``."""
     modules = dict(model.named_modules())
-    calls: dict[str, tuple[tuple, dict]] = {}
+    calls: dict[str, tuple[tuple, dict, Any]] = {}
 
     def recorder(path: str):
-        def hook(module, args, kwargs):
-            calls.setdefault(path, (tuple(args[1:]), dict(kwargs)))
+        def hook(module, args, kwargs, output):
+            calls.setdefault(path, (tuple(args[1:]), dict(kwargs), output))
         return hook
 
-    handles = [modules[path].register_forward_pre_hook(recorder(path), with_kwargs=True) for path in paths]
+    handles = [modules[path].register_forward_hook(recorder(path), with_kwargs=True) for path in paths]
     try:
         with torch.no_grad():
             model(images)
@@ -140,20 +141,27 @@ def _same(a: Any, b: Any) -> bool:
 def bind_block_arguments(model: nn.Module, units: list[Unit], image: torch.Tensor) -> list[Unit]:
     """``units`` whose blocks the model calls with arguments besides their input (EVA's rotary embedding,
     BEiT's shared relative position bias) call them with those arguments, recorded in passes of ``model``
-    over ``image`` (one image) once and twice; UserError naming the block and the argument where one
-    differs between the passes (it depends on the images) or where a split unit would drop them."""
+    over ``image`` (one image) once and twice; UserError naming the block where one differs between the
+    passes (it depends on the images), where a split unit would drop them, and where the block is not
+    called or returns something other than its tokens (Hugging Face's Swin layers return tuples)."""
     paths = list(dict.fromkeys(u.block for u in units))
     once = _block_calls(model, paths, image[:1])
     twice = _block_calls(model, paths, torch.cat([image[:1]] * 2))
     blocks = dict(model.named_modules())
     bound = []
     for unit in units:
-        args, kwargs = once.get(unit.block, ((), {}))
+        block = blocks[unit.block]
+        if unit.block not in once:
+            raise UserError(f"block {unit.block!r} ({type(block).__name__}) is not called in a pass of the model: "
+                            f"reconstruction cannot learn it")
+        args, kwargs, output = once[unit.block]
+        if not isinstance(output, torch.Tensor):
+            raise UserError(f"block {unit.block!r} ({type(block).__name__}) returns a {type(output).__name__}, not "
+                            f"its tokens: reconstruction cannot replay it (use reconstruction='none')")
         if not args and not kwargs:
             bound.append(unit)
             continue
-        block = blocks[unit.block]
-        args2, kwargs2 = twice[unit.block]
+        args2, kwargs2, _ = twice[unit.block]
         if not (_same(args, args2) and _same(kwargs, kwargs2)):
             names = [*(f"argument {i + 1}" for i in range(len(args))), *kwargs]
             first = next((n for n, a, b in zip(names, (*args, *kwargs.values()), (*args2, *kwargs2.values()))
