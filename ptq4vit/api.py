@@ -109,7 +109,8 @@ def quantize(model: nn.Module, calib_images: torch.Tensor, preset: Union[str, Re
     qmodel.float_weights_sha256 = float_digest
     if learned:  # the blocks reconstruction replays, refused now rather than after calibrating
         with qmodel.quantization_disabled():
-            bind_block_arguments(model, reconstruction_units(model, recipe.reconstruction.unit), images[:1])
+            bind_block_arguments(model, reconstruction_units(model, recipe.reconstruction.unit, adapters),
+                                 images[:1])
 
     desc = f"calibrating {recipe.name} W{w_bits}A{a_bits}"
     if recipe.calibration.variant == "percentile":  # RepQ-ViT (docs/lowbit.md §6): one pass over every image

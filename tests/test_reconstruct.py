@@ -9,7 +9,6 @@ import re
 import pytest
 import timm
 import torch
-import torchvision
 
 import ptq4vit
 from ptq4vit import Reconstruction, UserError, reconstruct
@@ -402,11 +401,6 @@ def test_the_vit_adapter_states_the_features_its_classifier_reads_and_refuses_wh
         with pytest.raises(UnsupportedModelError, match=f"last_unit='features' is not supported for a "
                                                         f"VisionTransformer {re.escape(why)}"):
             adapters.adapter_for(other).head_features(other)
-    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=48,
-                                              mlp_dim=96, num_classes=10)
-    with pytest.raises(UnsupportedModelError, match="last_unit='features' is not supported for VisionTransformer by "
-                                                    "the torchvision VisionTransformer adapter"):
-        adapters.adapter_for(tv).head_features(tv)
 
 
 def test_with_last_unit_features_the_last_block_learns_against_what_the_classifier_reads():

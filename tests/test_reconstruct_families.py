@@ -20,7 +20,7 @@ from _family_checks import move_off_init
 from _fastq import fast_quantize
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-FAMILIES = {
+TIMM = {
     "vit": ("vit_tiny_patch16_224", dict(TINY, global_pool="avg", fc_norm=True)),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", TINY),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
@@ -32,18 +32,47 @@ FAMILIES = {
     "eva02": ("eva02_tiny_patch14_224", TINY),
     "eva02-base-layout": ("eva02_base_patch14_224", TINY),
 }
+HF_TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64)
+#: Hugging Face model class -> its config class and extra config.
+HF = {
+    "ViTForImageClassification": ("ViTConfig", dict(num_labels=10)),
+    "DeiTForImageClassificationWithTeacher": ("DeiTConfig", dict(num_labels=10)),
+    "Dinov2ForImageClassification": ("Dinov2Config", dict(num_labels=10, mlp_ratio=2)),
+    "CLIPVisionModel": ("CLIPVisionConfig", {}),
+    "SiglipVisionModel": ("SiglipVisionConfig", {}),
+}
+FAMILIES = [*TIMM, "torchvision-vit", "torchvision-swin", *HF]
 #: The families whose blocks the model calls with more than their input.
 CALLED_WITH_MORE = {"beit-shared-bias", "eva02", "eva02-base-layout"}
+#: The families whose blocks take an argument the model passes as None (the attention mask, positionally).
+TAKE_NONE = {"CLIPVisionModel", "SiglipVisionModel"}
+#: The families whose adapter states what the classifier reads, and that classifier's path(s).
+CLASSIFIERS = {**{k: ["head"] for k in TIMM}, "swin": ["head.fc"], "swinv2": ["head.fc"],
+               "deit_distilled": ["head", "head_dist"], "torchvision-vit": ["heads.head"], "torchvision-swin": ["head"]}
 
 
 def tiny(kind: str, **kwargs):
-    name, defaults = FAMILIES[kind]
+    """A tiny model of ``kind`` off its constant inits (zero position bias tables, unit norms, zero biases),
+    which would hide an argument left out, and 6 images."""
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
-    # off the constant inits (zero position bias tables, unit norms), which would hide an argument left out
-    move_off_init(model, 0.05, names=("relative_position_bias_table",), vectors=True,
+    if kind in TIMM:
+        name, defaults = TIMM[kind]
+        model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs})
+    elif kind == "torchvision-vit":
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=10, **kwargs)
+    elif kind == "torchvision-swin":
+        model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                                   window_size=[4, 4], num_classes=10, **kwargs)
+    else:
+        transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+        config, extra = HF[kind]
+        model = getattr(transformers, kind)(getattr(transformers, config)(**HF_TINY, **extra, **kwargs,
+                                                                          attn_implementation="eager"))
+    move_off_init(model.eval(), 0.05, names=("relative_position_bias_table", "bias"), vectors=True,
                   generator=torch.Generator().manual_seed(1))
-    size = model.patch_embed.img_size[0]
+    size = 56 if kind == "swin" else 32
     return model, torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
@@ -59,7 +88,7 @@ def block_outputs(model, paths, x):
     return seen
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_each_unit_calls_its_block_as_the_model_does(kind):
     m, x = tiny(kind)
     q = fast_quantize(m, x, "ptq4vit", 8, 8)
@@ -71,11 +100,12 @@ def test_each_unit_calls_its_block_as_the_model_does(kind):
         for u, p in zip(units, plain):
             x_in = _block_inputs(q.model, blocks[u.block], x, 3)
             assert torch.equal(u.forward(x_in), outputs[u.block]), u.name
-            # the block called with its input alone computes another function where the model passes more
-            assert torch.equal(p.forward(x_in), outputs[u.block]) == (kind not in CALLED_WITH_MORE), u.name
+            if kind not in TAKE_NONE:  # called with its input alone, another function where the model passes more
+                assert torch.equal(p.forward(x_in), outputs[u.block]) == (kind not in CALLED_WITH_MORE), u.name
 
 
-@pytest.mark.parametrize("kind", ["eva02", "beit-shared-bias"])
+@pytest.mark.parametrize("kind", ["eva02", "beit-shared-bias", "torchvision-vit", "torchvision-swin",
+                                  "Dinov2ForImageClassification", "SiglipVisionModel"])
 def test_reconstruction_learns_each_block_against_the_function_the_model_computes(kind):
     m, x = tiny(kind)
     q = fast_quantize(m, x, "ptq4vit", 4, 4)
@@ -88,8 +118,9 @@ def test_reconstruction_learns_each_block_against_the_function_the_model_compute
     report = reconstruct(copy.deepcopy(q), x, Reconstruction(iterations=2, images=6, batch_size=3, learn_rounding=False,
                                                               learn_steps=False), progress=False, threads=1)
     assert report.units[0].error_before == pytest.approx(float((y - t).square().sum() / t.square().sum()), rel=1e-6)
+    last_unit = "features" if kind in CLASSIFIERS else "output"
     learned = reconstruct(copy.deepcopy(q), x, Reconstruction(iterations=20, images=6, batch_size=3,
-                                                              last_unit="features"), progress=False, threads=1)
+                                                              last_unit=last_unit), progress=False, threads=1)
     assert all(u.error_after <= u.error_before for u in learned.units)
     assert any(u.error_after < u.error_before for u in learned.units)
 
@@ -131,31 +162,33 @@ def test_block_arguments_that_change_with_the_images_or_that_a_split_would_drop_
     with pytest.raises(UserError, match=re.escape("block 'blocks.0' (Block) is called with 'attn_mask', which changes "
                                                   "with the images")):
         bind_block_arguments(MaskedBlocks(per_image=True), units_of(model), x)
+    tupled = MaskedBlocks(per_image=False)
+    tupled.forward = lambda x: (tupled.blocks[0](x),)
+    tupled.blocks[0].forward = lambda x, attn_mask=None, f=tupled.blocks[0].forward: (f(x, attn_mask),)
+    with pytest.raises(UserError, match=re.escape("block 'blocks.0' (Block) returns a tuple, not its tokens: "
+                                                  "reconstruction cannot replay it")):
+        bind_block_arguments(tupled, units_of(tupled)[:1], x)
     model.blocks.append(Block(16, 2))        # a block the forward never calls
     model.forward = lambda x: model.blocks[1](model.blocks[0](x))
     with pytest.raises(UserError, match=re.escape("block 'blocks.2' (Block) is not called in a pass of the model")):
         bind_block_arguments(model, units_of(model), x)
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", sorted(CLASSIFIERS))
 def test_each_family_states_the_features_its_classifier_reads(kind):
     m, x = tiny(kind)
     q = fast_quantize(m, x, "ptq4vit", 8, 8)
     last = reconstruction_units(q.model, "block")[-1].block
     read = DEFAULT_ADAPTERS.adapter_for(q.model).head_features(q.model)
-    heads = q.model.get_classifier()     # distilled DeiT: its head and its distillation head
-    heads = list(heads) if isinstance(heads, tuple) else [heads]
     seen = []
-    handles = [h.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach())) for h in heads]
+    handles = [q.model.get_submodule(path).register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+               for path in CLASSIFIERS[kind]]
     with torch.no_grad():
         out = block_outputs(q.model, [last], x)[last]
     for h in handles:
         h.remove()
-    features = read(out)
-    if kind == "deit_distilled":     # two heads, each reading its own token
-        assert torch.equal(features, torch.stack(seen, dim=1))
-    else:
-        assert torch.equal(features, seen[-1])
+    # distilled DeiT: two heads, each reading its own token
+    assert torch.equal(read(out), seen[0] if len(seen) == 1 else torch.stack(seen, dim=1))
 
 
 @pytest.mark.parametrize("kind, pool", [("swin", ""), ("swinv2", ""), ("beit", ""), ("eva02", ""), ("eva02", "map")])
@@ -167,19 +200,32 @@ def test_a_family_refuses_features_where_nothing_is_pooled_or_an_attention_pool_
         DEFAULT_ADAPTERS.adapter_for(m).head_features(m)
 
 
-def test_quantize_refuses_blocks_it_cannot_replay_before_calibrating(monkeypatch):
+def test_quantize_refuses_a_family_that_states_no_blocks_before_calibrating(monkeypatch):
     import ptq4vit
     calls = []
     monkeypatch.setattr(ptq4vit.api, "calibrate_model", lambda *a, **k: calls.append(a))
-    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=48,
-                                              mlp_dim=96, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UserError, match="^VisionTransformer has no transformer blocks to reconstruct"):
-        ptq4vit.quantize(tv, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
     transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
     swin = transformers.SwinForImageClassification(transformers.SwinConfig(
         image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=10)).eval()
-    with pytest.raises(UserError, match=re.escape("block 'swin.encoder.layers.0.blocks.0' (SwinLayer) returns a tuple, "
-                                                  "not its tokens: reconstruction cannot replay it")):
+    with pytest.raises(UserError, match=re.escape("reconstruction is not supported for SwinForImageClassification by "
+                                                  "the Hugging Face Swin adapter: it does not state the model's "
+                                                  "blocks")):
         ptq4vit.quantize(swin, x, "ptq4vit", 4, 4, progress=False, reconstruction="learned")
     assert not calls
+
+
+def test_torchvision_vit_refuses_features_behind_a_quantized_representation_layer():
+    m, _ = tiny("torchvision-vit", representation_size=16)
+    with pytest.raises(UnsupportedModelError, match=re.escape("last_unit='features' is not supported for a "
+                                                              "VisionTransformer with representation_size: its "
+                                                              "heads.pre_logits is a quantization site")):
+        DEFAULT_ADAPTERS.adapter_for(m).head_features(m)
+
+
+def test_a_family_that_does_not_state_its_features_refuses_them_by_name():
+    m, _ = tiny("ViTForImageClassification")
+    with pytest.raises(UnsupportedModelError, match=re.escape("last_unit='features' is not supported for "
+                                                              "ViTForImageClassification by the Hugging Face ViT "
+                                                              "adapter")):
+        DEFAULT_ADAPTERS.adapter_for(m).head_features(m)

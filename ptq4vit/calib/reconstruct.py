@@ -442,8 +442,9 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
             CPUs this process may use); torch's setting is restored afterwards.
         memory_budget: bytes the cached activations may take (default: as ``quantize``'s); a pool
             that does not fit raises UserError before anything is changed.
-        adapters: the model families known (default: the shipped ones); with ``last_unit="features"``
-            the model's adapter states what its classifier reads of the last block's output, or refuses.
+        adapters: the model families known (default: the shipped ones); the model's adapter states its
+            blocks (the units) and, with ``last_unit="features"``, what its classifier reads of the last
+            block's output, or refuses.
 
     A unit whose output error on the pool would rise is restored as it was (``kept=False``).
     """
@@ -471,7 +472,7 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
                         f"(reconstruction='learned'), which keeps them")
     device = params[0].device
     pool = images[:options.images].to(device=device, dtype=torch.float32)
-    units = reconstruction_units(model, options.unit)
+    units = reconstruction_units(model, options.unit, adapters)
     # what the classifier reads of the last unit's output (refused here, before any pass, by a family without it)
     read = adapters.adapter_for(model).head_features(model) if options.last_unit == "features" else None
     batch = options.batch_size

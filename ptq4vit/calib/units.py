@@ -1,10 +1,10 @@
 """The units a reconstruction optimizes one at a time: a model's transformer blocks, or their sub-blocks.
 
-A block is a child of a ``nn.Sequential`` or ``nn.ModuleList`` named ``blocks`` (timm's ViT, DeiT
-and Swin stages all keep theirs so) that holds quantization sites. Within a ``nn.Sequential``
-each block's input is the previous block's output, so the reconstruction carries its cached
-inputs from one block to the next; the first block of each (and any block of a ``ModuleList``)
-gets its input from a pass of the model (``chained=False``).
+The blocks are those the model's family adapter states (``Adapter.blocks``: timm's ``blocks.i``,
+torchvision's ``encoder.layers.encoder_layer_i``, ...). Within a ``nn.Sequential`` each block's
+input is the previous block's output, so the reconstruction carries its cached inputs from one
+block to the next; the first block of each (and any block of a ``ModuleList``) gets its input from
+a pass of the model (``chained=False``).
 
 ``unit="sublayer"`` splits a block into its residual branches where a split is registered for
 its class (:data:`SUBLAYER_SPLITS`): timm's pre-norm ``Block`` into ``x + ls1(attn(norm1(x)))``
@@ -26,6 +26,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from ..errors import UserError
+from ..models import DEFAULT_ADAPTERS, AdapterRegistry
 from ..nn import QUANT_MODULES
 from ..quant import KindRegistry
 
@@ -72,27 +73,33 @@ def _split_pre_norm_block(path: str, blk: Block, chained: bool) -> list[Unit]:
             Unit(f"{path}.mlp", mlp, (blk.norm2, blk.mlp, blk.ls2), blk.ls2, path, True)]
 
 
-def model_blocks(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """``(path, block, chained)`` for every block with quantization sites, in model order."""
+def model_blocks(model: nn.Module, paths: list[str]) -> list[tuple[str, nn.Module, bool]]:
+    """``(path, block, chained)`` for every block of ``paths`` that holds quantization sites, in model order;
+    ``chained``: the block follows the previous one in the same ``nn.Sequential``, which feeds it its output."""
+    modules = dict(model.named_modules())
     found = []
-    for path, container in model.named_modules():
-        if path.rpartition(".")[2] != "blocks" or not isinstance(container, (nn.Sequential, nn.ModuleList)):
+    previous = None
+    for path in paths:
+        block = modules[path]
+        if not any(isinstance(m, QUANT_MODULES) for m in block.modules()):
+            previous = None
             continue
-        previous = False  # the previous child is a block we return: its output is this one's input
-        for name, blk in container.named_children():
-            has_sites = any(isinstance(m, QUANT_MODULES) for m in blk.modules())
-            if has_sites:
-                found.append((f"{path}.{name}", blk, previous and isinstance(container, nn.Sequential)))
-            previous = has_sites
+        parent, _, name = path.rpartition(".")
+        siblings = [n for n, _ in modules[parent].named_children()]
+        index = siblings.index(name)
+        chained = (isinstance(modules[parent], nn.Sequential) and index > 0
+                   and previous == f"{parent}.{siblings[index - 1]}")
+        found.append((path, block, chained))
+        previous = path
     return found
 
 
-def reconstruction_units(model: nn.Module, unit: str) -> list[Unit]:
-    """The units of ``model``: its blocks (``unit="block"``) or their sub-blocks (``"sublayer"``)."""
-    blocks = model_blocks(model)
+def reconstruction_units(model: nn.Module, unit: str, adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> list[Unit]:
+    """The units of ``model``: the blocks its family adapter states (``unit="block"``) or their sub-blocks
+    (``"sublayer"``); UnsupportedModelError naming the family where the adapter states none."""
+    blocks = model_blocks(model, adapters.adapter_for(model).blocks(model))
     if not blocks:
-        raise UserError(f"{type(model).__name__} has no transformer blocks to reconstruct (a 'blocks' container "
-                        f"whose children hold quantization sites)")
+        raise UserError(f"{type(model).__name__} has no blocks with quantization sites to reconstruct")
     units: list[Unit] = []
     for path, blk, chained in blocks:
         if unit == "block":

@@ -291,6 +291,14 @@ class Adapter(ABC):
         raise UnsupportedModelError(f"reparam_ln (RepQ-ViT's LayerNorm reparameterization) is not supported for "
                                     f"{type(model).__name__} by the {self.family} adapter")
 
+    def blocks(self, model: nn.Module) -> list[str]:
+        """The paths of ``model``'s transformer blocks in model order, reconstruction's units (docs/lowbit.md
+        §11): each called with its tokens (and arguments the model passes the same for every image) and
+        returning its tokens. Families that do not state them refuse reconstruction."""
+        raise UnsupportedModelError(f"reconstruction is not supported for {type(model).__name__} by the "
+                                    f"{self.family} adapter: it does not state the model's blocks (use "
+                                    f"reconstruction='none')")
+
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The features the classifier reads of the output of ``model``'s last block, as a function of that
         output made of float modules only (the final norm and the pooling), for reconstruction's
@@ -306,6 +314,11 @@ class Adapter(ABC):
         describe it refuse every rotation."""
         raise UnsupportedModelError(f"rotation (rotate_residual, rotate_heads, rotate_fc2) is not supported for "
                                     f"{type(model).__name__} by the {self.family} adapter")
+
+
+def child_paths(model: nn.Module, container: str) -> list[str]:
+    """The paths of the children of ``model``'s submodule ``container``, in order."""
+    return [f"{container}.{name}" for name, _ in model.get_submodule(container).named_children()]
 
 
 def timm_pooled_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

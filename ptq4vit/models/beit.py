@@ -22,7 +22,7 @@ from timm.models.beit import Attention, Beit, Block, RelativePositionBias
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import OnlineRotation
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, child_paths, timm_pooled_features
 from .beit_rotation import beit_rotation_layout
 from .create_args import BOOL, BOOL_OR_NONE, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .glu import plan_mlp_or_glu
@@ -81,6 +81,10 @@ class BeitAdapter(Adapter):
         use_rel_pos_bias=BOOL, use_shared_rel_pos_bias=BOOL, use_fc_norm=BOOL_OR_NONE,
         global_pool=one_of("", "token", "avg"),
     )
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``blocks.i``."""
+        return child_paths(model, "blocks")
 
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""

@@ -37,7 +37,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import OnlineRotation
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, child_paths, timm_pooled_features
 from .attention import additive_attention_mask
 from .attention_pool import plan_attention_pool
 from .eva_rotation import eva_rotation_layout
@@ -107,6 +107,10 @@ class EvaAdapter(Adapter):
         use_post_transformer_norm=BOOL_OR_NONE, global_pool=one_of("", "avg", "avgmax", "max", "token", "map"),
         dynamic_img_size=BOOL,
     )
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``blocks.i``."""
+        return child_paths(model, "blocks")
 
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""

@@ -97,6 +97,10 @@ class HFSwinAdapter(HFVitAdapter):
     def __init__(self):
         super().__init__(SWIN)
 
+    def blocks(self, model: nn.Module) -> list[str]:
+        # its layers take the grid's size and return tuples (hidden states and more): none can be replayed alone
+        return Adapter.blocks(self, model)
+
     def create_model(self, name: str, **kwargs) -> nn.Module:
         # SwinConfig takes its depths and heads as lists (a checkpoint's JSON lists arrive as tuples)
         return super().create_model(name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})

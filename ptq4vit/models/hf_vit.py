@@ -32,7 +32,7 @@ from torch import nn
 
 from ..transforms.modules import OnlineRotation
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, child_paths
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_NUMBER, SIZE, ArgKind, one_of
 from .hf_attention import QuantHFAttention, fused_qkv
 from .hf_output import TensorOutputPlan, return_tensor
@@ -289,14 +289,21 @@ class HFVitAdapter(Adapter):
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
         return hf_vit_rotation_layout(self.spec, model, residual)
 
+    def _layers(self, model: nn.Module) -> str:
+        """The path of ``model``'s layer list (under its backbone)."""
+        backbone_attr, _ = self.spec.models[type(model).__name__]
+        return f"{backbone_attr}.{self.spec.layers}" if backbone_attr else self.spec.layers
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """The family's layers (``vit.encoder.layer.i`` for a ``ViTForImageClassification``)."""
+        return child_paths(model, self._layers(model))
+
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """Each layer's first norm feeds only q/k/v (the fused ``qkv`` site), its second only fc1."""
-        backbone_attr, _ = self.spec.models[type(model).__name__]
-        prefix = f"{backbone_attr}." if backbone_attr else ""
-        layers = model.get_submodule(prefix + self.spec.layers)
+        layers = model.get_submodule(self._layers(model))
         pairs = []
         for i, layer in enumerate(layers):
-            path = f"{prefix}{self.spec.layers}.{i}"
+            path = f"{self._layers(model)}.{i}"
             for norm, linear in zip(self.spec.norms, ("attention.qkv", "mlp.fc1")):
                 check_affine_norm(f"{path}.{norm}", getattr(layer, norm), self.family)
                 pairs.append((f"{path}.{norm}", f"{path}.{linear}"))

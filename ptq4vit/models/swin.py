@@ -18,7 +18,7 @@ from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTra
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import RotatedLayerNorm
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, child_paths, timm_pooled_features
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
 from .swin_rotation import swin_rotation_layout
@@ -75,6 +75,10 @@ class SwinAdapter(Adapter):
         patch_size=POSITIVE_INT, embed_dim=POSITIVE_INT, depths=POSITIVE_INTS, num_heads=POSITIVE_INTS,
         window_size=SIZE, mlp_ratio=POSITIVE_NUMBER, qkv_bias=BOOL, global_pool=one_of("", "avg", "avgmax", "max"),
     )
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``layers.i.blocks.j``, stage by stage."""
+        return [p for i in range(len(model.layers)) for p in child_paths(model, f"layers.{i}.blocks")]
 
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""

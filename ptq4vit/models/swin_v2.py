@@ -29,7 +29,7 @@ from timm.models.swin_transformer_v2 import (PatchMerging, SwinTransformerV2, Sw
                                              SwinTransformerV2Stage, WindowAttention)
 
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
-from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan, timm_pooled_features
+from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan, child_paths, timm_pooled_features
 from .create_args import BOOL, POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, SIZE, ArgKind, one_of
 from .qkv_bias import biased_qkv, check_qkv_bias_layout, has_qkv_bias
 from .sites import SiteBuilder
@@ -108,6 +108,10 @@ class SwinV2Adapter(Adapter):
         window_size=SIZE, mlp_ratio=POSITIVE_NUMBER, qkv_bias=BOOL, global_pool=one_of("", "avg", "avgmax", "max"),
         pretrained_window_sizes=WINDOW_SIZES,
     )
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``layers.i.blocks.j``, stage by stage."""
+        return [p for i in range(len(model.layers)) for p in child_paths(model, f"layers.{i}.blocks")]
 
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The final norm, then what ``forward_head`` pools before its classifier (timm's convention)."""

@@ -32,6 +32,7 @@ per-block rates are the identity in eval mode and cannot be read back exactly); 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from ..errors import UserError
 from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import RotatedLayerNorm
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, child_paths
 from .create_args import POSITIVE_INT, POSITIVE_INTS, POSITIVE_NUMBER, PROBABILITY, ArgKind, one_of
 from .sites import SiteBuilder
 from .swin_v2 import _check_cpb_mlp
@@ -210,6 +211,16 @@ class TorchvisionSwinAdapter(Adapter):
 
     def model_name(self, model: nn.Module) -> str:
         return TORCHVISION_SWIN
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``features.i.j``: the blocks of each stage (the odd ``features`` after the patch embedding)."""
+        stages = [name for name, stage in model.features.named_children()
+                  if any(isinstance(b, (SwinTransformerBlock, SwinTransformerBlockV2)) for b in stage.children())]
+        return [p for name in stages for p in child_paths(model, f"features.{name}")]
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The final norm, then the average over the grid (what ``head`` reads)."""
+        return lambda x: model.flatten(model.avgpool(model.permute(model.norm(x))))
 
     def create_model(self, name: str, **kwargs) -> nn.Module:
         """``torchvision.models.SwinTransformer(**kwargs)`` (block and patch merging named as strings), or a

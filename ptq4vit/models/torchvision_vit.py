@@ -30,7 +30,7 @@ from ..nn import FloatMatMul, QuantLinear, QuantMatMul
 from ..transforms.modules import OnlineRotation
 from ..transforms.rotation_layout import (AttentionHeads, BlockRotation, NormReaders, OnlineSlot, ResidualBranch,
                                           ResidualStream, RotationLayout)
-from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm
+from .adapter import ACTIVATIONS, DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, child_paths
 from .create_args import POSITIVE_INT, PROBABILITY, ArgKind
 from .sites import SiteBuilder
 
@@ -142,6 +142,18 @@ class TorchvisionVitAdapter(Adapter):
 
     def model_name(self, model: nn.Module) -> str:
         return TORCHVISION_VIT
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``encoder.layers.encoder_layer_i``."""
+        return child_paths(model, "encoder.layers")
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The encoder's final norm of the class token (what ``heads`` reads)."""
+        if hasattr(model.heads, "pre_logits"):
+            raise UnsupportedModelError(f"reconstruction.last_unit='features' is not supported for a "
+                                        f"{type(model).__name__} with representation_size: its heads.pre_logits "
+                                        f"is a quantization site that no unit learns (use last_unit='output')")
+        return lambda x: model.encoder.ln(x)[:, 0]
 
     def create_model(self, name: str, **kwargs) -> nn.Module:
         """``torchvision.models.VisionTransformer(**kwargs)``, or a builder's architecture (never its weights)."""

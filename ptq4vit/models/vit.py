@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlo
 
 from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import RotationLayout
-from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, timm_pooled_features
+from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, child_paths, timm_pooled_features
 from .attention_pool import plan_attention_pool
 from .create_args import BOOL, BOOL_OR_NONE, COUNT, NUMBER_OR_NONE, POSITIVE_INT, POSITIVE_NUMBER, SIZE, one_of
 from .sites import SiteBuilder
@@ -102,6 +102,10 @@ class VitAdapter(Adapter):
 
     def rotation_layout(self, model: nn.Module, residual: bool) -> RotationLayout:
         return vit_rotation_layout(model, residual)
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """``blocks.i``."""
+        return child_paths(model, "blocks")
 
     def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The final norm, then what ``forward_head`` pools before its classifier (the class token, or the
