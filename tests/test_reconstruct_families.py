@@ -49,7 +49,9 @@ CALLED_WITH_MORE = {"beit-shared-bias", "eva02", "eva02-base-layout"}
 TAKE_NONE = {"CLIPVisionModel", "SiglipVisionModel"}
 #: The families whose adapter states what the classifier reads, and that classifier's path(s).
 CLASSIFIERS = {**{k: ["head"] for k in TIMM}, "swin": ["head.fc"], "swinv2": ["head.fc"],
-               "deit_distilled": ["head", "head_dist"], "torchvision-vit": ["heads.head"], "torchvision-swin": ["head"]}
+               "deit_distilled": ["head", "head_dist"], "torchvision-vit": ["heads.head"], "torchvision-swin": ["head"],
+               "ViTForImageClassification": ["classifier"], "Dinov2ForImageClassification": ["classifier"],
+               "DeiTForImageClassificationWithTeacher": ["cls_classifier", "distillation_classifier"]}
 
 
 def tiny(kind: str, **kwargs):
@@ -224,8 +226,7 @@ def test_torchvision_vit_refuses_features_behind_a_quantized_representation_laye
 
 
 def test_a_family_that_does_not_state_its_features_refuses_them_by_name():
-    m, _ = tiny("ViTForImageClassification")
+    m, _ = tiny("CLIPVisionModel")
     with pytest.raises(UnsupportedModelError, match=re.escape("last_unit='features' is not supported for "
-                                                              "ViTForImageClassification by the Hugging Face ViT "
-                                                              "adapter")):
+                                                              "CLIPVisionModel by the Hugging Face CLIP")):
         DEFAULT_ADAPTERS.adapter_for(m).head_features(m)

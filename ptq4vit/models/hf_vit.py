@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch import nn
 
 from ..transforms.modules import OnlineRotation
@@ -109,6 +111,14 @@ DINOV2 = HFVitFamily("DINOv2", "transformers.models.dinov2.modeling_dinov2", "Di
                                       layer_norm_eps=POSITIVE_NUMBER, hidden_act=HIDDEN_ACTS, use_swiglu_ffn=BOOL,
                                       drop_path_rate=ArgKind("a number in [0, 1)", lambda v: isinstance(v, (int, float))
                                                              and not isinstance(v, bool) and 0 <= v < 1)))
+
+#: What each classifier model's heads read of its normed last layer output (transformers' forward).
+_READOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ViTForImageClassification": lambda h: h[:, 0],
+    "DeiTForImageClassification": lambda h: h[:, 0],
+    "DeiTForImageClassificationWithTeacher": lambda h: h[:, :2],    # the class and the distillation token
+    "Dinov2ForImageClassification": lambda h: torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1),
+}
 
 #: Constructor arguments of a model class (not config keys).
 _CONSTRUCTOR_ARGS = ("add_pooling_layer",)
@@ -297,6 +307,17 @@ class HFVitAdapter(Adapter):
     def blocks(self, model: nn.Module) -> list[str]:
         """The family's layers (``vit.encoder.layer.i`` for a ``ViTForImageClassification``)."""
         return child_paths(model, self._layers(model))
+
+    def head_features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The backbone's final ``layernorm``, then the token(s) the classifiers read (:data:`_READOUTS`);
+        backbones (their pooler or every token are outputs), CLIP and SigLIP refuse."""
+        name = type(model).__name__
+        readout = _READOUTS.get(name)
+        if readout is None:
+            return super().head_features(model)
+        backbone_attr, _ = self.spec.models[name]
+        norm = getattr(model, backbone_attr).layernorm
+        return lambda x: readout(norm(x))
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """Each layer's first norm feeds only q/k/v (the fused ``qkv`` site), its second only fc1."""
