@@ -21,7 +21,6 @@ from torch import nn
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, LayerScale, ParallelScalingBlock, ParallelThingsBlock, VisionTransformer
 
-from ..errors import UnsupportedModelError
 from ..transforms.rotation_layout import RotationLayout
 from .adapter import DROPOUTS, NORMS, Adapter, SitePlan, check_affine_norm, child_paths, timm_pooled_features
 from .attention_pool import plan_attention_pool
