@@ -1,6 +1,6 @@
-"""Reconstruction on every timm family with blocks (docs/lowbit.md §11): each unit calls its block as the
-model does (EVA's rotary embedding, BEiT's shared position bias), and each family states the features
-its classifier reads for ``last_unit="features"``."""
+"""Reconstruction on every family whose adapter states its blocks (timm, torchvision, Hugging Face; docs/lowbit.md
+§11): each unit calls its block as the model does (EVA's rotary embedding, BEiT's shared position bias),
+and each family states the features its classifier reads for ``last_unit="features"`` or refuses them."""
 import copy
 import re
 
