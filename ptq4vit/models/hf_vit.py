@@ -321,10 +321,10 @@ class HFVitAdapter(Adapter):
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
         """Each layer's first norm feeds only q/k/v (the fused ``qkv`` site), its second only fc1."""
-        layers = model.get_submodule(self._layers(model))
+        layers_path = self._layers(model)
         pairs = []
-        for i, layer in enumerate(layers):
-            path = f"{self._layers(model)}.{i}"
+        for i, layer in enumerate(model.get_submodule(layers_path)):
+            path = f"{layers_path}.{i}"
             for norm, linear in zip(self.spec.norms, ("attention.qkv", "mlp.fc1")):
                 check_affine_norm(f"{path}.{norm}", getattr(layer, norm), self.family)
                 pairs.append((f"{path}.{norm}", f"{path}.{linear}"))
