@@ -84,7 +84,7 @@ def test_every_variant_class_is_covered():
 RECONSTRUCTION_VARIANTS = [
     (dict(reconstruction=NoReconstruction()), {}),
     (dict(reconstruction=Reconstruction(iterations=7, batch_size=2, images=9, lr_rounding=0.1, lr_steps=0.1, lr_bias=0.2,
-                                        learn_rounding=False, learn_steps=False, learn_twin_log=False, learn_bias=True, qdrop=0.0,
+                                        learn_rounding=True, learn_steps=True, learn_twin_log=False, learn_bias=True, qdrop=0.0,
                                         inputs="float", unit="sublayer", fisher=True, seed=4, rounding="adaround", warmup=0.0,
                                         network_iterations=3, network_rounding=False,
                                         beta_start=3.0, beta_end=3.0, rounding_weight=0.0)), {}),

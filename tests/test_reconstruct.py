@@ -524,7 +524,7 @@ def test_the_network_stage_without_rounding_moves_only_steps_and_is_seeded():
     m, x, q = tiny_w4a4()
     units_only = copy.deepcopy(q)
     steps_only = dataclasses.replace(NETWORK, network_rounding=False, qdrop=0.0, network_iterations=100)
-    run(units_only, x, dataclasses.replace(steps_only, network_iterations=0))
+    run(units_only, x, dataclasses.replace(steps_only, network_iterations=0, network_rounding=True))
     a, b = copy.deepcopy(q), copy.deepcopy(q)
     assert run(a, x, steps_only).network.kept
     run(b, x, steps_only)
@@ -571,6 +571,17 @@ def test_a_network_stage_that_raises_the_kl_is_restored_bit_for_bit():
     assert all(torch.equal(calibrated[k], v) for k, v in q.state_dict().items())
 
 
+def test_with_changes_puts_back_the_settings_the_changed_options_would_not_read():
+    units = Reconstruction(rounding="adaround", warmup=0.5, lr_rounding=0.01, lr_steps=0.02, network_iterations=5,
+                           network_rounding=False, network_lr_steps=0.003)
+    stage = units.with_changes(learn_rounding=False, lr_rounding=0.5, lr_steps=0.003)
+    assert (stage.learn_rounding, stage.rounding, stage.warmup, stage.lr_rounding) == (False, "sign", 0.2, 5e-3)
+    assert (stage.lr_steps, stage.network_lr_steps, stage.network_rounding) == (0.003, 0.003, True)  # unread now
+    assert units.with_changes(lr_steps=0.5) == dataclasses.replace(units, lr_steps=0.5)  # all read: as replace
+    no_steps = Reconstruction(lr_steps=0.02).with_changes(learn_steps=False)
+    assert (no_steps.learn_steps, no_steps.lr_steps) == (False, 1e-3)
+
+
 def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anything_changes():
     with pytest.raises(UserError, match="reconstruction field qdrop must be a finite number, got 'x'"):
         Reconstruction(qdrop="x")
@@ -591,9 +602,29 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
     with pytest.raises(UserError, match="reconstruction field rounding must be one of 'sign', 'adaround'"):
         Reconstruction(rounding="soft")
     for field, value in (("warmup", 0.5), ("beta_start", 10.0), ("beta_end", 1.0), ("rounding_weight", 0.1)):
-        with pytest.raises(UserError, match=f"reconstruction.{field} is a setting of rounding='adaround', not of "
-                                            "rounding='sign'"):
+        with pytest.raises(UserError, match=f"reconstruction.{field} is read only with rounding='adaround', which "
+                                            f"this reconstruction does not do \\(got {field}={value}\\): drop it or "
+                                            "set learn_rounding=True and rounding='adaround'"):
             Reconstruction(rounding="sign", **{field: value})
+        Reconstruction(rounding="adaround", **{field: value})
+    # a setting nothing would read: refused, and the same setting where it is read is accepted
+    for unread, read in ((dict(learn_rounding=False, rounding="adaround"), dict(rounding="adaround")),
+                         (dict(learn_rounding=False, lr_rounding=0.01), dict(lr_rounding=0.01)),
+                         (dict(learn_steps=False, lr_steps=0.01), dict(learn_steps=False, learn_weight_steps=True,
+                                                                       lr_steps=0.01)),
+                         (dict(learn_steps=False, learn_twin_log=False), dict(learn_twin_log=False)),
+                         (dict(lr_bias=0.01), dict(learn_bias=True, lr_bias=0.01)),
+                         (dict(network_rounding=False), dict(network_iterations=5, network_rounding=False)),
+                         (dict(network_iterations=5, network_rounding=False, network_lr_rounding=0.01),
+                          dict(network_iterations=5, network_lr_rounding=0.01)),
+                         (dict(network_lr_steps=0.01), dict(network_iterations=5, network_lr_steps=0.01)),
+                         (dict(network_iterations=5, learn_steps=False, network_lr_steps=0.01),
+                          dict(network_iterations=5, learn_steps=False, learn_weight_steps=True, network_lr_steps=0.01))):
+        field = next(k for k in unread if k in read and k not in ("learn_steps", "network_iterations"))
+        with pytest.raises(UserError, match=f"reconstruction.{field} is read only with .*, which this reconstruction "
+                                            f"does not do \\(got {field}={unread[field]!r}\\): drop it or set "):
+            Reconstruction(**unread)
+        Reconstruction(**read)
     with pytest.raises(UserError, match="reconstruction.network_iterations must be at least 0, got -1"):
         Reconstruction(network_iterations=-1)
     with pytest.raises(UserError, match="reconstruction.network_rounding goes on learning a sign rounding, but "

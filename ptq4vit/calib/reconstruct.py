@@ -401,7 +401,7 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     model = qmodel.model
     whole = Unit("network", qmodel, (model,), model, "", False)
     rounding = options.network_learns_rounding()
-    stage = replace(options, learn_rounding=rounding, learn_weight_steps=options.learn_weight_steps and rounding,
+    stage = options.with_changes(learn_rounding=rounding, learn_weight_steps=options.learn_weight_steps and rounding,
                     lr_rounding=options.network_lr_rounding, lr_steps=options.network_lr_steps)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:

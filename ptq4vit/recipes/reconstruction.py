@@ -5,7 +5,8 @@ as it is) or ``learned``, whose fields say what :func:`ptq4vit.reconstruct` lear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import copy
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional, Union
 
 from ..errors import UserError
@@ -135,11 +136,21 @@ class Reconstruction(Component):
             raise UserError("reconstruction.network_rounding goes on learning a sign rounding, but rounding="
                             f"{self.rounding!r}: set network_rounding=False (the network stage then learns steps "
                             "and biases only) or rounding='sign'")
-        if self.rounding == "sign":  # the annealing's settings would be silently unused
-            for name in _ADAROUND_ONLY:
-                if getattr(self, name) != _DEFAULTS[name]:
-                    raise UserError(f"reconstruction.{name} is a setting of rounding='adaround', not of "
-                                    f"rounding='sign' (got {name}={getattr(self, name)})")
+        for names, read, when, enable in _READ_ONLY_WHEN:
+            if not read(self):
+                for name in names:
+                    if getattr(self, name) != _DEFAULTS[name]:
+                        raise UserError(f"reconstruction.{name} is read only {when}, which this reconstruction does "
+                                        f"not do (got {name}={getattr(self, name)!r}): drop it or {enable}")
+
+    def with_changes(self, **changes) -> "Reconstruction":
+        """These options with ``changes``, every setting the result would not read put back to its default
+        (a later stage that learns less than the units reads fewer of the settings, and is refused none)."""
+        probe = copy.copy(self)
+        for name, value in changes.items():
+            object.__setattr__(probe, name, value)  # the probe only answers which settings are read
+        unread = {name: _DEFAULTS[name] for names, read, _, _ in _READ_ONLY_WHEN if not read(probe) for name in names}
+        return replace(self, **{**changes, **unread})
 
     def network_learns_rounding(self) -> bool:
         """Whether the network stage runs and goes on learning the rounding the units learned."""
@@ -158,8 +169,24 @@ class Reconstruction(Component):
         return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - progress)
 
 
-#: The fields only AdaRound's annealing reads.
-_ADAROUND_ONLY = ("warmup", "beta_start", "beta_end", "rounding_weight")
+#: Settings read only under a condition: (fields, whether this reconstruction reads them, the condition, what
+#: turns it on), so that a setting nothing would read is refused instead of silently unused.
+_READ_ONLY_WHEN = (
+    (("warmup", "beta_start", "beta_end", "rounding_weight"), lambda r: r.learn_rounding and r.rounding == "adaround",
+     "with rounding='adaround'", "set learn_rounding=True and rounding='adaround'"),
+    (("rounding", "lr_rounding"), lambda r: r.learn_rounding, "with learn_rounding=True", "set learn_rounding=True"),
+    (("lr_steps",), lambda r: r.learn_steps or r.learn_weight_steps, "with learn_steps or learn_weight_steps",
+     "set learn_steps=True"),
+    (("learn_twin_log",), lambda r: r.learn_steps, "with learn_steps=True", "set learn_steps=True"),
+    (("lr_bias",), lambda r: r.learn_bias, "with learn_bias=True", "set learn_bias=True"),
+    (("network_rounding",), lambda r: r.network_iterations > 0 and r.learn_rounding,
+     "with network_iterations > 0 and learn_rounding=True", "set network_iterations"),
+    (("network_lr_rounding",), lambda r: r.network_learns_rounding(),
+     "with network_iterations > 0, learn_rounding=True and network_rounding=True", "set network_iterations"),
+    (("network_lr_steps",), lambda r: r.network_iterations > 0 and (
+        r.learn_steps or (r.learn_weight_steps and r.network_learns_rounding())),
+     "with network_iterations > 0 and steps learned", "set network_iterations"),
+)
 _DEFAULTS = {f.name: f.default for f in fields(Reconstruction)}
 
 ReconstructionChoice = Union[NoReconstruction, Reconstruction]
