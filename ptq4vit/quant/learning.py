@@ -207,10 +207,11 @@ class SignRoundingWeight(nn.Module):
             return self.grid.step
         return self.grid.step * _row_values(torch.exp(self.s), self.quantizer, self.start)
 
-    def _scaled_and_base(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaled_and_base(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W/Δ'`` and its floor for the current ``step()`` (passed in: the forward uses it twice)."""
         if self.s is None:
             return self.scaled, self.base
-        scaled = self.start / self.step()
+        scaled = self.start / step
         return scaled, torch.floor(scaled.detach())
 
     def codes(self, rounded: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -221,15 +222,16 @@ class SignRoundingWeight(nn.Module):
 
     def hard_codes(self) -> torch.Tensor:
         with torch.no_grad():
-            scaled, base = self._scaled_and_base()
+            scaled, base = self._scaled_and_base(self.step())
             return self.codes(torch.round(scaled + self.v), base)
 
     def unrounded(self) -> torch.Tensor:
         """The weight the hard rounding rounds to nearest, ``(W/Δ' + V) · Δ'``: where a later stage that
         learns the rounding again starts (its ``V = 0`` then gives the codes learned here, ties aside)."""
         with torch.no_grad():
-            scaled, _ = self._scaled_and_base()
-            return (scaled + self.v) * self.step()
+            step = self.step()
+            scaled, _ = self._scaled_and_base(step)
+            return (scaled + self.v) * step
 
     def learned_scale(self) -> Optional[torch.Tensor]:
         """The learned steps to write into the quantizer's ``scale`` (None when the step is not learned)."""
@@ -238,8 +240,9 @@ class SignRoundingWeight(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        scaled, base = self._scaled_and_base()
-        return ((self.codes(round_ste(scaled + self.v), base) - self.grid.zero) * self.step()).to(w.dtype)
+        step = self.step()
+        scaled, base = self._scaled_and_base(step)
+        return ((self.codes(round_ste(scaled + self.v), base) - self.grid.zero) * step).to(w.dtype)
 
     @torch.no_grad()
     def sign_step(self, lr: float) -> None:
