@@ -23,7 +23,8 @@ from ptq4vit.quant.learning import (STEP_RULES, LearningActivation, LearningWeig
 from _fastq import fast_quantize
 from conftest import make_tiny, make_tiny_dinov2
 
-FAST = Reconstruction(iterations=25, images=8, batch_size=4)
+#: The last block learns against its whole output, as every other (the references below compute block outputs).
+FAST = Reconstruction(iterations=25, images=8, batch_size=4, last_unit="output")
 PLAIN = Reconstruction(iterations=25, images=8, batch_size=4, fisher=False)  # the plain output error
 
 
@@ -346,7 +347,7 @@ def test_inputs_switch_chooses_the_quantized_or_the_float_block_inputs():
     for inputs, which in (("quantized", 0), ("float", 1)):
         # nothing learned: blocks.1's quantized inputs are the calibrated model's
         report = run(copy.deepcopy(q), x, Reconstruction(iterations=1, images=8, batch_size=4, inputs=inputs,
-                                                         learn_rounding=False, learn_steps=False, fisher=False))
+                                                         learn_rounding=False, learn_steps=False, last_unit="output"))
         want = block_error(q, "1", io["1"][which], io["1"][2])
         assert report.units[1].error_before == pytest.approx(want, rel=1e-6)
     assert block_error(q, "1", io["1"][0], io["1"][2]) != pytest.approx(block_error(q, "1", io["1"][1], io["1"][2]),
@@ -361,8 +362,7 @@ def test_each_block_learns_on_the_outputs_of_the_blocks_before_it_as_kept_or_res
     assert not report.restored()
     final = block_io(q, x)   # blocks.1's quantized input: the reconstructed blocks.0's output
     assert report.units[1].error_after == pytest.approx(block_error(q, "1", final["1"][0], io["1"][2]), rel=1e-6)
-    restored = run(copy.deepcopy(calibrated), x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0,
-                                                                  lr_rounding=10.0, qdrop=0.5))
+    restored = run(copy.deepcopy(calibrated), x, dataclasses.replace(FAST, lr_steps=1.0, lr_rounding=10.0, qdrop=0.5))
     assert restored.restored() == ["blocks.0", "blocks.1"]   # blocks.1's input: the calibrated blocks.0's output
     assert restored.units[1].error_before == pytest.approx(block_error(calibrated, "1", io["1"][0], io["1"][2]),
                                                            rel=1e-6)
@@ -407,8 +407,9 @@ def test_with_last_unit_features_the_last_block_learns_against_what_the_classifi
     m, x, q = tiny_w4a4()
     io = block_io(q, x)
     fixed = dict(iterations=1, images=8, batch_size=4, learn_rounding=False, learn_steps=False, fisher=False)
-    whole = run(copy.deepcopy(q), x, Reconstruction(**fixed))
+    whole = run(copy.deepcopy(q), x, Reconstruction(**fixed, last_unit="output"))
     read = run(copy.deepcopy(q), x, Reconstruction(**fixed, last_unit="features"))
+    assert (whole.last_unit, read.last_unit) == ("output", "features")
     with torch.no_grad():   # the plain reference: the class token's final norm, quantized block against float
         y = q.model.norm(q.model.blocks[1](io["1"][0]))[:, 0].double()
         t = q.model.norm(io["1"][2])[:, 0].double()
@@ -424,6 +425,27 @@ def test_with_last_unit_features_the_last_block_learns_against_what_the_classifi
     with torch.no_grad():
         y = learned.model.norm(learned.model.blocks[1](final["1"][0]))[:, 0].double()
     assert report.units[1].error_after == pytest.approx(float((y - t).square().sum() / t.square().sum()), rel=1e-6)
+
+
+def test_last_unit_auto_takes_the_features_where_the_family_states_them_and_the_whole_output_elsewhere():
+    m, x, q = tiny_w4a4()
+    options = dict(iterations=3, images=8, batch_size=4)
+    auto, features = copy.deepcopy(q), copy.deepcopy(q)
+    report = run(auto, x, Reconstruction(**options))                     # the default
+    assert report.last_unit == "features" and "the last against the classifier's features" in report.summary()
+    assert report == run(features, x, Reconstruction(**options, last_unit="features"))
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), features.state_dict().values()))
+    with_fisher = run(copy.deepcopy(q), x, Reconstruction(**options, fisher=True))  # the Fisher weighs the output
+    assert with_fisher.last_unit == "output" and "classifier's features" not in with_fisher.summary()
+    torch.manual_seed(0)
+    unpooled = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
+                                 global_pool="").eval()      # outputs every token: no features to read
+    q = fast_quantize(unpooled, x, "ptq4vit", 4, 4)
+    auto, output = copy.deepcopy(q), copy.deepcopy(q)
+    report = run(auto, x, Reconstruction(**options))
+    assert report.last_unit == "output"
+    assert report == run(output, x, Reconstruction(**options, last_unit="output"))
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), output.state_dict().values()))
 
 
 def test_fisher_weights_are_the_squared_gradients_at_the_block_outputs():
@@ -466,8 +488,7 @@ def test_a_unit_whose_error_learning_raises_is_restored_bit_for_bit_and_reported
     m, x, q = tiny_w4a4()
     calibrated = copy.deepcopy(q.state_dict())
     # steps and rounding learned far too fast: each block's error rises (0.0154 -> above, 0.0186 -> above)
-    report = run(q, x, Reconstruction(iterations=25, images=8, batch_size=4, lr_steps=1.0, lr_rounding=10.0,
-                                      qdrop=0.5))
+    report = run(q, x, dataclasses.replace(FAST, lr_steps=1.0, lr_rounding=10.0, qdrop=0.5))
     assert report.restored() == ["blocks.0", "blocks.1"]
     assert all(u.error_after == u.error_before for u in report.units)
     assert q.state_dict().keys() == calibrated.keys()
@@ -489,7 +510,7 @@ def _output_kl(float_model, q, x):
     return total / len(x)
 
 
-NETWORK = Reconstruction(iterations=25, images=8, batch_size=4, network_iterations=20)
+NETWORK = dataclasses.replace(FAST, network_iterations=20)
 
 
 def test_the_network_stage_lowers_the_output_kl_after_the_units_as_they_left_the_model():
@@ -638,7 +659,7 @@ def test_bad_options_and_a_pool_over_the_memory_budget_are_refused_before_anythi
     with pytest.raises(UserError, match="reconstruction.last_unit='features' and fisher=True are two ways to count "
                                         "the last unit's error"):
         Reconstruction(last_unit="features", fisher=True)
-    with pytest.raises(UserError, match="reconstruction field last_unit must be one of 'output', 'features'"):
+    with pytest.raises(UserError, match="reconstruction field last_unit must be one of 'auto', 'output', 'features', got 'cls'"):
         Reconstruction(last_unit="cls")
     m, x, q = tiny_w4a4()
     before = copy.deepcopy(q.state_dict())

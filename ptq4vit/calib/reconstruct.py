@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import UnsupportedModelError, UserError
 from ..models import DEFAULT_ADAPTERS, AdapterRegistry
 from ..quant import Quantizer
 from ..quant.learning import (ROUNDING_LEARNERS, STEP_RULES, WEIGHT_GRIDS, LearningActivation, LearningWeight,
@@ -93,6 +93,8 @@ class ReconstructionReport:
 
     units: list[UnitResult] = field(default_factory=list)
     images: int = 0
+    #: What the last unit learned against: ``"features"`` (what the classifier reads) or ``"output"``.
+    last_unit: str = "output"
     held_fixed: dict[str, int] = field(default_factory=dict)
     network: Optional[NetworkResult] = None
 
@@ -109,6 +111,7 @@ class ReconstructionReport:
     def summary(self) -> str:
         restored = self.restored()
         lines = [f"reconstructed {len(self.units)} unit(s) on {self.images} image(s)"
+                 + (", the last against the classifier's features" if self.last_unit == "features" else "")
                  + (f", {len(restored)} restored as calibrated" if restored else "")]
         lines += [f"  {u.name}: error {u.error_before:.4g} -> {u.error_after:.4g}" + ("" if u.kept else " (restored)")
                   for u in self.units]
@@ -424,6 +427,21 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     return NetworkResult(options.network_iterations, before, after, kept)
 
 
+def _last_unit_reads(model: nn.Module, options: Reconstruction,
+                     adapters: AdapterRegistry) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What the classifier reads of the last unit's output, where the last unit learns against it (None: its
+    whole output). ``"features"`` refuses a family that does not state them; ``"auto"`` then takes the output."""
+    if options.last_unit == "output" or (options.last_unit == "auto" and options.fisher):
+        return None  # (the Fisher weights the whole output)
+    adapter = adapters.adapter_for(model)
+    if options.last_unit == "features":
+        return adapter.head_features(model)
+    try:
+        return adapter.head_features(model)
+    except UnsupportedModelError:
+        return None
+
+
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstruction = Reconstruction(), *,
                 progress: bool = True, threads: Optional[int] = None, memory_budget: Optional[int] = None,
                 adapters: AdapterRegistry = DEFAULT_ADAPTERS) -> ReconstructionReport:
@@ -473,11 +491,10 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, options: Reconstru
     device = params[0].device
     pool = images[:options.images].to(device=device, dtype=torch.float32)
     units = reconstruction_units(model, options.unit, adapters)
-    # what the classifier reads of the last unit's output (refused here, before any pass, by a family without it)
-    read = adapters.adapter_for(model).head_features(model) if options.last_unit == "features" else None
+    read = _last_unit_reads(model, options, adapters)  # refused here, before any pass
     batch = options.batch_size
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
-    report = ReconstructionReport(images=len(pool))
+    report = ReconstructionReport(images=len(pool), last_unit="output" if read is None else "features")
     held_fixed: Counter = Counter()
     batches = torch.Generator().manual_seed(options.seed)
     drops = torch.Generator(device=device).manual_seed(options.seed + 1)

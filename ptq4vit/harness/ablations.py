@@ -74,7 +74,7 @@ RECONSTRUCTION_ABLATION_ROWS: dict[str, dict] = {
     "pool of 256 images": {"reconstruction.images": 256},
     "learned weight steps": {"reconstruction.learn_weight_steps": True},
     "network stage": {"reconstruction.network_iterations": 20},
-    "last block on the head's features": {"reconstruction.last_unit": "features"},
+    "last block on its whole output": {"reconstruction.last_unit": "output"},
 }
 
 #: Each preset's named variants (one component switched off or swapped): the rows of its ablation.

@@ -77,7 +77,9 @@ class Reconstruction(Component):
     #: output, every token (``"output"``), or the features the classifier reads of it (``"features"``: for
     #: a token-pooled ViT the final norm of its class token, for an average-pooled one the normed mean of
     #: its patch tokens), which the model's family adapter states; the tokens nothing reads then do not count.
-    last_unit: Literal["output", "features"] = "output"
+    #: ``"auto"``: the features where the family states them (and ``fisher`` is off), else the whole output;
+    #: the report says which (``"features"`` refuses a family that does not state them).
+    last_unit: Literal["auto", "output", "features"] = "auto"
     #: Weight the output error by the diagonal Fisher (squared gradient of the float model's
     #: cross-entropy against its own prediction at the unit's output), normalized to mean 1: the
     #: error then counts where it moves the prediction, not where the output is merely large.
