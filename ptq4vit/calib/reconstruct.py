@@ -405,7 +405,7 @@ def _learn_network(qmodel: QuantizedModel, pool: torch.Tensor, float_log_probs: 
     whole = Unit("network", qmodel, (model,), model, "", False)
     rounding = options.network_learns_rounding()
     stage = options.with_changes(learn_rounding=rounding, learn_weight_steps=options.learn_weight_steps and rounding,
-                    lr_rounding=options.network_lr_rounding, lr_steps=options.network_lr_steps)
+                                 lr_rounding=options.network_lr_rounding, lr_steps=options.network_lr_steps)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(pool.device)
@@ -433,12 +433,11 @@ def _last_unit_reads(model: nn.Module, options: Reconstruction,
     whole output). ``"features"`` refuses a family that does not state them; ``"auto"`` then takes the output."""
     if options.last_unit == "output" or (options.last_unit == "auto" and options.fisher):
         return None  # (the Fisher weights the whole output)
-    adapter = adapters.adapter_for(model)
-    if options.last_unit == "features":
-        return adapter.head_features(model)
     try:
-        return adapter.head_features(model)
+        return adapters.adapter_for(model).head_features(model)
     except UnsupportedModelError:
+        if options.last_unit == "features":
+            raise
         return None
 
 
